@@ -1,0 +1,1 @@
+"""Checkpoints: DeepSpeed engine state plus ds_train's own state, written atomically."""

@@ -1,0 +1,95 @@
+"""Is this checkpoint one the current config may resume from? Said before any process starts.
+
+A checkpoint records the model config, tokenizer hash, objective, global batch and data
+fingerprint it was trained with; resuming with something else is refused with the differences
+spelled out, instead of silently training a different model on top of old weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ds_train.config.loader import ConfigError
+
+# Keys of an HF config that do not change the model's function.
+VOLATILE_KEYS = {
+    "transformers_version",
+    "_name_or_path",
+    "architectures",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "_attn_implementation_autoset",
+    "attn_implementation",
+    "_attn_implementation",
+    "gradient_checkpointing",
+    "output_hidden_states",
+    "output_attentions",
+    "return_dict",
+    "_commit_hash",
+    "id2label",
+    "label2id",
+}
+
+
+def model_signature(hf_config) -> dict:
+    d = hf_config.to_dict()
+    return {k: v for k, v in sorted(d.items()) if k not in VOLATILE_KEYS and not k.startswith("_")}
+
+
+def fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_resume(
+    state: dict,
+    *,
+    where: str,
+    model_sig: dict,
+    tokenizer_sha: str | None,
+    objective: str,
+    global_batch_size: int,
+    force: bool = False,
+) -> None:
+    """Raise ConfigError naming what differs between the checkpoint and this run."""
+    problems = []
+    saved_sig = state.get("model_config")
+    if saved_sig is not None and saved_sig != model_sig:
+        diffs = [
+            f"{k}: {saved_sig.get(k)!r} → {model_sig.get(k)!r}"
+            for k in sorted(set(saved_sig) | set(model_sig))
+            if saved_sig.get(k) != model_sig.get(k)
+        ]
+        problems.append(f"a different model ({'; '.join(diffs[:4])}{'; …' if len(diffs) > 4 else ''})")
+    saved_tok = state.get("tokenizer_sha256")
+    if saved_tok and tokenizer_sha and saved_tok != tokenizer_sha:
+        problems.append("a different tokenizer")
+    if state.get("objective") and state["objective"] != objective:
+        problems.append(f"objective {state['objective']} (this run: {objective})")
+    if state.get("global_batch_size") and state["global_batch_size"] != global_batch_size:
+        problems.append(
+            f"train.global_batch_size={state['global_batch_size']} (this run: {global_batch_size}); "
+            "the data position is counted in global batches"
+        )
+    if problems and not force:
+        raise ConfigError(
+            f"{where} holds a checkpoint (step {state.get('step')}) of {'; '.join(problems)}: "
+            "use another run.output_dir, or run.resume=never with a fresh one"
+        )
+
+
+def check_data_resume(state: dict, *, where: str, fingerprint_now: str, seq_len: int, seed: int) -> None:
+    data = state.get("data") or {}
+    problems = []
+    if data.get("seq_len") not in (None, seq_len):
+        problems.append(f"seq_len {data['seq_len']} (shards now: {seq_len})")
+    if data.get("seed") not in (None, seed):
+        problems.append(f"run.seed={data['seed']} (now {seed}), which fixes the data order")
+    if data.get("fingerprint") not in (None, fingerprint_now):
+        problems.append("a different shard set (shard names, row counts or checksums differ)")
+    if problems:
+        raise ConfigError(
+            f"{where} was trained with {'; '.join(problems)}: resuming would not continue the "
+            "same data stream; point data.train at the original shards or start a new run.output_dir"
+        )

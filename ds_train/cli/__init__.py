@@ -1,0 +1,61 @@
+"""`ds-train` / `python -m ds_train`: one console entry, one module per command.
+
+Each command module exposes `register(subparsers)`; user errors (bad config, bad data) end as
+one line on stderr and exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+COMMANDS = [
+    "pretrain",
+    "finetune",
+    "shard",
+    "data",
+    "convert",
+    "tokenizer",
+    "config",
+    "demo",
+    "plan",
+    "report",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds-train", description="Distributed training of HF transformers on DeepSpeed."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"ds_train.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"ds_train.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ds_train.config.loader import ConfigError
+    from ds_train.data.shard_set import DataError
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) in ("pretrain", "finetune", "convert", "plan"):
+        from ds_train.distributed.engine import quiet_deepspeed
+
+        quiet_deepspeed()
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError) as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"ds-train: error: {prefix}{e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

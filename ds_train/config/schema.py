@@ -1,0 +1,204 @@
+"""The run config: one typed dataclass per section, every field documented.
+
+A run config is YAML with the sections below; `ds-train pretrain CONFIG.yaml a.b=c` overrides any
+field from the command line. `ds-train config-help` prints this schema with the docs.
+Validation that needs more than a type (batch arithmetic, contradictory ZeRO options) lives in
+`ds_train.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+def doc(default: Any, text: str) -> Any:
+    """A dataclass field with a default and its documentation (read by `describe()`)."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+REQUIRED: Any = None  # fields documented as required are checked in validate.py
+
+
+@dataclass
+class RunSection:
+    output_dir: str = doc(
+        REQUIRED,
+        "Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/. Re-running on it resumes.",
+    )
+    seed: int = doc(
+        1234,
+        "Seed for model initialisation, data order and masking. Integers only: nothing is seeded from time.",
+    )
+    name: str | None = doc(
+        None, "Human-readable run name for trackers; defaults to the output_dir's basename."
+    )
+    resume: Literal["auto", "never", "require"] = doc(
+        "auto",
+        "auto: resume from the latest complete checkpoint if one exists; never: refuse to start on a dir holding checkpoints; require: fail if there is none.",
+    )
+    tensorboard: bool = doc(True, "Write TensorBoard event files under <output_dir>/tensorboard.")
+    wandb: bool = doc(
+        False,
+        "Log to Weights & Biases (needs `pip install wandb`; offline mode unless WANDB_MODE says otherwise).",
+    )
+    wandb_project: str | None = doc(None, "W&B project name.")
+    collective_timeout_s: int = doc(
+        600,
+        "Timeout of every collective. A dead rank makes the others exit after this many seconds instead of hanging.",
+    )
+
+
+@dataclass
+class ModelSection:
+    config: str | None = doc(
+        None,
+        "Path to a local HF config JSON (e.g. configs/model/tiny-llama.json): the model is built fresh from it.",
+    )
+    init_from: str | None = doc(
+        None,
+        "Path to a local HF model directory (config.json + safetensors) to start from. Exclusive with `config`.",
+    )
+    tokenizer: str | None = doc(
+        None,
+        "Local tokenizer directory. Defaults to init_from. A model built from `config` takes its vocabulary size from it.",
+    )
+    objective: Literal["causal_lm", "masked_lm"] = doc(
+        "causal_lm", "causal_lm: next-token prediction (GPT/Llama). masked_lm: BERT-style masked tokens."
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc(
+        "sdpa", "Attention kernel passed to transformers."
+    )
+    activation_checkpointing: bool = doc(
+        False, "Recompute each transformer block's activations in backward (HF gradient checkpointing)."
+    )
+    document_masking: bool = doc(
+        True,
+        "Reset position ids at each document boundary of a packed row; causal models then get a block-diagonal attention mask.",
+    )
+    pad_vocab_multiple: int = doc(
+        1, "Round the embedding size up to a multiple of this (64 or 128 helps GPU matmuls)."
+    )
+
+
+@dataclass
+class DataSection:
+    train: Any = doc(
+        REQUIRED,
+        "Training shards: a shard directory, a manifest path, a brace pattern, a URL, or a list of {path, weight} to mix.",
+    )
+    valid: Any = doc(None, "Validation shards, same forms as `train`. Omit to skip validation.")
+    num_workers: int = doc(1, "DataLoader worker processes per rank. Order and contents do not depend on it.")
+    shuffle: bool = doc(True, "Shuffle shard order per epoch and rows within a window of shards.")
+    shuffle_window: int = doc(
+        16, "Shards whose rows are shuffled together. Larger mixes better; memory is per-row indices only."
+    )
+    mlm_probability: float = doc(0.15, "Fraction of tokens masked for the masked_lm objective.")
+    cache_dir: str | None = doc(
+        None, "Local cache for remote shards (http/s3/pipe). Default: <output_dir>/shard_cache."
+    )
+    skip_corrupt: bool = doc(
+        False, "Skip samples from corrupt shards (counted in metrics) instead of stopping with an error."
+    )
+    prefetch_factor: int = doc(4, "Micro-batches each DataLoader worker prepares ahead.")
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = doc(REQUIRED, "Optimizer steps to run in total (a resumed run continues up to this).")
+    global_batch_size: int = doc(
+        REQUIRED,
+        "Sequences per optimizer step across all ranks = micro_batch_size × grad accumulation × data-parallel size.",
+    )
+    micro_batch_size: int = doc(
+        REQUIRED,
+        "Sequences per forward pass on one rank. Gradient accumulation is derived, never configured.",
+    )
+    lr: float = doc(3e-4, "Peak learning rate.")
+    min_lr_ratio: float = doc(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
+    warmup_steps: int = doc(0, "Linear warmup steps from 0 to lr.")
+    schedule: Literal["cosine", "linear", "constant"] = doc(
+        "cosine", "Decay after warmup, down to lr × min_lr_ratio at max_steps."
+    )
+    weight_decay: float = doc(
+        0.1, "AdamW weight decay, applied to matrices (ndim ≥ 2) only: never to biases or norm weights."
+    )
+    adam_beta1: float = doc(0.9, "AdamW beta1.")
+    adam_beta2: float = doc(0.95, "AdamW beta2.")
+    adam_eps: float = doc(1e-8, "AdamW epsilon.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
+        "auto", "auto: bf16 on GPUs that support it, fp32 on CPU."
+    )
+    log_every: int = doc(10, "Write a metrics.jsonl line (and TensorBoard scalars) every N steps.")
+    save_every: int = doc(100, "Checkpoint every N steps (and always at the end). 0: only at the end.")
+    keep_last: int = doc(
+        3, "Complete checkpoints to keep; older ones are deleted after a new one is complete."
+    )
+    eval_every: int = doc(
+        0,
+        "Validation loss/perplexity every N steps (and at the end) when data.valid is set. 0: only at the end.",
+    )
+    eval_steps: int = doc(4, "Global batches of validation data per evaluation.")
+    peak_flops: float | None = doc(
+        None, "Peak FLOP/s of one device for MFU. Default: known GPUs (H100/H200 bf16: 989e12); none on CPU."
+    )
+    export_hf: bool = doc(False, "Write a Hugging Face directory to <output_dir>/hf at the end of training.")
+    nonfinite: Literal["stop", "skip"] = doc(
+        "stop", "On a NaN/Inf loss: stop with the step and batch named, or skip the update and count it."
+    )
+    max_nonfinite: int = doc(3, "With nonfinite=skip: stop after this many consecutive non-finite steps.")
+
+
+@dataclass
+class ZeroSection:
+    preset: str | None = doc(
+        None,
+        "Name of a preset in configs/zero/ (stage0..stage3, stage2-offload-optimizer, stage3-offload-all, stage3-nvme) or a path to one. Its values are defaults for this section.",
+    )
+    stage: Literal[0, 1, 2, 3] = doc(
+        2, "ZeRO stage: 0 plain data parallel, 1 shard optimizer, 2 + gradients, 3 + parameters."
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = doc(
+        "none", "Keep optimizer state (and the step) on CPU or NVMe. Stage ≥ 1."
+    )
+    offload_param: Literal["none", "cpu", "nvme"] = doc(
+        "none", "Keep parameters on CPU or NVMe between uses. Stage 3 only."
+    )
+    nvme_path: str | None = doc(None, "Existing directory for NVMe offload files.")
+    overlap_comm: bool | None = doc(
+        None, "Overlap gradient reduction with backward. None: DeepSpeed's default for the stage."
+    )
+    contiguous_gradients: bool = doc(True, "Copy gradients into one contiguous buffer as they are produced.")
+    reduce_bucket_size: int = doc(500_000_000, "Elements per gradient reduce bucket.")
+    allgather_bucket_size: int = doc(500_000_000, "Elements per all-gather bucket (stages 1-2).")
+    stage3_prefetch_bucket_size: int = doc(
+        50_000_000, "Stage 3: elements of parameters prefetched ahead of use."
+    )
+    stage3_param_persistence_threshold: int = doc(
+        100_000, "Stage 3: parameters smaller than this stay unpartitioned."
+    )
+    stage3_max_live_parameters: int = doc(1_000_000_000, "Stage 3: most parameter elements resident at once.")
+    ds_config_overrides: dict = doc(
+        {}, "Raw DeepSpeed JSON keys merged last into the generated config (expert escape hatch)."
+    )
+
+
+@dataclass
+class Config:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    zero: ZeroSection = field(default_factory=ZeroSection)
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "zero": ZeroSection,
+}

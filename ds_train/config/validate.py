@@ -1,0 +1,120 @@
+"""Checks a Config beyond types: required keys, paths, ranges and contradictions.
+
+Everything here runs before any process group starts or any file is written, so a bad config
+costs the user one line of output and nothing else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ds_train.config.loader import ConfigError
+from ds_train.config.schema import Config
+
+REQUIRED_KEYS = ("run.output_dir", "train.max_steps", "train.global_batch_size", "train.micro_batch_size")
+
+
+def validate(cfg: Config, *, needs_train_data: bool = True) -> None:
+    """Raise ConfigError (one line) for the first problem found."""
+    for key in REQUIRED_KEYS:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) is None:
+            raise ConfigError(f"missing required key '{key}'")
+    if needs_train_data and cfg.data.train in (None, "", []):
+        raise ConfigError("missing required key 'data.train' (a shard directory, pattern or URL)")
+    _check_model(cfg)
+    _check_train(cfg)
+    _check_zero(cfg)
+
+
+def _check_model(cfg: Config) -> None:
+    m = cfg.model
+    if (m.config is None) == (m.init_from is None):
+        raise ConfigError(
+            "set exactly one of 'model.config' (build fresh from an HF config JSON) "
+            "and 'model.init_from' (start from an HF model directory)"
+        )
+    if m.config is not None and not Path(m.config).is_file():
+        raise ConfigError(f"model.config: file not found: {m.config}")
+    if m.init_from is not None and not (Path(m.init_from) / "config.json").is_file():
+        raise ConfigError(f"model.init_from: no config.json in {m.init_from}")
+    tokenizer = m.tokenizer or m.init_from
+    if tokenizer is None:
+        raise ConfigError(
+            "missing 'model.tokenizer': a model built from model.config needs a local tokenizer directory"
+        )
+    tok = Path(tokenizer)
+    if not tok.is_dir():
+        raise ConfigError(f"model.tokenizer: directory not found: {tokenizer}")
+    if not any((tok / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")):
+        raise ConfigError(
+            f"model.tokenizer: no tokenizer files (tokenizer.json, vocab.txt, ...) in {tokenizer}"
+        )
+    if m.pad_vocab_multiple < 1:
+        raise ConfigError("model.pad_vocab_multiple must be ≥ 1")
+
+
+def _check_train(cfg: Config) -> None:
+    t = cfg.train
+    positive = {
+        "train.max_steps": t.max_steps,
+        "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size,
+        "train.log_every": t.log_every,
+        "train.keep_last": t.keep_last,
+        "train.eval_steps": t.eval_steps,
+        "data.prefetch_factor": cfg.data.prefetch_factor,
+        "data.shuffle_window": cfg.data.shuffle_window,
+        "train.max_nonfinite": t.max_nonfinite,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    for key, value in {
+        "train.save_every": t.save_every,
+        "train.eval_every": t.eval_every,
+        "train.warmup_steps": t.warmup_steps,
+        "data.num_workers": cfg.data.num_workers,
+        "train.grad_clip": t.grad_clip,
+        "train.weight_decay": t.weight_decay,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be ≥ 0, got {value}")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {t.min_lr_ratio}")
+    if not 0 < cfg.data.mlm_probability < 1:
+        raise ConfigError(f"data.mlm_probability must be within (0, 1), got {cfg.data.mlm_probability}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
+            f"{t.micro_batch_size} (global = micro × grad accumulation × data-parallel size)"
+        )
+    if t.peak_flops is not None and t.peak_flops <= 0:
+        raise ConfigError("train.peak_flops must be > 0 (FLOP/s of one device)")
+
+
+def _check_zero(cfg: Config) -> None:
+    z = cfg.zero
+    if z.offload_param != "none" and z.stage != 3:
+        raise ConfigError(f"zero.offload_param={z.offload_param} needs zero.stage=3 (got stage {z.stage})")
+    if z.offload_optimizer != "none" and z.stage == 0:
+        raise ConfigError(f"zero.offload_optimizer={z.offload_optimizer} needs zero.stage ≥ 1")
+    if "nvme" in (z.offload_param, z.offload_optimizer):
+        if not z.nvme_path:
+            raise ConfigError(
+                "NVMe offload needs 'zero.nvme_path' (an existing directory on a fast local disk)"
+            )
+        if not Path(z.nvme_path).is_dir():
+            raise ConfigError(f"zero.nvme_path: directory not found: {z.nvme_path}")
+    for key in (
+        "reduce_bucket_size",
+        "allgather_bucket_size",
+        "stage3_prefetch_bucket_size",
+        "stage3_max_live_parameters",
+    ):
+        if getattr(z, key) <= 0:
+            raise ConfigError(f"zero.{key} must be > 0")
+    if z.offload_optimizer == "nvme" and z.stage != 3:
+        raise ConfigError("zero.offload_optimizer=nvme is only supported with zero.stage=3")

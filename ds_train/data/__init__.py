@@ -1,0 +1,1 @@
+"""Corpus → tokenized webdataset shards → the per-rank streaming loader."""

@@ -1,0 +1,172 @@
+"""From shard sets to the micro-batches one rank trains on.
+
+`DataPlan` fixes the global order (order.py) over the configured sources. `rank_positions` is the
+single definition of which stream positions a rank takes: its contiguous slice of each global
+batch, cut into micro-batches. The DataLoader runs over micro-batch numbers with a map-style
+dataset, so workers never duplicate or reorder samples, and each batch carries its step and its
+sample ids: the position saved in a checkpoint is that of the batch actually consumed, whatever
+the prefetching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ds_train.data.order import MixtureOrder, SampleOrder
+from ds_train.data.reader import RowReader
+from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
+from ds_train.distributed.deepspeed_config import BatchLayout
+
+
+@dataclass
+class DataPlan:
+    sources: list[ShardSet]
+    weights: list[float]
+    order: MixtureOrder
+    seed: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.sources[0].seq_len
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        return self.sources[0].tokenizer.get("sha256")
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for s, w in zip(self.sources, self.weights):
+            h.update(f"{s.fingerprint}:{w:.6f}|".encode())
+        return h.hexdigest()
+
+    @property
+    def epoch_size(self) -> int:
+        """Samples per epoch of the mixture (of the first source when weights are equal-sized)."""
+        return sum(s.num_rows for s in self.sources)
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.order.locate(positions)
+
+    def describe(self, source: int, shard: int, row: int) -> str:
+        return f"{self.sources[source].shard_uri(shard)} row {row}"
+
+    def state(self, consumed_samples: int) -> dict:
+        """The data position as saved in checkpoints: global terms only, no rank count."""
+        return {
+            "consumed_samples": int(consumed_samples),
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "seq_len": self.seq_len,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "epoch": consumed_samples / max(1, self.epoch_size),
+        }
+
+
+def build_plan(
+    spec, *, seed: int, shuffle: bool, window: int, shard_sets: list[ShardSet] | None = None
+) -> DataPlan:
+    """Plan over `spec` (a data.train/valid value). Pass `shard_sets` to skip reading manifests
+    (rank 0 reads them once and broadcasts)."""
+    sources = parse_sources(spec)
+    sets = shard_sets if shard_sets is not None else [load_shard_set(path) for path, _ in sources]
+    first = sets[0]
+    for s in sets[1:]:
+        if s.seq_len != first.seq_len:
+            raise DataError(
+                f"data sources disagree on seq_len: {first.location} has {first.seq_len}, "
+                f"{s.location} has {s.seq_len}"
+            )
+        if s.tokenizer.get("sha256") != first.tokenizer.get("sha256"):
+            raise DataError(f"data sources were tokenized differently: {first.location} and {s.location}")
+    orders = [SampleOrder(s.rows, seed, shuffle, window, stream=i) for i, s in enumerate(sets)]
+    return DataPlan(
+        sources=sets,
+        weights=[w for _, w in sources],
+        order=MixtureOrder(orders, [w for _, w in sources]),
+        seed=seed,
+    )
+
+
+def load_shard_sets(spec) -> list[ShardSet]:
+    return [load_shard_set(path) for path, _ in parse_sources(spec)]
+
+
+def rank_positions(step: int, micro: int, layout: BatchLayout, rank: int) -> np.ndarray:
+    """Stream positions of micro-batch `micro` of optimizer step `step` on `rank`."""
+    start = step * layout.global_batch_size + rank * layout.per_rank + micro * layout.micro_batch_size
+    return np.arange(start, start + layout.micro_batch_size, dtype=np.int64)
+
+
+class MicroBatches(Dataset):
+    """Item k is the k-th micro-batch this rank consumes from `start_step` on."""
+
+    def __init__(
+        self,
+        plan: DataPlan,
+        layout: BatchLayout,
+        rank: int,
+        start_step: int,
+        objective,
+        cache_dir: str | os.PathLike | None,
+    ):
+        self.plan, self.layout, self.rank, self.start_step = plan, layout, rank, start_step
+        self.objective, self.cache_dir = objective, cache_dir
+        self._reader: RowReader | None = None
+
+    def __getitem__(self, k: int) -> dict:
+        step = self.start_step + k // self.layout.grad_accum
+        positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank)
+        return self.batch_at(positions, step)
+
+    def batch_at(self, positions: np.ndarray, step: int) -> dict:
+        if self._reader is None:  # opened in the worker process, after fork
+            self._reader = RowReader(self.plan.sources, self.cache_dir)
+        source, shard, row = self.plan.locate(positions)
+        rows = self._reader.read(source, shard, row)
+        batch = self.objective.collate(rows, positions)
+        batch["step"] = torch.tensor(step)
+        batch["source"] = torch.from_numpy(source)
+        batch["shard"] = torch.from_numpy(shard)
+        batch["row"] = torch.from_numpy(row)
+        return batch
+
+
+class _Endless(Sampler):
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count()
+
+
+class _Finite(Sampler):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.n))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loader(
+    dataset: MicroBatches, *, num_workers: int, prefetch_factor: int, num_micro_batches: int | None = None
+) -> DataLoader:
+    """A DataLoader over micro-batch numbers: endless for training, `num_micro_batches` for eval."""
+    sampler = _Endless() if num_micro_batches is None else _Finite(num_micro_batches)
+    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        **kwargs,
+    )

@@ -1,0 +1,1 @@
+"""The embedded default: a corpus and tasks built from text every machine has (Python's stdlib)."""

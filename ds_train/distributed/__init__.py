@@ -1,0 +1,1 @@
+"""Launcher detection, the DeepSpeed config, and the engine: ds_train's one door to DeepSpeed."""

@@ -1,0 +1,142 @@
+"""The one place the DeepSpeed JSON is built, and the batch arithmetic behind it.
+
+`global_batch_size = micro_batch_size × gradient_accumulation × data_parallel_size`: the user
+gives the first two, the launcher gives the last, and accumulation is derived here and nowhere
+else. Everything DeepSpeed needs (batch, precision, optimizer, ZeRO stage and offload) comes from
+the run config through `build_deepspeed_config`; `zero.ds_config_overrides` is merged last.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from ds_train.config.loader import ConfigError
+from ds_train.config.schema import Config, TrainSection
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    global_batch_size: int
+    micro_batch_size: int
+    grad_accum: int
+    data_parallel_size: int
+
+    @property
+    def per_rank(self) -> int:
+        """Sequences one rank consumes per optimizer step."""
+        return self.micro_batch_size * self.grad_accum
+
+
+def batch_layout(train: TrainSection, data_parallel_size: int) -> BatchLayout:
+    g, m, w = train.global_batch_size, train.micro_batch_size, data_parallel_size
+    if g % (m * w):
+        raise ConfigError(
+            f"train.global_batch_size={g} must equal micro_batch_size × grad accumulation × data-parallel size, "
+            f"but {g} / ({m} × {w}) = {g / (m * w):g} is not a whole number of accumulation steps; "
+            f"use a global batch that is a multiple of {m * w}"
+        )
+    return BatchLayout(g, m, g // (m * w), w)
+
+
+def resolve_precision(precision: str) -> str:
+    """`auto` → bf16 on a GPU that supports it, else fp32 (CPU training in bf16 is slow and lossy)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def build_deepspeed_config(cfg: Config, data_parallel_size: int) -> dict:
+    """The complete DeepSpeed config for this run on `data_parallel_size` ranks."""
+    layout = batch_layout(cfg.train, data_parallel_size)
+    precision = resolve_precision(cfg.train.precision)
+    on_gpu = torch.cuda.is_available()
+    z = cfg.zero
+
+    zero: dict = {
+        "stage": z.stage,
+        "contiguous_gradients": z.contiguous_gradients,
+        "reduce_bucket_size": z.reduce_bucket_size,
+    }
+    if z.overlap_comm is not None:
+        zero["overlap_comm"] = z.overlap_comm
+    if z.stage in (1, 2):
+        zero["allgather_bucket_size"] = z.allgather_bucket_size
+    if z.stage == 3:
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": z.stage3_prefetch_bucket_size,
+                "stage3_param_persistence_threshold": z.stage3_param_persistence_threshold,
+                "stage3_max_live_parameters": z.stage3_max_live_parameters,
+                # Full weights are exported from the checkpoint by `ds-train convert`, not gathered at save.
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
+    if z.offload_optimizer != "none":
+        zero["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path, on_gpu)
+    if z.offload_param != "none":
+        zero["offload_param"] = _offload(z.offload_param, z.nvme_path, on_gpu)
+
+    optimizer_params: dict = {
+        "lr": cfg.train.lr,
+        "betas": [cfg.train.adam_beta1, cfg.train.adam_beta2],
+        "eps": cfg.train.adam_eps,
+        "weight_decay": cfg.train.weight_decay,
+    }
+    if z.offload_optimizer == "none":
+        # torch's AdamW: no JIT-compiled op to build, and its fused CUDA kernel is as fast as FusedAdam.
+        optimizer_params["torch_adam"] = True
+        if on_gpu:
+            optimizer_params["fused"] = True
+    # With offload DeepSpeed requires its own CPU Adam (a C++ op compiled on first use).
+
+    ds: dict = {
+        "train_batch_size": layout.global_batch_size,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "optimizer": {"type": "AdamW", "params": optimizer_params},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,  # ds_train logs; DeepSpeed's own per-step prints stay off
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        ds["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    if z.offload_param == "nvme" or z.offload_optimizer == "nvme":
+        ds["aio"] = {
+            "block_size": 1048576,
+            "queue_depth": 8,
+            "single_submit": False,
+            "overlap_events": True,
+            "thread_count": 1,
+        }
+    _deep_merge(ds, copy.deepcopy(z.ds_config_overrides))
+    return ds
+
+
+def _offload(device: str, nvme_path: str | None, on_gpu: bool) -> dict:
+    if device == "cpu":
+        return {"device": "cpu", "pin_memory": on_gpu}
+    return {"device": "nvme", "nvme_path": nvme_path, "pin_memory": on_gpu}
+
+
+def _deep_merge(dst: dict, src: dict) -> None:
+    for key, value in src.items():
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_merge(dst[key], value)
+        else:
+            dst[key] = value

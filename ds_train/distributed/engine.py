@@ -1,0 +1,193 @@
+"""The one door to DeepSpeed: process group, engine construction, ZeRO-3 helpers, collectives.
+
+Nothing else in ds_train imports deepspeed for training (conversion reads checkpoint files
+directly). Keeping it here means the model code stays free of distributed code and a DeepSpeed
+upgrade touches one file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ds_train.distributed.launch_env import LaunchEnv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistributedContext:
+    """What every component needs to know about the process group it runs in."""
+
+    launch: LaunchEnv
+    device: torch.device
+    backend: str
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.launch.rank == 0
+
+
+def init_distributed(launch: LaunchEnv, timeout_s: int) -> DistributedContext:
+    """Start the process group (gloo on CPU, NCCL on GPU) through DeepSpeed."""
+    import deepspeed
+
+    launch.export()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank)
+        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    os.environ.setdefault("DEEPSPEED_TIMEOUT", str(max(1, timeout_s // 60)))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            verbose=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    return DistributedContext(launch=launch, device=device, backend=backend)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --- collectives (no-ops on one process) --------------------------------------------------------
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from `src` to all ranks (one listing/manifest read per job)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- ZeRO-3 model construction ------------------------------------------------------------------
+
+
+class HfZeroContext:
+    """Holds transformers' HfDeepSpeedConfig for as long as the model lives.
+
+    transformers only builds a model partitioned (and correctly initialised / loaded) under
+    ZeRO-3 while an HfDeepSpeedConfig object is alive; it keeps a weak reference, so we must
+    hold the object. `close()` unsets it so a later model in the same process is unaffected.
+    """
+
+    def __init__(self, ds_config: dict):
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.enabled = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+        self._obj = HfDeepSpeedConfig(ds_config) if self.enabled else None
+
+    def close(self) -> None:
+        if self._obj is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()
+            self._obj = None
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Full tensors of ZeRO-3 partitioned parameters inside the block (no-op otherwise).
+
+    With modifier_rank set, that rank's in-place changes are broadcast and re-partitioned on exit.
+    """
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    return hasattr(param, "ds_id")
+
+
+# --- engine -------------------------------------------------------------------------------------
+
+
+def build_engine(
+    model: torch.nn.Module, param_groups: list[dict], ds_config: dict, lr_lambda: Callable[[int], float]
+) -> Any:
+    """deepspeed.initialize with our optimizer groups and LR schedule; returns the engine."""
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups,
+        config=ds_config,
+        lr_scheduler=lambda optimizer: LambdaLR(optimizer, lr_lambda),
+    )
+    return engine
+
+
+def quiet_deepspeed() -> None:
+    """Before deepspeed is imported: pick its CPU accelerator without the 'unable to detect' warning
+    on GPU-less machines, and hide torch.distributed's deprecation notices that DeepSpeed triggers."""
+    import warnings
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*TORCH_CUDA_ARCH_LIST.*")
+
+
+def configure_logging(is_main: bool) -> None:
+    """Quiet DeepSpeed's INFO chatter; keep warnings and our own messages on rank 0."""
+    level = logging.INFO if is_main else logging.WARNING
+    logging.basicConfig(
+        level=level, format="[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    logging.getLogger("ds_train").setLevel(level)
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)

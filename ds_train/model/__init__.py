@@ -1,0 +1,1 @@
+"""Building HF models from local configs or directories; initialisation; FLOPs."""

@@ -1,0 +1,122 @@
+"""Build the HF model and tokenizer a run config describes: fresh from a config JSON or loaded
+from a local HF directory, never from a hub.
+
+Under ZeRO-3 the caller must hold an `HfZeroContext` while this runs, so transformers builds the
+model partitioned; `initialize_weights` then makes the fresh weights stage-independent, and
+`verify_loaded_weights` checks a loaded model against its source files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from ds_train.config.loader import ConfigError
+from ds_train.config.schema import ModelSection
+from ds_train.model.init import initialize_weights, parameter_checksums
+
+log = logging.getLogger(__name__)
+
+MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}
+
+
+def load_tokenizer(section: ModelSection) -> PreTrainedTokenizerBase:
+    path = section.tokenizer or section.init_from
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises many types for a bad directory
+        raise ConfigError(
+            f"model.tokenizer: cannot load a tokenizer from {path}: {str(e).splitlines()[0]}"
+        ) from None
+
+
+def load_hf_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase) -> PretrainedConfig:
+    """The HF config, with vocabulary size and special tokens taken from the tokenizer."""
+    if section.init_from:
+        config = AutoConfig.from_pretrained(section.init_from, local_files_only=True)
+        if len(tokenizer) > config.vocab_size:
+            raise ConfigError(
+                f"model.tokenizer has {len(tokenizer)} tokens but {section.init_from} "
+                f"has only {config.vocab_size} embeddings"
+            )
+        return config
+    try:
+        raw = json.loads(Path(section.config).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"model.config: {section.config} is not valid JSON ({e})") from None
+    model_type = raw.pop("model_type", None)
+    if model_type is None:
+        raise ConfigError(f"model.config: {section.config} has no 'model_type' (e.g. \"llama\")")
+    try:
+        config = AutoConfig.for_model(model_type, **raw)
+    except ValueError as e:
+        raise ConfigError(f"model.config: {str(e).splitlines()[0]}") from None
+    multiple = section.pad_vocab_multiple
+    config.vocab_size = int(math.ceil(len(tokenizer) / multiple) * multiple)
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            setattr(config, attr, value)
+    return config
+
+
+def build_model(section: ModelSection, config: PretrainedConfig, *, seed: int, rank: int) -> torch.nn.Module:
+    """The model in fp32 (DeepSpeed casts for bf16/fp16). Hold HfZeroContext around this for ZeRO-3."""
+    cls = MODEL_CLASSES[section.objective]
+    kwargs = {"attn_implementation": section.attn_implementation, "dtype": torch.float32}
+    if section.init_from:
+        model = cls.from_pretrained(section.init_from, config=config, local_files_only=True, **kwargs)
+    else:
+        model = cls.from_config(config, **kwargs)
+        initialize_weights(model, seed, rank)
+    model.config.use_cache = False
+    if section.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def verify_loaded_weights(model: torch.nn.Module, source_dir: str) -> None:
+    """Compare every parameter of a model loaded from `source_dir` with the safetensors on disk.
+
+    Catches the silent re-initialisation that happens when a ZeRO-3 model is loaded without the
+    DeepSpeed config alive, and any missing key that transformers filled with fresh values.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(source_dir).glob("*.safetensors"))
+    if not files:
+        log.warning("no *.safetensors in %s: skipping the load checksum", source_dir)
+        return
+    source: dict[str, float] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                source[key] = float(fh.get_tensor(key).double().abs().sum())
+    loaded = parameter_checksums(model)
+    mismatched = []
+    for name, value in loaded.items():
+        candidates = [name, *(name.split(".", 1)[1:])]  # heads may add or drop the base prefix
+        ref = next((source[c] for c in candidates if c in source), None)
+        if ref is None:
+            ref = next((v for k, v in source.items() if k.endswith(name) or name.endswith(k)), None)
+        if ref is None:
+            continue  # a head created fresh for the task (e.g. a classifier): nothing to compare
+        if not math.isclose(value, ref, rel_tol=1e-5, abs_tol=1e-6):
+            mismatched.append(f"{name} (loaded {value:.6g}, file {ref:.6g})")
+    if mismatched:
+        raise RuntimeError(
+            f"weights loaded from {source_dir} differ from the files for "
+            f"{len(mismatched)} parameters, e.g. {mismatched[0]}"
+        )

@@ -1,0 +1,35 @@
+"""Next-token prediction on packed rows: input = row[:-1], target = row[1:]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ds_train.objectives.base import IGNORE_INDEX, document_position_ids, summed_cross_entropy
+
+
+@dataclass
+class CausalLM:
+    eos_id: int | None  # None: no document masking, positions run 0..T-1 over the whole row
+    pad_id: int | None = None  # padding of a shard set's last row: never a target
+    name: str = "causal_lm"
+
+    def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        tokens = torch.from_numpy(rows.astype(np.int64, copy=False))
+        batch = {
+            "input_ids": tokens[:, :-1].contiguous(),
+            "labels": tokens[:, 1:].contiguous(),
+            "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+        }
+        if self.eos_id is not None:
+            batch["position_ids"] = document_position_ids(batch["input_ids"], self.eos_id)
+        if self.pad_id is not None:
+            batch["labels"][batch["labels"] == self.pad_id] = IGNORE_INDEX
+        batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
+        return batch
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"))
+        return summed_cross_entropy(out.logits, batch["labels"])

@@ -1,0 +1,60 @@
+"""BERT-style masked LM: 15% of (non-special) tokens are targets; of those 80% become [MASK],
+10% a random token, 10% stay. The choice is drawn from a generator seeded by (run seed, global
+sample id), so the masks do not depend on the rank, worker or resume point."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ds_train.objectives.base import IGNORE_INDEX, summed_cross_entropy
+
+
+@dataclass
+class MaskedLM:
+    mask_id: int
+    vocab_size: int
+    special_ids: tuple[int, ...]
+    seed: int
+    probability: float = 0.15
+    name: str = "masked_lm"
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer, *, seed: int, probability: float) -> MaskedLM:
+        if tokenizer.mask_token_id is None:
+            raise ValueError("the masked_lm objective needs a tokenizer with a mask token")
+        return cls(
+            mask_id=tokenizer.mask_token_id,
+            vocab_size=len(tokenizer),
+            special_ids=tuple(tokenizer.all_special_ids),
+            seed=seed,
+            probability=probability,
+        )
+
+    def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        tokens = rows[:, :-1].astype(np.int64)
+        inputs = tokens.copy()
+        labels = np.full_like(tokens, IGNORE_INDEX)
+        special = np.isin(tokens, self.special_ids)
+        for i, sid in enumerate(np.asarray(sample_ids, dtype=np.int64)):
+            rng = np.random.default_rng([self.seed, int(sid)])
+            u = rng.random(tokens.shape[1])
+            chosen = (u < self.probability) & ~special[i]
+            action = rng.random(tokens.shape[1])
+            random_tokens = rng.integers(0, self.vocab_size, tokens.shape[1])
+            labels[i, chosen] = tokens[i, chosen]
+            inputs[i, chosen & (action < 0.8)] = self.mask_id
+            swap = chosen & (action >= 0.8) & (action < 0.9)
+            inputs[i, swap] = random_tokens[swap]
+        return {
+            "input_ids": torch.from_numpy(inputs),
+            "labels": torch.from_numpy(labels),
+            "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+            "num_targets": torch.tensor(float((labels != IGNORE_INDEX).sum()), dtype=torch.float32),
+        }
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = model(input_ids=batch["input_ids"])
+        return summed_cross_entropy(out.logits, batch["labels"])

@@ -1,0 +1,1 @@
+"""The training loop, its schedule and callbacks, and the pretraining entry."""

@@ -1,0 +1,25 @@
+"""The callback interface: the trainer calls these hooks on every rank; sinks act on rank 0."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ds_train.train.trainer import Trainer
+
+
+class Callback:
+    def on_train_start(self, trainer: Trainer) -> None:
+        """After the engine is built and any checkpoint loaded, before the first step."""
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        """After each optimizer step (trainer.step is the number of steps done)."""
+
+    def on_log(self, trainer: Trainer, record: dict) -> None:
+        """Every train.log_every steps, with the metrics record written to metrics.jsonl."""
+
+    def on_eval(self, trainer: Trainer, record: dict) -> None:
+        """After each validation pass."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After the last step and the final checkpoint, also when stopping early."""

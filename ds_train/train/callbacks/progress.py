@@ -1,0 +1,48 @@
+"""Rank-0 progress: a tqdm bar on a terminal, one plain line per log step in batch logs."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from ds_train.train.callbacks.base import Callback
+
+
+class Progress(Callback):
+    def __init__(self, max_steps: int):
+        self.max_steps = max_steps
+        self.bar: tqdm | None = None
+        self.interactive = sys.stderr.isatty()
+
+    def on_train_start(self, trainer) -> None:
+        if self.interactive:
+            self.bar = tqdm(
+                total=self.max_steps, initial=trainer.step, desc="train", unit="step", dynamic_ncols=True
+            )
+
+    def on_step_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def on_log(self, trainer, record: dict) -> None:
+        text = format_record(record)
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+        else:
+            print(f"step {record['step']}/{self.max_steps} {text}", file=sys.stderr, flush=True)
+
+    def on_eval(self, trainer, record: dict) -> None:
+        line = f"eval step {record['step']}: valid_loss {record['valid_loss']:.4f} valid_ppl {record['valid_ppl']:.2f}"
+        (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(line)
+
+    def on_train_end(self, trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def format_record(record: dict) -> str:
+    parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_s']:,.0f}"]
+    if record.get("mfu") is not None:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    return " ".join(parts)

@@ -1,0 +1,74 @@
+"""TensorBoard and Weights & Biases sinks (rank 0 only).
+
+The writers are used directly rather than through accelerate's tracker classes: those route every
+call through accelerate's PartialState, a second process-state singleton next to the process
+group ds_train already set up.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ds_train.train.callbacks.base import Callback
+
+log = logging.getLogger(__name__)
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+    }
+
+
+class TensorBoard(Callback):
+    def __init__(self, run_dir: str | Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def on_log(self, trainer, record: dict) -> None:
+        for k, v in _scalars(record).items():
+            self.writer.add_scalar(f"train/{k}", v, global_step=record["step"])
+
+    def on_eval(self, trainer, record: dict) -> None:
+        for k, v in _scalars(record).items():
+            self.writer.add_scalar(f"valid/{k.removeprefix('valid_')}", v, global_step=record["step"])
+
+    def on_train_end(self, trainer) -> None:
+        self.writer.close()
+
+
+class WandB(Callback):
+    def __init__(self, run):
+        self.run = run
+
+    def on_log(self, trainer, record: dict) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def on_eval(self, trainer, record: dict) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def on_train_end(self, trainer) -> None:
+        self.run.finish()
+
+
+def wandb_callback(run_name: str, project: str | None, config: dict, run_dir: str | Path) -> WandB | None:
+    """A W&B sink, or None (with a warning) when wandb is missing or cannot start: never fail a run over it."""
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=project or "ds_train",
+            name=run_name,
+            config=config,
+            dir=str(run_dir),
+            resume="allow",
+            id=Path(run_dir).name,
+        )
+    except Exception as e:
+        log.warning("Weights & Biases disabled: %s", e)
+        return None
+    return WandB(run)

@@ -1,0 +1,314 @@
+"""`ds-train pretrain`: preflight checks, then model + data + engine + trainer on every rank.
+
+Everything that can be wrong with the user's input is checked in `preflight`, before a process
+group exists or a file is written; `run` is the only function that touches the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ds_train import __version__
+from ds_train.checkpoint.compat import check_data_resume, check_resume, fingerprint, model_signature
+from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
+from ds_train.checkpoint.manager import CheckpointManager
+from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
+from ds_train.data.loader import DataPlan, MicroBatches, build_plan, load_shard_sets, make_loader
+from ds_train.data.shard_format import tokenizer_fingerprint
+from ds_train.data.shard_set import DataError
+from ds_train.distributed.deepspeed_config import (
+    BatchLayout,
+    batch_layout,
+    build_deepspeed_config,
+    resolve_precision,
+)
+from ds_train.distributed.engine import (
+    DistributedContext,
+    HfZeroContext,
+    broadcast_object,
+    build_engine,
+    configure_logging,
+    init_distributed,
+    shutdown,
+)
+from ds_train.distributed.launch_env import LaunchEnv, detect
+from ds_train.model.build import build_model, load_hf_config, load_tokenizer, verify_loaded_weights
+from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
+from ds_train.objectives import build_objective
+from ds_train.train.callbacks.base import Callback
+from ds_train.train.callbacks.metrics_file import MetricsFile
+from ds_train.train.callbacks.preemption import PreemptionHandler
+from ds_train.train.callbacks.progress import Progress
+from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
+from ds_train.train.schedule import lr_multiplier
+from ds_train.train.trainer import Trainer, TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Preflight:
+    launch: LaunchEnv
+    layout: BatchLayout
+    tokenizer: Any
+    hf_config: Any
+    resume_from: CheckpointRef | None
+
+
+def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data: bool = True) -> Preflight:
+    """All checks that need no process group; raises ConfigError with one line."""
+    launch = launch or detect()
+    validate(cfg, needs_train_data=needs_train_data)
+    layout = batch_layout(cfg.train, launch.world_size)
+    tokenizer = load_tokenizer(cfg.model)
+    hf_config = load_hf_config(cfg.model, tokenizer)
+    run_dir = Path(cfg.run.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
+    ref = latest_checkpoint(checkpoints_dir(run_dir))
+    if ref is not None and cfg.run.resume == "never":
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (latest: step {ref.step}) and run.resume=never"
+        )
+    if ref is None and cfg.run.resume == "require":
+        raise ConfigError(f"run.resume=require but {run_dir} holds no complete checkpoint")
+    if ref is not None:
+        state = ref.state()
+        check_resume(
+            state,
+            where=str(run_dir),
+            model_sig=model_signature(hf_config),
+            tokenizer_sha=tokenizer_fingerprint(tokenizer)["sha256"],
+            objective=cfg.model.objective,
+            global_batch_size=cfg.train.global_batch_size,
+        )
+        if state.get("world_size") not in (None, launch.world_size):
+            raise ConfigError(
+                f"{ref.path} was written by {state['world_size']} ranks and this run has {launch.world_size}: "
+                f"reshard it first with `ds-train convert reshard {ref.path} <new_run_dir>/checkpoints "
+                f"--world-size {launch.world_size}`"
+            )
+    return Preflight(launch, layout, tokenizer, hf_config, ref)
+
+
+def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
+    """Train on this rank. Returns the exit code (0 done, 75 preempted and checkpointed)."""
+    pre = preflight(cfg)
+    ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
+    configure_logging(ctx.is_main)
+    try:
+        return _run(cfg, ctx, pre, extra_callbacks)
+    finally:
+        shutdown()
+
+
+def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) -> int:
+    seed_everything(cfg.run.seed, ctx.rank)
+    run_dir = Path(cfg.run.output_dir)
+    ds_config = build_deepspeed_config(cfg, ctx.world_size)
+    tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
+
+    plan = _plan_on_rank0(cfg.data.train, cfg, shuffle=cfg.data.shuffle)
+    if plan.tokenizer_sha256 != tok_sha:
+        raise DataError(
+            f"data.train was tokenized with another tokenizer ({plan.sources[0].tokenizer.get('name_or_path')}) "
+            f"than model.tokenizer ({cfg.model.tokenizer or cfg.model.init_from})"
+        )
+    valid_plan = _plan_on_rank0(cfg.data.valid, cfg, shuffle=False) if cfg.data.valid else None
+    if pre.resume_from is not None:
+        check_data_resume(
+            pre.resume_from.state(),
+            where=str(pre.resume_from.path),
+            fingerprint_now=plan.fingerprint,
+            seq_len=plan.seq_len,
+            seed=cfg.run.seed,
+        )
+
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    objective = build_objective(
+        cfg.model.objective,
+        tokenizer=pre.tokenizer,
+        seed=cfg.run.seed,
+        document_masking=cfg.model.document_masking,
+        mlm_probability=cfg.data.mlm_probability,
+    )
+    zero_ctx = HfZeroContext(ds_config)
+    try:
+        model = build_model(cfg.model, pre.hf_config, seed=cfg.run.seed, rank=ctx.rank)
+        if cfg.model.init_from:
+            verify_loaded_weights(model, cfg.model.init_from)
+        n_params, n_embed = count_params(model)
+        fpt = flops_per_token(model, plan.seq_len)
+        engine = build_engine(
+            model,
+            param_groups(model, cfg.train.weight_decay),
+            ds_config,
+            lr_multiplier(
+                cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+            ),
+        )
+        checkpoints = CheckpointManager(run_dir, ctx, cfg.train.keep_last)
+        start_step = 0
+        if pre.resume_from is not None:
+            start_step = checkpoints.load(engine, pre.resume_from)["step"]
+        precision = resolve_precision(cfg.train.precision)
+        if ctx.is_main:
+            log.info(
+                "ds_train %s | %s launch, %d rank(s) | %s params (%s non-embedding) | ZeRO-%d %s | "
+                "global batch %d = %d micro × %d accum × %d ranks | seq_len %d | %s",
+                __version__,
+                pre.launch.launcher,
+                ctx.world_size,
+                f"{n_params:,}",
+                f"{n_params - n_embed:,}",
+                cfg.zero.stage,
+                precision,
+                pre.layout.global_batch_size,
+                pre.layout.micro_batch_size,
+                pre.layout.grad_accum,
+                ctx.world_size,
+                plan.seq_len,
+                f"resuming at step {start_step}" if start_step else "fresh start",
+            )
+
+        dataset = MicroBatches(plan, pre.layout, ctx.rank, start_step, objective, _cache_dir(cfg))
+        train_loader = make_loader(
+            dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
+        )
+        eval_batches = None
+        if valid_plan is not None:
+            valid_ds = MicroBatches(valid_plan, pre.layout, ctx.rank, 0, objective, _cache_dir(cfg))
+
+            def eval_batches():
+                return make_loader(
+                    valid_ds,
+                    num_workers=min(1, cfg.data.num_workers),
+                    prefetch_factor=cfg.data.prefetch_factor,
+                    num_micro_batches=cfg.train.eval_steps * pre.layout.grad_accum,
+                )
+
+        model_sig = model_signature(pre.hf_config)
+
+        def state_fn(step: int) -> dict:
+            consumed = step * pre.layout.global_batch_size
+            return {
+                "consumed_samples": consumed,
+                "data": plan.state(consumed),
+                "model_config": model_sig,
+                "model_fingerprint": fingerprint(model_sig),
+                "tokenizer_sha256": tok_sha,
+                "objective": cfg.model.objective,
+                "zero_stage": cfg.zero.stage,
+                "precision": precision,
+                "global_batch_size": pre.layout.global_batch_size,
+                "seed": cfg.run.seed,
+                "ds_train_version": __version__,
+                "metrics": trainer.last_record,
+            }
+
+        settings = TrainerSettings(
+            max_steps=cfg.train.max_steps,
+            log_every=cfg.train.log_every,
+            save_every=cfg.train.save_every,
+            eval_every=cfg.train.eval_every,
+            eval_steps=cfg.train.eval_steps,
+            seq_len=plan.seq_len,
+            flops_per_token=fpt,
+            peak_flops=cfg.train.peak_flops or device_peak_flops(precision),
+            nonfinite=cfg.train.nonfinite,
+            max_nonfinite=cfg.train.max_nonfinite,
+        )
+        trainer = Trainer(
+            settings=settings,
+            ctx=ctx,
+            engine=engine,
+            objective=objective,
+            layout=pre.layout,
+            train_batches=train_loader,
+            checkpoints=checkpoints,
+            state_fn=state_fn,
+            config_yaml=dump_yaml(cfg),
+            start_step=start_step,
+            eval_batches=eval_batches,
+            describe_sample=plan.describe,
+            callbacks=[*standard_callbacks(cfg, ctx), *extra_callbacks],
+        )
+        code = trainer.fit()
+        if ctx.is_main:
+            log.info("run directory: %s (metrics.jsonl, checkpoints/, tensorboard/)", run_dir)
+        return code
+    finally:
+        zero_ctx.close()
+
+
+def standard_callbacks(cfg: Config, ctx: DistributedContext) -> list[Callback]:
+    callbacks: list[Callback] = [PreemptionHandler()]
+    if ctx.is_main:
+        callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
+        if cfg.run.tensorboard:
+            callbacks.append(TensorBoard(cfg.run.output_dir))
+        if cfg.run.wandb:
+            cb = wandb_callback(
+                cfg.run.name or Path(cfg.run.output_dir).name,
+                cfg.run.wandb_project,
+                to_dict(cfg),
+                cfg.run.output_dir,
+            )
+            if cb is not None:
+                callbacks.append(cb)
+    return callbacks
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Seeds for what ds_train does not seed explicitly (dropout); distinct per rank."""
+    random.seed(seed + rank)
+    np.random.seed((seed + rank) % 2**32)
+    torch.manual_seed(seed + rank)
+
+
+def _plan_on_rank0(spec, cfg: Config, *, shuffle: bool) -> DataPlan:
+    """Rank 0 reads the manifests (one listing per job) and broadcasts them, errors included."""
+    result: Any = None
+    if not _is_initialized() or torch.distributed.get_rank() == 0:
+        try:
+            result = ("ok", load_shard_sets(spec))
+        except (DataError, ConfigError) as e:
+            result = ("error", str(e))
+    result = broadcast_object(result)
+    if result[0] == "error":
+        raise DataError(result[1])
+    return build_plan(
+        spec, seed=cfg.run.seed, shuffle=shuffle, window=cfg.data.shuffle_window, shard_sets=result[1]
+    )
+
+
+def _is_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _cache_dir(cfg: Config) -> str:
+    return cfg.data.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")

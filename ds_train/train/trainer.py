@@ -1,0 +1,254 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+One optimizer step = `grad_accum` micro-batches on each rank. The loss that is back-propagated is
+each micro-batch's *summed* token loss divided by the token count of the whole global batch
+(all-reduced before the first forward), times the data-parallel size that DeepSpeed divides by.
+So every target token weighs the same whatever the micro-batch size, accumulation or world size,
+and 1 rank with 2× accumulation matches 2 ranks step for step.
+
+Host syncs are kept to one small all-reduce per step (stop requests and non-finite losses, which
+all ranks must agree on); losses are reduced only at log steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ds_train.checkpoint.manager import CheckpointManager
+from ds_train.distributed.deepspeed_config import BatchLayout
+from ds_train.distributed.engine import DistributedContext, all_reduce_sum
+from ds_train.train.callbacks.base import Callback
+
+log = logging.getLogger(__name__)
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch script requeues
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainerSettings:
+    max_steps: int
+    log_every: int
+    save_every: int
+    eval_every: int
+    eval_steps: int
+    seq_len: int
+    flops_per_token: float | None = None
+    peak_flops: float | None = None  # per device
+    nonfinite: str = "stop"
+    max_nonfinite: int = 3
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        settings: TrainerSettings,
+        ctx: DistributedContext,
+        engine: Any,
+        objective: Any,
+        layout: BatchLayout,
+        train_batches: Iterable[dict],
+        checkpoints: CheckpointManager,
+        state_fn: Callable[[int], dict],
+        config_yaml: str,
+        start_step: int = 0,
+        eval_batches: Callable[[], Iterable[dict]] | None = None,
+        describe_sample: Callable[[int, int, int], str] | None = None,
+        callbacks: list[Callback] | None = None,
+    ):
+        self.s = settings
+        self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
+        self.train_batches = train_batches
+        self.eval_batches = eval_batches
+        self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
+        self.describe_sample = describe_sample or (
+            lambda src, shard, row: f"source {src} shard {shard} row {row}"
+        )
+        self.callbacks = callbacks or []
+        self.step = start_step
+        self.last_saved_step = start_step if start_step else -1
+        self.stop_reason: str | None = None
+        self.last_record: dict = {}
+        self.nonfinite_steps = 0
+        self._consecutive_nonfinite = 0
+
+    # --- public -------------------------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Checkpoint and stop at the next step boundary (called from signal handlers)."""
+        self.stop_reason = reason
+
+    def fit(self) -> int:
+        """Train to max_steps; returns the process exit code (0, or PREEMPTED_EXIT_CODE)."""
+        self._emit("on_train_start")
+        batches = iter(self.train_batches)
+        pending: list[torch.Tensor] = []
+        interval_start, paused = time.perf_counter(), 0.0
+        stop = False
+        while self.step < self.s.max_steps and not stop:
+            micro = [next(batches) for _ in range(self.layout.grad_accum)]
+            if int(micro[0]["step"]) != self.step:  # the data position travels with the batch
+                raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
+            loss_and_targets = self._train_step(micro)
+            stop, nonfinite = self._agree_on_control(loss_and_targets[0])
+            if nonfinite:
+                self._handle_nonfinite(micro)
+            else:
+                self._consecutive_nonfinite = 0
+            self.step += 1
+            pending.append(loss_and_targets)
+            self._emit("on_step_end")
+            if self.step % self.s.log_every == 0 or self.step == self.s.max_steps or stop:
+                elapsed = time.perf_counter() - interval_start - paused
+                self._log(pending, elapsed)
+                pending, interval_start, paused = [], time.perf_counter(), 0.0
+            t0 = time.perf_counter()
+            if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.max_steps:
+                self.evaluate()
+            if stop or (
+                self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.max_steps
+            ):
+                self.save()
+            paused += time.perf_counter() - t0
+        if stop:
+            log.warning(
+                "stopped at step %d (%s) after checkpointing; exit %d so the job is requeued",
+                self.step,
+                self.stop_reason,
+                PREEMPTED_EXIT_CODE,
+            )
+            self._emit("on_train_end")
+            return PREEMPTED_EXIT_CODE
+        self.evaluate()
+        if self.last_saved_step != self.step:
+            self.save()
+        self._emit("on_train_end")
+        return 0
+
+    def save(self) -> None:
+        self.checkpoints.save(self.engine, self.step, self.state_fn(self.step), self.config_yaml)
+        self.last_saved_step = self.step
+
+    @torch.no_grad()
+    def evaluate(self) -> dict | None:
+        if self.eval_batches is None:
+            return None
+        self.engine.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        for batch in self.eval_batches():
+            batch = self._to_device(batch)
+            totals[0] += self.objective.loss_sum(self.engine, batch).double()
+            totals[1] += batch["num_targets"].double()
+        self.engine.train()
+        all_reduce_sum(totals)
+        loss = float(totals[0] / totals[1].clamp(min=1))
+        record = {
+            "step": self.step,
+            "valid_loss": loss,
+            "valid_ppl": math.exp(min(loss, 50.0)),
+            "valid_tokens": int(totals[1]),
+        }
+        if self.ctx.is_main:
+            self._emit("on_eval", record)
+        return record
+
+    # --- internals ----------------------------------------------------------------------------
+
+    def _train_step(self, micro: list[dict]) -> torch.Tensor:
+        targets = torch.stack([b["num_targets"] for b in micro]).sum().to(self.ctx.device, torch.float32)
+        global_targets = all_reduce_sum(targets.clone())
+        scale = self.ctx.world_size / global_targets.clamp(min=1)
+        loss_total = torch.zeros((), device=self.ctx.device)
+        for batch in micro:
+            batch = self._to_device(batch)
+            loss_sum = self.objective.loss_sum(self.engine, batch)
+            self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+            self.engine.step()
+            loss_total += loss_sum.detach()
+        return torch.stack([loss_total, global_targets])
+
+    def _agree_on_control(self, local_loss: torch.Tensor) -> tuple[bool, bool]:
+        """One all-reduce per step: does any rank want to stop, or see a non-finite loss?"""
+        flags = torch.stack(
+            [
+                torch.tensor(float(self.stop_reason is not None), device=self.ctx.device),
+                (~torch.isfinite(local_loss)).float(),
+            ]
+        )
+        all_reduce_sum(flags)
+        stop, nonfinite = (flags > 0).tolist()
+        if stop and self.stop_reason is None:
+            self.stop_reason = "another rank received a stop signal"
+        return stop, nonfinite
+
+    def _handle_nonfinite(self, micro: list[dict]) -> None:
+        self.nonfinite_steps += 1
+        self._consecutive_nonfinite += 1
+        b = micro[0]
+        where = self.describe_sample(int(b["source"][0]), int(b["shard"][0]), int(b["row"][0]))
+        message = (
+            f"non-finite loss at step {self.step} (global samples {int(b['sample_ids'][0])}.., "
+            f"first sample on rank {self.ctx.rank}: {where})"
+        )
+        if self.s.nonfinite == "stop" or self._consecutive_nonfinite >= self.s.max_nonfinite:
+            raise NonFiniteLossError(message + "; stopping (the last checkpoint is intact)")
+        log.warning("%s; skipped (%d so far)", message, self.nonfinite_steps)
+
+    def _log(self, pending: list[torch.Tensor], elapsed: float) -> None:
+        stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
+        losses = all_reduce_sum(stacked[:, 0].clone())
+        loss = float(losses.sum() / stacked[:, 1].sum().clamp(min=1))
+        steps = len(pending)
+        tokens_step = self.layout.global_batch_size * self.s.seq_len
+        tps = steps * tokens_step / max(elapsed, 1e-9)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "lr": float(self.engine.get_lr()[0]),
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens": self.step * tokens_step,
+            "samples": self.step * self.layout.global_batch_size,
+            "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / self.ctx.world_size,
+            "step_time_s": elapsed / steps,
+            "mfu": None,
+            "world_size": self.ctx.world_size,
+            "nonfinite_steps": self.nonfinite_steps,
+        }
+        if self.s.flops_per_token and self.s.peak_flops:
+            record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)
+        record.update(self.extra_metrics())
+        self.last_record = record
+        if self.ctx.is_main:
+            self._emit("on_log", record)
+
+    def extra_metrics(self) -> dict:
+        """Job identity for operators (Slurm job id and requeue count when under Slurm)."""
+        import os
+
+        out = {}
+        if "SLURM_JOB_ID" in os.environ:
+            out["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+            out["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+        return out
+
+    def _to_device(self, batch: dict) -> dict:
+        return {
+            k: v.to(self.ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
