@@ -43,6 +43,7 @@ from ds_train.model.build import build_model, load_hf_config, load_tokenizer, ve
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.objectives import build_objective
 from ds_train.train.callbacks.base import Callback
+from ds_train.train.callbacks.fault_injection import FaultInjection
 from ds_train.train.callbacks.metrics_file import MetricsFile
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
@@ -253,6 +254,9 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
 
 def standard_callbacks(cfg: Config, ctx: DistributedContext) -> list[Callback]:
     callbacks: list[Callback] = [PreemptionHandler()]
+    fault = FaultInjection.from_env()
+    if fault is not None:
+        callbacks.append(fault)
     if ctx.is_main:
         callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
         if cfg.run.tensorboard:

@@ -81,6 +81,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.last_record: dict = {}
         self.nonfinite_steps = 0
+        self.skipped_samples = 0  # rows the loader could not read and replaced (data.skip_corrupt)
         self._consecutive_nonfinite = 0
 
     # --- public -------------------------------------------------------------------------------
@@ -100,6 +101,7 @@ class Trainer:
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
             if int(micro[0]["step"]) != self.step:  # the data position travels with the batch
                 raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
+            self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
             loss_and_targets = self._train_step(micro)
             stop, nonfinite = self._agree_on_control(loss_and_targets[0])
             if nonfinite:
@@ -226,6 +228,9 @@ class Trainer:
             "mfu": None,
             "world_size": self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_steps,
+            "skipped_samples": int(
+                all_reduce_sum(torch.tensor(float(self.skipped_samples), device=self.ctx.device))
+            ),
         }
         if self.s.flops_per_token and self.s.peak_flops:
             record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)

@@ -1,0 +1,114 @@
+"""Shared test helpers: run the CLI in subprocesses (alone or under a launcher), read results."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO / "configs" / "tokenizers" / "stdlib-bpe-4k"
+MICRO_LLAMA = REPO / "configs" / "model" / "micro-llama.json"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(extra: dict | None = None) -> dict:
+    """The test process's environment without launcher variables that would leak into children."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"}
+        and not k.startswith(("SLURM_", "ACCELERATE_", "TORCHELASTIC_"))
+    }
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(
+    args: list[str], *, env: dict | None = None, timeout: int = 600, check: bool = True, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ds_train", *map(str, args)],
+        cwd=cwd,
+        env=clean_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"ds-train {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def torchrun(
+    args: list[str], *, nproc: int = 2, env: dict | None = None, timeout: int = 600, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        "-m",
+        "ds_train",
+        *map(str, args),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"torchrun ds-train {' '.join(map(str, args))} exited {proc.returncode}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def base_config(run_dir: Path, shards: Path, **sections) -> dict:
+    """A tiny causal-LM run config over the test shards; `sections` update it per section."""
+    cfg = {
+        "run": {"output_dir": str(run_dir), "seed": 7, "tensorboard": False},
+        "model": {"config": str(MICRO_LLAMA), "tokenizer": str(TOKENIZER)},
+        "data": {"train": str(shards / "train"), "num_workers": 0},
+        "train": {
+            "max_steps": 6,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "log_every": 1,
+            "save_every": 0,
+            "precision": "fp32",
+        },
+        "zero": {"stage": 2},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}

@@ -1,0 +1,111 @@
+"""Config loading: overrides, types, presets, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ds_train.config import ConfigError, describe, load_config, validate
+from ds_train.config.loader import all_keys
+from ds_train.config.schema import SECTIONS
+from ds_train.distributed.deepspeed_config import batch_layout
+from tests.helpers import base_config, write_config
+
+
+@pytest.fixture
+def cfg_file(tmp_path, shards):
+    return write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
+
+
+@pytest.fixture
+def no_zero_file(tmp_path, shards):
+    raw = base_config(tmp_path / "run", shards)
+    del raw["zero"]
+    return write_config(tmp_path / "run-no-zero.yaml", raw)
+
+
+def test_overrides_are_typed_and_win(cfg_file):
+    cfg = load_config(
+        cfg_file, ["train.max_steps=20", "zero.stage=3", "train.lr=3e-4", "run.tensorboard=true"]
+    )
+    assert cfg.train.max_steps == 20 and cfg.zero.stage == 3
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.run.tensorboard is True
+
+
+def test_yaml_float_quirk_accepted(tmp_path, shards):
+    raw = base_config(tmp_path / "run", shards)
+    raw["train"]["lr"] = "3e-4"  # what PyYAML gives for `lr: 3e-4`
+    cfg = load_config(write_config(tmp_path / "c.yaml", raw))
+    assert cfg.train.lr == pytest.approx(3e-4)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.max_step=5", "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)"),
+        ("train.seed=5", "unknown config key 'train.seed' (did you mean 'run.seed'?)"),
+        ("trian.lr=1", "unknown config section 'trian' (did you mean 'train'?)"),
+        ("zero.stage=4", "zero.stage: 4 is not one of 0, 1, 2, 3"),
+        ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
+        ("train.precision=bf61", "train.precision: 'bf61' is not one of"),
+        ("run.tensorboard=maybe", "run.tensorboard: expected true or false"),
+    ],
+)
+def test_bad_keys_and_types_name_the_key(cfg_file, override, expected):
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_preset_gives_defaults_and_explicit_keys_win(no_zero_file, cfg_file):
+    cfg = load_config(no_zero_file, ["zero.preset=stage3-offload-all"])
+    assert (cfg.zero.stage, cfg.zero.offload_param, cfg.zero.offload_optimizer) == (3, "cpu", "cpu")
+    cfg = load_config(no_zero_file, ["zero.preset=stage2-offload-optimizer", "zero.offload_optimizer=none"])
+    assert (cfg.zero.stage, cfg.zero.offload_optimizer) == (2, "none")
+    # a key set in the run config wins over the preset, and a contradiction is reported
+    cfg = load_config(cfg_file, ["zero.preset=stage3-offload-all"])
+    assert cfg.zero.stage == 2
+    with pytest.raises(ConfigError, match="zero.offload_param=cpu needs zero.stage=3"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="zero.preset 'stage9' not found"):
+        load_config(no_zero_file, ["zero.preset=stage9"])
+
+
+def test_every_preset_loads_and_validates(no_zero_file, tmp_path):
+    from ds_train.config.loader import repo_configs_dir
+
+    presets = sorted((repo_configs_dir() / "zero").glob("*.yaml"))
+    assert {"stage0", "stage1", "stage2", "stage3", "stage3-offload-all", "stage3-nvme"} <= {
+        p.stem for p in presets
+    }
+    for preset in presets:
+        cfg = load_config(no_zero_file, [f"zero.preset={preset.stem}", f"zero.nvme_path={tmp_path}"])
+        validate(cfg)
+
+
+def test_batch_arithmetic_error_shows_the_numbers(cfg_file):
+    cfg = load_config(cfg_file, ["train.global_batch_size=12", "train.micro_batch_size=2"])
+    with pytest.raises(ConfigError) as e:
+        batch_layout(cfg.train, 4)
+    assert "12 / (2 × 4) = 1.5" in str(e.value)
+    layout = batch_layout(cfg.train, 2)
+    assert (layout.grad_accum, layout.per_rank) == (3, 6)
+
+
+def test_paths_are_made_absolute(tmp_path, shards, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = base_config("relative/run", shards)
+    cfg = load_config(write_config(tmp_path / "c.yaml", raw))
+    assert cfg.run.output_dir == str(tmp_path / "relative" / "run")
+
+
+def test_describe_documents_every_key():
+    text = describe()
+    for key in all_keys():
+        assert f"  {key.split('.')[1]}:" in text
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no documentation"
