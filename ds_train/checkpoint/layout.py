@@ -3,6 +3,7 @@
     <run_dir>/checkpoints/
         latest                    text: the tag of the newest complete checkpoint
         step_00000100/            DeepSpeed files + ds_train_state.json + config.yaml + rng/
+                                  + hf_config/ (config.json) + tokenizer/ (tokenizer files)
         step_00000200.partial/    a save in progress (or one that crashed): never loaded
 
 A save is written under `<tag>.partial` and renamed to `<tag>` only when every rank has finished,
@@ -22,6 +23,8 @@ from pathlib import Path
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "ds_train_state.json"
 CONFIG_FILE = "config.yaml"
+HF_CONFIG_DIR = "hf_config"  # config.json (+ generation_config.json) of the model being trained
+TOKENIZER_DIR = "tokenizer"  # the run's tokenizer files
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
 TAG_RE = re.compile(r"^step_(\d{8})$")

@@ -7,6 +7,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,8 +35,18 @@ class CheckpointManager:
         self.ctx = ctx
         self.keep_last = keep_last
 
-    def save(self, engine: Any, step: int, state: dict, config_yaml: str) -> CheckpointRef:
-        """Write a checkpoint for `step` on all ranks; it becomes `latest` only once complete."""
+    def save(
+        self,
+        engine: Any,
+        step: int,
+        state: dict,
+        config_yaml: str,
+        write_extras: Callable[[Path], None] | None = None,
+    ) -> CheckpointRef:
+        """Write a checkpoint for `step` on all ranks; it becomes `latest` only once complete.
+
+        `write_extras(dir)` runs on rank 0 inside the checkpoint directory before it is completed
+        (the HF model config and the tokenizer, so a checkpoint converts without the run config)."""
         t0 = time.time()
         tag = tag_for_step(step)
         partial = tag + PARTIAL_SUFFIX
@@ -65,6 +77,8 @@ class CheckpointManager:
                 "files": files,
             }
             (self.root / partial / CONFIG_FILE).write_text(config_yaml)
+            if write_extras is not None:
+                write_extras(self.root / partial)
             write_atomic(self.root / partial / STATE_FILE, json.dumps(full_state, indent=1))
             os.replace(self.root / partial, self.root / tag)
             write_atomic(self.root / LATEST, tag)

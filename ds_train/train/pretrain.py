@@ -17,7 +17,13 @@ import torch
 
 from ds_train import __version__
 from ds_train.checkpoint.compat import check_data_resume, check_resume, fingerprint, model_signature
-from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
+from ds_train.checkpoint.layout import (
+    HF_CONFIG_DIR,
+    TOKENIZER_DIR,
+    CheckpointRef,
+    checkpoints_dir,
+    latest_checkpoint,
+)
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
 from ds_train.data.loader import DataPlan, MicroBatches, build_plan, load_shard_sets, make_loader
@@ -217,6 +223,11 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
                 "metrics": trainer.last_record,
             }
 
+        def write_extras(directory: Path) -> None:
+            """The HF config and tokenizer ride along, so a checkpoint converts on its own."""
+            pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
+            pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+
         settings = TrainerSettings(
             max_steps=cfg.train.max_steps,
             log_every=cfg.train.log_every,
@@ -240,6 +251,7 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
             state_fn=state_fn,
             config_yaml=dump_yaml(cfg),
             start_step=start_step,
+            write_extras=write_extras,
             eval_batches=eval_batches,
             describe_sample=plan.describe,
             callbacks=[*standard_callbacks(cfg, ctx), *extra_callbacks],

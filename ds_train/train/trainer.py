@@ -63,6 +63,7 @@ class Trainer:
         state_fn: Callable[[int], dict],
         config_yaml: str,
         start_step: int = 0,
+        write_extras: Callable[[Any], None] | None = None,
         eval_batches: Callable[[], Iterable[dict]] | None = None,
         describe_sample: Callable[[int, int, int], str] | None = None,
         callbacks: list[Callback] | None = None,
@@ -72,6 +73,7 @@ class Trainer:
         self.train_batches = train_batches
         self.eval_batches = eval_batches
         self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
+        self.write_extras = write_extras
         self.describe_sample = describe_sample or (
             lambda src, shard, row: f"source {src} shard {shard} row {row}"
         )
@@ -139,7 +141,9 @@ class Trainer:
         return 0
 
     def save(self) -> None:
-        self.checkpoints.save(self.engine, self.step, self.state_fn(self.step), self.config_yaml)
+        self.checkpoints.save(
+            self.engine, self.step, self.state_fn(self.step), self.config_yaml, self.write_extras
+        )
         self.last_saved_step = self.step
 
     @torch.no_grad()
