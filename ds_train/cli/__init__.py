@@ -41,10 +41,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The `deepspeed` launcher appends --local_rank=N to every command; the env says the same."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            skip = True
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from ds_train.config.loader import ConfigError
     from ds_train.data.shard_set import DataError
 
+    argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) in ("pretrain", "finetune", "convert", "plan"):
         from ds_train.distributed.engine import quiet_deepspeed

@@ -7,6 +7,7 @@ group exists or a file is written; `run` is the only function that touches the r
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     run_dir = Path(cfg.run.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
+    _warn_on_launcher_zero_settings(cfg)
     ref = latest_checkpoint(checkpoints_dir(run_dir))
     if ref is not None and cfg.run.resume == "never":
         raise ConfigError(
@@ -262,6 +264,22 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
         return code
     finally:
         zero_ctx.close()
+
+
+def _warn_on_launcher_zero_settings(cfg: Config) -> None:
+    """accelerate configs may carry their own ZeRO stage; the run config is what ds_train uses."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if (
+        stage not in (None, "")
+        and stage.isdigit()
+        and int(stage) != cfg.zero.stage
+        and os.environ.get("RANK", "0") == "0"
+    ):
+        log.warning(
+            "the accelerate config asks for ZeRO stage %s; ds_train uses zero.stage=%d from the run config",
+            stage,
+            cfg.zero.stage,
+        )
 
 
 def standard_callbacks(cfg: Config, ctx: DistributedContext) -> list[Callback]:

@@ -14,16 +14,21 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 def test_killed_run_resumes_exactly(tmp_path, shards, stage):
     train = {"max_steps": 10, "save_every": 4, "lr": 5e-3}
     data = {"num_workers": 1, "valid": str(shards / "valid")}
-    straight = write_config(tmp_path / "a.yaml", base_config(tmp_path / "a", shards, train=train, data=data,
-                                                             zero={"stage": stage}))
+    straight = write_config(
+        tmp_path / "a.yaml",
+        base_config(tmp_path / "a", shards, train=train, data=data, zero={"stage": stage}),
+    )
     torchrun(["pretrain", straight])
 
     resumed_dir = tmp_path / "b"
-    resumed = write_config(tmp_path / "b.yaml", base_config(resumed_dir, shards, train=train, data=data,
-                                                            zero={"stage": stage}))
+    resumed = write_config(
+        tmp_path / "b.yaml", base_config(resumed_dir, shards, train=train, data=data, zero={"stage": stage})
+    )
     killed = torchrun(["pretrain", resumed], env={"DS_TRAIN_FAULT": "kill@step=6"}, check=False)
     assert killed.returncode != 0
-    assert latest_checkpoint(resumed_dir / "checkpoints").step == 4  # the kill came after step 6, before a save
+    assert (
+        latest_checkpoint(resumed_dir / "checkpoints").step == 4
+    )  # the kill came after step 6, before a save
     torchrun(["pretrain", resumed])  # the same command again: resumes from step 4
 
     steps = [r["step"] for r in read_metrics(resumed_dir) if "loss" in r]

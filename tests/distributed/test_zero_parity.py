@@ -20,12 +20,17 @@ def losses(tmp_path_factory, shards):
     out = {}
     for stage in (0, 1, 2, 3):
         run = tmp / f"stage{stage}"
-        cfg = write_config(tmp / f"stage{stage}.yaml", base_config(run, shards, train={"max_steps": STEPS, "lr": 1e-2},
-                                                                    zero={"stage": stage}))
+        cfg = write_config(
+            tmp / f"stage{stage}.yaml",
+            base_config(run, shards, train={"max_steps": STEPS, "lr": 1e-2}, zero={"stage": stage}),
+        )
         torchrun(["pretrain", cfg])
         out[f"2 ranks, ZeRO-{stage}"] = train_losses(run)
     run = tmp / "single"
-    cfg = write_config(tmp / "single.yaml", base_config(run, shards, train={"max_steps": STEPS, "lr": 1e-2}, zero={"stage": 0}))
+    cfg = write_config(
+        tmp / "single.yaml",
+        base_config(run, shards, train={"max_steps": STEPS, "lr": 1e-2}, zero={"stage": 0}),
+    )
     run_cli(["pretrain", cfg])
     out["1 rank, 2x accumulation"] = train_losses(run)
     return out

@@ -7,14 +7,22 @@ from ds_train.distributed.deepspeed_config import build_deepspeed_config
 
 
 def _cfg(**zero):
-    return from_dict({"run": {"output_dir": "/tmp/x"},
-                      "train": {"max_steps": 1, "global_batch_size": 32, "micro_batch_size": 4, "precision": "fp32"},
-                      "zero": zero})
+    return from_dict(
+        {
+            "run": {"output_dir": "/tmp/x"},
+            "train": {"max_steps": 1, "global_batch_size": 32, "micro_batch_size": 4, "precision": "fp32"},
+            "zero": zero,
+        }
+    )
 
 
 def test_batch_is_derived_once():
     ds = build_deepspeed_config(_cfg(stage=2), data_parallel_size=4)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (32, 4, 2)
+    assert (
+        ds["train_batch_size"],
+        ds["train_micro_batch_size_per_gpu"],
+        ds["gradient_accumulation_steps"],
+    ) == (32, 4, 2)
     ds1 = build_deepspeed_config(_cfg(stage=2), data_parallel_size=1)
     assert ds1["gradient_accumulation_steps"] == 8
 
@@ -22,10 +30,17 @@ def test_batch_is_derived_once():
 def test_stage3_and_offload_options():
     ds = build_deepspeed_config(_cfg(stage=3, offload_optimizer="cpu", offload_param="cpu"), 2)
     z = ds["zero_optimization"]
-    assert z["stage"] == 3 and z["offload_param"]["device"] == "cpu" and z["offload_optimizer"]["device"] == "cpu"
+    assert (
+        z["stage"] == 3
+        and z["offload_param"]["device"] == "cpu"
+        and z["offload_optimizer"]["device"] == "cpu"
+    )
     assert "torch_adam" not in ds["optimizer"]["params"]  # offload needs DeepSpeed's CPU Adam
     ds = build_deepspeed_config(_cfg(stage=1), 2)
-    assert ds["optimizer"]["params"]["torch_adam"] is True and "stage3_prefetch_bucket_size" not in ds["zero_optimization"]
+    assert (
+        ds["optimizer"]["params"]["torch_adam"] is True
+        and "stage3_prefetch_bucket_size" not in ds["zero_optimization"]
+    )
 
 
 def test_precision_sections():
@@ -38,7 +53,15 @@ def test_precision_sections():
 
 
 def test_overrides_are_merged_last():
-    ds = build_deepspeed_config(_cfg(stage=2, ds_config_overrides={"zero_optimization": {"round_robin_gradients": True},
-                                                                   "wall_clock_breakdown": True}), 2)
+    ds = build_deepspeed_config(
+        _cfg(
+            stage=2,
+            ds_config_overrides={
+                "zero_optimization": {"round_robin_gradients": True},
+                "wall_clock_breakdown": True,
+            },
+        ),
+        2,
+    )
     assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["zero_optimization"]["stage"] == 2
     assert ds["wall_clock_breakdown"] is True

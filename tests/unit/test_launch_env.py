@@ -13,23 +13,55 @@ def test_no_launcher_is_one_process():
     assert 1024 < env.master_port < 65536
 
 
-@pytest.mark.parametrize(("extra", "launcher"), [
-    ({"TORCHELASTIC_RUN_ID": "x"}, "torchrun"),
-    ({"ACCELERATE_MIXED_PRECISION": "no"}, "accelerate"),
-    ({"CROSS_RANK": "0", "CROSS_SIZE": "1"}, "deepspeed"),
-])
+@pytest.mark.parametrize(
+    ("extra", "launcher"),
+    [
+        ({"TORCHELASTIC_RUN_ID": "x"}, "torchrun"),
+        ({"ACCELERATE_MIXED_PRECISION": "no"}, "accelerate"),
+        ({"CROSS_RANK": "0", "CROSS_SIZE": "1"}, "deepspeed"),
+    ],
+)
 def test_env_launchers(extra, launcher):
-    env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
-                  "MASTER_ADDR": "node7", "MASTER_PORT": "29555", **extra})
-    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.local_world_size) == (launcher, 3, 1, 4, 2)
+    env = detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node7",
+            "MASTER_PORT": "29555",
+            **extra,
+        }
+    )
+    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.local_world_size) == (
+        launcher,
+        3,
+        1,
+        4,
+        2,
+    )
     assert (env.master_addr, env.master_port) == ("node7", 29555)
 
 
 def test_srun_step_uses_slurm_variables():
-    env = detect({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
-                  "SLURM_NTASKS": "8", "SLURM_STEP_NODELIST": "gpu-[07-10]", "SLURM_JOB_ID": "123456",
-                  "SLURM_STEP_TASKS_PER_NODE": "2(x4)"})
-    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.local_world_size) == ("srun", 5, 1, 8, 2)
+    env = detect(
+        {
+            "SLURM_PROCID": "5",
+            "SLURM_LOCALID": "1",
+            "SLURM_STEP_NUM_TASKS": "8",
+            "SLURM_NTASKS": "8",
+            "SLURM_STEP_NODELIST": "gpu-[07-10]",
+            "SLURM_JOB_ID": "123456",
+            "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
+        }
+    )
+    assert (env.launcher, env.rank, env.local_rank, env.world_size, env.local_world_size) == (
+        "srun",
+        5,
+        1,
+        8,
+        2,
+    )
     assert env.master_addr == "gpu-07"
     assert env.master_port == port_for_job("123456")
 
@@ -41,8 +73,16 @@ def test_batch_script_without_srun_is_one_process():
 
 
 def test_hostlist_expansion():
-    assert expand_hostlist("n[1-3],login,gpu-[08-10,12]") == ["n1", "n2", "n3", "login", "gpu-08", "gpu-09",
-                                                               "gpu-10", "gpu-12"]
+    assert expand_hostlist("n[1-3],login,gpu-[08-10,12]") == [
+        "n1",
+        "n2",
+        "n3",
+        "login",
+        "gpu-08",
+        "gpu-09",
+        "gpu-10",
+        "gpu-12",
+    ]
     assert expand_hostlist("single") == ["single"]
 
 

@@ -49,5 +49,8 @@ def test_palm_flops_formula():
     total = sum(p.numel() for p in m.parameters())
     n = total - m.get_input_embeddings().weight.numel()  # untied head counts, input embedding not
     assert matmul_params(m) == n
-    assert flops_per_token(m, 128) == 6 * n + 12 * c.num_hidden_layers * c.num_attention_heads * (
-        c.hidden_size // c.num_attention_heads) * 128
+    assert (
+        flops_per_token(m, 128)
+        == 6 * n
+        + 12 * c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * 128
+    )
