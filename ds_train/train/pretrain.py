@@ -80,6 +80,10 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     run_dir = Path(cfg.run.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
+    if needs_train_data:
+        _check_local_sources(cfg.data.train, "data.train")
+    if cfg.data.valid:
+        _check_local_sources(cfg.data.valid, "data.valid")
     _warn_on_launcher_zero_settings(cfg)
     ref = latest_checkpoint(checkpoints_dir(run_dir))
     if ref is not None and cfg.run.resume == "never":
@@ -264,6 +268,25 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
         return code
     finally:
         zero_ctx.close()
+
+
+def _check_local_sources(spec, key: str) -> None:
+    """A missing local shard directory is a config error worth reporting before start-up (a stat per
+    source, not a listing; remote sources are checked once by rank 0 after start-up)."""
+    from ds_train.data.shard_format import MANIFEST
+    from ds_train.data.shard_set import parse_sources
+
+    try:
+        sources = parse_sources(spec)
+    except DataError as e:
+        raise ConfigError(f"{key}: {e}") from None
+    for path, _ in sources:
+        if "://" in path or path.startswith("pipe:") or "{" in path:
+            continue
+        p = Path(path)
+        manifest = p if p.name == MANIFEST else (p.parent / MANIFEST if p.suffix == ".tar" else p / MANIFEST)
+        if not manifest.is_file():
+            raise ConfigError(f"{key}: no shard manifest at {manifest} (create shards with `ds-train shard`)")
 
 
 def _warn_on_launcher_zero_settings(cfg: Config) -> None:

@@ -1,0 +1,182 @@
+"""Bad input: each malformed config or run dir is one line on stderr, exit status 2, no traceback,
+no process group, and nothing written to the run directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from ds_train.cli import main
+from tests.helpers import REPO, base_config, write_config
+
+
+def _set(raw: dict, dotted: str, value) -> None:
+    section, key = dotted.split(".")
+    if value is _DELETE:
+        raw[section].pop(key, None)
+    else:
+        raw.setdefault(section, {})[key] = value
+
+
+_DELETE = object()
+
+# (id, config edits, command-line overrides, expected text in the one-line error)
+CASES = [
+    (
+        "unknown-key",
+        {},
+        ["train.max_step=5"],
+        "unknown config key 'train.max_step' (did you mean 'train.max_steps'?)",
+    ),
+    ("key-in-wrong-section", {}, ["train.seed=1"], "did you mean 'run.seed'?"),
+    ("unknown-section", {"optimizer": {"lr": 1}}, [], "unknown config section 'optimizer'"),
+    ("int-type", {}, ["train.max_steps=ten"], "train.max_steps: expected an integer"),
+    ("float-type", {"train.lr": "fast"}, [], "train.lr: expected a number"),
+    ("bool-type", {}, ["run.tensorboard=maybe"], "run.tensorboard: expected true or false"),
+    ("stage-choice", {}, ["zero.stage=5"], "zero.stage: 5 is not one of 0, 1, 2, 3"),
+    ("precision-choice", {}, ["train.precision=fp8"], "train.precision: 'fp8' is not one of"),
+    ("missing-output-dir", {"run.output_dir": _DELETE}, [], "missing required key 'run.output_dir'"),
+    ("missing-max-steps", {"train.max_steps": _DELETE}, [], "missing required key 'train.max_steps'"),
+    ("missing-train-data", {"data.train": _DELETE}, [], "missing required key 'data.train'"),
+    (
+        "batch-not-multiple",
+        {},
+        ["train.global_batch_size=10", "train.micro_batch_size=4"],
+        "not a multiple of train.micro_batch_size=4",
+    ),
+    (
+        "batch-vs-world",
+        {},
+        ["train.global_batch_size=8", "train.micro_batch_size=2", "WORLD_SIZE=3"],
+        "8 / (2 × 3) = 1.33333",
+    ),
+    ("model-config-missing", {}, ["model.config=/nonexistent/model.json"], "model.config: file not found"),
+    ("model-both", {}, [f"model.init_from={REPO}"], "set exactly one of 'model.config'"),
+    ("model-neither", {"model.config": _DELETE}, [], "set exactly one of 'model.config'"),
+    ("tokenizer-missing", {}, ["model.tokenizer=/nonexistent/tok"], "model.tokenizer: directory not found"),
+    ("tokenizer-empty", {}, ["model.tokenizer=EMPTY_DIR"], "no tokenizer files"),
+    ("offload-param-stage2", {}, ["zero.stage=2", "zero.offload_param=cpu"], "needs zero.stage=3"),
+    ("offload-optimizer-stage0", {}, ["zero.stage=0", "zero.offload_optimizer=cpu"], "needs zero.stage ≥ 1"),
+    (
+        "nvme-without-path",
+        {},
+        ["zero.stage=3", "zero.offload_param=nvme"],
+        "NVMe offload needs 'zero.nvme_path'",
+    ),
+    (
+        "nvme-path-missing",
+        {},
+        ["zero.stage=3", "zero.offload_param=nvme", "zero.nvme_path=/nonexistent"],
+        "zero.nvme_path: directory not found",
+    ),
+    ("negative-lr", {}, ["train.lr=-1"], "train.lr must be > 0"),
+    ("min-lr-ratio", {}, ["train.min_lr_ratio=2"], "train.min_lr_ratio must be within [0, 1]"),
+    ("zero-preset", {}, ["zero.preset=stage7"], "zero.preset 'stage7' not found"),
+    (
+        "no-shards",
+        {},
+        ["data.train=/nonexistent/shards"],
+        "data.train: no shard manifest at /nonexistent/shards/index.json",
+    ),
+    ("bad-source-weight", {"data.train": [{"path": "x", "weight": -1}]}, [], "weight must be > 0"),
+    ("override-syntax", {}, ["train.max_steps"], "must look like section.key=value"),
+    ("negative-log-every", {}, ["train.log_every=0"], "train.log_every must be > 0"),
+    ("mlm-probability", {}, ["data.mlm_probability=1.5"], "data.mlm_probability must be within (0, 1)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("edits", "overrides", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_config_is_one_line_and_writes_nothing(
+    tmp_path, shards, capsys, monkeypatch, edits, overrides, expected
+):
+    raw = base_config(tmp_path / "run", shards)
+    for key, value in edits.items():
+        if "." in key:
+            _set(raw, key, value)
+        else:
+            raw[key] = value
+    (tmp_path / "empty").mkdir()
+    overrides = [o.replace("EMPTY_DIR", str(tmp_path / "empty")) for o in overrides]
+    for o in [o for o in overrides if o.startswith("WORLD_SIZE=")]:
+        monkeypatch.setenv("WORLD_SIZE", o.split("=")[1])
+        monkeypatch.setenv("RANK", "0")
+        overrides.remove(o)
+    cfg = write_config(tmp_path / "run.yaml", raw)
+    code = main(["pretrain", str(cfg), *overrides])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("ds-train: error: ") and "\n" not in err, err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not dist.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_or_invalid_config_file(tmp_path, capsys):
+    assert main(["pretrain", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    assert main(["pretrain", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def _fake_checkpoint(run_dir: Path, model_config: dict, step: int = 5) -> Path:
+    ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "ds_train_state.json").write_text(
+        json.dumps({"step": step, "model_config": model_config, "world_size": 1, "global_batch_size": 8})
+    )
+    (run_dir / "checkpoints" / "latest").write_text(ckpt.name)
+    (run_dir / "config.yaml").write_text("original: true\n")
+    return ckpt
+
+
+def _snapshot(d: Path) -> dict:
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))}
+
+
+def test_run_dir_with_another_models_checkpoint_is_refused(tmp_path, shards, capsys):
+    from ds_train.checkpoint.compat import model_signature
+    from ds_train.config import load_config
+    from ds_train.model.build import load_hf_config, load_tokenizer
+
+    raw = base_config(tmp_path / "run", shards)
+    cfg = load_config(write_config(tmp_path / "run.yaml", raw))
+    sig = model_signature(load_hf_config(cfg.model, load_tokenizer(cfg.model)))
+    other = {**sig, "hidden_size": sig["hidden_size"] * 2, "num_hidden_layers": 7}
+    _fake_checkpoint(tmp_path / "run", other)
+    before = _snapshot(tmp_path / "run")
+    assert main(["pretrain", str(tmp_path / "run.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a checkpoint (step 5) of a different model" in err and "hidden_size: 64 → 32" in err, err
+    assert "\n" not in err
+    assert _snapshot(tmp_path / "run") == before
+    assert not dist.is_initialized()
+
+    # run.resume=never refuses any existing checkpoint, same model or not
+    _fake_checkpoint(tmp_path / "run2", sig)
+    assert (
+        main(
+            [
+                "pretrain",
+                str(tmp_path / "run.yaml"),
+                f"run.output_dir={tmp_path / 'run2'}",
+                "run.resume=never",
+            ]
+        )
+        == 2
+    )
+    assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_check_flag_reports_the_batch_layout(tmp_path, shards, capsys):
+    cfg = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
+    assert main(["pretrain", str(cfg), "--check"]) == 0
+    assert "8 = 2 micro × 4 accum × 1 ranks" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
