@@ -6,8 +6,9 @@ each micro-batch's *summed* token loss divided by the token count of the whole g
 So every target token weighs the same whatever the micro-batch size, accumulation or world size,
 and 1 rank with 2× accumulation matches 2 ranks step for step.
 
-Host syncs are kept to one small all-reduce per step (stop requests and non-finite losses, which
-all ranks must agree on); losses are reduced only at log steps.
+Each step costs one small all-reduce of our own: the global token count, travelling with the
+flags all ranks must agree on (a stop request, a non-finite loss in the previous step). Losses are
+reduced only at log steps.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ class Trainer:
         self.last_saved_step = start_step if start_step else -1
         self.stop_reason: str | None = None
         self.last_record: dict = {}
+        self._unchecked: tuple[list[dict], torch.Tensor] | None = None  # last step, finiteness not yet agreed
         self.nonfinite_steps = 0
         self.skipped_samples = 0  # rows the loader could not read and replaced (data.skip_corrupt)
         self._consecutive_nonfinite = 0
@@ -98,49 +100,50 @@ class Trainer:
         batches = iter(self.train_batches)
         pending: list[torch.Tensor] = []
         interval_start, paused = time.perf_counter(), 0.0
-        stop = False
-        while self.step < self.s.max_steps and not stop:
+        while self.step < self.s.max_steps:
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
             if int(micro[0]["step"]) != self.step:  # the data position travels with the batch
                 raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
+            local_targets = torch.stack([b["num_targets"] for b in micro]).sum()
+            global_targets, stop = self._agree(local_targets)
+            if stop:
+                return self._stop_for_requeue()
             self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
-            loss_and_targets = self._train_step(micro)
-            stop, nonfinite = self._agree_on_control(loss_and_targets[0])
-            if nonfinite:
-                self._handle_nonfinite(micro)
-            else:
-                self._consecutive_nonfinite = 0
+            loss_total = self._train_step(micro, global_targets)
             self.step += 1
-            pending.append(loss_and_targets)
+            self._unchecked = (micro, loss_total)
+            pending.append(torch.stack([loss_total, global_targets]))
             self._emit("on_step_end")
-            if self.step % self.s.log_every == 0 or self.step == self.s.max_steps or stop:
-                elapsed = time.perf_counter() - interval_start - paused
-                self._log(pending, elapsed)
+            if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
+                self._log(pending, time.perf_counter() - interval_start - paused)
                 pending, interval_start, paused = [], time.perf_counter(), 0.0
             t0 = time.perf_counter()
-            if self.s.eval_every and self.step % self.s.eval_every == 0 and self.step < self.s.max_steps:
-                self.evaluate()
-            if stop or (
-                self.s.save_every and self.step % self.s.save_every == 0 and self.step < self.s.max_steps
-            ):
-                self.save()
+            if self.step < self.s.max_steps:
+                if self.s.eval_every and self.step % self.s.eval_every == 0:
+                    self.evaluate()
+                if self.s.save_every and self.step % self.s.save_every == 0:
+                    self.save()
             paused += time.perf_counter() - t0
-        if stop:
-            log.warning(
-                "stopped at step %d (%s) after checkpointing; exit %d so the job is requeued",
-                self.step,
-                self.stop_reason,
-                PREEMPTED_EXIT_CODE,
-            )
-            self._emit("on_train_end")
-            return PREEMPTED_EXIT_CODE
         self.evaluate()
         if self.last_saved_step != self.step:
             self.save()
         self._emit("on_train_end")
         return 0
 
+    def _stop_for_requeue(self) -> int:
+        if self.last_saved_step != self.step:
+            self.save()
+        log.warning(
+            "stopped at step %d (%s) after checkpointing; exit %d so the job is requeued",
+            self.step,
+            self.stop_reason,
+            PREEMPTED_EXIT_CODE,
+        )
+        self._emit("on_train_end")
+        return PREEMPTED_EXIT_CODE
+
     def save(self) -> None:
+        self._agree(torch.zeros(()))  # never checkpoint a step whose loss no rank has vetted
         self.checkpoints.save(
             self.engine, self.step, self.state_fn(self.step), self.config_yaml, self.write_extras
         )
@@ -171,9 +174,7 @@ class Trainer:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _train_step(self, micro: list[dict]) -> torch.Tensor:
-        targets = torch.stack([b["num_targets"] for b in micro]).sum().to(self.ctx.device, torch.float32)
-        global_targets = all_reduce_sum(targets.clone())
+    def _train_step(self, micro: list[dict], global_targets: torch.Tensor) -> torch.Tensor:
         scale = self.ctx.world_size / global_targets.clamp(min=1)
         loss_total = torch.zeros((), device=self.ctx.device)
         for batch in micro:
@@ -182,21 +183,31 @@ class Trainer:
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()
             loss_total += loss_sum.detach()
-        return torch.stack([loss_total, global_targets])
+        return loss_total
 
-    def _agree_on_control(self, local_loss: torch.Tensor) -> tuple[bool, bool]:
-        """One all-reduce per step: does any rank want to stop, or see a non-finite loss?"""
+    def _agree(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """The step's one collective: the global target-token count, whether any rank wants to stop,
+        and whether any rank saw a non-finite loss in the previous step (checked here, a step late,
+        so the loop never waits on a loss value; DeepSpeed's ZeRO optimizers already discarded
+        that step's update because its gradient norm was not finite)."""
+        unchecked, self._unchecked = self._unchecked, None
+        bad = (~torch.isfinite(unchecked[1])).float() if unchecked is not None else torch.zeros(())
         flags = torch.stack(
             [
+                local_targets.float().to(self.ctx.device),
                 torch.tensor(float(self.stop_reason is not None), device=self.ctx.device),
-                (~torch.isfinite(local_loss)).float(),
+                bad.to(self.ctx.device),
             ]
         )
         all_reduce_sum(flags)
-        stop, nonfinite = (flags > 0).tolist()
+        _, stop, nonfinite = (flags > 0).tolist()
+        if nonfinite:
+            self._handle_nonfinite(unchecked[0])
+        elif unchecked is not None:
+            self._consecutive_nonfinite = 0
         if stop and self.stop_reason is None:
             self.stop_reason = "another rank received a stop signal"
-        return stop, nonfinite
+        return flags[0], stop
 
     def _handle_nonfinite(self, micro: list[dict]) -> None:
         self.nonfinite_steps += 1

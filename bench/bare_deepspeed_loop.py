@@ -1,0 +1,65 @@
+"""The baseline for bench_trainer.py: the smallest correct DeepSpeed training loop.
+
+Same model (built from the same HF config), same DeepSpeed JSON (from ds_train's builder, so the
+ZeRO settings are identical), same batch shape; batches are pre-built tensors, so the baseline pays
+nothing for data loading. Launched per rank by torchrun; prints one JSON line with tokens/s.
+
+    python -m torch.distributed.run --nproc_per_node 2 bench/bare_deepspeed_loop.py RUN.yaml STEPS WARMUP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+
+def main() -> None:
+    from ds_train.distributed.engine import quiet_deepspeed
+
+    quiet_deepspeed()
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ds_train.config import load_config
+    from ds_train.distributed.deepspeed_config import build_deepspeed_config
+    from ds_train.model.build import load_hf_config, load_tokenizer
+
+    cfg = load_config(sys.argv[1])
+    steps, warmup = int(sys.argv[2]), int(sys.argv[3])
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    ds_config = build_deepspeed_config(cfg, world)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 - ZeRO-3 construction needs it alive
+    tokenizer = load_tokenizer(cfg.model)
+    hf_config = load_hf_config(cfg.model, tokenizer)
+    torch.manual_seed(cfg.run.seed)
+    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.model.attn_implementation,
+                                             dtype=torch.float32)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    mb, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+    seq = int(sys.argv[4]) if len(sys.argv) > 4 else 128
+    g = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, hf_config.vocab_size, (mb, seq + 1), generator=g) for _ in range(gas)]
+    t_start = None
+    for step in range(steps):
+        if step == warmup:
+            t_start = time.perf_counter()
+        for b in batches:
+            b = b.to(engine.device)
+            loss = engine(input_ids=b[:, :-1], labels=b[:, 1:]).loss
+            engine.backward(loss)
+            engine.step()
+        torch.distributed.all_reduce(loss.detach())  # a logged loss, as any real loop has
+    elapsed = time.perf_counter() - t_start
+    tokens = (steps - warmup) * ds_config["train_batch_size"] * seq
+    if rank == 0:
+        print(json.dumps({"system": "bare_deepspeed", "tokens_per_s": tokens / elapsed,
+                          "step_time_s": elapsed / (steps - warmup)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
