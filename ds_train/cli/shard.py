@@ -50,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
 
     from ds_train.config.loader import ConfigError
     from ds_train.data.corpus_reader import CorpusError
-    from ds_train.data.sharding import ShardOptions, shard_corpus
+    from ds_train.data.sharding import ShardOptions, document_separator, shard_corpus
 
     if args.seq_len < 2:
         raise ConfigError("--seq-len must be ≥ 2")
@@ -59,8 +59,8 @@ def main(args: argparse.Namespace) -> int:
     if not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer: directory not found: {args.tokenizer}")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-    if tokenizer.eos_token_id is None:
-        raise ConfigError(f"--tokenizer {args.tokenizer} has no EOS token to separate documents")
+    if document_separator(tokenizer) is None:
+        raise ConfigError(f"--tokenizer {args.tokenizer} has no EOS or SEP token to separate documents")
     opts = ShardOptions(
         seq_len=args.seq_len,
         valid_fraction=args.valid_fraction,

@@ -36,6 +36,11 @@ class ShardOptions:
         return per_shard, per_member
 
 
+def document_separator(tokenizer) -> int | None:
+    """The token ending each packed document: EOS, or [SEP] for BERT-style tokenizers without one."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def is_valid_doc(text: str, fraction: float) -> bool:
     if fraction <= 0:
         return False
@@ -52,7 +57,7 @@ def shard_corpus(inputs: list[str], output: str | Path, tokenizer, opts: ShardOp
     splits = ["train", "valid"] if opts.valid_fraction > 0 else ["train"]
     writers = {s: ShardWriter(output / s, s, opts.seq_len, dtype, per_shard, per_member) for s in splits}
     packers = {
-        s: Packer(opts.seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id, writers[s].add)
+        s: Packer(opts.seq_len, document_separator(tokenizer), tokenizer.pad_token_id, writers[s].add)
         for s in splits
     }
     meter = _Meter(opts.progress)
