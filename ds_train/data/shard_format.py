@@ -177,7 +177,12 @@ def write_manifest(
 def tokenizer_fingerprint(tokenizer) -> dict:
     """What identifies a tokenizer for resume checks: a hash of its full serialisation."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    serial = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    if backend is not None:
+        # truncation/padding are call-time settings that encoding mutates, not part of the vocabulary
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        serial = json.dumps(spec, sort_keys=True)
+    else:
+        serial = json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return {
         "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
         "sha256": hashlib.sha256(serial.encode()).hexdigest(),

@@ -36,21 +36,53 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
     else:
         _say(f"1/4 corpus: {corpus} (exists)")
 
-    if not (shards / "train" / "index.json").is_file():
+    tokenizer_dir = repo_configs_dir() / "tokenizers" / "stdlib-bpe-4k"
+    if not _shards_match(shards, tokenizer_dir):
         _say(f"2/4 shards: tokenizing and packing into {shards}")
-        _ds(["shard", corpus, "--output", shards, "--tokenizer", repo_configs_dir() / "tokenizers" / "stdlib-bpe-4k",
-             "--seq-len", "128", "--valid-fraction", "0.05", "--rows-per-shard", "512", "--no-progress"], repo)
+        shutil.rmtree(shards, ignore_errors=True)
+        _ds(
+            [
+                "shard",
+                corpus,
+                "--output",
+                shards,
+                "--tokenizer",
+                tokenizer_dir,
+                "--seq-len",
+                "128",
+                "--valid-fraction",
+                "0.05",
+                "--rows-per-shard",
+                "512",
+                "--no-progress",
+            ],
+            repo,
+        )
     else:
         _say(f"2/4 shards: {shards} (exist)")
 
     if run_dir.exists() and not keep:
         shutil.rmtree(run_dir)  # the demo starts fresh; --keep resumes instead
-    overrides = [f"run.output_dir={run_dir}", f"data.train={shards / 'train'}", f"data.valid={shards / 'valid'}"]
+    overrides = [
+        f"run.output_dir={run_dir}",
+        f"data.train={shards / 'train'}",
+        f"data.valid={shards / 'valid'}",
+    ]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
     _say(f"3/4 pretrain: tiny Llama, {nproc} ranks, ZeRO-3 (torchrun) → {run_dir}")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-              "-m", "ds_train", "pretrain", str(repo_configs_dir() / RUN_CONFIG), *overrides]
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ds_train",
+        "pretrain",
+        str(repo_configs_dir() / RUN_CONFIG),
+        *overrides,
+    ]
     code = subprocess.call(launch, cwd=repo)
     if code != 0:
         _say(f"pretraining failed (exit {code})")
@@ -64,14 +96,30 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
         _say("4/4 export: skipped (ds-train convert is not available in this version)")
 
     _say(f"\ndone in {time.time() - t0:.0f}s. Everything is under {out}:")
-    for path, what in [(corpus, "corpus (JSON lines)"), (shards, "webdataset shards + index.json manifests"),
-                       (run_dir / "metrics.jsonl", "metrics, one JSON line per logged step"),
-                       (run_dir / "checkpoints", "ZeRO checkpoints (latest = newest complete)"),
-                       (run_dir / "tensorboard", "TensorBoard events: tensorboard --logdir " + str(run_dir)),
-                       (hf_dir, "Hugging Face model: AutoModelForCausalLM.from_pretrained(...)")]:
+    for path, what in [
+        (corpus, "corpus (JSON lines)"),
+        (shards, "webdataset shards + index.json manifests"),
+        (run_dir / "metrics.jsonl", "metrics, one JSON line per logged step"),
+        (run_dir / "checkpoints", "ZeRO checkpoints (latest = newest complete)"),
+        (run_dir / "tensorboard", "TensorBoard events: tensorboard --logdir " + str(run_dir)),
+        (hf_dir, "Hugging Face model: AutoModelForCausalLM.from_pretrained(...)"),
+    ]:
         if path.exists():
             _say(f"  {path}  {what}")
     return 0
+
+
+def _shards_match(shards: Path, tokenizer_dir: Path) -> bool:
+    """Existing demo shards are reused only if they were made with the demo tokenizer as it is now."""
+    manifest = shards / "train" / "index.json"
+    if not manifest.is_file():
+        return False
+    from transformers import AutoTokenizer
+
+    from ds_train.data.shard_format import tokenizer_fingerprint
+
+    want = tokenizer_fingerprint(AutoTokenizer.from_pretrained(str(tokenizer_dir)))["sha256"]
+    return json.loads(manifest.read_text())["tokenizer"].get("sha256") == want
 
 
 def _print_losses(run_dir: Path) -> None:
@@ -80,7 +128,9 @@ def _print_losses(run_dir: Path) -> None:
     valid = [r for r in records if "valid_loss" in r]
     if not train:
         return
-    marks = sorted({train[0]["step"], *[r["step"] for r in train[:: max(1, len(train) // 6)]], train[-1]["step"]})
+    marks = sorted(
+        {train[0]["step"], *[r["step"] for r in train[:: max(1, len(train) // 6)]], train[-1]["step"]}
+    )
     by_step = {r["step"]: r for r in train}
     _say("    step   loss    tokens/s")
     for s in marks:
