@@ -1,0 +1,57 @@
+"""Training options that must not change the maths (activation checkpointing), that change it only
+by rounding (bf16), and the run directory's bookkeeping (keep_last, eval, metrics, TensorBoard)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ds_train.checkpoint.layout import complete_checkpoints
+from tests.helpers import base_config, read_metrics, run_cli, train_losses, write_config
+
+pytestmark = [pytest.mark.slow]
+
+
+def _train(tmp_path, shards, name, **sections):
+    run = tmp_path / name
+    run_cli(["pretrain", write_config(tmp_path / f"{name}.yaml", base_config(run, shards, **sections))])
+    return run
+
+
+def test_activation_checkpointing_is_exact_and_bf16_is_close(tmp_path, shards):
+    train = {"max_steps": 4, "lr": 5e-3}
+    plain = train_losses(_train(tmp_path, shards, "plain", train=train))
+    ckpt = train_losses(
+        _train(tmp_path, shards, "actckpt", train=train, model={"activation_checkpointing": True})
+    )
+    bf16 = train_losses(_train(tmp_path, shards, "bf16", train={**train, "precision": "bf16"}))
+    for step in plain:
+        assert ckpt[step] == pytest.approx(plain[step], rel=1e-5)
+        assert bf16[step] == pytest.approx(plain[step], rel=2e-2)
+
+
+def test_run_dir_bookkeeping(tmp_path, shards):
+    run = _train(
+        tmp_path,
+        shards,
+        "books",
+        run={"tensorboard": True},
+        data={"valid": str(shards / "valid")},
+        train={"max_steps": 6, "save_every": 2, "keep_last": 2, "eval_every": 3, "log_every": 2},
+    )
+    assert [c.step for c in complete_checkpoints(run / "checkpoints")] == [4, 6]  # keep_last=2 pruned step 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    records = read_metrics(run)
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6]
+    for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "mfu", "grad_norm"):
+        assert key in train[0]
+    assert train[-1]["tokens"] == 6 * 8 * 32  # steps × global batch × seq_len
+    evals = [r for r in records if "valid_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["valid_ppl"] == pytest.approx(math.exp(evals[-1]["valid_loss"]))
+    assert any((run / "tensorboard").iterdir())
+    assert (run / "config.yaml").read_text() == (
+        run / "checkpoints" / "step_00000006" / "config.yaml"
+    ).read_text()
