@@ -9,6 +9,11 @@ cd "$(dirname "$0")"
 VENV=.venv
 PY=$VENV/bin/python
 
+pip_install() {
+  # This machine's pip config lists local package indexes that print one harmless warning per package.
+  "$PY" -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+
 setup() {
   if [ ! -x "$PY" ]; then
     # A machine that already has torch (a GPU box, an NGC container) keeps it: the venv sees it.
@@ -20,13 +25,13 @@ setup() {
   fi
   if ! "$PY" -c 'import torch' 2>/dev/null; then
     # Plain `pip install torch` pulls a multi-GB CUDA build; this version is served as a local CPU wheel.
-    "$PY" -m pip install -q "torch==${DS_TRAIN_TORCH_VERSION:-2.13.0}"
+    pip_install "torch==${DS_TRAIN_TORCH_VERSION:-2.13.0}"
   fi
   local stamp="$VENV/.ds_train-installed"
   local want
   want=$(sha256sum pyproject.toml | cut -d' ' -f1)
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    "$PY" -m pip install -q -e '.[dev]'
+    pip_install -e '.[dev]'
     echo "$want" > "$stamp"
   fi
 }
