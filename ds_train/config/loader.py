@@ -61,7 +61,7 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(SECTIONS)})")
-        _merge(raw, loaded)
+        deep_merge(raw, loaded)
     for item in overrides:
         _apply_override(raw, item)
     _resolve_zero_preset(raw)
@@ -165,7 +165,7 @@ def _resolve_zero_preset(raw: dict) -> None:
             raise ConfigError(f"ZeRO preset {path}: unknown key 'zero.{key}'")
     # The preset gives defaults; keys set explicitly in the run config or on the command line win.
     merged = _deep_copy(preset)
-    _merge(merged, {k: v for k, v in zero.items()})
+    deep_merge(merged, {k: v for k, v in zero.items()})
     merged["preset"] = name
     raw["zero"] = merged
 
@@ -303,10 +303,11 @@ def _suggest_key(section: str, key: str, names: list[str]) -> str:
 # --- dict helpers -------------------------------------------------------------------------------
 
 
-def _merge(dst: dict, src: dict) -> None:
+def deep_merge(dst: dict, src: dict) -> None:
+    """Merge `src` into `dst` in place; nested mappings merge, everything else replaces."""
     for key, value in src.items():
         if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _merge(dst[key], value)
+            deep_merge(dst[key], value)
         else:
             dst[key] = value
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ds_train.config.loader import ConfigError
+from ds_train.config.loader import ConfigError, deep_merge
 from ds_train.config.schema import Config, TrainSection
 
 
@@ -124,7 +124,7 @@ def build_deepspeed_config(cfg: Config, data_parallel_size: int) -> dict:
             "overlap_events": True,
             "thread_count": 1,
         }
-    _deep_merge(ds, copy.deepcopy(z.ds_config_overrides))
+    deep_merge(ds, copy.deepcopy(z.ds_config_overrides))
     return ds
 
 
@@ -133,10 +133,3 @@ def _offload(device: str, nvme_path: str | None, on_gpu: bool) -> dict:
         return {"device": "cpu", "pin_memory": on_gpu}
     return {"device": "nvme", "nvme_path": nvme_path, "pin_memory": on_gpu}
 
-
-def _deep_merge(dst: dict, src: dict) -> None:
-    for key, value in src.items():
-        if isinstance(value, dict) and isinstance(dst.get(key), dict):
-            _deep_merge(dst[key], value)
-        else:
-            dst[key] = value
