@@ -187,12 +187,77 @@ class ZeroSection:
 
 
 @dataclass
+class FinetuneSection:
+    task: Literal["sft", "classification", "masked_lm"] = doc(
+        "sft",
+        "`ds-train finetune` only. sft: instruction/chat tuning of a causal LM (loss on response tokens); classification: sequence classification (text, label); masked_lm: continued masked-LM pretraining of a BERT-style model.",
+    )
+    train_file: Any = doc(
+        None,
+        "Training examples: a local JSON-lines file (.jsonl, .jsonl.gz) or a list of them. masked_lm may use data.train shards instead.",
+    )
+    valid_file: Any = doc(
+        None, "Validation examples, same forms as train_file. Evaluated in full at each eval."
+    )
+    valid_fraction: float = doc(
+        0.0,
+        "Without valid_file: hold out this fraction of train_file for validation (chosen by a hash of each line, so stable across runs).",
+    )
+    seq_len: int = doc(
+        512,
+        "Tokens per row. sft/masked_lm: packed row length; classification: texts are truncated to this. Longer sft examples are truncated.",
+    )
+    packing: bool = doc(
+        True,
+        "sft: pack several examples into each row (positions restart per example, so they do not attend to each other); false: one padded example per row.",
+    )
+    train_on_inputs: bool = doc(
+        False, "sft: also compute the loss on prompt/system/user tokens (default: response tokens only)."
+    )
+    chat_template: Literal["auto", "tokenizer", "plain"] = doc(
+        "auto",
+        "sft: auto uses the tokenizer's chat template when it has one, else the plain template (docs/finetune.md); tokenizer requires one; plain always uses the plain template.",
+    )
+    prompt_field: str = doc("prompt", "sft: field of the prompt in prompt/response examples.")
+    response_field: str = doc("response", "sft: field of the response in prompt/response examples.")
+    system_field: str = doc(
+        "system", "sft: optional field with a system message for prompt/response examples."
+    )
+    messages_field: str = doc(
+        "messages", "sft: field of a chat example: a list of {role: system|user|assistant, content}."
+    )
+    text_field: str = doc("text", "classification/masked_lm: field holding the text.")
+    label_field: str = doc(
+        "label", "classification: field holding the label (a string or an integer class id)."
+    )
+    labels: list = doc(
+        [],
+        "classification: class names in id order. Default: the sorted distinct labels of train_file.",
+    )
+    adapter: Literal["none", "lora"] = doc(
+        "none", "none: full fine-tuning. lora: train LoRA adapters (peft) on a frozen base model."
+    )
+    lora_r: int = doc(8, "LoRA rank.")
+    lora_alpha: float = doc(16.0, "LoRA scaling numerator: the update is scaled by alpha / r.")
+    lora_dropout: float = doc(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: Any = doc(
+        "all-linear",
+        "Modules that get adapters: a list of module-name suffixes (e.g. [q_proj, v_proj]) or 'all-linear' (every linear layer except the output head).",
+    )
+    export_hf: bool = doc(
+        True,
+        "At the end, write <output_dir>/hf: a Hugging Face model (LoRA merged in) with a model card README.md; LoRA adapters also go to <output_dir>/adapter.",
+    )
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     zero: ZeroSection = field(default_factory=ZeroSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
 
 
 SECTIONS: dict[str, type] = {
@@ -201,4 +266,5 @@ SECTIONS: dict[str, type] = {
     "data": DataSection,
     "train": TrainSection,
     "zero": ZeroSection,
+    "finetune": FinetuneSection,
 }

@@ -121,3 +121,56 @@ def _check_zero(cfg: Config) -> None:
                           "update whose gradient norm is not finite, plain fp32 data parallel does not")
     if z.offload_optimizer == "nvme" and z.stage != 3:
         raise ConfigError("zero.offload_optimizer=nvme is only supported with zero.stage=3")
+
+
+def validate_finetune(cfg: Config) -> None:
+    """Checks of the `finetune` section (`ds-train finetune` only); raise ConfigError (one line)."""
+    f = cfg.finetune
+    if cfg.data.train:
+        raise ConfigError(
+            "ds-train finetune reads examples from finetune.train_file (JSON lines), not data.train; "
+            "continued masked-LM pretraining on shards is `ds-train pretrain` with model.init_from and "
+            "model.objective=masked_lm"
+        )
+    if f.train_file in (None, "", []):
+        raise ConfigError("missing required key 'finetune.train_file' (a JSON-lines file of examples)")
+    for key in ("train_file", "valid_file"):
+        for path in _file_list(getattr(f, key), f"finetune.{key}"):
+            if not Path(path).is_file():
+                raise ConfigError(f"finetune.{key}: file not found: {path}")
+            if not path.endswith((".jsonl", ".jsonl.gz")):
+                raise ConfigError(f"finetune.{key}: {path} is not a JSON-lines file (.jsonl or .jsonl.gz)")
+    if not 0 <= f.valid_fraction < 1:
+        raise ConfigError(f"finetune.valid_fraction must be within [0, 1), got {f.valid_fraction}")
+    if f.valid_fraction and f.valid_file not in (None, "", []):
+        raise ConfigError("set one of 'finetune.valid_file' and 'finetune.valid_fraction', not both")
+    if f.seq_len < 8:
+        raise ConfigError(f"finetune.seq_len must be ≥ 8, got {f.seq_len}")
+    if len({str(label) for label in f.labels}) != len(f.labels):
+        raise ConfigError(f"finetune.labels has duplicates: {f.labels}")
+    if f.labels and f.task != "classification":
+        raise ConfigError(f"finetune.labels only applies to task classification (task is {f.task})")
+    if f.adapter == "lora":
+        if f.lora_r <= 0:
+            raise ConfigError(f"finetune.lora_r must be > 0, got {f.lora_r}")
+        if f.lora_alpha <= 0:
+            raise ConfigError(f"finetune.lora_alpha must be > 0, got {f.lora_alpha}")
+        if not 0 <= f.lora_dropout < 1:
+            raise ConfigError(f"finetune.lora_dropout must be within [0, 1), got {f.lora_dropout}")
+        targets = f.lora_target_modules
+        if not (
+            targets == "all-linear"
+            or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))
+        ):
+            raise ConfigError(
+                f"finetune.lora_target_modules must be 'all-linear' or a list of module names, got {targets!r}"
+            )
+
+
+def _file_list(value, key: str) -> list[str]:
+    if value in (None, "", []):
+        return []
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(v, str) and v for v in items):
+        raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
+    return items

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_train import __version__
-from ds_train.checkpoint.compat import check_data_resume, check_resume, fingerprint, model_signature
+from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
 from ds_train.checkpoint.layout import (
     HF_CONFIG_DIR,
     TOKENIZER_DIR,
@@ -25,7 +24,6 @@ from ds_train.checkpoint.layout import (
     checkpoints_dir,
     latest_checkpoint,
 )
-from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
 from ds_train.data.loader import DataPlan, MicroBatches, build_plan, load_shard_sets, make_loader
 from ds_train.data.shard_format import tokenizer_fingerprint
@@ -34,20 +32,17 @@ from ds_train.distributed.deepspeed_config import (
     BatchLayout,
     batch_layout,
     build_deepspeed_config,
-    resolve_precision,
 )
 from ds_train.distributed.engine import (
     DistributedContext,
     HfZeroContext,
     broadcast_object,
-    build_engine,
     configure_logging,
     init_distributed,
     shutdown,
 )
 from ds_train.distributed.launch_env import LaunchEnv, detect
 from ds_train.model.build import build_model, load_hf_config, load_tokenizer, verify_loaded_weights
-from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.objectives import build_objective
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.fault_injection import FaultInjection
@@ -55,8 +50,7 @@ from ds_train.train.callbacks.metrics_file import MetricsFile
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
-from ds_train.train.schedule import lr_multiplier
-from ds_train.train.trainer import Trainer, TrainerSettings
+from ds_train.train.session import TrainingParts, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -160,44 +154,13 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
         model = build_model(cfg.model, pre.hf_config, seed=cfg.run.seed, rank=ctx.rank)
         if cfg.model.init_from:
             verify_loaded_weights(model, cfg.model.init_from)
-        n_params, n_embed = count_params(model)
-        fpt = flops_per_token(model, plan.seq_len)
-        engine = build_engine(
-            model,
-            param_groups(model, cfg.train.weight_decay),
-            ds_config,
-            lr_multiplier(
-                cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
-            ),
-        )
-        checkpoints = CheckpointManager(run_dir, ctx, cfg.train.keep_last)
-        start_step = 0
-        if pre.resume_from is not None:
-            start_step = checkpoints.load(engine, pre.resume_from)["step"]
-        precision = resolve_precision(cfg.train.precision)
-        if ctx.is_main:
-            log.info(
-                "ds_train %s | %s launch, %d rank(s) | %s params (%s non-embedding) | ZeRO-%d %s | "
-                "global batch %d = %d micro × %d accum × %d ranks | seq_len %d | %s",
-                __version__,
-                pre.launch.launcher,
-                ctx.world_size,
-                f"{n_params:,}",
-                f"{n_params - n_embed:,}",
-                cfg.zero.stage,
-                precision,
-                pre.layout.global_batch_size,
-                pre.layout.micro_batch_size,
-                pre.layout.grad_accum,
-                ctx.world_size,
-                plan.seq_len,
-                f"resuming at step {start_step}" if start_step else "fresh start",
+
+        def train_batches(start_step: int):
+            dataset = MicroBatches(plan, pre.layout, ctx.rank, start_step, objective, _cache_dir(cfg))
+            return make_loader(
+                dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
             )
 
-        dataset = MicroBatches(plan, pre.layout, ctx.rank, start_step, objective, _cache_dir(cfg))
-        train_loader = make_loader(
-            dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
-        )
         eval_batches = None
         if valid_plan is not None:
             valid_ds = MicroBatches(valid_plan, pre.layout, ctx.rank, 0, objective, _cache_dir(cfg))
@@ -210,57 +173,24 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
                     num_micro_batches=cfg.train.eval_steps * pre.layout.grad_accum,
                 )
 
-        model_sig = model_signature(pre.hf_config)
-
-        def state_fn(step: int) -> dict:
-            consumed = step * pre.layout.global_batch_size
-            return {
-                "consumed_samples": consumed,
-                "data": plan.state(consumed),
-                "model_config": model_sig,
-                "model_fingerprint": fingerprint(model_sig),
-                "tokenizer_sha256": tok_sha,
-                "objective": cfg.model.objective,
-                "zero_stage": cfg.zero.stage,
-                "precision": precision,
-                "global_batch_size": pre.layout.global_batch_size,
-                "seed": cfg.run.seed,
-                "ds_train_version": __version__,
-                "metrics": trainer.last_record,
-            }
-
         def write_extras(directory: Path) -> None:
             """The HF config and tokenizer ride along, so a checkpoint converts on its own."""
             pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
             pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
 
-        settings = TrainerSettings(
-            max_steps=cfg.train.max_steps,
-            log_every=cfg.train.log_every,
-            save_every=cfg.train.save_every,
-            eval_every=cfg.train.eval_every,
-            eval_steps=cfg.train.eval_steps,
-            seq_len=plan.seq_len,
-            flops_per_token=fpt,
-            peak_flops=cfg.train.peak_flops or device_peak_flops(precision),
-            nonfinite=cfg.train.nonfinite,
-            max_nonfinite=cfg.train.max_nonfinite,
-        )
-        trainer = Trainer(
-            settings=settings,
-            ctx=ctx,
-            engine=engine,
+        parts = TrainingParts(
+            model=model,
             objective=objective,
-            layout=pre.layout,
-            train_batches=train_loader,
-            checkpoints=checkpoints,
-            state_fn=state_fn,
-            config_yaml=dump_yaml(cfg),
-            start_step=start_step,
+            objective_name=cfg.model.objective,
+            seq_len=plan.seq_len,
+            train_batches=train_batches,
+            data_state=plan.state,
             write_extras=write_extras,
             eval_batches=eval_batches,
             describe_sample=plan.describe,
-            callbacks=[*standard_callbacks(cfg, ctx), *extra_callbacks],
+        )
+        trainer = build_trainer(
+            cfg, ctx, pre, parts, ds_config, [*standard_callbacks(cfg, ctx), *extra_callbacks]
         )
         code = trainer.fit()
         if ctx.is_main:
@@ -324,20 +254,6 @@ def standard_callbacks(cfg: Config, ctx: DistributedContext) -> list[Callback]:
             if cb is not None:
                 callbacks.append(cb)
     return callbacks
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases and norm weights are not decayed."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        shape = getattr(p, "ds_shape", p.shape)
-        (decay if len(shape) >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    return groups
 
 
 def seed_everything(seed: int, rank: int) -> None:

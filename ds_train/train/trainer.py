@@ -154,10 +154,20 @@ class Trainer:
         if self.eval_batches is None:
             return None
         self.engine.eval()
+        # An objective may also return summable statistics per batch (e.g. a confusion matrix):
+        # `eval_step(model, batch) -> (loss_sum, stats)`, turned into record entries by
+        # `eval_metrics(stats summed over batches and ranks)`. Evaluation only; training is untouched.
+        eval_step = getattr(self.objective, "eval_step", None)
         totals = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
+        stats: torch.Tensor | None = None
         for batch in self.eval_batches():
             batch = self._to_device(batch)
-            totals[0] += self.objective.loss_sum(self.engine, batch).double()
+            if eval_step is None:
+                loss_sum = self.objective.loss_sum(self.engine, batch)
+            else:
+                loss_sum, batch_stats = eval_step(self.engine, batch)
+                stats = batch_stats.double() if stats is None else stats + batch_stats.double()
+            totals[0] += loss_sum.double()
             totals[1] += batch["num_targets"].double()
         self.engine.train()
         all_reduce_sum(totals)
@@ -168,6 +178,8 @@ class Trainer:
             "valid_ppl": math.exp(min(loss, 50.0)),
             "valid_tokens": int(totals[1]),
         }
+        if stats is not None:
+            record.update(self.objective.eval_metrics(all_reduce_sum(stats)))
         if self.ctx.is_main:
             self._emit("on_eval", record)
         return record

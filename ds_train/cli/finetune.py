@@ -1,0 +1,42 @@
+"""`ds-train finetune CONFIG.yaml [section.key=value ...]` on every rank, under any launcher."""
+
+from __future__ import annotations
+
+import argparse
+
+from ds_train.cli.pretrain import add_run_arguments
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a model (SFT, classification, masked-LM; full or LoRA) from a run config",
+        description=(
+            "Fine-tune from a YAML run config with a `finetune` section (docs/finetune.md); "
+            "model.init_from is an HF directory or a `ds-train pretrain` run directory. "
+            "Re-running on the same run.output_dir resumes."
+        ),
+    )
+    add_run_arguments(p)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ds_train.config import dump_yaml, load_config
+    from ds_train.finetune import preflight, run
+
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    if args.check:
+        pre = preflight.preflight(cfg)
+        splits = ", ".join(f"{name}: {', '.join(spec.files)}" for name, spec in pre.specs.items())
+        print(
+            f"ok: task {cfg.finetune.task} | {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × "
+            f"{pre.layout.grad_accum} accum × {pre.layout.data_parallel_size} ranks | {splits}"
+            + (f" | classes {pre.class_names}" if pre.class_names else "")
+            + (f" | resumes from {pre.resume_from.path}" if pre.resume_from else "")
+        )
+        return 0
+    return run.run(cfg)

@@ -1,0 +1,68 @@
+"""Sequence classification objective: cross-entropy over class logits, one target per example.
+
+Rows are texts padded to seq_len; each micro-batch is cut to its longest text and carries an
+attention mask (BERT-style models attend in both directions, so padding must be masked). Besides
+the summed loss, evaluation returns a confusion matrix per batch (`eval_step`), which the trainer
+sums over batches and ranks and turns into accuracy, macro-F1 and a summary (`eval_metrics`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ds_train.finetune.metrics import classification_metrics, confusion_counts
+from ds_train.objectives.base import IGNORE_INDEX
+
+
+@dataclass
+class SequenceClassification:
+    class_names: list[str]
+    name: str = "classification"
+
+    def collate(self, arrays: dict[str, np.ndarray], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        lengths = arrays["lengths"].astype(np.int64)
+        width = max(1, int(lengths.max()))
+        tokens = torch.from_numpy(arrays["tokens"][:, :width].astype(np.int64))
+        mask = torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]
+        labels = torch.from_numpy(arrays["labels"].astype(np.int64))
+        return {
+            "input_ids": tokens,
+            "attention_mask": mask.long(),
+            "labels": labels,
+            "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+            "num_targets": (labels != IGNORE_INDEX).sum().to(torch.float32),
+        }
+
+    def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(
+            self.logits(model, batch), batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+
+    def eval_step(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, flattened confusion counts) of one batch, from one forward pass."""
+        logits = self.logits(model, batch)
+        loss = F.cross_entropy(logits, batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum")
+        counts = confusion_counts(logits.argmax(-1), batch["labels"], len(self.class_names))
+        return loss, counts.to(loss.device)
+
+    def eval_metrics(self, stats: torch.Tensor) -> dict:
+        """Metrics record entries from the confusion counts summed over batches and ranks."""
+        k = len(self.class_names)
+        m = classification_metrics(stats.detach().cpu().numpy().reshape(k, k), self.class_names)
+        return {
+            "valid_accuracy": m["accuracy"],
+            "valid_macro_f1": m["macro_f1"],
+            "valid_examples": m["examples"],
+            "valid_confusion": m["confusion"],
+            "valid_top_confusions": m["top_confusions"],
+            "valid_per_class": m["per_class"],
+        }

@@ -1,0 +1,164 @@
+"""Everything `ds-train finetune` checks before a process group starts or a file is written.
+
+The config (including the `finetune` section), the base model source, the tokenizer, every
+example of every split (fields, labels: one line naming file:line), the batch arithmetic, and
+whether the run directory's checkpoint may be resumed with this config and data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
+from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
+from ds_train.config import Config, ConfigError, validate
+from ds_train.config.validate import validate_finetune
+from ds_train.data.shard_format import tokenizer_fingerprint
+from ds_train.distributed.deepspeed_config import BatchLayout, batch_layout
+from ds_train.distributed.launch_env import LaunchEnv, detect
+from ds_train.finetune.base_model import InitSource, resolve_init_source
+from ds_train.finetune.chat import ChatFormat
+from ds_train.finetune.dataset import data_fingerprint
+from ds_train.finetune.model import task_hf_config
+from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
+from ds_train.model.build import load_tokenizer
+
+# What a checkpoint must agree on besides the model, tokenizer and data (see check_resume).
+RESUME_KEYS = ("task", "class_names", "adapter")
+
+
+@dataclass
+class FinetunePreflight:
+    launch: LaunchEnv
+    layout: BatchLayout
+    tokenizer: Any
+    hf_config: Any
+    resume_from: CheckpointRef | None
+    source: InitSource | None  # None: a fresh model from model.config
+    specs: dict[str, SplitSpec]
+    chat: ChatFormat | None
+    class_names: list[str]
+    data_fingerprint: str
+
+    def finetune_state(self, cfg: Config) -> dict:
+        """What this run records in checkpoints, and what resuming must match."""
+        f = cfg.finetune
+        adapter = None
+        if f.adapter == "lora":
+            adapter = {
+                "type": "lora",
+                "r": f.lora_r,
+                "alpha": f.lora_alpha,
+                "dropout": f.lora_dropout,
+                "target_modules": f.lora_target_modules,
+            }
+        return {
+            "task": f.task,
+            "class_names": self.class_names,
+            "adapter": adapter,
+            "base_model": None if self.source is None else self.source.describe(),
+        }
+
+
+def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight:
+    """All checks that need no process group; raises ConfigError/DataError with one line.
+
+    Normalises `cfg` in place: data file paths become absolute, so the config saved in the run
+    directory means the same from any working directory. (`model.objective` is not used:
+    `finetune.task` decides the model class and the loss.)"""
+    launch = launch or detect()
+    f = cfg.finetune
+    f.train_file = _absolute(f.train_file)
+    f.valid_file = _absolute(f.valid_file)
+    source = None
+    if cfg.model.init_from is not None and cfg.model.config is None:
+        source = resolve_init_source(cfg.model.init_from)
+    validate(_as_model_dir(cfg, source), needs_train_data=False)
+    validate_finetune(cfg)
+    layout = batch_layout(cfg.train, launch.world_size)
+    model_section = _as_model_dir(cfg, source).model
+    tokenizer = load_tokenizer(model_section)
+    chat = None
+    if f.task == "sft":
+        if not getattr(tokenizer, "is_fast", False):
+            raise ConfigError("finetune.task=sft needs a fast tokenizer (tokenizer.json) for token offsets")
+        chat = ChatFormat(tokenizer, f.chat_template)
+    if f.task == "masked_lm" and tokenizer.mask_token_id is None:
+        raise ConfigError("finetune.task=masked_lm needs a tokenizer with a mask token (e.g. [MASK])")
+    run_dir = Path(cfg.run.output_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
+
+    specs = split_specs(f)
+    class_names = check_examples(f, specs)
+    hf_config = task_hf_config(
+        f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
+    )
+    tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
+    fp = data_fingerprint(f, specs, tokenizer_sha256=tok_sha, chat=chat, class_names=class_names)
+    pre = FinetunePreflight(launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp)
+    pre.resume_from = _resume_point(cfg, pre, tok_sha)
+    return pre
+
+
+def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> CheckpointRef | None:
+    run_dir = Path(cfg.run.output_dir)
+    ref = latest_checkpoint(checkpoints_dir(run_dir))
+    if ref is not None and cfg.run.resume == "never":
+        raise ConfigError(
+            f"{run_dir} already holds checkpoints (latest: step {ref.step}) and run.resume=never"
+        )
+    if ref is None and cfg.run.resume == "require":
+        raise ConfigError(f"run.resume=require but {run_dir} holds no complete checkpoint")
+    if ref is None:
+        return None
+    state = ref.state()
+    check_resume(
+        state,
+        where=str(run_dir),
+        model_sig=model_signature(pre.hf_config),
+        tokenizer_sha=tok_sha,
+        objective=cfg.finetune.task,
+        global_batch_size=cfg.train.global_batch_size,
+    )
+    saved, now = state.get("finetune") or {}, pre.finetune_state(cfg)
+    for key in RESUME_KEYS:
+        if key in saved and saved[key] != now[key]:
+            raise ConfigError(
+                f"{run_dir} holds a checkpoint (step {ref.step}) trained with finetune {key} {saved[key]!r} "
+                f"(this run: {now[key]!r}): use another run.output_dir, or run.resume=never with a fresh one"
+            )
+    if state.get("world_size") not in (None, pre.launch.world_size):
+        raise ConfigError(
+            f"{ref.path} was written by {state['world_size']} ranks and this run has {pre.launch.world_size}: "
+            f"reshard it first with `ds-train convert reshard {ref.path} <new_run_dir>/checkpoints "
+            f"--world-size {pre.launch.world_size}`"
+        )
+    check_data_resume(
+        state,
+        where=str(ref.path),
+        fingerprint_now=pre.data_fingerprint,
+        seq_len=cfg.finetune.seq_len,
+        seed=cfg.run.seed,
+    )
+    return ref
+
+
+def _as_model_dir(cfg: Config, source: InitSource | None) -> Config:
+    """The config as pretraining's checks see it: init_from an HF config dir, the tokenizer explicit."""
+    if source is None:
+        return cfg
+    model = dataclasses.replace(
+        cfg.model, init_from=source.config_dir, tokenizer=cfg.model.tokenizer or source.tokenizer_dir
+    )
+    return dataclasses.replace(cfg, model=model)
+
+
+def _absolute(value):
+    files = file_list(value)
+    if not files:
+        return value
+    return files if isinstance(value, list) else files[0]

@@ -1,0 +1,222 @@
+"""`ds-train finetune` on every rank: preflight, data, base model, (LoRA), the shared training
+session, then the final export with its model card.
+
+The training loop, checkpoints, resume, metrics and progress are pretraining's
+(`train.session.build_trainer`); what fine-tuning adds is the task's data (tokenized once into the
+run directory), the task model (with its new head initialised stage-independently), optional LoRA
+adapters, and evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
+from ds_train.config import Config, dump_yaml
+from ds_train.data.loader import make_loader
+from ds_train.distributed.deepspeed_config import build_deepspeed_config, resolve_precision
+from ds_train.distributed.engine import (
+    DistributedContext,
+    HfZeroContext,
+    barrier,
+    configure_logging,
+    init_distributed,
+    shutdown,
+)
+from ds_train.finetune.base_model import materialize_base
+from ds_train.finetune.batches import ExampleBatches
+from ds_train.finetune.classification import SequenceClassification
+from ds_train.finetune.dataset import ExampleSet, prepare_splits
+from ds_train.finetune.export import ADAPTER_DIR, HF_DIR, gather_full_state, save_merged_model
+from ds_train.finetune.lora import apply_lora, trainable_summary
+from ds_train.finetune.model import build_task_model
+from ds_train.finetune.model_card import render_model_card, write_model_card
+from ds_train.finetune.preflight import FinetunePreflight, preflight
+from ds_train.finetune.report import EvalReport
+from ds_train.finetune.sft import SupervisedFineTuning
+from ds_train.model.build import verify_loaded_weights
+from ds_train.objectives.masked_lm import MaskedLM
+from ds_train.train.callbacks.base import Callback
+from ds_train.train.pretrain import seed_everything, standard_callbacks
+from ds_train.train.session import TrainingParts, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
+    """Fine-tune on this rank. Returns the exit code (0 done, 75 preempted and checkpointed)."""
+    pre = preflight(cfg)
+    ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
+    configure_logging(ctx.is_main)
+    try:
+        return _run(cfg, ctx, pre, extra_callbacks)
+    finally:
+        shutdown()
+
+
+def build_objective(cfg: Config, pre: FinetunePreflight):
+    task = cfg.finetune.task
+    if task == "sft":
+        return SupervisedFineTuning()
+    if task == "classification":
+        return SequenceClassification(pre.class_names)
+    # continued pretraining: pretraining's masked-LM objective, unchanged
+    return MaskedLM.from_tokenizer(pre.tokenizer, seed=cfg.run.seed, probability=cfg.data.mlm_probability)
+
+
+def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_callbacks) -> int:
+    seed_everything(cfg.run.seed, ctx.rank)
+    f = cfg.finetune
+    run_dir = Path(cfg.run.output_dir)
+    ds_config = build_deepspeed_config(cfg, ctx.world_size)
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    splits = prepare_splits(
+        run_dir,
+        f,
+        pre.specs,
+        pre.tokenizer,
+        chat=pre.chat,
+        class_names=pre.class_names,
+        fingerprint=pre.data_fingerprint,
+        is_main=ctx.is_main,
+    )
+    weights_dir = materialize_base(pre.source, run_dir, is_main=ctx.is_main)
+    objective = build_objective(cfg, pre)
+    report = EvalReport()
+    callbacks = [*standard_callbacks(cfg, ctx), *([report] if ctx.is_main else []), *extra_callbacks]
+
+    zero_ctx = HfZeroContext(ds_config)
+    state = None
+    try:
+        model = build_task_model(
+            f.task, cfg.model, pre.hf_config, weights_dir=weights_dir, seed=cfg.run.seed, rank=ctx.rank
+        )
+        model.config.architectures = [type(model).__name__]
+        if weights_dir is not None:
+            verify_loaded_weights(model, weights_dir)  # never train on silently re-initialised weights
+        if f.adapter == "lora":
+            model = apply_lora(model, f, cfg.run.seed)
+        if ctx.is_main:
+            trainable, total = trainable_summary(model)
+            log.info(
+                "finetune: task %s | %s | base %s | %s of %s parameters trainable",
+                f.task,
+                "LoRA" if f.adapter == "lora" else "full fine-tuning",
+                "fresh from model.config" if pre.source is None else pre.source.describe(),
+                f"{trainable:,}",
+                f"{total:,}",
+            )
+        trainer = build_trainer(
+            cfg, ctx, pre, _parts(cfg, ctx, pre, model, objective, splits), ds_config, callbacks
+        )
+        code = trainer.fit()
+        if code == 0 and f.export_hf:
+            state = gather_full_state(trainer.engine.module, keep=ctx.is_main)
+            if f.adapter == "lora":
+                _save_adapters(trainer.engine.module, run_dir / ADAPTER_DIR)
+    finally:
+        zero_ctx.close()  # the export builds a plain CPU model, which must not be partitioned
+
+    if state is not None:
+        _export(cfg, pre, state, splits, trainer, report)
+    barrier()
+    if ctx.is_main:
+        log.info("run directory: %s (metrics.jsonl, checkpoints/, dataset/, hf/)", run_dir)
+    return code
+
+
+def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> TrainingParts:
+    train_set = splits["train"]
+    layout, seed = pre.layout, cfg.run.seed
+
+    def train_batches(start_step: int):
+        dataset = ExampleBatches(
+            train_set, layout, ctx.rank, objective.collate, seed=seed, start_step=start_step
+        )
+        return make_loader(
+            dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
+        )
+
+    eval_batches = None
+    if "valid" in splits:
+        valid_ds = ExampleBatches(
+            splits["valid"], layout, ctx.rank, objective.collate, seed=seed, evaluation=True
+        )
+
+        def eval_batches():
+            return make_loader(
+                valid_ds,
+                num_workers=min(1, cfg.data.num_workers),
+                prefetch_factor=cfg.data.prefetch_factor,
+                num_micro_batches=valid_ds.eval_micro_batches(),
+            )
+
+    def data_state(consumed: int) -> dict:
+        return {
+            "consumed_samples": int(consumed),
+            "seed": seed,
+            "fingerprint": pre.data_fingerprint,
+            "seq_len": cfg.finetune.seq_len,
+            "epoch": consumed / train_set.num_rows,
+        }
+
+    def write_extras(directory: Path) -> None:
+        """The task model's HF config and the tokenizer ride along, as in pretraining checkpoints."""
+        pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
+        pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+
+    return TrainingParts(
+        model=model,
+        objective=objective,
+        objective_name=cfg.finetune.task,
+        seq_len=cfg.finetune.seq_len,
+        train_batches=train_batches,
+        data_state=data_state,
+        write_extras=write_extras,
+        eval_batches=eval_batches,
+        describe_sample=lambda source, shard, row: train_set.describe(row),
+        extra_state={"finetune": pre.finetune_state(cfg)},
+    )
+
+
+def _save_adapters(model, out_dir: Path) -> None:
+    """LoRA adapters in peft format, gathered from ZeRO-3 partitions (collective: every rank calls it)."""
+    from ds_train.convert.lora import save_lora_adapters
+
+    save_lora_adapters(model, out_dir)
+
+
+def _export(cfg: Config, pre: FinetunePreflight, state, splits, trainer, report: EvalReport) -> None:
+    """Rank 0: the merged HF directory, the training chat template, and the model card."""
+    f = cfg.finetune
+    out = Path(cfg.run.output_dir) / HF_DIR
+    if pre.chat is not None:
+        pre.tokenizer.chat_template = pre.chat.export_template()
+    model = save_merged_model(state, f, pre.hf_config, pre.tokenizer, out)
+    card = render_model_card(
+        name=f"{cfg.run.name or Path(cfg.run.output_dir).name}",
+        task=f.task,
+        architecture=type(model).__name__,
+        num_params=sum(p.numel() for p in model.parameters()),
+        base_model="a fresh model from " + str(cfg.model.config)
+        if pre.source is None
+        else pre.source.describe(),
+        adapter=pre.finetune_state(cfg)["adapter"],
+        data={split: s.meta for split, s in splits.items()},
+        train={
+            "steps": trainer.step,
+            "global_batch_size": pre.layout.global_batch_size,
+            "world_size": pre.launch.world_size,
+            "lr": cfg.train.lr,
+            "schedule": cfg.train.schedule,
+            "precision": resolve_precision(cfg.train.precision),
+            "zero_stage": cfg.zero.stage,
+        },
+        config_yaml=dump_yaml(cfg),
+        final_train=trainer.last_record,
+        final_eval=report.last_eval,
+    )
+    write_model_card(out, card)

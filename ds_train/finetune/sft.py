@@ -1,0 +1,39 @@
+"""Supervised fine-tuning objective: next-token loss on response tokens only.
+
+Rows come from packing.py: `tokens`, `targets` (is this token a loss target) and `positions`
+(restarting at each example). Input = row[:-1], label = row[1:] where targeted, else ignored.
+The loss is pretraining's causal-LM loss on those labels, summed, with the number of response
+tokens as `num_targets` (the trainer divides by the global count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ds_train.objectives.base import IGNORE_INDEX
+from ds_train.objectives.causal_lm import CausalLM
+
+
+@dataclass
+class SupervisedFineTuning:
+    name: str = "sft"
+
+    def collate(self, arrays: dict[str, np.ndarray], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        tokens = torch.from_numpy(arrays["tokens"].astype(np.int64))
+        targets = torch.from_numpy(arrays["targets"].astype(bool))
+        positions = torch.from_numpy(arrays["positions"].astype(np.int64))
+        labels = torch.where(targets[:, 1:], tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE_INDEX))
+        return {
+            "input_ids": tokens[:, :-1].contiguous(),
+            "labels": labels.contiguous(),
+            "position_ids": positions[:, :-1].contiguous(),
+            "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
+            "num_targets": (labels != IGNORE_INDEX).sum().to(torch.float32),
+        }
+
+    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # the same forward and summed cross-entropy as causal-LM pretraining
+        return CausalLM(eos_id=None).loss_sum(model, batch)

@@ -1,0 +1,156 @@
+"""The wiring pretraining and fine-tuning share once model, objective and data exist: the DeepSpeed
+engine, checkpoints and resume, the start-up summary, the checkpoint state and the Trainer.
+
+What differs between the two (which model, which data, what a checkpoint must also record) comes
+in as `TrainingParts`; everything here is the same code path for both, so resume, metrics,
+progress and preemption behave identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ds_train import __version__
+from ds_train.checkpoint.compat import fingerprint, model_signature
+from ds_train.checkpoint.manager import CheckpointManager
+from ds_train.config import Config, dump_yaml
+from ds_train.data.shard_format import tokenizer_fingerprint
+from ds_train.distributed.deepspeed_config import resolve_precision
+from ds_train.distributed.engine import DistributedContext, build_engine
+from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
+from ds_train.train.callbacks.base import Callback
+from ds_train.train.schedule import lr_multiplier
+from ds_train.train.trainer import Trainer, TrainerSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingParts:
+    model: torch.nn.Module
+    objective: Any
+    objective_name: str  # recorded in checkpoints; resuming with another is refused
+    seq_len: int
+    train_batches: Callable[[int], Iterable[dict]]  # start step → this rank's micro-batches
+    data_state: Callable[[int], dict]  # consumed samples → the data position saved in checkpoints
+    write_extras: Callable[[Path], None]  # files riding along in each checkpoint (rank 0)
+    eval_batches: Callable[[], Iterable[dict]] | None = None
+    describe_sample: Callable[[int, int, int], str] | None = None
+    extra_state: dict = field(default_factory=dict)  # more keys for ds_train_state.json
+
+
+def build_trainer(
+    cfg: Config,
+    ctx: DistributedContext,
+    pre: Any,  # train.pretrain.Preflight (launch, layout, tokenizer, hf_config, resume_from)
+    parts: TrainingParts,
+    ds_config: dict,
+    callbacks: list[Callback],
+) -> Trainer:
+    """Engine + checkpoints (+ resume) + Trainer; returns the Trainer ready to `fit()`."""
+    model = parts.model
+    n_params, n_embed = count_params(model)
+    fpt = flops_per_token(model, parts.seq_len)
+    engine = build_engine(
+        model,
+        param_groups(model, cfg.train.weight_decay),
+        ds_config,
+        lr_multiplier(
+            cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+        ),
+    )
+    checkpoints = CheckpointManager(cfg.run.output_dir, ctx, cfg.train.keep_last)
+    start_step = 0
+    if pre.resume_from is not None:
+        start_step = checkpoints.load(engine, pre.resume_from)["step"]
+    precision = resolve_precision(cfg.train.precision)
+    if ctx.is_main:
+        log.info(
+            "ds_train %s | %s launch, %d rank(s) | %s params (%s non-embedding) | ZeRO-%d %s | "
+            "global batch %d = %d micro × %d accum × %d ranks | seq_len %d | %s",
+            __version__,
+            pre.launch.launcher,
+            ctx.world_size,
+            f"{n_params:,}",
+            f"{n_params - n_embed:,}",
+            cfg.zero.stage,
+            precision,
+            pre.layout.global_batch_size,
+            pre.layout.micro_batch_size,
+            pre.layout.grad_accum,
+            ctx.world_size,
+            parts.seq_len,
+            f"resuming at step {start_step}" if start_step else "fresh start",
+        )
+
+    model_sig = model_signature(pre.hf_config)
+    tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
+    trainer: Trainer | None = None
+
+    def state_fn(step: int) -> dict:
+        consumed = step * pre.layout.global_batch_size
+        return {
+            "consumed_samples": consumed,
+            "data": parts.data_state(consumed),
+            "model_config": model_sig,
+            "model_fingerprint": fingerprint(model_sig),
+            "tokenizer_sha256": tok_sha,
+            "objective": parts.objective_name,
+            "zero_stage": cfg.zero.stage,
+            "precision": precision,
+            "global_batch_size": pre.layout.global_batch_size,
+            "seed": cfg.run.seed,
+            "ds_train_version": __version__,
+            "metrics": trainer.last_record,
+            **parts.extra_state,
+        }
+
+    settings = TrainerSettings(
+        max_steps=cfg.train.max_steps,
+        log_every=cfg.train.log_every,
+        save_every=cfg.train.save_every,
+        eval_every=cfg.train.eval_every,
+        eval_steps=cfg.train.eval_steps,
+        seq_len=parts.seq_len,
+        flops_per_token=fpt,
+        peak_flops=cfg.train.peak_flops or device_peak_flops(precision),
+        nonfinite=cfg.train.nonfinite,
+        max_nonfinite=cfg.train.max_nonfinite,
+    )
+    trainer = Trainer(
+        settings=settings,
+        ctx=ctx,
+        engine=engine,
+        objective=parts.objective,
+        layout=pre.layout,
+        train_batches=parts.train_batches(start_step),
+        checkpoints=checkpoints,
+        state_fn=state_fn,
+        config_yaml=dump_yaml(cfg),
+        start_step=start_step,
+        write_extras=parts.write_extras,
+        eval_batches=parts.eval_batches,
+        describe_sample=parts.describe_sample,
+        callbacks=callbacks,
+    )
+    return trainer
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)
+        (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
