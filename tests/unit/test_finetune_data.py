@@ -1,0 +1,207 @@
+"""Fine-tuning data: validation with file:line errors, the hash split, class names, the tokenized
+splits on disk, and micro-batches with pretraining's global-step semantics."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ds_train.config.schema import FinetuneSection
+from ds_train.data.shard_set import DataError
+from ds_train.distributed.deepspeed_config import BatchLayout
+from ds_train.finetune.batches import ExampleBatches
+from ds_train.finetune.classification import SequenceClassification
+from ds_train.finetune.dataset import ExampleSet, data_fingerprint, prepare_splits
+from ds_train.finetune.records import check_examples, label_id, split_specs
+from ds_train.objectives.base import IGNORE_INDEX
+from tests.helpers import TOKENIZER
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def _texts(n, labels=("a", "b", "c")):
+    return [
+        {"text": f"example number {i} " + "word " * (i % 7), "label": labels[i % len(labels)]}
+        for i in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(TOKENIZER))
+
+
+@pytest.mark.parametrize(
+    ("rows", "task", "expected"),
+    [
+        (
+            ['{"text": "ok", "label": "a"}', '{"text": broken'],
+            "classification",
+            "data.jsonl:2: not valid JSON",
+        ),
+        (
+            [{"text": "ok", "label": "a"}, {"label": "b"}],
+            "classification",
+            "data.jsonl:2: field 'text' must be a string, got nothing (missing)",
+        ),
+        (
+            [{"text": "ok", "label": "a"}, {"text": "x", "label": 1.5}],
+            "classification",
+            "data.jsonl:2: field 'label' must be a string or an integer",
+        ),
+        (
+            [{"text": "ok", "label": "a"}, {"text": "x", "label": 1}],
+            "classification",
+            "mixes strings and integers",
+        ),
+        ([{"text": "only one class", "label": "a"}], "classification", "at least 2 classes"),
+        ([{"prompt": "p"}], "sft", "data.jsonl:1: no 'messages' and no 'response' field"),
+        (
+            [{"messages": [{"role": "robot", "content": "x"}]}],
+            "sft",
+            "'messages[0]' must be {role: system|user|assistant",
+        ),
+        (["[1, 2]"], "masked_lm", "data.jsonl:1: expected a JSON object, got list"),
+    ],
+)
+def test_bad_examples_name_file_and_line(tmp_path, rows, task, expected):
+    section = FinetuneSection(task=task, train_file=_jsonl(tmp_path / "data.jsonl", rows))
+    with pytest.raises(DataError) as e:
+        check_examples(section, split_specs(section))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+def test_valid_labels_must_be_train_classes(tmp_path):
+    section = FinetuneSection(
+        task="classification",
+        train_file=_jsonl(tmp_path / "t.jsonl", _texts(6)),
+        valid_file=_jsonl(tmp_path / "v.jsonl", [{"text": "x", "label": "zebra"}]),
+    )
+    with pytest.raises(DataError, match="label 'zebra' is not one of the classes"):
+        check_examples(section, split_specs(section))
+
+
+def test_class_names_sorted_or_configured_and_integer_ids(tmp_path):
+    section = FinetuneSection(
+        task="classification", train_file=_jsonl(tmp_path / "t.jsonl", _texts(6, ("b", "a")))
+    )
+    assert check_examples(section, split_specs(section)) == ["a", "b"]
+    section.labels = ["b", "a"]
+    assert check_examples(section, split_specs(section)) == ["b", "a"]
+    assert label_id(1, ["neg", "pos"]) == 1 and label_id("pos", ["neg", "pos"]) == 1
+    assert label_id(3, ["0", "3", "7"]) == 1  # integer labels named by themselves
+
+
+def test_valid_fraction_split_is_disjoint_and_stable(tmp_path):
+    path = _jsonl(tmp_path / "t.jsonl", _texts(200))
+    section = FinetuneSection(task="classification", train_file=path, valid_fraction=0.2)
+    specs = split_specs(section)
+    train = [e.line for e in specs["train"].examples()]
+    valid = [e.line for e in specs["valid"].examples()]
+    assert sorted(train + valid) == list(range(1, 201)) and 20 <= len(valid) <= 60
+    assert valid == [e.line for e in split_specs(section)["valid"].examples()]
+
+
+def test_fingerprint_covers_data_and_options(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "t.jsonl", _texts(20))
+    section = FinetuneSection(task="classification", train_file=path, seq_len=32)
+
+    def fp(s):
+        return data_fingerprint(
+            s, split_specs(s), tokenizer_sha256="t", chat=None, class_names=["a", "b", "c"]
+        )
+
+    base = fp(section)
+    assert fp(FinetuneSection(task="classification", train_file=path, seq_len=32)) == base
+    assert fp(FinetuneSection(task="classification", train_file=path, seq_len=64)) != base
+    _jsonl(tmp_path / "t.jsonl", _texts(21))
+    assert fp(section) != base
+
+
+def _prepared(tmp_path, tokenizer, n=23):
+    section = FinetuneSection(
+        task="classification",
+        train_file=_jsonl(tmp_path / "t.jsonl", _texts(n)),
+        valid_file=_jsonl(tmp_path / "v.jsonl", _texts(11)),
+        seq_len=16,
+    )
+    specs = split_specs(section)
+    names = check_examples(section, specs)
+    fp = data_fingerprint(section, specs, tokenizer_sha256="t", chat=None, class_names=names)
+    splits = prepare_splits(
+        tmp_path / "run",
+        section,
+        specs,
+        tokenizer,
+        chat=None,
+        class_names=names,
+        fingerprint=fp,
+        is_main=True,
+    )
+    return section, names, splits
+
+
+def test_prepared_split_on_disk_is_reused_and_describes_rows(tmp_path, tokenizer):
+    _, names, splits = _prepared(tmp_path, tokenizer)
+    train = splits["train"]
+    assert train.num_rows == 23 and train.meta["class_names"] == names
+    rows = train.read(np.array([0, 5]))
+    assert rows["tokens"].shape == (2, 16) and rows["labels"].tolist() == [0, 2]
+    assert train.describe(5).startswith(str(tmp_path / "t.jsonl") + ":6")
+    mtime = (train.directory / "tokens.npy").stat().st_mtime_ns
+    _prepared(tmp_path, tokenizer)  # same fingerprint: not rebuilt
+    assert (train.directory / "tokens.npy").stat().st_mtime_ns == mtime
+    assert ExampleSet.open(train.directory).fingerprint == train.fingerprint
+
+
+def _global_batches(examples, world, micro, steps, collate):
+    """Rows of each global batch, as a world of `world` ranks would read them."""
+    layout = BatchLayout(
+        global_batch_size=8, micro_batch_size=micro, grad_accum=8 // (micro * world), data_parallel_size=world
+    )
+    out = []
+    for step in range(steps):
+        rows = []
+        for rank in range(world):
+            ds = ExampleBatches(examples, layout, rank, collate, seed=3, start_step=step)
+            for k in range(layout.grad_accum):
+                batch = ds[k]
+                assert int(batch["step"]) == step
+                rows += batch["row"].tolist()
+        out.append(sorted(rows))
+    return out
+
+
+def test_training_order_is_independent_of_world_size_and_resume(tmp_path, tokenizer):
+    _, names, splits = _prepared(tmp_path, tokenizer)
+    collate = SequenceClassification(names).collate
+    one = _global_batches(splits["train"], world=1, micro=2, steps=6, collate=collate)
+    two = _global_batches(splits["train"], world=2, micro=2, steps=6, collate=collate)
+    four = _global_batches(splits["train"], world=4, micro=1, steps=6, collate=collate)
+    assert one == two == four
+    assert len(set(r for batch in one[:2] for r in batch)) == 16  # no row twice within an epoch
+
+
+def test_evaluation_covers_each_example_once_across_ranks(tmp_path, tokenizer):
+    _, names, splits = _prepared(tmp_path, tokenizer)
+    objective = SequenceClassification(names)
+    layout = BatchLayout(global_batch_size=8, micro_batch_size=2, grad_accum=2, data_parallel_size=2)
+    seen = []
+    counts = []
+    for rank in range(2):
+        ds = ExampleBatches(splits["valid"], layout, rank, objective.collate, seed=3, evaluation=True)
+        counts.append(ds.eval_micro_batches())
+        for k in range(ds.eval_micro_batches()):
+            batch = ds[k]
+            kept = batch["labels"] != IGNORE_INDEX
+            seen += batch["row"][kept].tolist()
+            assert int(batch["num_targets"]) == int(kept.sum())
+    assert counts[0] == counts[1] == 4  # ceil(11 / 8) global batches × 2 micro-batches, on every rank
+    assert sorted(seen) == list(range(11))
