@@ -135,8 +135,10 @@ def _usage(task: str) -> list[str]:
     elif task == "sft":
         lines += [
             'messages = [{"role": "user", "content": "..."}]',
-            'ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")',
-            "print(tokenizer.decode(model.generate(ids, max_new_tokens=64)[0]))",
+            "inputs = tokenizer.apply_chat_template(",
+            '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True',
+            ")",
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0]))",
         ]
     return lines
 

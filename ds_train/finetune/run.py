@@ -9,6 +9,7 @@ adapters, and evaluation metrics.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -63,6 +64,17 @@ def build_objective(cfg: Config, pre: FinetunePreflight):
         return SequenceClassification(pre.class_names)
     # continued pretraining: pretraining's masked-LM objective, unchanged
     return MaskedLM.from_tokenizer(pre.tokenizer, seed=cfg.run.seed, probability=cfg.data.mlm_probability)
+
+
+def collate_fn(objective):
+    """Arrays of a split's rows → batch. Pretraining's objectives take the token rows alone."""
+    if isinstance(objective, MaskedLM):
+        return functools.partial(_collate_token_rows, objective)
+    return objective.collate
+
+
+def _collate_token_rows(objective, arrays: dict, sample_ids):
+    return objective.collate(arrays["tokens"], sample_ids)
 
 
 def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_callbacks) -> int:
@@ -130,21 +142,17 @@ def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_cal
 
 def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> TrainingParts:
     train_set = splits["train"]
-    layout, seed = pre.layout, cfg.run.seed
+    layout, seed, collate = pre.layout, cfg.run.seed, collate_fn(objective)
 
     def train_batches(start_step: int):
-        dataset = ExampleBatches(
-            train_set, layout, ctx.rank, objective.collate, seed=seed, start_step=start_step
-        )
+        dataset = ExampleBatches(train_set, layout, ctx.rank, collate, seed=seed, start_step=start_step)
         return make_loader(
             dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
         )
 
     eval_batches = None
     if "valid" in splits:
-        valid_ds = ExampleBatches(
-            splits["valid"], layout, ctx.rank, objective.collate, seed=seed, evaluation=True
-        )
+        valid_ds = ExampleBatches(splits["valid"], layout, ctx.rank, collate, seed=seed, evaluation=True)
 
         def eval_batches():
             return make_loader(
