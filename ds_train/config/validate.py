@@ -151,6 +151,10 @@ def validate_finetune(cfg: Config) -> None:
     if f.labels and f.task != "classification":
         raise ConfigError(f"finetune.labels only applies to task classification (task is {f.task})")
     if f.adapter == "lora":
+        if cfg.model.init_from is None:
+            raise ConfigError(
+                "finetune.adapter=lora needs a trained base model in 'model.init_from' (LoRA freezes it)"
+            )
         if f.lora_r <= 0:
             raise ConfigError(f"finetune.lora_r must be > 0, got {f.lora_r}")
         if f.lora_alpha <= 0:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
+from ds_train.checkpoint.compat import check_resume, model_signature
 from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
 from ds_train.config import Config, ConfigError, validate
 from ds_train.config.validate import validate_finetune
@@ -137,13 +137,18 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
             f"reshard it first with `ds-train convert reshard {ref.path} <new_run_dir>/checkpoints "
             f"--world-size {pre.launch.world_size}`"
         )
-    check_data_resume(
-        state,
-        where=str(ref.path),
-        fingerprint_now=pre.data_fingerprint,
-        seq_len=cfg.finetune.seq_len,
-        seed=cfg.run.seed,
-    )
+    data = state.get("data") or {}
+    if data.get("seed") not in (None, cfg.run.seed):
+        raise ConfigError(
+            f"{ref.path} was trained with run.seed={data['seed']} (now {cfg.run.seed}), which fixes the "
+            "example order; resuming would not continue the same stream"
+        )
+    if data.get("fingerprint") not in (None, pre.data_fingerprint):
+        raise ConfigError(
+            f"{ref.path} was trained on other data: the contents of finetune.train_file/valid_file, the "
+            "tokenizer or an option that shapes the examples (seq_len, packing, fields, template, labels) "
+            "changed; restore them or start a new run.output_dir"
+        )
     return ref
 
 

@@ -1,0 +1,139 @@
+"""`ds-train finetune` bad input: one-line errors from the preflight, before anything starts or is
+written, and refusal to resume a run directory trained with another task setup."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ds_train.config import ConfigError, from_dict
+from ds_train.data.shard_set import DataError
+from ds_train.finetune.preflight import preflight
+from tests.helpers import MICRO_LLAMA, TOKENIZER, run_cli, write_config
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face directory with the stdlib tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("hf")
+    raw = json.loads(MICRO_LLAMA.read_text())
+    config = AutoConfig.for_model(raw.pop("model_type"), vocab_size=4096, **raw)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(out)
+    return out
+
+
+def _config(tmp_path, hf_dir, **finetune):
+    data = tmp_path / "train.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"text {i}", "label": "ab"[i % 2], "prompt": "p", "response": "r"}) + "\n"
+            for i in range(8)
+        )
+    )
+    raw = {
+        "run": {"output_dir": str(tmp_path / "run"), "tensorboard": False},
+        "model": {"init_from": str(hf_dir)},
+        "finetune": {"task": "classification", "train_file": str(data), **finetune},
+        "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2},
+    }
+    return raw
+
+
+def _check(raw):
+    cfg = from_dict(raw)
+    return preflight(cfg)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"finetune": {"train_file": None}}, "missing required key 'finetune.train_file'"),
+        ({"finetune": {"train_file": "/nonexistent/x.jsonl"}}, "finetune.train_file: file not found"),
+        ({"finetune": {"train_file": "{tmp}/notes.txt"}}, "is not a JSON-lines file"),
+        (
+            {"data": {"train": "/some/shards"}},
+            "not data.train; continued masked-LM pretraining on shards is `ds-train pretrain`",
+        ),
+        ({"model": {"init_from": "{tmp}"}}, "is neither a Hugging Face model directory"),
+        ({"model": {"init_from": "/nonexistent/model"}}, "model.init_from: not found"),
+        ({"finetune": {"chat_template": "tokenizer", "task": "sft"}}, "the tokenizer has no chat template"),
+        ({"finetune": {"task": "masked_lm"}}, "needs a tokenizer with a mask token"),
+        ({"finetune": {"adapter": "lora", "lora_r": 0}}, "finetune.lora_r must be > 0"),
+        ({"finetune": {"adapter": "lora", "lora_target_modules": 5}}, "finetune.lora_target_modules must be"),
+        ({"finetune": {"labels": ["a", "a"]}}, "finetune.labels has duplicates"),
+        ({"finetune": {"labels": ["x", "y"], "task": "sft"}}, "only applies to task classification"),
+        ({"finetune": {"labels": ["x", "y"]}}, "label 'a' is not one of the classes ['x', 'y']"),
+        ({"finetune": {"valid_fraction": 1.5}}, "finetune.valid_fraction must be within [0, 1)"),
+        ({"finetune": {"seq_len": 2}}, "finetune.seq_len must be ≥ 8"),
+        ({"train": {"global_batch_size": 5}}, "not a multiple of train.micro_batch_size"),
+    ],
+)
+def test_bad_finetune_input_is_one_line(tmp_path, hf_dir, change, expected):
+    (tmp_path / "notes.txt").write_text("x")
+    raw = _config(tmp_path, hf_dir)
+    for section, values in change.items():
+        for key, value in values.items():
+            raw.setdefault(section, {})[key] = (
+                value.replace("{tmp}", str(tmp_path)) if isinstance(value, str) else value
+            )
+    with pytest.raises((ConfigError, DataError)) as e:
+        _check(raw)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists(), "the preflight must not write anything"
+
+
+def test_lora_needs_a_base_model(tmp_path, hf_dir):
+    raw = _config(tmp_path, hf_dir, adapter="lora")
+    raw["model"] = {"config": str(MICRO_LLAMA), "tokenizer": str(TOKENIZER)}
+    with pytest.raises(ConfigError, match="finetune.adapter=lora needs a trained base model"):
+        _check(raw)
+
+
+def test_preflight_reads_a_good_config(tmp_path, hf_dir):
+    pre = _check(_config(tmp_path, hf_dir))
+    assert pre.class_names == ["a", "b"] and pre.hf_config.num_labels == 2
+    assert pre.hf_config.id2label == {0: "a", 1: "b"} and pre.resume_from is None
+
+
+def _fake_checkpoint(run_dir, state):
+    ckpt = run_dir / "checkpoints" / "step_00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "ds_train_state.json").write_text(json.dumps({"step": 2, **state}))
+    (run_dir / "checkpoints" / "latest").write_text("step_00000002")
+
+
+def test_resume_refuses_another_task_setup(tmp_path, hf_dir):
+    raw = _config(tmp_path, hf_dir)
+    _fake_checkpoint(tmp_path / "run", {"finetune": {"class_names": ["neg", "pos"]}, "world_size": 1})
+    with pytest.raises(ConfigError, match="trained with finetune class_names \\['neg', 'pos'\\]"):
+        _check(raw)
+
+
+def test_resume_refuses_changed_data(tmp_path, hf_dir):
+    raw = _config(tmp_path, hf_dir)
+    _fake_checkpoint(
+        tmp_path / "run", {"world_size": 1, "data": {"fingerprint": "0" * 64, "seq_len": 512, "seed": 1234}}
+    )
+    with pytest.raises(ConfigError, match="was trained on other data: the contents of finetune.train_file"):
+        _check(raw)
+
+
+def test_cli_check_and_exit_status(tmp_path, hf_dir):
+    good = write_config(tmp_path / "good.yaml", _config(tmp_path, hf_dir))
+    out = run_cli(["finetune", good, "--check"])
+    assert (
+        out.stdout.startswith("ok: task classification | 4 = 2 micro × 2 accum × 1 ranks")
+        and "classes ['a', 'b']" in out.stdout
+    )
+    bad = run_cli(["finetune", good, "finetune.task=sft", "finetune.chat_template=tokenizer"], check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "ds-train: error: finetune.chat_template=tokenizer but the tokenizer has no chat template "
+        "(use auto or plain, or add chat_template to tokenizer_config.json)"
+    ]
