@@ -1,4 +1,9 @@
-"""`ds-train shard INPUT… --output DIR --tokenizer DIR --seq-len N` — corpus → webdataset shards."""
+"""`ds-train shard INPUT… --output DIR --tokenizer DIR --seq-len N` — corpus → webdataset shards.
+
+Local: `--workers K` tokenizes and writes with K processes. Slurm array: every task runs the same
+command with `--task-index i --num-tasks n` (tokenize only), then one `ds-train shard --merge
+--output DIR` writes the shards and manifests (see sharding/). The output is the same either way.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +26,15 @@ def register(sub) -> None:
         description="Tokenize and pack text corpora into webdataset tar shards with a manifest.",
     )
     p.add_argument(
-        "inputs", nargs="+", help="corpus files (.jsonl/.txt/.json/.parquet/.csv, optionally .gz/.zst)"
+        "inputs",
+        nargs="*",
+        help="corpus files, directories or globs (.jsonl/.txt/.json/.parquet/.csv/.arrow, optionally "
+        ".gz/.zst/.bz2/.xz; a save_to_disk directory; http(s)/s3 URLs)",
     )
     p.add_argument("--output", required=True, help="output directory (gets train/ and valid/ shard sets)")
-    p.add_argument("--tokenizer", required=True, help="local tokenizer directory")
-    p.add_argument(
-        "--seq-len", type=int, required=True, help="tokens per training sequence (rows hold seq_len + 1)"
-    )
-    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--tokenizer", help="local tokenizer directory")
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence (rows hold seq_len + 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (tokenizing and writing)")
     p.add_argument(
         "--valid-fraction", type=float, default=0.0, help="fraction of documents held out for validation"
     )
@@ -39,28 +45,70 @@ def register(sub) -> None:
     p.add_argument(
         "--rows-per-shard", type=int, default=None, help="exact rows per shard (overrides --shard-size)"
     )
+    p.add_argument(
+        "--piece-size",
+        type=parse_size,
+        default=None,
+        help="bytes of input per unit of parallel work (default 16MB; does not change the output)",
+    )
+    p.add_argument("--task-index", type=int, default=None, help="Slurm array mode: this task's index")
+    p.add_argument("--num-tasks", type=int, default=None, help="Slurm array mode: number of tasks")
+    p.add_argument("--merge", action="store_true", help="write shards + manifests from finished tasks")
+    p.add_argument("--keep-work", action="store_true", help="keep the tokenized pieces after the merge")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from ds_train.config.loader import ConfigError
+    from ds_train.data.corpus_pieces import CorpusError
+    from ds_train.data.sharding import merge_shards
+
+    if args.workers < 1:
+        raise ConfigError("--workers must be ≥ 1")
+    try:
+        if args.merge:
+            if args.inputs:
+                raise ConfigError("--merge takes no inputs: it reads the plan the tasks left in --output")
+            manifests = merge_shards(
+                args.output, workers=args.workers, progress=not args.no_progress, keep_work=args.keep_work
+            )
+        else:
+            manifests = _tokenize(args)
+            if manifests is None:
+                return 0
+    except CorpusError as e:
+        raise ConfigError(str(e)) from None
+    for split, m in manifests.items():
+        print(
+            f"{split}: {len(m['shards'])} shards, {m['total_rows']:,} rows, {m['total_tokens']:,} tokens, "
+            f"{m['total_documents']:,} documents -> {args.output}/{split}"
+        )
+    return 0
+
+
+def _tokenize(args: argparse.Namespace) -> dict | None:
+    """Both phases, or (array mode) this task's share of phase 1; None when the merge is left to do."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
 
     from ds_train.config.loader import ConfigError
-    from ds_train.data.corpus_reader import CorpusError
-    from ds_train.data.sharding import ShardOptions, document_separator, shard_corpus
+    from ds_train.data.sharding import ShardOptions, prepare_plan, shard_corpus, tokenize_task
 
+    if not args.inputs:
+        raise ConfigError("no inputs: give corpus files (or --merge after an array job)")
+    if args.tokenizer is None or args.seq_len is None:
+        raise ConfigError("--tokenizer and --seq-len are required")
     if args.seq_len < 2:
         raise ConfigError("--seq-len must be ≥ 2")
     if not 0 <= args.valid_fraction < 1:
         raise ConfigError("--valid-fraction must be within [0, 1)")
+    if (args.task_index is None) != (args.num_tasks is None):
+        raise ConfigError("--task-index and --num-tasks go together")
     if not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer: directory not found: {args.tokenizer}")
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer, local_files_only=True)
-    if document_separator(tokenizer) is None:
-        raise ConfigError(f"--tokenizer {args.tokenizer} has no EOS or SEP token to separate documents")
     opts = ShardOptions(
         seq_len=args.seq_len,
         valid_fraction=args.valid_fraction,
@@ -68,14 +116,26 @@ def main(args: argparse.Namespace) -> int:
         shard_bytes=args.shard_size,
         rows_per_shard=args.rows_per_shard,
         progress=not args.no_progress,
+        workers=args.workers,
+        keep_work=args.keep_work,
     )
-    try:
-        manifests = shard_corpus(args.inputs, args.output, tokenizer, opts)
-    except CorpusError as e:
-        raise ConfigError(str(e)) from None
-    for split, m in manifests.items():
-        print(
-            f"{split}: {len(m['shards'])} shards, {m['total_rows']:,} rows, {m['total_tokens']:,} tokens, "
-            f"{m['total_documents']:,} documents -> {Path(args.output) / split}"
-        )
-    return 0
+    if args.piece_size:
+        opts.piece_bytes = args.piece_size
+    if args.task_index is None:
+        return shard_corpus(args.inputs, args.output, tokenizer, opts)
+    plan = prepare_plan(args.inputs, args.output, tokenizer, opts)
+    done = tokenize_task(
+        plan,
+        args.output,
+        tokenizer,
+        workers=args.workers,
+        task_index=args.task_index,
+        num_tasks=args.num_tasks,
+        progress=opts.progress,
+    )
+    print(
+        f"task {args.task_index}/{args.num_tasks}: tokenized {done['pieces']} pieces "
+        f"({done['documents']:,} documents, {done['tokens']:,} tokens); when every task is done run "
+        f"`ds-train shard --merge --output {args.output}`"
+    )
+    return None

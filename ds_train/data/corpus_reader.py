@@ -1,10 +1,17 @@
-"""Stream documents out of raw corpus files without loading a file into memory.
+"""Stream the documents of one input piece (see corpus_pieces.py) without loading a file into memory.
 
 - `.jsonl` / `.ndjson`: one JSON object per line, text in `text_field`
 - `.txt`: one document per line (blank lines skipped)
-- `.json`, `.parquet`, `.csv`, `.arrow`: through `datasets` in streaming mode
-- any of the above compressed as `.gz`, `.bz2`, `.xz` or `.zst`
-- remote inputs (`http(s)://`, `s3://`) through fsspec when it is installed
+- `.parquet`: the `text_field` column, a run of row groups at a time (pyarrow)
+- `.json`, `.csv`, `.arrow`: through `datasets` in streaming mode
+- a directory written by `datasets`' save_to_disk: a range of rows (memory-mapped arrow)
+- any file format compressed as `.gz`, `.bz2`, `.xz` or `.zst`
+- remote inputs (`http(s)://`, `s3://`, any fsspec URL) streamed, never downloaded whole
+
+Empty and null texts are skipped: they would only add an EOS token to the stream.
+
+A line file is sliced by byte range the way Hadoop splits text: a piece owns the lines whose first
+byte lies in its range, so every line belongs to exactly one piece whatever the slicing.
 """
 
 from __future__ import annotations
@@ -15,92 +22,146 @@ import io
 import json
 import lzma
 from collections.abc import Iterator
-from pathlib import Path
 
-COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
-LINE_FORMATS = {".jsonl", ".ndjson", ".txt"}
-DATASETS_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+from ds_train.data.corpus_pieces import (
+    DATASETS_FORMATS,
+    CorpusError,
+    Piece,
+    formats_of,
+    is_remote,
+    plan_pieces,
+)
 
+__all__ = ["CorpusError", "iter_documents", "iter_piece_documents"]
 
-class CorpusError(ValueError):
-    pass
-
-
-def formats_of(path: str) -> tuple[str, str | None]:
-    """(format suffix, compression suffix or None) of an input path."""
-    suffixes = [s.lower() for s in Path(path.split("?")[0]).suffixes]
-    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
-    fmt = suffixes[-1] if suffixes else ""
-    if fmt not in LINE_FORMATS and fmt not in DATASETS_FORMATS:
-        raise CorpusError(
-            f"{path}: unsupported input format '{fmt or '(none)'}' "
-            f"(use .jsonl, .txt, .json, .parquet, .csv, .arrow, optionally .gz/.zst/.bz2/.xz)"
-        )
-    return fmt, compression
+READ_BUFFER = 1 << 20
+RECORD_BATCH = 1024
 
 
 def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
-    fmt, compression = formats_of(path)
-    if fmt in LINE_FORMATS:
-        with _open_text(path, compression) as fh:
-            for lineno, line in enumerate(fh, 1):
-                if fmt == ".txt":
-                    if line.strip():
-                        yield line.rstrip("\n")
-                    continue
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise CorpusError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                yield _text_of(record, text_field, f"{path}:{lineno}")
-        return
-    yield from _iter_with_datasets(path, DATASETS_FORMATS[fmt], compression, text_field)
+    """Every document of one input file (or saved dataset directory), in order."""
+    for piece in plan_pieces([path]):
+        yield from iter_piece_documents(piece, text_field)
 
 
-def _text_of(record, field: str, where: str) -> str:
+def iter_piece_documents(piece: Piece, text_field: str = "text") -> Iterator[str]:
+    if piece.kind == "lines":
+        yield from _iter_lines(piece, text_field)
+    elif piece.kind == "parquet":
+        yield from _iter_parquet(piece, text_field)
+    elif piece.kind == "saved":
+        yield from _iter_saved(piece, text_field)
+    else:
+        fmt, _ = formats_of(piece.path)
+        yield from _iter_with_datasets(piece.path, DATASETS_FORMATS[fmt], text_field)
+
+
+def _iter_lines(piece: Piece, text_field: str) -> Iterator[str]:
+    fmt, compression = formats_of(piece.path)
+    is_txt = fmt == ".txt"
+    with _open_binary(piece.path, compression) as fh:
+        pos = 0
+        if piece.start > 0:
+            # the line holding byte start-1 belongs to the previous piece (it started there)
+            fh.seek(piece.start - 1)
+            pos = piece.start - 1 + len(fh.readline())
+        stop = piece.stop if piece.stop >= 0 else float("inf")
+        while pos < stop:
+            line = fh.readline()
+            if not line:
+                break
+            where = pos
+            pos += len(line)
+            if is_txt:
+                text = line.rstrip(b"\r\n").decode("utf-8", "replace")
+                if text.strip():
+                    yield text
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                msg = getattr(e, "msg", str(e))
+                raise CorpusError(f"{piece.path}: line at byte {where}: not valid JSON ({msg})") from None
+            text = _text_of(record, text_field, f"{piece.path}: line at byte {where}")
+            if text:
+                yield text
+
+
+def _text_of(record, field: str, where: str) -> str | None:
     if not isinstance(record, dict) or field not in record:
         keys = list(record)[:8] if isinstance(record, dict) else type(record).__name__
         raise CorpusError(f"{where}: no '{field}' field (found {keys}); pass --text-field")
     value = record[field]
-    if not isinstance(value, str):
+    if value is not None and not isinstance(value, str):
         raise CorpusError(f"{where}: field '{field}' is {type(value).__name__}, not text")
     return value
 
 
-def _open_text(path: str, compression: str | None) -> io.TextIOBase:
-    raw = _open_binary(path)
+def _open_binary(path: str, compression: str | None):
+    if is_remote(path):
+        from ds_train.data.remote import open_stream
+
+        raw = open_stream(path)
+    else:
+        try:
+            raw = open(path.removeprefix("file://"), "rb", buffering=READ_BUFFER)
+        except FileNotFoundError:
+            raise CorpusError(f"input not found: {path}") from None
     if compression == ".gz":
-        raw = gzip.GzipFile(fileobj=raw)
-    elif compression == ".bz2":
-        raw = bz2.BZ2File(raw)
-    elif compression == ".xz":
-        raw = lzma.LZMAFile(raw)
-    elif compression == ".zst":
+        return gzip.GzipFile(fileobj=raw)
+    if compression == ".bz2":
+        return bz2.BZ2File(raw)
+    if compression == ".xz":
+        return lzma.LZMAFile(raw)
+    if compression == ".zst":
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(raw)
-    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_BUFFER)
+    return raw
 
 
-def _open_binary(path: str):
-    if "://" in path:
-        try:
-            import fsspec
-        except ImportError:
-            raise CorpusError(f"{path}: install fsspec (and s3fs for s3://) to read remote inputs") from None
-        return fsspec.open(path, "rb").open()
-    if not Path(path).is_file():
-        raise CorpusError(f"input not found: {path}")
-    return open(path, "rb")
+def _iter_parquet(piece: Piece, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(piece.path)
+    if text_field not in pf.schema_arrow.names:
+        raise CorpusError(
+            f"{piece.path}: no '{text_field}' column (found {pf.schema_arrow.names[:8]}); pass --text-field"
+        )
+    groups = list(range(piece.start, piece.stop))
+    for batch in pf.iter_batches(batch_size=RECORD_BATCH, row_groups=groups, columns=[text_field]):
+        column = batch.column(0)
+        if not (column.type.equals("string") or column.type.equals("large_string")):
+            raise CorpusError(f"{piece.path}: column '{text_field}' is {column.type}, not text")
+        for text in column.to_pylist():
+            if text:
+                yield text
 
 
-def _iter_with_datasets(path: str, builder: str, compression: str | None, text_field: str) -> Iterator[str]:
+def _iter_saved(piece: Piece, text_field: str) -> Iterator[str]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(piece.path)
+    if text_field not in ds.column_names:
+        raise CorpusError(
+            f"{piece.path}: no '{text_field}' column (found {ds.column_names[:8]}); pass --text-field"
+        )
+    ds = ds.select_columns([text_field])
+    for lo in range(piece.start, piece.stop, RECORD_BATCH):
+        for i, text in enumerate(ds[lo : min(lo + RECORD_BATCH, piece.stop)][text_field]):
+            if text is not None and not isinstance(text, str):
+                raise CorpusError(f"{piece.path} row {lo + i}: '{text_field}' is not text")
+            if text:
+                yield text
+
+
+def _iter_with_datasets(path: str, builder: str, text_field: str) -> Iterator[str]:
     from datasets import load_dataset
 
-    if not ("://" in path or Path(path).is_file()):
-        raise CorpusError(f"input not found: {path}")
     ds = load_dataset(builder, data_files={"train": path}, split="train", streaming=True)
     for i, record in enumerate(ds):
-        yield _text_of(record, text_field, f"{path} record {i}")
+        text = _text_of(record, text_field, f"{path} record {i}")
+        if text:
+            yield text

@@ -24,6 +24,7 @@ from ds_train.data.order import MixtureOrder, SampleOrder
 from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
 from ds_train.distributed.deepspeed_config import BatchLayout
+from ds_train.objectives.base import IGNORE_INDEX
 
 
 @dataclass
@@ -50,11 +51,18 @@ class DataPlan:
 
     @property
     def epoch_size(self) -> int:
-        """Samples per epoch of the mixture (of the first source when weights are equal-sized)."""
+        """Rows of all sources together (one epoch of a single source; with weighted sources each
+        source has its own epochs, see order.py)."""
         return sum(s.num_rows for s in self.sources)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.order.locate(positions)
+
+    @property
+    def filler_token(self) -> int:
+        """What replaces an unreadable row (data.skip_corrupt); its labels are ignored anyway."""
+        eos = self.sources[0].tokenizer.get("eos_token_id")
+        return int(eos) if eos is not None else 0
 
     def describe(self, source: int, shard: int, row: int) -> str:
         return f"{self.sources[source].shard_uri(shard)} row {row}"
@@ -106,6 +114,17 @@ def rank_positions(step: int, micro: int, layout: BatchLayout, rank: int) -> np.
     return np.arange(start, start + layout.micro_batch_size, dtype=np.int64)
 
 
+def global_batch_positions(step: int, layout: BatchLayout) -> np.ndarray:
+    """Every rank's micro-batches of `step`, in rank order: what the whole job consumes that step."""
+    return np.concatenate(
+        [
+            rank_positions(step, micro, layout, rank)
+            for rank in range(layout.data_parallel_size)
+            for micro in range(layout.grad_accum)
+        ]
+    )
+
+
 class MicroBatches(Dataset):
     """Item k is the k-th micro-batch this rank consumes from `start_step` on."""
 
@@ -117,9 +136,11 @@ class MicroBatches(Dataset):
         start_step: int,
         objective,
         cache_dir: str | os.PathLike | None,
+        *,
+        skip_corrupt: bool = False,
     ):
         self.plan, self.layout, self.rank, self.start_step = plan, layout, rank, start_step
-        self.objective, self.cache_dir = objective, cache_dir
+        self.objective, self.cache_dir, self.skip_corrupt = objective, cache_dir, skip_corrupt
         self._reader: RowReader | None = None
 
     def __getitem__(self, k: int) -> dict:
@@ -129,10 +150,17 @@ class MicroBatches(Dataset):
 
     def batch_at(self, positions: np.ndarray, step: int) -> dict:
         if self._reader is None:  # opened in the worker process, after fork
-            self._reader = RowReader(self.plan.sources, self.cache_dir)
+            self._reader = RowReader(self.plan.sources, self.cache_dir, skip_corrupt=self.skip_corrupt)
         source, shard, row = self.plan.locate(positions)
-        rows = self._reader.read(source, shard, row)
+        rows, lost = self._reader.read(source, shard, row)
+        if lost.any():
+            rows[lost] = self.plan.filler_token
         batch = self.objective.collate(rows, positions)
+        if lost.any():  # data.skip_corrupt: the replacement rows carry no targets
+            lost_t = torch.from_numpy(lost)
+            batch["labels"][lost_t] = IGNORE_INDEX
+            batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
+        batch["skipped"] = torch.tensor(int(lost.sum()))
         batch["step"] = torch.tensor(step)
         batch["source"] = torch.from_numpy(source)
         batch["shard"] = torch.from_numpy(shard)

@@ -6,6 +6,11 @@ Each row records the columns where documents start, which the loader turns into 
 position ids (and a block-diagonal attention mask). The last, partial row is padded with the
 tokenizer's pad token, which the objective never uses as a target; without a pad token distinct
 from EOS the partial row is dropped.
+
+Two implementations of the same rule: `Packer` consumes documents one at a time (fine-tuning
+packs a few thousand records with it); the functions at the end cut any range of rows straight
+out of a token stream whose length is known in advance, which is what lets the sharder write
+every shard independently, in parallel (see sharding.py). Tests check that both agree.
 """
 
 from __future__ import annotations
@@ -78,3 +83,42 @@ class Packer:
         # forget what the next row (which starts at end - 1) can no longer contain
         self._starts = [s for s in self._starts if s >= end - 1]
         self._ends = [(e, n) for e, n in self._ends if e >= end]
+
+
+# --- rows out of a stream of known length ----------------------------------------------------------
+
+
+def effective_pad(eos_id: int, pad_id: int | None) -> int | None:
+    """The pad token used for the last partial row, or None when the row is dropped."""
+    return pad_id if pad_id is not None and pad_id != eos_id else None
+
+
+def packed_row_count(total_tokens: int, seq_len: int, pad_id: int | None) -> int:
+    """Rows `Packer` emits for a stream of `total_tokens` (documents and their EOS tokens)."""
+    full = (total_tokens - 1) // seq_len if total_tokens > seq_len else 0
+    rest = total_tokens - full * seq_len
+    return full + (1 if pad_id is not None and rest > 1 else 0)
+
+
+def cut_rows(tokens: np.ndarray, n_rows: int, seq_len: int, pad_id: int | None) -> np.ndarray:
+    """Rows [0, n_rows) of the stream that starts with `tokens` (which holds every token those rows
+    cover, fewer only at the end of the stream, where the last row is padded)."""
+    width = seq_len + 1
+    need = (n_rows - 1) * seq_len + width if n_rows else 0
+    if len(tokens) < need:
+        if pad_id is None:
+            raise ValueError(f"{n_rows} rows need {need} tokens, got {len(tokens)} and no pad token")
+        tokens = np.concatenate([tokens, np.full(need - len(tokens), pad_id, dtype=tokens.dtype)])
+    windows = np.lib.stride_tricks.sliding_window_view(tokens[:need], width)[::seq_len]
+    return np.ascontiguousarray(windows[:n_rows])
+
+
+def row_doc_starts(starts: np.ndarray, first_pos: int, n_rows: int, seq_len: int) -> list[list[int]]:
+    """For rows [0, n_rows) of a stream beginning at `first_pos`, the input columns (0 ≤ c <
+    seq_len) where documents start, given the stream offsets `starts` of documents (sorted)."""
+    local = np.asarray(starts, dtype=np.int64) - first_pos
+    local = local[(local >= 0) & (local < n_rows * seq_len)]
+    rows, cols = np.divmod(local, seq_len)
+    bounds = np.searchsorted(rows, np.arange(n_rows + 1))
+    cols_list = cols.tolist()
+    return [cols_list[bounds[i] : bounds[i + 1]] for i in range(n_rows)]

@@ -1,8 +1,14 @@
-"""Reading shards that are not on a local file system: http(s), s3/gs (via fsspec), pipe: commands.
+"""Reading objects that are not on a local file system: http(s), pipe: commands, any fsspec URL.
 
-Remote shards are copied whole into a local cache (checksum-verified, then renamed into place)
-and read from there like local ones, so the row reader can seek. Every read is retried with
-exponential backoff; each retry is logged with the URI and the error.
+- http(s) goes through urllib (stdlib), so no extra package is needed for the common case;
+- `pipe:COMMAND` runs COMMAND through the shell and reads its stdout (webdataset's convention);
+- anything else with a scheme (`s3://`, `gs://`, `memory://`, ...) goes through fsspec, which
+  needs the matching backend (s3fs, gcsfs) installed.
+
+Remote shards are streamed into a local cache file (hashed on the way, checked against the
+manifest, then renamed into place) and read from there like local ones, so the row reader can
+seek. A failed transfer is retried with exponential backoff and each retry is logged with the URI
+and the error; a missing object (HTTP 404, FileNotFoundError) is not retried.
 """
 
 from __future__ import annotations
@@ -15,37 +21,118 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 log = logging.getLogger(__name__)
 
 RETRIES = 4
 BACKOFF_S = 0.5
+TIMEOUT_S = 60
+CHUNK = 1 << 20
+_NOT_TRANSIENT_HTTP = {400, 401, 403, 404, 405, 410}
+
+T = TypeVar("T")
 
 
-def read_bytes(uri: str, retries: int = RETRIES, backoff_s: float = BACKOFF_S) -> bytes:
-    """The whole object at `uri`, retrying transient failures; FileNotFoundError is not retried."""
-    if not _is_remote(uri):
-        return Path(uri).read_bytes()
-    delay = backoff_s
+def is_remote(uri: str) -> bool:
+    return uri.startswith("pipe:") or ("://" in uri and not uri.startswith("file://"))
+
+
+def with_retries(
+    what: str, fn: Callable[[], T], retries: int | None = None, backoff_s: float | None = None
+) -> T:
+    """fn(), retried with exponential backoff on anything but a missing object."""
+    retries = RETRIES if retries is None else retries
+    delay = BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(retries + 1):
         try:
-            return _read_remote(uri)
-        except FileNotFoundError:
+            return fn()
+        except (FileNotFoundError, PermissionError):
             raise
         except Exception as e:  # network errors come in many types
             if attempt == retries:
-                raise OSError(f"reading {uri} failed after {retries + 1} attempts: {e}") from e
-            log.warning("reading %s failed (%s); retry %d/%d in %.1fs", uri, e, attempt + 1, retries, delay)
+                raise OSError(f"{what} failed after {retries + 1} attempts: {e}") from e
+            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, e, attempt + 1, retries, delay)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole (small) object at `uri`, e.g. a manifest; retried like every remote read."""
+    if not is_remote(uri):
+        return Path(uri.removeprefix("file://")).read_bytes()
+
+    def attempt() -> bytes:
+        with open_stream(uri) as fh:
+            return fh.read()
+
+    return with_retries(f"reading {uri}", attempt)
+
+
+def open_stream(uri: str) -> BinaryIO:
+    """A readable binary stream of the object at `uri` (not retried: the caller retries the whole
+    transfer, since a stream that broke half-way cannot be resumed in general)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            return urllib.request.urlopen(uri, timeout=TIMEOUT_S)
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise FileNotFoundError(uri) from None
+            if e.code in _NOT_TRANSIENT_HTTP:
+                raise PermissionError(f"{uri}: HTTP {e.code} {e.reason}") from None
+            raise
+    if uri.startswith("pipe:"):
+        return _PipeStream(uri[len("pipe:") :])
+    try:
+        import fsspec
+    except ImportError:
+        raise OSError(
+            f"{uri}: install fsspec and its backend (s3fs for s3://, gcsfs for gs://) to read this URL"
+        ) from None
+    try:
+        return fsspec.open(uri, "rb").open()
+    except ImportError as e:
+        raise OSError(f"{uri}: {e} (install the fsspec backend for this URL scheme)") from None
+
+
+class _PipeStream:
+    """stdout of a shell command as a stream; a non-zero exit is an error when the stream closes."""
+
+    def __init__(self, command: str):
+        self.command = command
+        self.proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def read(self, n: int = -1) -> bytes:
+        return self.proc.stdout.read(n)
+
+    def readline(self) -> bytes:
+        return self.proc.stdout.readline()
+
+    def close(self) -> None:
+        if not self.proc.stdout.closed:
+            self.proc.stdout.read()  # drain, so the command is not killed by SIGPIPE mid-write
+        self.proc.stdout.close()
+        err = self.proc.stderr.read().decode(errors="replace").strip()
+        self.proc.stderr.close()
+        code = self.proc.wait()
+        if code != 0:
+            raise OSError(f"`{self.command}` exited {code}: {err[-300:]}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def fetch_to_cache(uri: str, cache_dir: str | os.PathLike, name: str, sha256: str | None) -> Path:
     """Local path of a verified copy of `uri` in `cache_dir` (downloaded once per machine).
 
     Concurrent workers and ranks on one node share the copy: a file lock serialises the download.
+    The transfer streams to disk (bounded memory whatever the shard size) and is retried whole.
     """
     cache = Path(cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -57,46 +144,25 @@ def fetch_to_cache(uri: str, cache_dir: str | os.PathLike, name: str, sha256: st
         fcntl.flock(lock, fcntl.LOCK_EX)
         if dest.exists() and ok_marker.exists():
             return dest
-        data = read_bytes(uri)
-        if sha256:
-            got = hashlib.sha256(data).hexdigest()
-            if got != sha256:
+        tmp = cache / f".{name}.tmp.{os.getpid()}"
+
+        def attempt() -> None:
+            h = hashlib.sha256()
+            with open_stream(uri) as src, open(tmp, "wb") as out:
+                while block := src.read(CHUNK):
+                    h.update(block)
+                    out.write(block)
+            if sha256 and h.hexdigest() != sha256:
                 raise OSError(
-                    f"{uri}: checksum mismatch (manifest {sha256[:12]}…, got {got[:12]}…): "
+                    f"checksum mismatch (manifest {sha256[:12]}…, got {h.hexdigest()[:12]}…): "
                     "the shard changed or the transfer was corrupted"
                 )
-        tmp = cache / f".{name}.tmp.{os.getpid()}"
-        tmp.write_bytes(data)
+
+        try:
+            with_retries(f"fetching {uri}", attempt)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, dest)
         ok_marker.touch()
     return dest
-
-
-def _is_remote(uri: str) -> bool:
-    return uri.startswith(("http://", "https://", "s3://", "gs://", "pipe:"))
-
-
-def _read_remote(uri: str) -> bytes:
-    if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri, timeout=60) as resp:
-                return resp.read()
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise FileNotFoundError(uri) from None
-            raise
-    if uri.startswith("pipe:"):
-        proc = subprocess.run(uri[len("pipe:") :], shell=True, capture_output=True, timeout=3600)
-        if proc.returncode != 0:
-            raise OSError(
-                f"command exited {proc.returncode}: {proc.stderr.decode(errors='replace').strip()[:200]}"
-            )
-        return proc.stdout
-    try:
-        import fsspec
-    except ImportError:
-        raise OSError(
-            f"{uri}: install fsspec and s3fs/gcsfs (`pip install ds-train[s3]`) to read this URL"
-        ) from None
-    with fsspec.open(uri, "rb") as fh:
-        return fh.read()

@@ -47,84 +47,67 @@ class ShardStats:
         return self.__dict__.copy()
 
 
-class ShardWriter:
-    """Write packed rows into fixed-size tar shards named `<prefix>-<index:06d>.tar`.
+class _HashingFile:
+    """Write-through file wrapper that hashes what it writes (no second read of the shard)."""
 
-    Rows arrive in order with their document starts; a shard closes after `rows_per_shard` rows.
-    The writer is deterministic: same rows, same bytes.
-    """
+    def __init__(self, fh):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
 
-    def __init__(
-        self,
-        out_dir: str | os.PathLike,
-        prefix: str,
-        seq_len: int,
-        dtype: np.dtype,
-        rows_per_shard: int,
-        rows_per_member: int,
-        first_index: int = 0,
-    ):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.prefix, self.seq_len, self.dtype = prefix, seq_len, np.dtype(dtype)
-        self.rows_per_shard, self.rows_per_member = rows_per_shard, rows_per_member
-        self.index = first_index
-        self.stats: list[ShardStats] = []
-        self._rows: list[np.ndarray] = []
-        self._starts: list[list[int]] = []
-        self._doc_lengths: list[int] = []
-
-    def add(self, row: np.ndarray, doc_starts: list[int], finished_doc_lengths: list[int] = ()) -> None:
-        """One packed row of seq_len + 1 tokens, the columns where documents start in it, and the
-        lengths of documents that ended in it (for the manifest's histogram)."""
-        if row.shape != (self.seq_len + 1,):
-            raise ValueError(f"row has shape {row.shape}, expected ({self.seq_len + 1},)")
-        self._rows.append(row.astype(self.dtype, copy=False))
-        self._starts.append(list(doc_starts))
-        self._doc_lengths.extend(finished_doc_lengths)
-        if len(self._rows) == self.rows_per_shard:
-            self.flush()
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.fh.write(data)
 
     def flush(self) -> None:
-        if not self._rows:
-            return
-        import webdataset as wds
+        self.fh.flush()
 
-        name = f"{self.prefix}-{self.index:06d}.tar"
-        tmp = self.out_dir / f".{name}.tmp"
-        rows = np.stack(self._rows)
-        with open(tmp, "wb") as fh:
-            writer = wds.TarWriter(fh, mtime=FIXED_MTIME)
-            for m, lo in enumerate(range(0, len(rows), self.rows_per_member)):
-                hi = min(lo + self.rows_per_member, len(rows))
-                writer.write(
-                    {
-                        "__key__": f"{self.prefix}-{self.index:06d}-{m:05d}",
-                        "tokens.npy": rows[lo:hi],
-                        "json": {"rows": hi - lo, "first_row": lo, "doc_starts": self._starts[lo:hi]},
-                    }
-                )
-            writer.close()
-        os.replace(tmp, self.out_dir / name)
-        documents = sum(len(s) for s in self._starts)
-        self.stats.append(
-            ShardStats(
-                name=name,
-                rows=len(rows),
-                tokens=int(rows.size),
-                documents=documents,
-                bytes=(self.out_dir / name).stat().st_size,
-                sha256=file_sha256(self.out_dir / name),
-                doc_length_hist=length_histogram(self._doc_lengths),
+
+def write_shard(
+    out_dir: str | os.PathLike,
+    name: str,
+    rows: np.ndarray,
+    doc_starts: list[list[int]],
+    rows_per_member: int,
+    doc_lengths: np.ndarray | list[int] = (),
+) -> ShardStats:
+    """Write one shard `<out_dir>/<name>` (atomically: a temporary name, then a rename).
+
+    Deterministic: the same rows give the same bytes (fixed mtime, user, order), so the sha256 in
+    the manifest identifies the content whatever machine or worker wrote it.
+    """
+    import webdataset as wds
+
+    out_dir = Path(out_dir)
+    stem = name.removesuffix(".tar")
+    tmp = out_dir / f".{name}.tmp{os.getpid()}"
+    with open(tmp, "wb") as raw:
+        fh = _HashingFile(raw)
+        writer = wds.TarWriter(fh, mtime=FIXED_MTIME)
+        for m, lo in enumerate(range(0, len(rows), rows_per_member)):
+            hi = min(lo + rows_per_member, len(rows))
+            writer.write(
+                {
+                    "__key__": f"{stem}-{m:05d}",
+                    "tokens.npy": rows[lo:hi],
+                    "json": {"rows": hi - lo, "first_row": lo, "doc_starts": doc_starts[lo:hi]},
+                }
             )
-        )
-        self.index += 1
-        self._rows, self._starts, self._doc_lengths = [], [], []
+        writer.close()
+    os.replace(tmp, out_dir / name)
+    return ShardStats(
+        name=name,
+        rows=len(rows),
+        tokens=int(rows.size),
+        documents=sum(len(s) for s in doc_starts),
+        bytes=fh.size,
+        sha256=fh.sha.hexdigest(),
+        doc_length_hist=length_histogram(doc_lengths),
+    )
 
 
-def length_histogram(lengths: list[int]) -> list[int]:
+def length_histogram(lengths) -> list[int]:
     """Counts of document lengths in buckets [1, 2), [2, 4), [4, 8), ... (bucket i: 2^i ≤ len < 2^(i+1))."""
-    if not lengths:
+    if len(lengths) == 0:
         return []
     buckets = np.floor(np.log2(np.maximum(np.asarray(lengths), 1))).astype(int)
     return np.bincount(buckets).tolist()
@@ -214,39 +197,64 @@ def parse_npy_header(buf: bytes) -> tuple[int, np.dtype, tuple[int, ...]]:
     return fh.tell(), dtype, shape
 
 
+class ShardReadError(ValueError):
+    """A shard that is truncated or malformed; `members` are the intact ones before `offset`."""
+
+    def __init__(self, message: str, offset: int, members: list[Member]):
+        super().__init__(message)
+        self.offset, self.members = offset, members
+
+
 def read_members(path: str | os.PathLike, seq_len: int, dtype: np.dtype) -> list[Member]:
     """Where each block of rows lies inside a shard, from the tar headers (reads ~1 KB per member).
 
-    Raises ValueError naming the shard and byte offset when the file is truncated or malformed.
+    Raises ShardReadError naming the shard and byte offset when the file is truncated or malformed.
     """
     members: list[Member] = []
     size = os.path.getsize(path)
     first_row = 0
+    offset = 0
     try:
-        with tarfile.open(path, "r:") as tf:
+        with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tf:
             for info in tf:
+                offset = info.offset
                 if not info.name.endswith(ROWS_MEMBER_SUFFIX):
                     continue
                 if info.offset_data + info.size > size:
-                    raise ValueError(
+                    raise ShardReadError(
                         f"{path}: member {info.name} at byte {info.offset_data} runs past the "
-                        f"end of the file ({size} bytes): truncated shard"
+                        f"end of the file ({size} bytes): truncated shard",
+                        info.offset,
+                        members,
                     )
-                with open(path, "rb") as fh:
-                    fh.seek(info.offset_data)
-                    head = fh.read(min(info.size, 4096))
-                hlen, dt, shape = parse_npy_header(head)
+                fh.seek(info.offset_data)
+                head = fh.read(min(info.size, 4096))
+                try:
+                    hlen, dt, shape = parse_npy_header(head)
+                except ValueError as e:
+                    raise ShardReadError(
+                        f"{path}: member {info.name} at byte {info.offset_data} is not a valid .npy array ({e})",
+                        info.offset,
+                        members,
+                    ) from None
                 if len(shape) != 2 or shape[1] != seq_len + 1 or dt != dtype:
-                    raise ValueError(
+                    raise ShardReadError(
                         f"{path}: member {info.name} at byte {info.offset_data} holds {dt}{list(shape)}, "
-                        f"expected {np.dtype(dtype).name}[rows, {seq_len + 1}]"
+                        f"expected {np.dtype(dtype).name}[rows, {seq_len + 1}]",
+                        info.offset,
+                        members,
                     )
                 if hlen + shape[0] * shape[1] * dt.itemsize != info.size:
-                    raise ValueError(
-                        f"{path}: member {info.name} at byte {info.offset_data} has the wrong size"
+                    raise ShardReadError(
+                        f"{path}: member {info.name} at byte {info.offset_data} has the wrong size",
+                        info.offset,
+                        members,
                     )
                 members.append(Member(info.offset_data + hlen, shape[0], first_row))
                 first_row += shape[0]
+                offset = info.offset_data + info.size
     except tarfile.TarError as e:
-        raise ValueError(f"{path}: not a readable tar file ({e})") from None
+        raise ShardReadError(
+            f"{path}: not a readable tar file at byte {offset} ({e})", offset, members
+        ) from None
     return members

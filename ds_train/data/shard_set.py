@@ -47,7 +47,9 @@ class ShardSet:
 
     @property
     def is_local(self) -> bool:
-        return not (self.location.startswith(("http://", "https://", "s3://", "gs://", "pipe:")))
+        from ds_train.data.remote import is_remote
+
+        return not is_remote(self.location)
 
     def shard_uri(self, i: int) -> str:
         return join_location(self.location, self.names[i])
@@ -61,6 +63,8 @@ class ShardSet:
 def join_location(location: str, name: str) -> str:
     if location.startswith("pipe:"):
         return location.replace("{shard}", name)
+    if location.startswith("file://"):
+        location = location[len("file://") :]
     if "://" in location:
         return location.rstrip("/") + "/" + name
     return str(Path(location) / name)
@@ -128,7 +132,7 @@ def _split_spec(spec: str) -> tuple[str, list[str] | None]:
         return spec, None
     if spec.endswith(MANIFEST):
         return spec[: -len(MANIFEST)].rstrip("/") or ".", None
-    if "{" in spec and ".." in spec:
+    if "{" in spec and "}" in spec:
         import braceexpand
 
         expanded = list(braceexpand.braceexpand(spec))

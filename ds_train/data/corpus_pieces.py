@@ -1,0 +1,165 @@
+"""Cut the sharder's inputs into pieces: the unit of parallel work, fixed before any worker starts.
+
+A piece is a slice of one input (a byte range of an uncompressed line file, a run of parquet row
+groups, a row range of a saved `datasets` directory, or a whole file when it cannot be sliced:
+compressed or remote files, JSON/CSV/arrow read through `datasets`). Pieces are numbered in input
+order and the token stream of a split is their concatenation, so the output depends only on the
+inputs, never on how many workers or Slurm tasks tokenized the pieces — nor on the piece size.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
+LINE_FORMATS = {".jsonl", ".ndjson", ".txt"}
+DATASETS_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+DEFAULT_PIECE_BYTES = 16 << 20
+
+
+class CorpusError(ValueError):
+    """A problem with a corpus input, named with its path (and line or record where known)."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    index: int  # position in the output stream
+    path: str
+    kind: str  # "lines" | "parquet" | "datasets" | "saved"
+    start: int = 0  # lines: byte offset; parquet: first row group; saved: first row
+    stop: int = -1  # exclusive; -1 = to the end of the input
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        whole = self.start == 0 and self.stop == -1
+        unit = {"lines": "bytes", "parquet": "row groups", "saved": "rows"}.get(self.kind, "")
+        return self.path if whole else f"{self.path} [{unit} {self.start}:{self.stop}]"
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def formats_of(path: str) -> tuple[str, str | None]:
+    """(format suffix, compression suffix or None) of an input path."""
+    suffixes = [s.lower() for s in Path(path.split("?")[0]).suffixes]
+    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else None
+    fmt = suffixes[-1] if suffixes else ""
+    if fmt not in LINE_FORMATS and fmt not in DATASETS_FORMATS:
+        raise CorpusError(
+            f"{path}: unsupported input format '{fmt or '(none)'}' "
+            f"(use .jsonl, .txt, .json, .parquet, .csv, .arrow, optionally .gz/.zst/.bz2/.xz, "
+            "or a directory written by datasets' save_to_disk)"
+        )
+    return fmt, compression
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Input files in stream order: directories are walked (sorted), globs expanded (sorted)."""
+    out: list[str] = []
+    for item in map(str, inputs):
+        if is_remote(item):
+            out.append(item)
+        elif any(c in item for c in "*?[") and not Path(item).exists():
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise CorpusError(f"no input matches {item}")
+            out.extend(m for m in matches if Path(m).is_file())
+        elif Path(item).is_dir():
+            out.extend(_walk(Path(item)))
+        elif Path(item).is_file():
+            out.append(item)
+        else:
+            raise CorpusError(f"input not found: {item}")
+    return out
+
+
+def _walk(root: Path) -> list[str]:
+    if is_saved_dataset(root):
+        return [str(root)]
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        if here != root and is_saved_dataset(here):
+            found.append(str(here))
+            dirnames[:] = []
+            continue
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            try:
+                formats_of(name)
+            except CorpusError:
+                continue  # READMEs, checksums, ... next to the data
+            found.append(str(here / name))
+    if not found:
+        raise CorpusError(
+            f"{root}: no corpus files inside (looked for .jsonl/.txt/.json/.parquet/.csv/.arrow)"
+        )
+    return found
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by `datasets`' save_to_disk (a Dataset, not a DatasetDict)."""
+    return (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+
+
+def plan_pieces(inputs: list[str], piece_bytes: int = DEFAULT_PIECE_BYTES) -> list[Piece]:
+    """All pieces of `inputs`, in stream order; reads file sizes and parquet/arrow metadata only."""
+    pieces: list[Piece] = []
+    for path in expand_inputs(inputs):
+        for kind, start, stop in _slices(path, piece_bytes):
+            pieces.append(Piece(len(pieces), path, kind, start, stop))
+    return pieces
+
+
+def _slices(path: str, piece_bytes: int) -> list[tuple[str, int, int]]:
+    if not is_remote(path) and is_saved_dataset(Path(path)):
+        return _saved_slices(path, piece_bytes)
+    fmt, compression = formats_of(path)
+    if fmt in LINE_FORMATS:
+        if compression or is_remote(path):
+            return [("lines", 0, -1)]  # a compressed stream cannot be entered in the middle
+        size = os.path.getsize(path)
+        if size == 0:
+            return []
+        return [("lines", lo, min(lo + piece_bytes, size)) for lo in range(0, size, piece_bytes)]
+    if fmt == ".parquet" and not compression and not is_remote(path):
+        return _parquet_slices(path, piece_bytes)
+    return [("datasets", 0, -1)]
+
+
+def _parquet_slices(path: str, piece_bytes: int) -> list[tuple[str, int, int]]:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # pyarrow raises several types for a bad footer
+        raise CorpusError(f"{path}: not a readable parquet file ({e})") from None
+    out, lo, acc = [], 0, 0
+    for g in range(meta.num_row_groups):
+        acc += meta.row_group(g).total_byte_size
+        if acc >= piece_bytes:
+            out.append(("parquet", lo, g + 1))
+            lo, acc = g + 1, 0
+    if lo < meta.num_row_groups:
+        out.append(("parquet", lo, meta.num_row_groups))
+    return out
+
+
+def _saved_slices(path: str, piece_bytes: int) -> list[tuple[str, int, int]]:
+    from datasets import load_from_disk
+
+    ds = load_from_disk(path)
+    if not hasattr(ds, "num_rows") or isinstance(ds.num_rows, dict):
+        raise CorpusError(f"{path}: a saved DatasetDict; pass one split's directory (e.g. {path}/train)")
+    n = ds.num_rows
+    nbytes = max(1, int(ds.data.nbytes))
+    per = max(1, int(n * piece_bytes / nbytes))
+    return [("saved", lo, min(lo + per, n)) for lo in range(0, n, per)]
