@@ -1,7 +1,8 @@
 """The embedded default, end to end, on any machine without network:
 
 stdlib docstrings → corpus.jsonl → shards (train/valid) → 2-rank ZeRO-3 pretraining of a tiny Llama
-→ checkpoint → Hugging Face export (when `ds-train convert` is available) → a summary of where
+→ checkpoint → Hugging Face export (when `ds-train convert` is available) → fine-tuning (a
+pretrained MiniLM classifier vs random init; SFT of the tiny Llama) → a summary of where
 everything went. Each stage runs the same commands a user would (`ds-train shard`, a launcher,
 `ds-train convert`), as subprocesses, so the demo exercises the real entry points.
 """
@@ -21,7 +22,7 @@ from ds_train.config.loader import repo_configs_dir
 RUN_CONFIG = "runs/demo-tiny-llama.yaml"
 
 
-def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
+def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool, finetune: bool = True) -> int:
     out = out.absolute()
     repo = repo_configs_dir().parent
     corpus, shards, run_dir, hf_dir = out / "corpus.jsonl", out / "shards", out / "pretrain", out / "hf"
@@ -30,15 +31,15 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
     if not corpus.is_file():
         from ds_train.demo.corpus import write_corpus
 
-        _say(f"1/4 corpus: writing Python {sys.version.split()[0]} stdlib docstrings to {corpus}")
+        _say(f"1/6 corpus: writing Python {sys.version.split()[0]} stdlib docstrings to {corpus}")
         n = write_corpus(corpus)
         _say(f"    {n:,} documents")
     else:
-        _say(f"1/4 corpus: {corpus} (exists)")
+        _say(f"1/6 corpus: {corpus} (exists)")
 
     tokenizer_dir = repo_configs_dir() / "tokenizers" / "stdlib-bpe-4k"
     if not _shards_match(shards, tokenizer_dir):
-        _say(f"2/4 shards: tokenizing and packing into {shards}")
+        _say(f"2/6 shards: tokenizing and packing into {shards}")
         shutil.rmtree(shards, ignore_errors=True)
         _ds(
             [
@@ -59,7 +60,7 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
             repo,
         )
     else:
-        _say(f"2/4 shards: {shards} (exist)")
+        _say(f"2/6 shards: {shards} (exist)")
 
     if run_dir.exists() and not keep:
         shutil.rmtree(run_dir)  # the demo starts fresh; --keep resumes instead
@@ -70,7 +71,7 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
     ]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    _say(f"3/4 pretrain: tiny Llama, {nproc} ranks, ZeRO-3 (torchrun) → {run_dir}")
+    _say(f"3/6 pretrain: tiny Llama, {nproc} ranks, ZeRO-3 (torchrun) → {run_dir}")
     launch = [
         sys.executable,
         "-m",
@@ -90,10 +91,17 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
     _print_losses(run_dir)
 
     if importlib.util.find_spec("ds_train.convert") is not None:
-        _say(f"4/4 export: Hugging Face directory → {hf_dir} (verified against the checkpoint)")
+        _say(f"4/6 export: Hugging Face directory → {hf_dir} (verified against the checkpoint)")
         _ds(["convert", "to-hf", run_dir, hf_dir, "--verify"], repo)
     else:
-        _say("4/4 export: skipped (ds-train convert is not available in this version)")
+        _say("4/6 export: skipped (ds-train convert is not available in this version)")
+
+    if finetune:
+        from ds_train.demo.finetune_stage import run_finetune_demo
+
+        code = run_finetune_demo(out, repo, nproc=nproc, pretrain_dir=run_dir, keep=keep)
+        if code != 0:
+            return code
 
     _say(f"\ndone in {time.time() - t0:.0f}s. Everything is under {out}:")
     for path, what in [
@@ -103,6 +111,10 @@ def run_demo(out: Path, *, steps: int | None, nproc: int, keep: bool) -> int:
         (run_dir / "checkpoints", "ZeRO checkpoints (latest = newest complete)"),
         (run_dir / "tensorboard", "TensorBoard events: tensorboard --logdir " + str(run_dir)),
         (hf_dir, "Hugging Face model: AutoModelForCausalLM.from_pretrained(...)"),
+        (
+            out / "finetune",
+            "fine-tuning runs, each with metrics.jsonl and hf/ (model + README.md model card)",
+        ),
     ]:
         if path.exists():
             _say(f"  {path}  {what}")
