@@ -46,6 +46,12 @@ def register(sub) -> None:
         "--rows-per-shard", type=int, default=None, help="exact rows per shard (overrides --shard-size)"
     )
     p.add_argument(
+        "--member-size",
+        type=parse_size,
+        default=1 << 20,
+        help="target bytes per tar member (a block of rows; default 1MB)",
+    )
+    p.add_argument(
         "--piece-size",
         type=parse_size,
         default=None,
@@ -115,6 +121,7 @@ def _tokenize(args: argparse.Namespace) -> dict | None:
         text_field=args.text_field,
         shard_bytes=args.shard_size,
         rows_per_shard=args.rows_per_shard,
+        member_bytes=args.member_size,
         progress=not args.no_progress,
         workers=args.workers,
         keep_work=args.keep_work,

@@ -36,6 +36,10 @@ _NOT_TRANSIENT_HTTP = {400, 401, 403, 404, 405, 410}
 T = TypeVar("T")
 
 
+class BackendMissing(OSError):
+    """The URL needs a package that is not installed: retrying cannot help."""
+
+
 def is_remote(uri: str) -> bool:
     return uri.startswith("pipe:") or ("://" in uri and not uri.startswith("file://"))
 
@@ -49,7 +53,7 @@ def with_retries(
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError):
+        except (FileNotFoundError, PermissionError, BackendMissing):
             raise
         except Exception as e:  # network errors come in many types
             if attempt == retries:
@@ -89,13 +93,13 @@ def open_stream(uri: str) -> BinaryIO:
     try:
         import fsspec
     except ImportError:
-        raise OSError(
+        raise BackendMissing(
             f"{uri}: install fsspec and its backend (s3fs for s3://, gcsfs for gs://) to read this URL"
         ) from None
     try:
         return fsspec.open(uri, "rb").open()
     except ImportError as e:
-        raise OSError(f"{uri}: {e} (install the fsspec backend for this URL scheme)") from None
+        raise BackendMissing(f"{uri}: {e} (install the fsspec backend for this URL scheme)") from None
 
 
 class _PipeStream:

@@ -30,6 +30,7 @@ import numpy as np
 from ds_train.data.corpus_pieces import DEFAULT_PIECE_BYTES, CorpusError, Piece, plan_pieces
 from ds_train.data.packing import cut_rows, effective_pad, packed_row_count, row_doc_starts
 from ds_train.data.piece_tokenizer import BatchEncoder, done_marker, is_valid_doc, tokenize_piece
+from ds_train.data.remote import is_remote, with_retries
 from ds_train.data.shard_format import (
     MANIFEST,
     ShardStats,
@@ -186,7 +187,14 @@ def tokenize_task(
 
 
 def _tokenize_one(piece: Piece, work: Path, encoder: BatchEncoder, kwargs: dict, progress=None) -> dict:
-    return tokenize_piece(piece, work, encoder, progress=progress, **kwargs)
+    if not is_remote(piece.path):
+        return tokenize_piece(piece, work, encoder, progress=progress, **kwargs)
+    # a broken download cannot resume mid-stream: the whole piece is read again (its files are
+    # written under temporary names, so a failed attempt leaves nothing behind)
+    return with_retries(
+        f"tokenizing {piece.describe()}",
+        lambda: tokenize_piece(piece, work, encoder, progress=progress, **kwargs),
+    )
 
 
 def _is_done(work: Path, index: int, plan_id: str) -> bool:
