@@ -194,7 +194,7 @@ class FinetuneSection:
     )
     train_file: Any = doc(
         None,
-        "Training examples: a local JSON-lines file (.jsonl, .jsonl.gz) or a list of them. masked_lm may use data.train shards instead.",
+        "Training examples: a local JSON-lines file (.jsonl, .jsonl.gz) or a list of them (docs/finetune.md gives the fields per task).",
     )
     valid_file: Any = doc(
         None, "Validation examples, same forms as train_file. Evaluated in full at each eval."
