@@ -20,7 +20,7 @@ from ds_train.distributed.deepspeed_config import build_deepspeed_config, resolv
 from ds_train.distributed.engine import (
     DistributedContext,
     HfZeroContext,
-    barrier,
+    broadcast_object,
     configure_logging,
     init_distributed,
     shutdown,
@@ -106,7 +106,8 @@ def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_cal
         model = build_task_model(
             f.task, cfg.model, pre.hf_config, weights_dir=weights_dir, seed=cfg.run.seed, rank=ctx.rank
         )
-        model.config.architectures = [type(model).__name__]
+        # the task class, in checkpoints' hf_config/ and the export (the base may say e.g. BertModel)
+        pre.hf_config.architectures = model.config.architectures = [type(model).__name__]
         if weights_dir is not None:
             verify_loaded_weights(model, weights_dir)  # never train on silently re-initialised weights
         if f.adapter == "lora":
@@ -132,9 +133,17 @@ def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_cal
     finally:
         zero_ctx.close()  # the export builds a plain CPU model, which must not be partitioned
 
-    if state is not None:
-        _export(cfg, pre, state, splits, trainer, report)
-    barrier()
+    if code == 0 and f.export_hf:
+        result = ("ok", "")
+        if state is not None:  # rank 0
+            try:
+                _export(cfg, pre, state, splits, trainer, report)
+            except Exception as e:  # every rank must hear of it instead of waiting for a timeout
+                log.exception("export failed")
+                result = ("error", f"export to {run_dir / HF_DIR} failed: {e}")
+        status, message = broadcast_object(result)
+        if status == "error":
+            raise RuntimeError(message)
     if ctx.is_main:
         log.info("run directory: %s (metrics.jsonl, checkpoints/, dataset/, hf/)", run_dir)
     return code
