@@ -1,6 +1,7 @@
 """LoRA under ZeRO-3 on 2 processes: the adapters saved from the partitions are complete and
 trained, `ds-train convert merge-lora` and the run's own export both give a model whose logits
-equal base + adapter, and classification metrics land in metrics.jsonl and the model card."""
+equal base + adapter, and classification metrics land in metrics.jsonl and the model card.
+Also (one process each): the new head and the adapters start identical under ZeRO stages 0 and 3."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, read_metrics, run_cli, torchrun, write_config
+from tests.helpers import REPO, read_metrics, run_cli, torchrun, train_losses, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -113,3 +114,38 @@ def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
     assert sum(map(sum, final["valid_confusion"]["matrix"])) == final["valid_examples"]
     card = (run / "hf" / "README.md").read_text()
     assert "LoRA (r=4" in card and f"{final['valid_accuracy']:.4g}" in card
+
+
+def test_lora_classification_losses_equal_under_zero_0_and_3(tmp_path, tiny_bert):
+    from ds_train.demo.finetune_data import write_classification_data
+
+    write_classification_data(tmp_path / "data", num_classes=3, per_class=30)
+    losses = {}
+    for stage in (0, 3):
+        cfg = {
+            "run": {"output_dir": str(tmp_path / f"s{stage}"), "seed": 5, "tensorboard": False},
+            "model": {"init_from": str(tiny_bert)},
+            "data": {"num_workers": 0},
+            "finetune": {
+                "task": "classification",
+                "train_file": str(tmp_path / "data" / "train.jsonl"),
+                "seq_len": 32,
+                "adapter": "lora",
+                "lora_r": 4,
+                "lora_dropout": 0.0,
+                "export_hf": False,
+            },
+            "train": {
+                "max_steps": 3,
+                "global_batch_size": 8,
+                "micro_batch_size": 4,
+                "lr": 1e-2,
+                "log_every": 1,
+            },
+            "zero": {"stage": stage},
+        }
+        run_cli(["finetune", write_config(tmp_path / f"s{stage}.yaml", cfg)])
+        losses[stage] = train_losses(tmp_path / f"s{stage}")
+    assert losses[0][3] != losses[0][1], "the model did not train"
+    for step in (1, 2, 3):
+        assert losses[3][step] == pytest.approx(losses[0][step], rel=1e-5), step
