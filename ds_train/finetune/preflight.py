@@ -8,6 +8,7 @@ whether the run directory's checkpoint may be resumed with this config and data.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +93,12 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
 
+    if source is not None and source.checkpoint is not None:
+        _require_module(
+            "ds_train.convert.to_hf", "model.init_from naming a ds_train run (checkpoint conversion)"
+        )
+    if f.adapter == "lora" and f.export_hf:
+        _require_module("ds_train.convert.lora", "finetune.adapter=lora with export_hf (saving the adapters)")
     specs = split_specs(f)
     class_names = check_examples(f, specs)
     hf_config = task_hf_config(
@@ -167,3 +174,13 @@ def _absolute(value):
     if not files:
         return value
     return files if isinstance(value, list) else files[0]
+
+
+def _require_module(name: str, needed_for: str) -> None:
+    """Fail before training, not after it, when a part this run needs is missing."""
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        raise ConfigError(f"{needed_for} needs {name}, which this installation of ds_train lacks")
