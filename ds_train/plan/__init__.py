@@ -1,0 +1,1 @@
+"""Memory planning: what one rank needs under each ZeRO stage/offload choice (`ds-train plan`)."""

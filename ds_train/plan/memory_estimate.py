@@ -1,0 +1,241 @@
+"""Per-rank training memory: model states (ZeRO paper), communication buffers, activations.
+
+Model states, in bytes per parameter Ψ, with p bytes per parameter, g per gradient and K for the
+optimizer (the fp32 master copy, 4, plus Adam's two moments, 8):
+
+    stage 0:  (p + g + K)·Ψ        stage 2:  p·Ψ + (g + K)·Ψ/N
+    stage 1:  (p + g)·Ψ + K·Ψ/N    stage 3:  (p + g + K)·Ψ/N
+
+Mixed precision (bf16/fp16): p = g = 2, K = 12, which are the ZeRO paper's formulas (16Ψ,
+4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N). fp32 training: p = g = 4; DeepSpeed's ZeRO optimizers still keep
+a separate fp32 master partition (K = 12: 8Ψ + 12Ψ/N, 4Ψ + 16Ψ/N, 20Ψ/N), while stage 0 hands the
+fp32 parameters straight to torch's AdamW (K = 8: 16Ψ). bench/bench_memory.py measures all of
+these on DeepSpeed itself (docs/benchmarks.md, "Memory").
+
+Gradients are counted as held between micro-batches (accumulation): stage 1 keeps the whole
+gradient, stages 2-3 only their partition. Optimizer offload moves K·Ψ/N and an fp32 gradient
+partition (4·Ψ/N) to the host; parameter offload (stage 3) moves p·Ψ/N.
+
+Buffers: DeepSpeed allocates its gradient-reduction bucket at the configured size
+(`zero.reduce_bucket_size` elements of gradient dtype; two with overlap_comm at stages 1-2),
+whatever the model size; stage 3 also gathers whole parameters for the layer in use and the
+prefetch bucket ahead of it.
+
+Activations (saved for backward, per micro-batch of b sequences of s tokens, e bytes per
+activation element) of a decoder block with flash/SDPA attention, measured on HF Llama with
+saved-tensor hooks (tests/unit/test_plan_memory.py checks this against the hooks):
+
+    per layer per token:  e·(8h + 2·kv + 4f)  (+4h when e = 2: RMSNorm's fp32 upcast)
+    eager attention:      + heads·s·(4 + e if e < 4 else 4)  (softmax probabilities)
+    outside the layers:   e·3h (+4h when e = 2) + 4V (the fp32 log-softmax of the loss)
+    loss backward peak:   + (4 + e)·V  (the logits' gradient, fp32 and model dtype)
+
+With activation checkpointing each layer keeps only its input (e·h per token) and one layer's
+activations exist again while it is recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ds_train.plan.model_shape import ModelShape
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    param_bytes: int  # p
+    grad_bytes: int  # g
+    activation_bytes: int  # e
+
+    @property
+    def mixed(self) -> bool:
+        return self.param_bytes < 4
+
+
+PRECISIONS = {
+    "bf16": Precision("bf16", 2, 2, 2),
+    "fp16": Precision("fp16", 2, 2, 2),
+    "fp32": Precision("fp32", 4, 4, 4),
+}
+
+ADAM_MOMENTS = 8  # exp_avg + exp_avg_sq, fp32
+MASTER_COPY = 4  # fp32 weights the optimizer steps
+
+
+def optimizer_bytes_per_param(precision: Precision, stage: int) -> int:
+    """K: fp32 master copy (mixed precision, or any DeepSpeed ZeRO stage ≥ 1) + Adam's moments."""
+    master = MASTER_COPY if (precision.mixed or stage >= 1) else 0
+    return master + ADAM_MOMENTS
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Bytes per rank, split by kind and by where they live."""
+
+    params: float
+    grads: float
+    optimizer: float
+    host: float = 0.0  # pinned CPU memory (offload)
+    nvme: float = 0.0
+
+    @property
+    def device(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_states(
+    psi: int,
+    stage: int,
+    world_size: int,
+    precision: Precision,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+) -> StateBytes:
+    """Model-state bytes one rank holds on the device (and host/NVMe with offload)."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage {stage}")
+    n = world_size
+    p, g, k = precision.param_bytes, precision.grad_bytes, optimizer_bytes_per_param(precision, stage)
+    params = p * psi / n if stage == 3 else p * psi
+    grads = g * psi / n if stage >= 2 else g * psi
+    optimizer = k * psi / n if stage >= 1 else k * psi
+    host = nvme = 0.0
+    if offload_optimizer != "none":
+        if stage == 0:
+            raise ValueError("optimizer offload needs ZeRO stage ≥ 1")
+        moved = optimizer + MASTER_COPY * psi / n  # the fp32 gradient partition the CPU Adam reads
+        optimizer = 0.0
+        if stage >= 2:
+            grads = 0.0  # reduced straight into the host partition; only the bucket stays
+        if offload_optimizer == "cpu":
+            host += moved
+        else:
+            host += MASTER_COPY * psi / n
+            nvme += moved - MASTER_COPY * psi / n
+    if offload_param != "none":
+        if stage != 3:
+            raise ValueError("parameter offload needs ZeRO stage 3")
+        if offload_param == "cpu":
+            host += params
+        else:
+            nvme += params
+        params = 0.0
+    return StateBytes(params, grads, optimizer, host, nvme)
+
+
+@dataclass(frozen=True)
+class BucketSizes:
+    reduce_bucket: int = 500_000_000
+    overlap_comm: bool | None = None  # None: DeepSpeed's default (off at stages 1-2, on at 3)
+    prefetch_bucket: int = 50_000_000
+
+
+def buffer_bytes(shape: ModelShape, stage: int, precision: Precision, buckets: BucketSizes) -> float:
+    """Communication buffers and, at stage 3, the parameters gathered for the layer in use."""
+    if stage == 0:
+        return 0.0  # torch DDP-style all-reduce of each gradient in place (no persistent bucket)
+    g, p = precision.grad_bytes, precision.param_bytes
+    if stage in (1, 2):
+        copies = 2 if buckets.overlap_comm else 1
+        return copies * buckets.reduce_bucket * g
+    gathered = (min(buckets.prefetch_bucket, shape.params) + shape.largest_layer_params) * p
+    return buckets.reduce_bucket * g + gathered
+
+
+def saved_activation_bytes(
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    precision: Precision,
+    *,
+    checkpointing: bool = False,
+    attention: str = "sdpa",
+) -> float:
+    """Tensors the forward of one micro-batch saves for backward (formula in the module docstring).
+    With checkpointing, only each layer's input."""
+    e, h = precision.activation_bytes, shape.hidden
+    upcast = 4 * h if e < 4 else 0
+    per_layer = _layer_bytes_per_token(shape, seq_len, precision, attention)
+    outside = e * 3 * h + upcast + 4 * shape.vocab
+    layers = shape.layers * e * h if checkpointing else shape.layers * per_layer
+    return micro_batch * seq_len * (layers + outside)
+
+
+def _layer_bytes_per_token(shape: ModelShape, seq_len: int, precision: Precision, attention: str) -> float:
+    e = precision.activation_bytes
+    h, kv, f = shape.hidden, shape.kv_dim, shape.intermediate
+    upcast = 4 * h if e < 4 else 0
+    per_layer = e * (8 * h + 2 * kv + (4 if shape.gated_mlp else 2) * f) + upcast
+    if attention == "eager":
+        per_layer += shape.heads * seq_len * ((4 + e) if e < 4 else 4)
+    return per_layer
+
+
+def activation_bytes(
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    precision: Precision,
+    *,
+    checkpointing: bool = False,
+    attention: str = "sdpa",
+) -> float:
+    """Peak activation memory of one micro-batch: the saved tensors, plus the loss's backward peak
+    (the logits' gradient in fp32 and in the model dtype, alive at the start of backward), plus,
+    with checkpointing, the one layer whose activations are being recomputed."""
+    tokens = micro_batch * seq_len
+    loss_peak = tokens * (4 + precision.activation_bytes) * shape.vocab
+    recompute = tokens * _layer_bytes_per_token(shape, seq_len, precision, attention) if checkpointing else 0
+    saved = saved_activation_bytes(
+        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention
+    )
+    return saved + loss_peak + recompute
+
+
+@dataclass(frozen=True)
+class Estimate:
+    stage: int
+    offload_optimizer: str
+    offload_param: str
+    checkpointing: bool
+    states: StateBytes
+    buffers: float
+    activations: float
+
+    @property
+    def device(self) -> float:
+        return self.states.device + self.buffers + self.activations
+
+    @property
+    def label(self) -> str:
+        if self.offload_param != "none":
+            return f"ZeRO-{self.stage}, offload opt+params→{self.offload_param}"
+        if self.offload_optimizer != "none":
+            return f"ZeRO-{self.stage}, offload opt→{self.offload_optimizer}"
+        return f"ZeRO-{self.stage}"
+
+
+def estimate(
+    shape: ModelShape,
+    *,
+    stage: int,
+    world_size: int,
+    precision: Precision,
+    micro_batch: int,
+    seq_len: int,
+    checkpointing: bool,
+    offload_optimizer: str = "none",
+    offload_param: str = "none",
+    buckets: BucketSizes | None = None,
+    attention: str = "sdpa",
+) -> Estimate:
+    buckets = buckets or BucketSizes()
+    states = model_states(shape.params, stage, world_size, precision, offload_optimizer, offload_param)
+    buffers = buffer_bytes(shape, stage, precision, buckets)
+    acts = activation_bytes(
+        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention
+    )
+    return Estimate(stage, offload_optimizer, offload_param, checkpointing, states, buffers, acts)

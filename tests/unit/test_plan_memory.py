@@ -1,0 +1,237 @@
+"""Memory planning: model-state arithmetic against the ZeRO paper, activations against the tensors a
+real forward saves, the choice ordering, and `ds-train plan` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ds_train.plan.choices import CHOICES, make_plan, overrides_for
+from ds_train.plan.memory_estimate import (
+    PRECISIONS,
+    BucketSizes,
+    activation_bytes,
+    buffer_bytes,
+    model_states,
+    saved_activation_bytes,
+)
+from ds_train.plan.model_shape import ModelShape, shape_from_config
+from tests.helpers import MICRO_LLAMA, TOKENIZER, run_cli, write_config
+
+PSI = 1_000_003  # odd, so no formula agrees by accident of divisibility
+
+BF16, FP32 = PRECISIONS["bf16"], PRECISIONS["fp32"]
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64])
+def test_mixed_precision_states_are_the_zero_paper_formulas(n):
+    paper = {0: 16 * PSI, 1: 4 * PSI + 12 * PSI / n, 2: 2 * PSI + 14 * PSI / n, 3: 16 * PSI / n}
+    for stage, expected in paper.items():
+        states = model_states(PSI, stage, n, BF16)
+        assert states.device == pytest.approx(expected, rel=1e-12), stage
+        assert states.host == 0 and states.nvme == 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_fp32_states_keep_deepspeeds_master_copy_from_stage_1(n):
+    # p = g = 4; stage 0 steps the fp32 weights directly (K = 8), ZeRO ≥ 1 clones an fp32 master (K = 12).
+    expected = {0: 16 * PSI, 1: 8 * PSI + 12 * PSI / n, 2: 4 * PSI + 16 * PSI / n, 3: 20 * PSI / n}
+    for stage, value in expected.items():
+        assert model_states(PSI, stage, n, FP32).device == pytest.approx(value, rel=1e-12), stage
+
+
+def test_states_split_into_params_grads_optimizer():
+    s = model_states(PSI, 2, 4, BF16)
+    assert (s.params, s.grads, s.optimizer) == pytest.approx((2 * PSI, 2 * PSI / 4, 12 * PSI / 4))
+    s = model_states(PSI, 1, 4, BF16)
+    assert s.grads == pytest.approx(2 * PSI)  # stage 1 keeps the whole accumulated gradient
+
+
+def test_offload_moves_optimizer_and_params_to_the_host():
+    n = 4
+    opt = model_states(PSI, 3, n, BF16, offload_optimizer="cpu")
+    assert opt.optimizer == 0 and opt.grads == 0
+    assert opt.params == pytest.approx(2 * PSI / n)
+    assert opt.host == pytest.approx(16 * PSI / n)  # master + moments + fp32 gradient partition
+    both = model_states(PSI, 3, n, BF16, offload_optimizer="cpu", offload_param="cpu")
+    assert both.device == 0 and both.host == pytest.approx(18 * PSI / n)
+    nvme = model_states(PSI, 3, n, BF16, offload_optimizer="nvme", offload_param="nvme")
+    assert nvme.device == 0 and nvme.nvme == pytest.approx((12 + 2) * PSI / n)
+    z2 = model_states(PSI, 2, n, BF16, offload_optimizer="cpu")
+    assert z2.device == pytest.approx(2 * PSI)  # only the 16-bit weights stay on the device
+
+
+def test_impossible_combinations_are_refused():
+    with pytest.raises(ValueError):
+        model_states(PSI, 0, 2, BF16, offload_optimizer="cpu")
+    with pytest.raises(ValueError):
+        model_states(PSI, 2, 2, BF16, offload_param="cpu")
+    with pytest.raises(ValueError):
+        model_states(PSI, 4, 2, BF16)
+
+
+def _shape(**kw) -> ModelShape:
+    base = dict(
+        params=PSI, layers=4, hidden=256, heads=4, kv_dim=128, intermediate=704, vocab=512,
+        gated_mlp=True, largest_layer_params=200_000,
+    )  # fmt: skip
+    return ModelShape(**{**base, **kw})
+
+
+def test_buffers_follow_the_configured_buckets():
+    shape, b = _shape(), BucketSizes(reduce_bucket=1000, overlap_comm=None, prefetch_bucket=300)
+    assert buffer_bytes(shape, 0, BF16, b) == 0
+    assert buffer_bytes(shape, 2, BF16, b) == 1000 * 2
+    assert buffer_bytes(shape, 2, BF16, BucketSizes(1000, True, 300)) == 2 * 1000 * 2
+    assert buffer_bytes(shape, 3, FP32, b) == 1000 * 4 + (300 + 200_000) * 4
+
+
+def _measure_saved_bytes(
+    dtype, *, checkpointing=False, attention="sdpa", batch=2, seq=64
+) -> tuple[float, ModelShape]:
+    """Bytes of the tensors autograd saves in one forward + ds-train's loss (weights excluded)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(MICRO_LLAMA.read_text())
+    raw.pop("model_type")
+    raw.update(
+        hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=3, vocab_size=300
+    )
+    cfg = AutoConfig.for_model("llama", **raw)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, dtype=dtype)
+    model.config.use_cache = False
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=x).logits
+        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="sum")
+    return sum(saved.values()), shape_from_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "dtype,checkpointing,attention",
+    [
+        (torch.float32, False, "sdpa"),
+        (torch.bfloat16, False, "sdpa"),
+        (torch.bfloat16, True, "sdpa"),
+        (torch.bfloat16, False, "eager"),
+    ],
+)
+def test_activation_formula_matches_the_tensors_a_forward_saves(dtype, checkpointing, attention):
+    measured, shape = _measure_saved_bytes(dtype, checkpointing=checkpointing, attention=attention)
+    precision = BF16 if dtype is torch.bfloat16 else FP32
+    estimated = saved_activation_bytes(
+        shape, 2, 64, precision, checkpointing=checkpointing, attention=attention
+    )
+    assert estimated == pytest.approx(measured, rel=0.10)
+
+
+def test_checkpointing_and_peak_terms_move_activations_the_right_way():
+    shape = _shape(layers=24)
+    off = activation_bytes(shape, 4, 1024, BF16)
+    on = activation_bytes(shape, 4, 1024, BF16, checkpointing=True)
+    assert on < off / 5
+    assert activation_bytes(shape, 8, 1024, BF16) == pytest.approx(2 * off)  # linear in the batch
+    saved = saved_activation_bytes(shape, 4, 1024, BF16)
+    assert off - saved == pytest.approx(4 * 1024 * (4 + 2) * shape.vocab)  # the logits' gradient
+    saved_on = saved_activation_bytes(shape, 4, 1024, BF16, checkpointing=True)
+    one_layer = (saved - saved_on) / 24 + 4 * 1024 * 2 * shape.hidden  # its input is kept either way
+    assert on - saved_on == pytest.approx(
+        4 * 1024 * (4 + 2) * shape.vocab + one_layer, rel=1e-9
+    )  # + one layer recomputed
+
+
+def test_shape_counts_parameters_like_the_real_model():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    raw = json.loads(MICRO_LLAMA.read_text())
+    model_type = raw.pop("model_type")
+    for tied in (False, True):
+        cfg = AutoConfig.for_model(model_type, **{**raw, "tie_word_embeddings": tied, "vocab_size": 300})
+        model = AutoModelForCausalLM.from_config(cfg)
+        shape = shape_from_config(cfg)
+        assert shape.params == sum(p.numel() for p in model.parameters())  # tied weights once
+        assert shape.kv_dim == raw["num_key_value_heads"] * raw["hidden_size"] // raw["num_attention_heads"]
+        assert shape.gated_mlp
+
+
+def _plan(device_gib: float | None, **kw):
+    return make_plan(
+        _shape(params=50_000_000, layers=8, hidden=512, intermediate=1408, kv_dim=256, vocab=4096),
+        world_size=kw.get("world_size", 4),
+        precision=BF16,
+        micro_batch=8,
+        seq_len=2048,
+        buckets=BucketSizes(reduce_bucket=10_000_000),
+        device_memory=None if device_gib is None else device_gib * 2**30,
+        headroom=0.1,
+    )
+
+
+@pytest.mark.parametrize("device_gib", [0.5, 1.5, 3, 6, 100])
+def test_recommendation_is_the_first_choice_that_fits(device_gib):
+    plan = _plan(device_gib)
+    assert len(plan.estimates) == len(CHOICES)
+    fitting = [e for e in plan.estimates if e.device <= device_gib * 2**30 * 0.9]
+    assert plan.recommended is (fitting[0] if fitting else None)
+    if plan.recommended is not None:
+        index = plan.estimates.index(plan.recommended)
+        assert all(not plan.fits(e) for e in plan.estimates[:index])
+
+
+def test_recommendation_moves_down_the_list_as_memory_shrinks():
+    picks = [_plan(g).recommended for g in (100, 4, 1.5)]
+    order = [_plan(100).estimates.index(p) for p in picks]
+    assert order == sorted(order) and len(set(order)) == 3
+    assert picks[0].stage == 0 and not picks[0].checkpointing
+    assert _plan(None).recommended is None
+
+
+def test_overrides_select_the_choice():
+    e = next(e for e in _plan(None).estimates if e.offload_param == "cpu" and e.checkpointing)
+    assert overrides_for(e) == (
+        "zero.stage=3 zero.offload_optimizer=cpu zero.offload_param=cpu model.activation_checkpointing=true"
+    )
+
+
+def test_cli_plan_prints_every_choice_and_the_recommendation(tmp_path):
+    cfg = write_config(
+        tmp_path / "run.yaml",
+        {
+            "run": {"output_dir": str(tmp_path / "run")},
+            "model": {"config": str(MICRO_LLAMA), "tokenizer": str(TOKENIZER)},
+            "data": {"train": str(tmp_path / "nowhere")},
+            "train": {"max_steps": 1, "global_batch_size": 8, "micro_batch_size": 2, "precision": "bf16"},
+        },
+    )
+    out = run_cli(["plan", cfg, "--world-size", "2", "--device-memory", "1GB", "--seq-len", "32"]).stdout
+    rows = [line for line in out.splitlines() if line.startswith("ZeRO-")]
+    assert len(rows) == len(CHOICES)
+    assert "recommended (fastest that fits in 0.9 GiB usable): ZeRO-0, activation checkpointing off" in out
+    assert "overrides: zero.stage=0 model.activation_checkpointing=false" in out
+    no_seq = run_cli(["plan", cfg, "--world-size", "2"], check=False)
+    assert no_seq.returncode == 2 and "--seq-len" in no_seq.stderr
+
+
+def test_parse_size():
+    from ds_train.cli.plan import parse_size
+
+    assert parse_size("80GB") == parse_size("80GiB") == parse_size("80g") == 80 * 2**30
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("24e9") == 24e9
+    with pytest.raises(Exception, match="not a memory size"):
+        parse_size("eighty")
