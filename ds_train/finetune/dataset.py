@@ -138,6 +138,9 @@ def prepare_splits(
                 _build_if_stale(root / split, split, section, spec, tokenizer, chat, class_names, fingerprint)
         except DataError as e:
             result = ("error", str(e))
+        except Exception as e:  # the other ranks must hear of it rather than wait for a timeout
+            broadcast_object(("error", f"tokenizing the data failed: {e}"))
+            raise
     status, message = broadcast_object(result)
     if status == "error":
         raise DataError(message)

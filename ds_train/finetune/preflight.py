@@ -100,7 +100,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     if f.adapter == "lora" and f.export_hf:
         _require_module("ds_train.convert.lora", "finetune.adapter=lora with export_hf (saving the adapters)")
     specs = split_specs(f)
-    class_names = check_examples(f, specs)
+    class_names = check_examples(f, specs, chat)
     hf_config = task_hf_config(
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
     )

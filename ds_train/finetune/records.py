@@ -18,7 +18,7 @@ from pathlib import Path
 from ds_train.config.schema import FinetuneSection
 from ds_train.data.shard_set import DataError
 from ds_train.data.sharding import is_valid_doc
-from ds_train.finetune.chat import ExampleError, to_messages
+from ds_train.finetune.chat import ChatFormat, ExampleError, to_messages
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,11 @@ def split_specs(section: FinetuneSection) -> dict[str, SplitSpec]:
     return {"train": SplitSpec(train)}
 
 
-def check_examples(section: FinetuneSection, specs: dict[str, SplitSpec]) -> list[str]:
-    """Validate every example of every split (one line naming file:line on the first problem).
+def check_examples(
+    section: FinetuneSection, specs: dict[str, SplitSpec], chat: ChatFormat | None = None
+) -> list[str]:
+    """Validate every example of every split (one line naming file:line on the first problem); SFT
+    examples are also rendered with `chat`, so a template that cannot be used fails here.
 
     Returns the class names for classification (config order, or sorted distinct train labels)."""
     seen: dict[str, set] = {}
@@ -94,7 +97,7 @@ def check_examples(section: FinetuneSection, specs: dict[str, SplitSpec]) -> lis
         count = 0
         for ex in spec.examples():
             try:
-                check_record(section, ex.record)
+                check_record(section, ex.record, chat)
             except ExampleError as e:
                 raise DataError(f"{spec.where(ex)}: {e}") from None
             if section.task == "classification":
@@ -117,15 +120,17 @@ def check_examples(section: FinetuneSection, specs: dict[str, SplitSpec]) -> lis
     return names
 
 
-def check_record(section: FinetuneSection, record: dict) -> None:
+def check_record(section: FinetuneSection, record: dict, chat: ChatFormat | None = None) -> None:
     if section.task == "sft":
-        to_messages(
+        messages = to_messages(
             record,
             prompt=section.prompt_field,
             response=section.response_field,
             system=section.system_field,
             messages=section.messages_field,
         )
+        if chat is not None:
+            chat.render(messages)
         return
     text = record.get(section.text_field)
     if not isinstance(text, str):

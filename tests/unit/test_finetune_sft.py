@@ -190,3 +190,21 @@ def test_plain_template_matches_its_exported_jinja(tokenizer):
     assert exported.apply_chat_template(messages, tokenize=False) == rendered.text
     prompt = exported.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert prompt == rendered.text + "### Assistant:\n"
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused_before_training(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ds_train.data.shard_set import DataError
+    from ds_train.finetune.records import check_examples, split_specs
+
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    # numbers every turn by the conversation's length: earlier turns change as it grows
+    tok.chat_template = "{% for m in messages %}[{{ messages | length }}] {{ m['content'] }}\n{% endfor %}"
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
+    section = FinetuneSection(task="sft", train_file=str(path))
+    with pytest.raises(
+        DataError, match=r"chat\.jsonl:1: the tokenizer's chat template renders .* chat_template=plain"
+    ):
+        check_examples(section, split_specs(section), ChatFormat(tok, "auto"))
