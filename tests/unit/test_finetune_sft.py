@@ -205,6 +205,6 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_before_training(tmp_p
     path.write_text(json.dumps({"prompt": "hi", "response": "hello"}) + "\n")
     section = FinetuneSection(task="sft", train_file=str(path))
     with pytest.raises(
-        DataError, match=r"chat\.jsonl:1: the tokenizer's chat template renders .* chat_template=plain"
+        DataError, match=r"chat\.jsonl:1: the tokenizer's chat template renders .*chat_template=plain"
     ):
         check_examples(section, split_specs(section), ChatFormat(tok, "auto"))
