@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ds_train.data.batch_transfer import UnpackingLoader, pack_batch
 from ds_train.data.order import MixtureOrder, SampleOrder
 from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
@@ -185,12 +186,16 @@ class _Finite(Sampler):
 
 
 def make_loader(
-    dataset: MicroBatches, *, num_workers: int, prefetch_factor: int, num_micro_batches: int | None = None
-) -> DataLoader:
-    """A DataLoader over micro-batch numbers: endless for training, `num_micro_batches` for eval."""
+    dataset: Dataset, *, num_workers: int, prefetch_factor: int, num_micro_batches: int | None = None
+) -> Iterable[dict]:
+    """A DataLoader over micro-batch numbers: endless for training, `num_micro_batches` for eval.
+
+    With workers, each batch crosses to this process as one packed tensor (batch_transfer.py)."""
     sampler = _Endless() if num_micro_batches is None else _Finite(num_micro_batches)
-    kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False} if num_workers > 0 else {}
-    return DataLoader(
+    kwargs: dict = {}
+    if num_workers > 0:
+        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False, "collate_fn": pack_batch}
+    loader = DataLoader(
         dataset,
         batch_size=None,
         sampler=sampler,
@@ -198,3 +203,4 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),
         **kwargs,
     )
+    return UnpackingLoader(loader) if num_workers > 0 else loader
