@@ -1,0 +1,38 @@
+"""`ds-train report RUN_DIR`: loss, throughput and MFU from metrics.jsonl, rendered to a PNG."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="plot a run's loss, throughput and MFU to a PNG",
+        description="Render RUN_DIR/metrics.jsonl (train and valid loss, tokens/s, MFU, gradient "
+        "norm, learning rate) to RUN_DIR/report.png and print a short summary.",
+    )
+    p.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    p.add_argument("-o", "--output", help="PNG path (default: RUN_DIR/report.png)")
+    p.add_argument("--dpi", type=int, default=110)
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from ds_train.config import ConfigError
+    from ds_train.report.plots import summary, write_report
+    from ds_train.report.series import load_run_metrics
+    from ds_train.train.callbacks.metrics_file import METRICS_FILE
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise ConfigError(f"{run_dir} has no {METRICS_FILE} (is it a ds-train run directory?)")
+    metrics = load_run_metrics(run_dir)
+    if not len(metrics.loss) and not len(metrics.valid_loss):
+        raise ConfigError(f"{run_dir / METRICS_FILE} holds no logged steps yet")
+    out = write_report(run_dir, args.output, dpi=args.dpi, metrics=metrics)
+    for line in summary(metrics):
+        print(line)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Run reports: metrics.jsonl rendered to figures (`ds-train report`)."""

@@ -1,0 +1,171 @@
+"""The run report figure: loss (train + valid), throughput, MFU, gradient norm and learning rate.
+
+Rendered with matplotlib's Agg backend (no display needed, safe on cluster nodes). Panels that
+have no data say why instead of staying blank (MFU needs a known peak FLOP/s: GPUs ds-train
+knows, or train.peak_flops).
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from ds_train.report.series import RunMetrics, Series
+
+PANELS = ("loss", "throughput", "mfu", "optimizer")
+
+
+def _figure_module():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _formatter(fn):
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda value, _pos: fn(value))
+
+
+def _mark_resumes(ax, metrics: RunMetrics) -> None:
+    for i, step in enumerate(metrics.resumes):
+        ax.axvline(step, color="0.6", linestyle=":", linewidth=1, label="resumed" if i == 0 else None)
+
+
+def _empty(ax, title: str, why: str) -> None:
+    ax.set_title(title)
+    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.4", wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _median_line(ax, s: Series, fmt) -> None:
+    """A dashed median over the steady state (first logged interval excluded: start-up)."""
+    steady = s.values[1:] if len(s) > 2 else s.values
+    med = statistics.median(steady)
+    ax.axhline(med, color="C3", linestyle="--", linewidth=1, label=f"median {fmt(med)}")
+
+
+def build_figure(metrics: RunMetrics, title: str):
+    """The report figure (2×2 panels), not yet saved; axes carry `gid`s naming their panel
+    (loss, throughput, mfu or step_time, optimizer, and lr for the twin axis)."""
+    plt = _figure_module()
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
+    fig.suptitle(title, fontsize=13)
+    ax_loss, ax_tps, ax_mfu, ax_opt = axes.flat
+    for ax, gid in zip(axes.flat, PANELS):
+        ax.set_gid(gid)
+        ax.grid(True, alpha=0.3)
+
+    ax_loss.set_title("loss")
+    if len(metrics.loss):
+        ax_loss.plot(metrics.loss.steps, metrics.loss.values, color="C0", linewidth=1.5, label="train")
+    if len(metrics.valid_loss):
+        ax_loss.plot(
+            metrics.valid_loss.steps, metrics.valid_loss.values, "o-", color="C1", markersize=5, label="valid"
+        )
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy (nats/token)")
+    _mark_resumes(ax_loss, metrics)
+    ax_loss.legend(loc="upper right")
+
+    if len(metrics.tokens_per_s):
+        ax_tps.set_title("throughput")
+        ax_tps.plot(metrics.tokens_per_s.steps, metrics.tokens_per_s.values, color="C2", label="all ranks")
+        _median_line(ax_tps, metrics.tokens_per_s, lambda v: f"{v:,.0f} tok/s")
+        ax_tps.set_xlabel("step")
+        ax_tps.set_ylabel("tokens / s")
+        ax_tps.set_ylim(0, 1.15 * max(metrics.tokens_per_s.values))
+        ax_tps.yaxis.set_major_formatter(_formatter(lambda v: f"{v:,.0f}"))
+        if metrics.world_size:
+            ax_tps.set_title(f"throughput ({metrics.world_size} rank{'s' if metrics.world_size > 1 else ''})")
+        _mark_resumes(ax_tps, metrics)
+        ax_tps.legend(loc="lower right")
+    else:
+        _empty(ax_tps, "throughput", "no training steps logged")
+
+    if len(metrics.mfu):
+        ax_mfu.set_title("model FLOPs utilisation (PaLM convention)")
+        pct = Series(metrics.mfu.steps, [100 * v for v in metrics.mfu.values])
+        ax_mfu.plot(pct.steps, pct.values, color="C4", label="MFU")
+        _median_line(ax_mfu, pct, lambda v: f"{v:.1f}%")
+        ax_mfu.set_xlabel("step")
+        ax_mfu.set_ylabel("MFU (%)")
+        ax_mfu.set_ylim(0, 1.15 * max(pct.values))
+        _mark_resumes(ax_mfu, metrics)
+        ax_mfu.legend(loc="lower right")
+    elif len(metrics.step_time_s):  # no peak FLOP/s known (CPU, unknown GPU): step time instead
+        ax_mfu.set_gid("step_time")
+        ax_mfu.set_title("step time (no MFU: peak FLOP/s unknown; set train.peak_flops)")
+        ax_mfu.plot(metrics.step_time_s.steps, metrics.step_time_s.values, color="C4", label="step time")
+        _median_line(ax_mfu, metrics.step_time_s, lambda v: f"{v:.3f} s")
+        ax_mfu.set_xlabel("step")
+        ax_mfu.set_ylabel("seconds / optimizer step")
+        ax_mfu.set_ylim(0, 1.15 * max(metrics.step_time_s.values))
+        _mark_resumes(ax_mfu, metrics)
+        ax_mfu.legend(loc="lower right")
+    else:
+        _empty(ax_mfu, "model FLOPs utilisation", "no MFU logged: the device's peak FLOP/s is unknown")
+
+    if len(metrics.grad_norm) or len(metrics.lr):
+        ax_opt.set_title("gradient norm and learning rate")
+        if len(metrics.grad_norm):
+            ax_opt.plot(metrics.grad_norm.steps, metrics.grad_norm.values, color="C5", label="grad norm")
+        ax_opt.set_xlabel("step")
+        ax_opt.set_ylabel("global gradient norm (before clipping)")
+        ax_lr = ax_opt.twinx()
+        ax_lr.set_gid("lr")
+        if len(metrics.lr):
+            ax_lr.plot(metrics.lr.steps, metrics.lr.values, color="0.3", linestyle="--", label="lr")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.yaxis.set_major_formatter(_formatter(lambda v: f"{v:.1e}"))
+        ax_lr.set_ylim(bottom=0)
+        handles = ax_opt.get_legend_handles_labels()[0] + ax_lr.get_legend_handles_labels()[0]
+        ax_lr.legend(handles=handles, loc="center right", framealpha=0.9)
+    else:
+        _empty(ax_opt, "gradient norm and learning rate", "not logged")
+    return fig
+
+
+def summary(metrics: RunMetrics) -> list[str]:
+    """Plain-text lines to print next to the figure."""
+    lines = []
+    if len(metrics.loss):
+        lines.append(f"train loss: {metrics.loss.values[0]:.4f} → {metrics.loss.values[-1]:.4f} "
+                     f"(step {metrics.loss.steps[-1]})")  # fmt: skip
+    if len(metrics.valid_loss):
+        best = min(range(len(metrics.valid_loss)), key=lambda i: metrics.valid_loss.values[i])
+        lines.append(
+            f"valid loss: last {metrics.valid_loss.values[-1]:.4f}, best {metrics.valid_loss.values[best]:.4f} "
+            f"(step {metrics.valid_loss.steps[best]})"
+        )
+    if len(metrics.tokens_per_s):
+        steady = metrics.tokens_per_s.values[1:] or metrics.tokens_per_s.values
+        lines.append(
+            f"throughput: median {statistics.median(steady):,.0f} tokens/s (after the first interval)"
+        )
+    if len(metrics.mfu):
+        steady = metrics.mfu.values[1:] or metrics.mfu.values
+        lines.append(f"MFU: median {100 * statistics.median(steady):.1f}%")
+    if metrics.resumes:
+        lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
+    return lines
+
+
+def write_report(
+    run_dir: str | Path, output: str | Path | None = None, dpi: int = 110, metrics: RunMetrics | None = None
+) -> Path:
+    """Render RUN_DIR's metrics.jsonl to a PNG (default RUN_DIR/report.png); returns its path."""
+    from ds_train.report.series import load_run_metrics
+
+    run_dir = Path(run_dir)
+    metrics = metrics or load_run_metrics(run_dir)
+    fig = build_figure(metrics, title=f"{run_dir.resolve().name}: {run_dir}")
+    out = Path(output) if output else run_dir / "report.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    _figure_module().close(fig)
+    return out

@@ -1,0 +1,70 @@
+"""metrics.jsonl → the series a report plots, with resumes untangled.
+
+metrics.jsonl is appended across resumes, so the steps between a run's last checkpoint and its
+interruption appear twice: once from the interrupted attempt, once from the resumed one. The
+resumed attempt is what the checkpoint lineage continues from, so for each step the last record
+wins; the steps at which the file goes back in time are kept as resume points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ds_train.train.callbacks.metrics_file import read_metrics
+
+
+@dataclass
+class Series:
+    steps: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass
+class RunMetrics:
+    loss: Series
+    valid_loss: Series
+    tokens_per_s: Series
+    tokens_per_s_per_device: Series
+    mfu: Series
+    step_time_s: Series
+    grad_norm: Series
+    lr: Series
+    resumes: list[int]  # steps a resumed attempt restarted from
+    world_size: int | None
+
+
+TRAIN_KEYS = ("loss", "tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time_s", "grad_norm", "lr")
+
+
+def load_run_metrics(run_dir: str | Path) -> RunMetrics:
+    records = read_metrics(run_dir)
+    train: dict[int, dict] = {}
+    valid: dict[int, dict] = {}
+    resumes: list[int] = []
+    last_step = -1
+    for r in records:
+        step = int(r["step"])
+        if "loss" in r:
+            if step <= last_step:
+                resumes.append(step)
+            last_step = step
+            train[step] = r
+        elif "valid_loss" in r:
+            valid[step] = r
+    out = {k: Series() for k in TRAIN_KEYS}
+    for step in sorted(train):
+        for key in TRAIN_KEYS:
+            value = train[step].get(key)
+            if value is not None:
+                out[key].steps.append(step)
+                out[key].values.append(float(value))
+    valid_loss = Series()
+    for step in sorted(valid):
+        valid_loss.steps.append(step)
+        valid_loss.values.append(float(valid[step]["valid_loss"]))
+    world = next((train[s].get("world_size") for s in sorted(train, reverse=True)), None)
+    return RunMetrics(valid_loss=valid_loss, resumes=sorted(set(resumes)), world_size=world, **out)

@@ -1,0 +1,85 @@
+"""`ds-train report`: metrics.jsonl (resumes included) → a PNG with loss, throughput, MFU and
+optimizer panels holding the logged values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ds_train.report.plots import PANELS, build_figure, summary, write_report
+from ds_train.report.series import load_run_metrics
+from tests.helpers import run_cli
+
+
+def _train(step: int, loss: float, *, mfu: float | None = 0.4, tps: float = 1000.0) -> dict:
+    return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": tps,
+            "tokens_per_s_per_device": tps / 2, "step_time_s": 0.5, "mfu": mfu, "world_size": 2}  # fmt: skip
+
+
+def _write(run_dir, records) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def resumed_run(tmp_path):
+    """Steps 1-6 logged, a crash, a resume from the step-4 checkpoint that re-logs 5-6 and goes on."""
+    first = [_train(s, 10.0 - s) for s in range(1, 7)] + [{"step": 4, "valid_loss": 6.5, "valid_ppl": 665.0}]
+    second = [_train(s, 9.0 - s, tps=2000.0) for s in range(5, 9)] + [{"step": 8, "valid_loss": 1.5}]
+    _write(tmp_path / "run", first + second)
+    return tmp_path / "run"
+
+
+def test_series_keep_the_resumed_attempt_and_mark_the_resume(resumed_run):
+    m = load_run_metrics(resumed_run)
+    assert m.loss.steps == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert m.loss.values[4:] == [4.0, 3.0, 2.0, 1.0]  # steps 5-6 from the resumed attempt
+    assert m.tokens_per_s.values == [1000.0] * 4 + [2000.0] * 4
+    assert m.valid_loss.steps == [4, 8] and m.valid_loss.values == [6.5, 1.5]
+    assert m.resumes == [5]
+    assert m.world_size == 2
+
+
+def test_figure_has_every_panel_with_the_logged_values(resumed_run):
+    m = load_run_metrics(resumed_run)
+    fig = build_figure(m, "run")
+    axes = {ax.get_gid(): ax for ax in fig.axes}
+    assert set(PANELS) | {"lr"} == set(axes)
+    loss_lines = {line.get_label(): line for line in axes["loss"].get_lines()}
+    assert list(loss_lines["train"].get_ydata()) == m.loss.values
+    assert list(loss_lines["valid"].get_xdata()) == [4, 8]
+    assert "resumed" in loss_lines
+    tps = axes["throughput"].get_lines()[0]
+    assert list(tps.get_ydata()) == m.tokens_per_s.values
+    mfu = axes["mfu"].get_lines()[0]
+    assert list(mfu.get_ydata()) == pytest.approx([40.0] * 8)  # percent
+    assert axes["mfu"].get_ylabel() == "MFU (%)"
+    assert list(axes["optimizer"].get_lines()[0].get_ydata()) == [0.5] * 8
+
+
+def test_without_mfu_the_panel_shows_step_time(tmp_path):
+    _write(tmp_path, [_train(s, 5.0, mfu=None) for s in range(1, 4)])
+    fig = build_figure(load_run_metrics(tmp_path), "cpu run")
+    gids = {ax.get_gid() for ax in fig.axes}
+    assert "step_time" in gids and "mfu" not in gids
+    ax = next(ax for ax in fig.axes if ax.get_gid() == "step_time")
+    assert list(ax.get_lines()[0].get_ydata()) == [0.5, 0.5, 0.5]
+
+
+def test_write_report_writes_a_png(resumed_run, tmp_path):
+    out = write_report(resumed_run, tmp_path / "plots" / "r.png")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # four drawn panels, not a blank canvas
+    lines = summary(load_run_metrics(resumed_run))
+    assert lines[0] == "train loss: 9.0000 → 1.0000 (step 8)"
+    assert any(line.startswith("valid loss: last 1.5000, best 1.5000 (step 8)") for line in lines)
+    assert "MFU: median 40.0%" in lines
+
+
+def test_cli_report(resumed_run, tmp_path):
+    out = run_cli(["report", resumed_run]).stdout
+    assert (resumed_run / "report.png").stat().st_size > 20_000
+    assert f"wrote {resumed_run / 'report.png'}" in out
+    bad = run_cli(["report", tmp_path / "empty"], check=False)
+    assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
