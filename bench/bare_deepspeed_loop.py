@@ -1,8 +1,9 @@
 """The baseline for bench_trainer.py: the smallest correct DeepSpeed training loop.
 
 Same model (built from the same HF config), same DeepSpeed JSON (from ds_train's builder, so the
-ZeRO settings are identical), same batch shape; batches are pre-built tensors, so the baseline pays
-nothing for data loading. Launched per rank by torchrun; prints one JSON line with tokens/s.
+ZeRO settings are identical), same batch shape and the same rows ds-train reads (bench_rows.py),
+materialised before timing, so the baseline pays nothing for data loading. Launched per rank by
+torchrun; prints one JSON line with tokens/s.
 
     python -m torch.distributed.run --nproc_per_node 2 bench/bare_deepspeed_loop.py RUN.yaml STEPS WARMUP
 """
@@ -21,6 +22,7 @@ def main() -> None:
 
     quiet_deepspeed()
     import deepspeed
+    from bench_rows import rank_micro_batches
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -37,28 +39,39 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.model)
     hf_config = load_hf_config(cfg.model, tokenizer)
     torch.manual_seed(cfg.run.seed)
-    model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=cfg.model.attn_implementation,
-                                             dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(
+        hf_config, attn_implementation=cfg.model.attn_implementation, dtype=torch.float32
+    )
+    model.config.use_cache = False
+    if cfg.model.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    mb, gas = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
-    seq = int(sys.argv[4]) if len(sys.argv) > 4 else 128
-    g = torch.Generator().manual_seed(rank)
-    batches = [torch.randint(0, hf_config.vocab_size, (mb, seq + 1), generator=g) for _ in range(gas)]
-    t_start = None
+    micro = rank_micro_batches(cfg, world, rank, steps)
+    gas = ds_config["gradient_accumulation_steps"]
+    seq = micro[0].shape[1]
+    t_start = time.perf_counter()
     for step in range(steps):
         if step == warmup:
             t_start = time.perf_counter()
-        for b in batches:
+        for b in micro[step * gas : (step + 1) * gas]:
             b = b.to(engine.device)
-            loss = engine(input_ids=b[:, :-1], labels=b[:, 1:]).loss
+            loss = engine(input_ids=b, labels=b).loss  # HF shifts the labels itself
             engine.backward(loss)
             engine.step()
         torch.distributed.all_reduce(loss.detach())  # a logged loss, as any real loop has
     elapsed = time.perf_counter() - t_start
     tokens = (steps - warmup) * ds_config["train_batch_size"] * seq
     if rank == 0:
-        print(json.dumps({"system": "bare_deepspeed", "tokens_per_s": tokens / elapsed,
-                          "step_time_s": elapsed / (steps - warmup)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "system": "bare_deepspeed",
+                    "tokens_per_s": tokens / elapsed,
+                    "step_time_s": elapsed / (steps - warmup),
+                }
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,17 @@
-"""Trainer overhead: `ds-train pretrain` vs a bare deepspeed.initialize loop, side by side.
+"""Trainer overhead: `ds-train pretrain` vs a bare deepspeed.initialize loop vs the transformers
+Trainer, side by side in one invocation.
 
-Same model, global batch, micro-batch, ZeRO stage and DeepSpeed JSON; 2 ranks; runs alternate
-(bare, ours, bare, ours, ...) so machine noise hits both alike; the ratio of median tokens/s is
-what counts (goal ≥ 0.98). ds-train's figure comes from its own metrics.jsonl, excluding the first
-log interval (start-up, compile of DeepSpeed ops, first data fetch).
+Same model, rows, global batch, micro-batch, ZeRO stage and DeepSpeed JSON (ds_train's builder)
+for all; 2 ranks under torchrun. Within each repeat the systems run one after the other, in an
+order rotated every repeat, so machine noise and warm caches hit all of them alike; the ratio of
+median tokens/s is what counts (goals: ≥ 0.98× bare DeepSpeed, ≥ 1.05× the Trainer). Every system
+is timed by the wall clock over the same steps (WARMUP, STEPS] of its own loop.
 
-    .venv/bin/python bench/bench_trainer.py --stages 0 2 3 --repeats 3
+ds-train runs with model.document_masking=false by default, so all three do the same arithmetic
+(the baselines use the plain causal mask); `--masking-cost` adds a fourth system, ds-train with
+its default per-document masking, and reports its cost relative to ds-train without it.
+
+    .venv/bin/python bench/bench_trainer.py --stages 0 2 3 --repeats 3 --masking-cost
 """
 
 from __future__ import annotations
@@ -25,29 +31,67 @@ sys.path.insert(0, str(REPO))
 
 from tests.helpers import clean_env, free_port  # noqa: E402
 
+SCRIPTS = {
+    "bare": "bench/bare_deepspeed_loop.py",
+    "ds_train": "bench/ds_train_loop.py",
+    "ds_train_masked": "bench/ds_train_loop.py",
+    "hf_trainer": "bench/hf_trainer_loop.py",
+}
+
 
 def model_config(path: Path, hidden: int, layers: int) -> Path:
     cfg = json.loads((REPO / "configs/model/tiny-llama.json").read_text())
-    cfg.update(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-               num_attention_heads=max(2, hidden // 64), num_key_value_heads=max(1, hidden // 128))
+    cfg.update(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(2, hidden // 64),
+        num_key_value_heads=max(1, hidden // 128),
+    )
     path.write_text(json.dumps(cfg))
     return path
 
 
-def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *args]
+def run_config(args, model: Path, run_dir: Path, stage: int, masking: bool) -> dict:
+    return {
+        "run": {"output_dir": str(run_dir), "tensorboard": False, "seed": 1},
+        "model": {
+            "config": str(model),
+            "tokenizer": str(REPO / "configs/tokenizers/stdlib-bpe-4k"),
+            "document_masking": masking,
+            "activation_checkpointing": args.activation_checkpointing,
+        },
+        "data": {"train": f"{args.shards}/train", "num_workers": args.workers},
+        "train": {
+            "max_steps": args.steps,
+            "global_batch_size": args.global_batch,
+            "micro_batch_size": args.micro_batch,
+            "precision": args.precision,
+            "log_every": args.warmup,
+            "save_every": 0,
+            "eval_every": 0,
+        },
+        "zero": {"stage": stage},
+    }
+
+
+def launch(script: str, cfg_path: Path, steps: int, warmup: int, nproc: int) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        f"--master_port={free_port()}",
+        str(REPO / script),
+        str(cfg_path),
+        str(steps),
+        str(warmup),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(proc.stderr[-4000:])
-    return proc
-
-
-def run_ours(cfg_path: Path, run_dir: Path, warmup_logs: int) -> float:
-    torchrun(["-m", "ds_train", "pretrain", str(cfg_path)])
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "loss" in r][warmup_logs:]
-    tokens_per_step = train[0]["tokens_per_s"] * train[0]["step_time_s"]  # global batch × seq_len
-    return tokens_per_step / statistics.mean(r["step_time_s"] for r in train)
+        raise SystemExit(f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"system"')]
+    return json.loads(lines[-1])
 
 
 def main() -> None:
@@ -55,39 +99,74 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2, 3])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps (also ds-train's log interval)")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=0, help="data.num_workers (CPU ranks share 2 cores with workers)")
-    ap.add_argument("--document-masking", action="store_true", help="ds-train with per-document attention masks "
-                    "(more work than the bare loop's plain causal mask)")
-    ap.add_argument("--shards", default=str(REPO / "runs/demo/shards"), help="shard dir with train/ (seq_len 128)")
+    ap.add_argument("--global-batch", type=int, default=16)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data.num_workers; 0 on CPU, where a worker process would compete with the ranks for the cores",
+    )
+    ap.add_argument("--masking-cost", action="store_true", help="also run ds-train with document masking")
+    ap.add_argument("--shards", default=str(REPO / "runs/demo/shards"), help="shard dir with train/")
+    ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args()
-    warmup = 5
+    if args.steps % args.warmup:
+        ap.error("--steps must be a multiple of --warmup (ds-train logs every --warmup steps)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     model = model_config(tmp / "model.json", args.hidden, args.layers)
-    results = {}
+    systems = ["bare", "ds_train", "hf_trainer"] + (["ds_train_masked"] if args.masking_cost else [])
+    results: dict = {"args": vars(args), "stages": {}}
     for stage in args.stages:
-        ours, bare = [], []
+        runs: dict[str, list[dict]] = {s: [] for s in systems}
         for r in range(args.repeats):
-            run_dir = tmp / f"s{stage}_r{r}"
-            cfg = {"run": {"output_dir": str(run_dir), "tensorboard": False, "seed": 1},
-                   "model": {"config": str(model), "tokenizer": str(REPO / "configs/tokenizers/stdlib-bpe-4k"),
-                             "document_masking": args.document_masking},
-                   "data": {"train": f"{args.shards}/train", "num_workers": args.workers},
-                   "train": {"max_steps": args.steps, "global_batch_size": 16, "micro_batch_size": 4,
-                             "precision": "fp32", "log_every": warmup, "save_every": 0, "eval_every": 0},
-                   "zero": {"stage": stage}}
-            cfg_path = tmp / f"s{stage}_r{r}.yaml"
-            cfg_path.write_text(yaml.safe_dump(cfg))
-            out = torchrun([str(REPO / "bench/bare_deepspeed_loop.py"), str(cfg_path), str(args.steps), str(warmup)])
-            bare.append(json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"])
-            ours.append(run_ours(cfg_path, run_dir, warmup_logs=1))
-            print(f"stage {stage} repeat {r}: bare {bare[-1]:,.0f} tok/s, ds-train {ours[-1]:,.0f} tok/s", flush=True)
-        ratio = statistics.median(ours) / statistics.median(bare)
-        results[stage] = ratio
-        print(f"ZeRO-{stage}: ds-train / bare DeepSpeed = {ratio:.3f} "
-              f"(median {statistics.median(ours):,.0f} vs {statistics.median(bare):,.0f} tok/s)", flush=True)
-    print(json.dumps({"ratios": results}))
+            order = systems[r % len(systems) :] + systems[: r % len(systems)]
+            for system in order:
+                run_dir = tmp / f"s{stage}_r{r}_{system}"
+                cfg = run_config(args, model, run_dir, stage, masking=system == "ds_train_masked")
+                cfg_path = tmp / f"s{stage}_r{r}_{system}.yaml"
+                cfg_path.write_text(yaml.safe_dump(cfg))
+                runs[system].append(launch(SCRIPTS[system], cfg_path, args.steps, args.warmup, args.nproc))
+            line = ", ".join(f"{s} {runs[s][-1]['tokens_per_s']:,.0f}" for s in systems)
+            print(f"ZeRO-{stage} repeat {r}: {line} tok/s", flush=True)
+        med = {s: statistics.median(x["tokens_per_s"] for x in runs[s]) for s in systems}
+        ratios = {
+            "ds_train/bare": med["ds_train"] / med["bare"],
+            "ds_train/hf_trainer": med["ds_train"] / med["hf_trainer"],
+        }
+        if args.masking_cost:
+            ratios["masked/unmasked"] = med["ds_train_masked"] / med["ds_train"]
+        metrics_med = statistics.median(x["metrics_tokens_per_s"] for x in runs["ds_train"])
+        results["stages"][stage] = {"median_tokens_per_s": med, "ratios": ratios, "runs": runs}
+        print(
+            f"ZeRO-{stage}: median tok/s "
+            + ", ".join(f"{s} {v:,.0f}" for s, v in med.items())
+            + f" (ds-train's metrics.jsonl says {metrics_med:,.0f}) | "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()),
+            flush=True,
+        )
+    print(
+        "\n| ZeRO | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
+        + (" masking cost |" if args.masking_cost else "")
+    )
+    print("|---|---|---|---|---|---|" + ("---|" if args.masking_cost else ""))
+    for stage, res in results["stages"].items():
+        m, q = res["median_tokens_per_s"], res["ratios"]
+        row = (
+            f"| {stage} | {m['bare']:,.0f} | {m['ds_train']:,.0f} | {m['hf_trainer']:,.0f} | "
+            f"{q['ds_train/bare']:.3f} | {q['ds_train/hf_trainer']:.3f} |"
+        )
+        if args.masking_cost:
+            row += f" {q['masked/unmasked']:.3f}× |"
+        print(row)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,85 @@
+"""ds-train's side of bench_trainer.py and gpu_bench.py: exactly `ds-train pretrain`, plus a clock.
+
+`ds-train pretrain RUN.yaml [overrides]` is `pretrain.run(load_config(RUN.yaml, overrides))`; this
+runs the same function with one more callback that reads the wall clock at the end of step WARMUP
+and of step STEPS, the window the baselines time. That clock includes everything ds-train does
+between steps (its per-step collective, the loader, the log intervals' reductions and metrics
+writes), which the per-interval `tokens_per_s` in metrics.jsonl leaves out by construction (it
+times steps, not logging). Both are printed; the comparisons use the wall clock.
+
+--compile calls DeepSpeed's `engine.compile()` (torch.compile of the model) before the first step,
+a variant for gpu_bench.py; on a GPU the peak allocated/reserved memory is reported too.
+
+    python -m torch.distributed.run --nproc_per_node 2 bench/ds_train_loop.py RUN.yaml STEPS WARMUP [--compile] [a.b=c ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    from ds_train.distributed.engine import quiet_deepspeed
+
+    quiet_deepspeed()
+    import torch
+
+    from ds_train.config import load_config
+    from ds_train.train import pretrain
+    from ds_train.train.callbacks.base import Callback
+    from ds_train.train.callbacks.metrics_file import read_metrics
+
+    path, steps, warmup, *rest = sys.argv[1:]
+    steps, warmup = int(steps), int(warmup)
+    compile_model = "--compile" in rest
+    cfg = load_config(path, [x for x in rest if x != "--compile"])
+    if cfg.train.max_steps != steps:
+        raise SystemExit(f"train.max_steps={cfg.train.max_steps} but STEPS={steps}")
+
+    class Clock(Callback):
+        start = end = 0.0
+        tokens_per_step = 0
+
+        def on_train_start(self, trainer) -> None:
+            if compile_model:
+                trainer.engine.compile()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, trainer) -> None:
+            if trainer.step == warmup:
+                self.start = time.perf_counter()
+                self.tokens_per_step = trainer.layout.global_batch_size * trainer.s.seq_len
+            if trainer.step == steps:
+                self.end = time.perf_counter()
+
+    clock = Clock()
+    code = pretrain.run(cfg, extra_callbacks=(clock,))
+    if code:
+        raise SystemExit(code)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    elapsed = clock.end - clock.start
+    records = [r for r in read_metrics(Path(cfg.run.output_dir)) if "loss" in r and r["step"] > warmup]
+    result = {
+        "system": "ds_train",
+        "tokens_per_s": (steps - warmup) * clock.tokens_per_step / elapsed,
+        "step_time_s": elapsed / (steps - warmup),
+        # What metrics.jsonl says for the same steps (log intervals after the first).
+        "metrics_tokens_per_s": clock.tokens_per_step / statistics.mean(r["step_time_s"] for r in records),
+        "mfu": statistics.median(r["mfu"] for r in records) if records[0].get("mfu") is not None else None,
+        "loss": records[-1]["loss"],
+    }
+    if torch.cuda.is_available():
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

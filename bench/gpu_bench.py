@@ -1,0 +1,259 @@
+"""One-GPU throughput and MFU of `ds-train pretrain` on a ~1B Llama, and what each knob is worth.
+
+Self-contained and offline: synthetic shards (random tokens of the repo's tokenizer, documents of
+geometric length ~1,000 tokens separated by EOS) are written locally, the model is
+configs/model/llama-1b.json with its vocabulary padded to 32,768 (a Llama-2-sized embedding and
+LM head; the repo's tokenizer has 4,096 tokens), bf16, sequence length 2048, ZeRO-2. Every variant
+changes one thing from the baseline and runs as its own process (fresh CUDA context); tokens/s is
+the wall clock over the steps after warm-up, MFU = FLOPs/token × tokens/s / 989 TFLOP/s (PaLM
+FLOPs per token, attention term not halved: ds_train/model/flops.py). At the end, the knobs that
+beat the baseline by more than 1% without changing what is trained (document masking off does)
+are combined into a "tuned" run.
+
+    bench/gpu.sh                       # all variants (≈ 2 min each on an H100)
+    VARIANTS="baseline no_doc_mask compile" bench/gpu.sh
+    GPU_BENCH_TOY=1 bench/gpu.sh       # CPU smoke test: tiny model, seq 128, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import clean_env, free_port  # noqa: E402
+
+H100_BF16_PEAK = 989e12
+TOKENIZER = REPO / "configs/tokenizers/stdlib-bpe-4k"
+
+
+@dataclass
+class Variant:
+    name: str
+    knob: str  # variants sharing a knob are alternatives; the tuned run takes the best of each
+    what: str
+    overrides: list[str] = field(default_factory=list)
+    compile: bool = False
+    needs: str | None = None  # an importable module the variant needs (else skipped)
+    same_math: bool = True  # False: changes what is trained (kept out of the tuned combination)
+
+
+def variants(micro: int) -> list[Variant]:
+    return [
+        Variant("baseline", "-", f"ds-train defaults: ZeRO-2, sdpa, document masking, micro {micro}"),
+        Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
+                ["model.document_masking=false"], same_math=False),
+        Variant("flash_attn2", "attn", "attn_implementation=flash_attention_2 (varlen packing)",
+                ["model.attn_implementation=flash_attention_2"], needs="flash_attn"),
+        Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
+        Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
+        Variant("buckets_2e8", "buckets", "reduce/allgather buckets 2e8 elements (default 5e8)",
+                ["zero.reduce_bucket_size=200000000", "zero.allgather_bucket_size=200000000"]),
+        Variant("buckets_1e9", "buckets", "reduce/allgather buckets 1e9 elements",
+                ["zero.reduce_bucket_size=1000000000", "zero.allgather_bucket_size=1000000000"]),
+        Variant("no_contiguous_grads", "contiguous", "zero.contiguous_gradients=false",
+                ["zero.contiguous_gradients=false"]),
+        Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
+                ['zero.ds_config_overrides={"optimizer": {"params": {"fused": false}}}']),
+        Variant(f"micro_{micro // 2}", "micro", f"train.micro_batch_size={micro // 2}",
+                [f"train.micro_batch_size={micro // 2}"]),
+        Variant(f"micro_{micro * 2}", "micro", f"train.micro_batch_size={micro * 2}",
+                [f"train.micro_batch_size={micro * 2}"]),
+        Variant("act_ckpt", "ckpt", f"activation checkpointing, micro {micro * 2}",
+                ["model.activation_checkpointing=true", f"train.micro_batch_size={micro * 2}"]),
+        Variant("compile", "compile", "torch.compile via DeepSpeed engine.compile()", compile=True),
+    ]  # fmt: skip
+
+
+def synthetic_shards(out: Path, *, rows: int, seq_len: int, seed: int = 0) -> Path:
+    """Real ds-train shards (the sharder's writer and manifest) of random tokens."""
+    from transformers import AutoTokenizer
+
+    from ds_train.data.shard_format import (
+        MANIFEST,
+        token_dtype,
+        tokenizer_fingerprint,
+        write_manifest,
+        write_shard,
+    )
+
+    if (out / MANIFEST).exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    rng = np.random.default_rng(seed)
+    dtype = token_dtype(len(tok))
+    block = rng.integers(0, len(tok), size=(rows, seq_len + 1)).astype(dtype)
+    block[block == tok.eos_token_id] = 1
+    starts = []
+    for r in range(rows):
+        cuts = np.cumsum(rng.geometric(1 / 1000, size=16))
+        cuts = cuts[cuts < seq_len + 1].tolist()
+        block[r, cuts] = tok.eos_token_id
+        starts.append([0] + [c + 1 for c in cuts if c + 1 <= seq_len])
+    per_shard = max(1, rows // 4)
+    stats = [
+        write_shard(out, f"train-{i:06d}.tar", block[lo : lo + per_shard], starts[lo : lo + per_shard], 64)
+        for i, lo in enumerate(range(0, rows, per_shard))
+    ]
+    write_manifest(out, split="train", seq_len=seq_len, dtype=dtype, tokenizer=tokenizer_fingerprint(tok),
+                   shards=stats)  # fmt: skip
+    return out
+
+
+def base_config(args, tmp: Path, shards: Path) -> dict:
+    toy = args.toy
+    return {
+        "run": {"output_dir": str(tmp / "run"), "seed": 1, "tensorboard": False},
+        "model": {
+            "config": str(REPO / ("configs/model/tiny-llama.json" if toy else "configs/model/llama-1b.json")),
+            "tokenizer": str(TOKENIZER),
+            "pad_vocab_multiple": 128 if toy else 32768,
+        },
+        "data": {"train": str(shards), "num_workers": 0 if toy else 2},
+        "train": {
+            "max_steps": args.steps,
+            "global_batch_size": args.global_batch,
+            "micro_batch_size": args.micro,
+            "precision": "fp32" if toy else "bf16",
+            "log_every": args.warmup,
+            "save_every": 0,
+            "eval_every": 0,
+            "warmup_steps": 2,
+            # Toy mode: a nominal 1 TFLOP/s so the MFU arithmetic runs end to end (not a CPU figure).
+            "peak_flops": 1e12 if toy else H100_BF16_PEAK,
+        },
+        "zero": {"stage": 2},
+    }
+
+
+def run_variant(args, cfg_path: Path, v: Variant, extra: list[str], run_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+           str(REPO / "bench/ds_train_loop.py"), str(cfg_path), str(args.steps), str(args.warmup),
+           *(["--compile"] if v.compile else []), f"run.output_dir={run_dir}", *extra]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    if proc.returncode:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    return json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"system"')))
+
+
+def describe(r: dict, base: dict | None) -> str:
+    if "error" in r:
+        return f"FAILED ({r['error'].splitlines()[-1][:120]})"
+    mfu = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "  n/a"
+    delta = (
+        f"{r['tokens_per_s'] / base['tokens_per_s'] - 1:+6.1%}" if base and "error" not in base else "     -"
+    )
+    mem = f"{r['peak_allocated_gib']:6.1f} GiB" if "peak_allocated_gib" in r else "     -"
+    return f"{r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {delta}  peak {mem}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--toy", action="store_true", help="CPU smoke test (tiny model, seq 128, fp32)")
+    ap.add_argument("--variants", nargs="*", help="names to run (default: all; baseline always runs)")
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--micro", type=int)
+    ap.add_argument("--global-batch", type=int)
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--no-tuned", action="store_true", help="skip the combined 'tuned' run")
+    ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--workdir", help="shards and runs (default: a temporary directory)")
+    args = ap.parse_args()
+    toy = args.toy
+    args.seq_len = args.seq_len or (128 if toy else 2048)
+    args.micro = args.micro or (2 if toy else 4)
+    args.global_batch = args.global_batch or (8 if toy else 64)
+    args.steps = args.steps or (12 if toy else 20)
+    args.warmup = args.warmup or (4 if toy else 5)
+    if args.steps % args.warmup:
+        ap.error("--steps must be a multiple of --warmup (the log interval)")
+
+    tmp = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_bench_"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    rows = max(4 * args.global_batch, args.global_batch * args.steps // 4)
+    shards = synthetic_shards(tmp / f"shards_{args.seq_len}", rows=rows, seq_len=args.seq_len)
+    cfg_path = tmp / "base.yaml"
+    cfg_path.write_text(yaml.safe_dump(base_config(args, tmp, shards)))
+
+    all_variants = variants(args.micro)
+    wanted = set(args.variants or [v.name for v in all_variants]) | {"baseline"}
+    if toy and not args.variants:
+        wanted = {"baseline", "no_doc_mask", "zero1", f"micro_{args.micro * 2}", "act_ckpt"}
+    print(f"device: {_device()} | seq_len {args.seq_len}, global batch {args.global_batch}, "
+          f"{args.steps} steps ({args.warmup} warm-up) | work dir {tmp}", flush=True)  # fmt: skip
+    results: dict[str, dict] = {}
+    for v in all_variants:
+        if v.name not in wanted:
+            continue
+        if v.needs and not _importable(v.needs):
+            results[v.name] = {"skipped": f"{v.needs} is not installed"}
+            print(f"{v.name:<20} skipped: {v.needs} is not installed", flush=True)
+            continue
+        r = run_variant(args, cfg_path, v, v.overrides, tmp / f"run_{v.name}")
+        results[v.name] = {
+            **r,
+            "what": v.what,
+            "knob": v.knob,
+            "overrides": v.overrides,
+            "compile": v.compile,
+        }
+        base = results["baseline"] if v.name != "baseline" else None
+        print(f"{v.name:<20} {describe(r, base)}   {v.what}", flush=True)
+
+    base = results["baseline"]
+    if not args.no_tuned and "error" not in base:
+        best: dict[str, Variant] = {}
+        gains: dict[str, float] = {}
+        for v in all_variants:
+            r = results.get(v.name, {})
+            if v.knob == "-" or not v.same_math or "tokens_per_s" not in r:
+                continue
+            gain = r["tokens_per_s"] / base["tokens_per_s"] - 1
+            if gain > 0.01 and gain > gains.get(v.knob, 0):
+                best[v.knob], gains[v.knob] = v, gain
+        if best:
+            chosen = list(best.values())
+            overrides = [o for v in chosen for o in v.overrides]
+            tuned = Variant("tuned", "-", " + ".join(v.name for v in chosen), overrides,
+                            compile=any(v.compile for v in chosen))  # fmt: skip
+            r = run_variant(args, cfg_path, tuned, overrides, tmp / "run_tuned")
+            results["tuned"] = {**r, "what": tuned.what, "overrides": overrides, "compile": tuned.compile}
+            print(f"{'tuned':<20} {describe(r, base)}   {tuned.what}", flush=True)
+    peak = "nominal 1 TFLOP/s (toy: not a real MFU)" if toy else "989 TFLOP/s dense bf16"
+    print(f"MFU against {peak}; deltas are tokens/s vs baseline in this invocation")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"args": vars(args), "device": _device(), "results": results}, indent=1)
+        )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    return f"CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+if __name__ == "__main__":
+    main()
