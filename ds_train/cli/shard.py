@@ -55,7 +55,8 @@ def register(sub) -> None:
         "--piece-size",
         type=parse_size,
         default=None,
-        help="bytes of input per unit of parallel work (default 16MB; does not change the output)",
+        help="bytes of input per unit of parallel work (default: 1/256 of the input within 1-16MB; "
+        "does not change the output)",
     )
     p.add_argument("--task-index", type=int, default=None, help="Slurm array mode: this task's index")
     p.add_argument("--num-tasks", type=int, default=None, help="Slurm array mode: number of tasks")

@@ -17,7 +17,9 @@ from pathlib import Path
 COMPRESSIONS = {".gz", ".bz2", ".xz", ".zst"}
 LINE_FORMATS = {".jsonl", ".ndjson", ".txt"}
 DATASETS_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-DEFAULT_PIECE_BYTES = 16 << 20
+MAX_PIECE_BYTES = 16 << 20
+MIN_PIECE_BYTES = 1 << 20
+PIECES_PER_CORPUS = 256  # enough pieces to keep every worker busy to the end
 
 
 class CorpusError(ValueError):
@@ -110,10 +112,17 @@ def is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
-def plan_pieces(inputs: list[str], piece_bytes: int = DEFAULT_PIECE_BYTES) -> list[Piece]:
-    """All pieces of `inputs`, in stream order; reads file sizes and parquet/arrow metadata only."""
+def plan_pieces(inputs: list[str], piece_bytes: int | None = None) -> list[Piece]:
+    """All pieces of `inputs`, in stream order; reads file sizes and parquet/arrow metadata only.
+
+    By default a piece is 1/256 of the local input bytes, within [1 MB, 16 MB]: a function of
+    the inputs alone (never of the worker count), small enough that workers finish together."""
+    paths = expand_inputs(inputs)
+    if piece_bytes is None:
+        total = sum(os.path.getsize(p) for p in paths if not is_remote(p) and Path(p).is_file())
+        piece_bytes = min(MAX_PIECE_BYTES, max(MIN_PIECE_BYTES, total // PIECES_PER_CORPUS))
     pieces: list[Piece] = []
-    for path in expand_inputs(inputs):
+    for path in paths:
         for kind, start, stop in _slices(path, piece_bytes):
             pieces.append(Piece(len(pieces), path, kind, start, stop))
     return pieces

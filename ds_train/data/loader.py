@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import multiprocessing
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -190,11 +191,17 @@ def make_loader(
 ) -> Iterable[dict]:
     """A DataLoader over micro-batch numbers: endless for training, `num_micro_batches` for eval.
 
-    With workers, each batch crosses to this process as one packed tensor (batch_transfer.py)."""
+    With workers, each batch crosses to this process as one packed tensor (batch_transfer.py).
+    Workers are forked explicitly: spawn/forkserver (the default in processes started by
+    torch.multiprocessing.spawn, and from Python 3.14 on) would pickle the plan — megabytes for a
+    100,000-shard set — into every worker and re-import torch there, seconds before the first batch.
+    """
     sampler = _Endless() if num_micro_batches is None else _Finite(num_micro_batches)
     kwargs: dict = {}
     if num_workers > 0:
         kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False, "collate_fn": pack_batch}
+        if "fork" in multiprocessing.get_all_start_methods():
+            kwargs["multiprocessing_context"] = "fork"
     loader = DataLoader(
         dataset,
         batch_size=None,

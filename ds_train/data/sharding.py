@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_train.data.corpus_pieces import DEFAULT_PIECE_BYTES, CorpusError, Piece, plan_pieces
+from ds_train.data.corpus_pieces import CorpusError, Piece, plan_pieces
 from ds_train.data.packing import cut_rows, effective_pad, packed_row_count, row_doc_starts
 from ds_train.data.piece_tokenizer import BatchEncoder, done_marker, is_valid_doc, tokenize_piece
 from ds_train.data.remote import is_remote, with_retries
@@ -68,7 +68,7 @@ class ShardOptions:
     member_bytes: int = 1 << 20
     progress: bool = True
     workers: int = 1
-    piece_bytes: int = DEFAULT_PIECE_BYTES  # the unit of parallel work; does not change the output
+    piece_bytes: int | None = None  # the unit of parallel work (None: automatic); never changes the output
     keep_work: bool = False
 
     def rows_per(self, row_bytes: int) -> tuple[int, int]:
