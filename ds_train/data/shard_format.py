@@ -2,8 +2,8 @@
 
 A shard `train-000012.tar` holds members `<key>.tokens.npy` (a 2-D array of packed rows,
 `[rows, seq_len + 1]`, uint16 or uint32) and `<key>.json` (the document boundaries of those rows:
-for each row, the columns where a document starts). Many rows per member keep tar overhead
-negligible; any webdataset or `tar` user can read the files.
+for each row, the input columns 0 ≤ c < seq_len where a document starts). Many rows per member
+keep tar overhead negligible; any webdataset or `tar` user can read the files (docs/data.md).
 
 `index.json` beside the shards is the manifest: per shard its rows, tokens, documents, bytes and
 sha256, plus the seq_len, dtype and tokenizer fingerprint of the whole set. It is the only listing

@@ -3,8 +3,8 @@
 Accepted forms of `data.train` / `data.valid` entries:
 - a directory holding `index.json`, or the path of an `index.json`
 - a brace pattern `dir/train-{000000..000099}.tar` (the manifest beside it, restricted to those)
-- `http(s)://host/dir` or `s3://bucket/dir` (the manifest at `<dir>/index.json`), or a brace
-  pattern under such a URL
+- `http(s)://host/dir`, `s3://bucket/dir` or any fsspec URL (the manifest at `<dir>/index.json`),
+  or a brace pattern under such a URL
 - `pipe:COMMAND` where COMMAND writes the named file to stdout and contains `{shard}`, e.g.
   `pipe:aws s3 cp s3://bucket/corpus/{shard} -`; the manifest is read with {shard}=index.json.
 
