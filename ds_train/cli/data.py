@@ -87,6 +87,8 @@ def order(args: argparse.Namespace) -> int:
 
 
 def show(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from ds_train.data.loader import global_batch_positions
     from ds_train.data.reader import RowReader
     from ds_train.model.build import load_tokenizer
@@ -95,7 +97,8 @@ def show(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.model)
     positions = global_batch_positions(args.step, layout)
     source, shard, row = plan.locate(positions)
-    rows, _ = RowReader(plan.sources, cfg.data.cache_dir).read(source, shard, row)
+    cache = cfg.data.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")  # as pretraining
+    rows, _ = RowReader(plan.sources, cache).read(source, shard, row)
     for p, a, b, r, tokens in zip(positions, source, shard, row, rows):
         text = tokenizer.decode(tokens[:-1].tolist())
         if args.max_chars:
