@@ -9,6 +9,8 @@ Systems (every repeat runs all of them in a rotated order; medians count):
 - `shard_2`: the same with 2 worker processes
 All run with TOKENIZERS_PARALLELISM=false, so a worker is one core and `encode_*` is one core too.
 Goals: shard_1 ≥ 0.8× encode (the tokenizer's batch encode), shard_2 ≥ 1.8× shard_1.
+Ratios are printed for the medians and for the best repeat of each system: on a machine shared
+with other work the best repeat is the one least disturbed (2 workers need 2 idle cores).
 
     .venv/bin/python bench/bench_sharding.py --mb 32 --repeats 3
 """

@@ -80,7 +80,7 @@ def _iter_lines(piece: Piece, text_field: str) -> Iterator[str]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))  # str: skips json's encoding sniffing
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 msg = getattr(e, "msg", str(e))
                 raise CorpusError(f"{piece.path}: line at byte {where}: not valid JSON ({msg})") from None
