@@ -67,7 +67,11 @@ def test_sft_from_pretrain_run_dir_and_exact_resume(tmp_path, pretrained, sft_da
     # the pretraining checkpoint was converted without a manual step, weights intact
     ref = latest_checkpoint(pretrained / "checkpoints")
     expected = get_fp32_state_dict_from_zero_checkpoint(str(ref.root), tag=ref.tag)
-    converted = load_file(str(straight / "base_model" / "model.safetensors"))
+    converted = {
+        k: v
+        for f in sorted((straight / "base_model").glob("*.safetensors"))
+        for k, v in load_file(str(f)).items()
+    }
     for name, tensor in expected.items():
         assert torch.equal(converted[name], tensor), name
     # (and the run compared what it loaded with these files: verify_loaded_weights)
