@@ -99,3 +99,17 @@ def test_verify_finds_corrupt_and_missing_shards(shards, tmp_path, capsys):
     assert f"BAD {names[0]}: sha256" in report and f"BAD {names[1]}: missing" in report
     assert main(["data", "verify", str(out), "--no-checksums"]) == 1
     assert f"BAD {names[0]}" not in capsys.readouterr().out
+
+
+def test_order_of_a_weighted_mixture_names_the_source(tmp_path, shards, capsys):
+    cfg = base_config(tmp_path / "run", shards)
+    cfg["data"]["train"] = [
+        {"path": str(shards / "train"), "weight": 3},
+        {"path": str(shards / "valid"), "weight": 1},
+    ]
+    path = write_config(tmp_path / "mix.yaml", cfg)
+    out = run(capsys, "data", "order", path, "--steps", 5)
+    ids = [x for line in out.splitlines() for x in line.split()[2:]]
+    sources = [x.split(":")[0] for x in ids]
+    assert len(ids) == 40 and sources.count("1") == 10 and sources.count("0") == 30
+    assert all(x.split(":")[1].startswith("valid-") for x in ids if x.startswith("1:"))
