@@ -22,6 +22,7 @@ COMMANDS = [
     "demo",
     "plan",
     "report",
+    "slurm",
 ]
 
 
