@@ -27,6 +27,7 @@ HF_CONFIG_DIR = "hf_config"  # config.json (+ generation_config.json) of the mod
 TOKENIZER_DIR = "tokenizer"  # the run's tokenizer files
 LATEST = "latest"
 PARTIAL_SUFFIX = ".partial"
+UNIVERSAL_SUFFIX = ".universal"  # a copy in DeepSpeed's universal format, for resuming on another world size
 TAG_RE = re.compile(r"^step_(\d{8})$")
 
 

@@ -18,6 +18,7 @@ from ds_train.checkpoint.layout import (
     LATEST,
     PARTIAL_SUFFIX,
     STATE_FILE,
+    UNIVERSAL_SUFFIX,
     CheckpointRef,
     checkpoints_dir,
     complete_checkpoints,
@@ -113,6 +114,10 @@ class CheckpointManager:
         refs = complete_checkpoints(self.root)
         for ref in refs[: max(0, len(refs) - self.keep_last)]:
             shutil.rmtree(ref.path, ignore_errors=True)
+        # A universal copy made to resume on another world size is not needed once this run has
+        # written a checkpoint of its own.
+        for p in self.root.glob(f"*{UNIVERSAL_SUFFIX}"):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _rng_state() -> dict:

@@ -128,8 +128,12 @@ def build_deepspeed_config(cfg: Config, data_parallel_size: int) -> dict:
     return ds
 
 
+def with_universal_loading(ds_config: dict) -> dict:
+    """The same config, telling DeepSpeed to load a universal (world-size free) checkpoint."""
+    return {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+
+
 def _offload(device: str, nvme_path: str | None, on_gpu: bool) -> dict:
     if device == "cpu":
         return {"device": "cpu", "pin_memory": on_gpu}
     return {"device": "nvme", "nvme_path": nvme_path, "pin_memory": on_gpu}
-

@@ -65,8 +65,13 @@ def init_distributed(launch: LaunchEnv, timeout_s: int) -> DistributedContext:
     return DistributedContext(launch=launch, device=device, backend=backend)
 
 
-def shutdown() -> None:
+def shutdown(*, wait_for_peers: bool = False) -> None:
+    """Destroy the process group. After a clean run, ranks first meet at a barrier: a rank tearing
+    gloo down while a peer is still in its last collective can abort the peer at exit
+    ("terminate called without an active exception"). After an error, nobody waits."""
     if dist.is_initialized():
+        if wait_for_peers:
+            barrier()
         dist.destroy_process_group()
 
 

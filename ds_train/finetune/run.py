@@ -51,9 +51,12 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
     try:
-        return _run(cfg, ctx, pre, extra_callbacks)
-    finally:
+        code = _run(cfg, ctx, pre, extra_callbacks)
+    except BaseException:
         shutdown()
+        raise
+    shutdown(wait_for_peers=True)
+    return code
 
 
 def build_objective(cfg: Config, pre: FinetunePreflight):

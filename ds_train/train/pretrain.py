@@ -96,12 +96,6 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             objective=cfg.model.objective,
             global_batch_size=cfg.train.global_batch_size,
         )
-        if state.get("world_size") not in (None, launch.world_size):
-            raise ConfigError(
-                f"{ref.path} was written by {state['world_size']} ranks and this run has {launch.world_size}: "
-                f"reshard it first with `ds-train convert reshard {ref.path} <new_run_dir>/checkpoints "
-                f"--world-size {launch.world_size}`"
-            )
     return Preflight(launch, layout, tokenizer, hf_config, ref)
 
 
@@ -111,9 +105,12 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
     try:
-        return _run(cfg, ctx, pre, extra_callbacks)
-    finally:
+        code = _run(cfg, ctx, pre, extra_callbacks)
+    except BaseException:
         shutdown()
+        raise
+    shutdown(wait_for_peers=True)
+    return code
 
 
 def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) -> int:

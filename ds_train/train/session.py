@@ -21,7 +21,7 @@ from ds_train.checkpoint.compat import fingerprint, model_signature
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.config import Config, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
-from ds_train.distributed.deepspeed_config import resolve_precision
+from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
 from ds_train.distributed.engine import DistributedContext, build_engine
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.train.callbacks.base import Callback
@@ -57,6 +57,13 @@ def build_trainer(
     model = parts.model
     n_params, n_embed = count_params(model)
     fpt = flops_per_token(model, parts.seq_len)
+    resume_from = pre.resume_from
+    if resume_from is not None:  # another world size: resume through DeepSpeed's universal format
+        from ds_train.convert.reshard import elastic_resume
+
+        resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main)
+        if universal:
+            ds_config = with_universal_loading(ds_config)
     engine = build_engine(
         model,
         param_groups(model, cfg.train.weight_decay),
@@ -67,8 +74,8 @@ def build_trainer(
     )
     checkpoints = CheckpointManager(cfg.run.output_dir, ctx, cfg.train.keep_last)
     start_step = 0
-    if pre.resume_from is not None:
-        start_step = checkpoints.load(engine, pre.resume_from)["step"]
+    if resume_from is not None:
+        start_step = checkpoints.load(engine, resume_from)["step"]
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(

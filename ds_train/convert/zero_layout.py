@@ -1,0 +1,251 @@
+"""Where every tensor of a DeepSpeed ZeRO checkpoint lives, read from metadata only.
+
+The plan is a list of `TensorPlan`s: each full tensor is the concatenation of `Piece`s (file, byte
+offset, element count), trimmed to its size. Nothing is read but the pickled metadata; the
+tensors of the rank files stay memory-mapped and untouched, so planning a 70B checkpoint costs
+megabytes.
+
+Layouts (as in DeepSpeed's own zero_to_fp32.py, which reads them into memory instead):
+- ZeRO-1/2 (and bf16 at stage 0): per param group, the full fp32 vector is the concatenation of
+  every rank's equal-size partition (`single_partition_of_fp32_groups`); parameters follow each
+  other in `param_shapes` order, separated by optional alignment paddings.
+- ZeRO-3: each rank's flat fp32 groups, concatenated, hold `ceil(numel / W)` elements of every
+  parameter in order; a parameter is the concatenation of its slice from every rank, trimmed.
+- ZeRO-0 in fp32: the model-states file holds the full weights (they are the master copy).
+Frozen parameters (their fragments) and persistent buffers live in the model-states files in
+their own dtypes; tied parameters are listed in `shared_params` and written once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ds_train.convert.safe_load import CheckpointError, FileOffsets, load_checkpoint_file
+
+__all__ = ["CheckpointError", "ZeroCheckpoint", "read_zero_checkpoint"]
+
+
+@dataclass(frozen=True)
+class Piece:
+    file: str
+    offset: int  # bytes
+    numel: int
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # dtype of the pieces on disk
+    pieces: list[Piece]
+    kind: str  # "trainable" | "frozen" | "buffer"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ZeroCheckpoint:
+    path: Path
+    stage: int
+    world_size: int
+    tensors: list[TensorPlan]
+    tied: dict[str, str] = field(default_factory=dict)  # alias → the name that is written
+
+
+def rank_sorted(paths: list[str]) -> list[str]:
+    def key(p: str) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(p))]
+
+    return sorted(paths, key=key)
+
+
+def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
+    """Plan the consolidation of the checkpoint in `tag_dir` (the directory holding the rank files)."""
+    tag_dir = Path(tag_dir)
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {tag_dir}")
+    model_files = rank_sorted(glob.glob(str(tag_dir / "*model_states.pt")))
+    optim_files = rank_sorted(glob.glob(str(tag_dir / "*optim_states.pt")))
+    if not model_files:
+        raise CheckpointError(f"{tag_dir}: no *model_states.pt file (not a DeepSpeed checkpoint?)")
+    _check_recorded_sizes(tag_dir, model_files + optim_files)
+
+    model0 = load_checkpoint_file(model_files[0])
+    if "buffer_names" not in model0 or "module" not in model0:
+        raise CheckpointError(f"{model_files[0]}: not a DeepSpeed model-states file")
+    stage = int(((model0.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+    world = int(model0.get("dp_world_size") or 1)
+    tied = {alias: src for alias, src in (model0.get("shared_params") or {}).items()}
+
+    if stage == 3:
+        _expect_rank_files(tag_dir, model_files, world, "model_states")
+        _expect_rank_files(tag_dir, optim_files, world, "optim_states")
+        tensors = _plan_zero3(model_files, optim_files, world)
+    elif optim_files and _has_fp32_partitions(optim_files[0]):
+        _expect_rank_files(tag_dir, optim_files, world, "optim_states")
+        tensors = _plan_zero12(model_files[0], optim_files)
+    else:
+        tensors = _plan_full_module(model_files[0], model0)
+    return ZeroCheckpoint(path=tag_dir, stage=stage, world_size=world, tensors=tensors, tied=tied)
+
+
+def _check_recorded_sizes(tag_dir: Path, files: list[str]) -> None:
+    """ds_train records every file's size when a checkpoint completes; a shorter file is truncated."""
+    state = tag_dir / "ds_train_state.json"
+    if not state.is_file():
+        return
+    recorded = json.loads(state.read_text()).get("files", {})
+    for name, size in recorded.items():
+        path = tag_dir / name
+        if not name.endswith(".pt") or "rng/" in name:
+            continue
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (the checkpoint recorded it, {size} bytes)")
+        if path.stat().st_size != size:
+            raise CheckpointError(
+                f"{path}: truncated or modified ({path.stat().st_size} bytes, recorded {size})"
+            )
+
+
+def _expect_rank_files(tag_dir: Path, files: list[str], world: int, kind: str) -> None:
+    if len(files) != world:
+        have = ", ".join(os.path.basename(f) for f in files) or "none"
+        raise CheckpointError(
+            f"{tag_dir}: expected {world} *{kind}.pt rank files (one per rank), found {len(files)}: {have}"
+        )
+    for r, f in enumerate(files):
+        if f"_rank_{r}_" not in os.path.basename(f):
+            raise CheckpointError(f"{tag_dir}: the {kind} file of rank {r} is missing")
+
+
+def _has_fp32_partitions(optim_file: str) -> bool:
+    osd = load_checkpoint_file(optim_file).get("optimizer_state_dict", {})
+    return "single_partition_of_fp32_groups" in osd
+
+
+def _open(path: str) -> tuple[dict, FileOffsets]:
+    loaded = load_checkpoint_file(path)
+    return loaded, FileOffsets(path, loaded)
+
+
+def _piece(offsets: FileOffsets, tensor: torch.Tensor, start: int, count: int) -> Piece:
+    return Piece(offsets.path, offsets.offset(tensor) + start * tensor.element_size(), count)
+
+
+def _extras(model_file: str, model: dict, offsets: FileOffsets, frozen_pieces) -> list[TensorPlan]:
+    """Persistent buffers and frozen parameters, in their own dtypes."""
+    out = []
+    module = model["module"]
+    for name in model.get("buffer_names") or []:
+        if name in module:
+            t = module[name]
+            out.append(
+                TensorPlan(name, tuple(t.shape), t.dtype, [_piece(offsets, t, 0, t.numel())], "buffer")
+            )
+    for name, shape in (model.get("frozen_param_shapes") or {}).items():
+        pieces, dtype = frozen_pieces(name)
+        out.append(TensorPlan(name, tuple(shape), dtype, pieces, "frozen"))
+    return out
+
+
+def _plan_full_module(model_file: str, model: dict) -> list[TensorPlan]:
+    """ZeRO-0 in fp32: the module's own tensors are the master weights."""
+    offsets = FileOffsets(model_file, model)
+    buffers = set(model.get("buffer_names") or [])
+    plans = []
+    for name, t in model["module"].items():
+        kind = "buffer" if name in buffers else "trainable"
+        plans.append(TensorPlan(name, tuple(t.shape), t.dtype, [_piece(offsets, t, 0, t.numel())], kind))
+    return plans
+
+
+def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:
+    model, m_off = _open(model_file)
+    param_shapes = model["param_shapes"]
+    ranks = [_open(f) for f in optim_files]
+    osd0 = ranks[0][0]["optimizer_state_dict"]
+    paddings = osd0.get("param_alignment_paddings")
+    plans = []
+    for g, shapes in enumerate(param_shapes):
+        parts = [(sd["optimizer_state_dict"]["single_partition_of_fp32_groups"][g], off) for sd, off in ranks]
+        size = parts[0][0].numel()
+        if any(p.numel() != size for p, _ in parts):
+            raise CheckpointError(f"{optim_files[0]}: ranks hold partitions of different sizes for group {g}")
+        cursor = 0
+        for i, (name, shape) in enumerate(shapes.items()):
+            numel = math.prod(shape)
+            pieces = []
+            lo, hi = cursor, cursor + numel
+            for r in range(lo // size, (hi - 1) // size + 1 if numel else lo // size):
+                tensor, off = parts[r]
+                a, b = max(lo, r * size), min(hi, (r + 1) * size)
+                pieces.append(_piece(off, tensor, a - r * size, b - a))
+            plans.append(TensorPlan(name, tuple(shape), parts[0][0].dtype, pieces, "trainable"))
+            cursor = hi + (paddings[g][i] if paddings is not None else 0)
+        if cursor > size * len(parts):
+            raise CheckpointError(
+                f"{optim_files[0]}: parameter group {g} needs {cursor} elements, "
+                f"the ranks hold {size * len(parts)}"
+            )
+
+    def frozen(name: str):
+        t = model["frozen_param_fragments"][name]
+        return [_piece(m_off, t, 0, t.numel())], t.dtype
+
+    return plans + _extras(model_file, model, m_off, frozen)
+
+
+def _plan_zero3(model_files: list[str], optim_files: list[str], world: int) -> list[TensorPlan]:
+    models = [_open(f) for f in model_files]
+    model0, m_off0 = models[0]
+    shapes: dict[str, torch.Size] = {}
+    for group in model0["param_shapes"]:
+        shapes.update(group)
+    ranks = []
+    for f in optim_files:
+        sd, off = _open(f)
+        flats = sd["optimizer_state_dict"]["fp32_flat_groups"]
+        starts = [0]
+        for t in flats:
+            starts.append(starts[-1] + t.numel())
+        ranks.append((flats, starts, off))
+    total = ranks[0][1][-1]
+    plans, cursor = [], 0
+    for name, shape in shapes.items():
+        numel = math.prod(shape)
+        per_rank = math.ceil(numel / world)
+        pieces = []
+        for flats, starts, off in ranks:
+            pieces.extend(_flat_range(flats, starts, off, cursor, per_rank))
+        plans.append(TensorPlan(name, tuple(shape), ranks[0][0][0].dtype, pieces, "trainable"))
+        cursor += per_rank
+    if cursor != total:
+        raise CheckpointError(
+            f"{optim_files[0]}: parameters need {cursor} elements per rank, the file holds {total}"
+        )
+
+    def frozen(name: str):
+        frags = [(m["frozen_param_fragments"][name], o) for m, o in models]
+        return [_piece(o, t, 0, t.numel()) for t, o in frags], frags[0][0].dtype
+
+    return plans + _extras(model_files[0], model0, m_off0, frozen)
+
+
+def _flat_range(flats, starts, offsets: FileOffsets, lo: int, count: int) -> list[Piece]:
+    """Pieces covering [lo, lo + count) of one rank's concatenated flat groups."""
+    pieces, hi = [], lo + count
+    for g, t in enumerate(flats):
+        a, b = max(lo, starts[g]), min(hi, starts[g + 1])
+        if a < b:
+            pieces.append(_piece(offsets, t, a - starts[g], b - a))
+    return pieces
