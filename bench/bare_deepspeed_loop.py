@@ -10,6 +10,7 @@ torchrun; prints one JSON line with tokens/s.
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -50,6 +51,7 @@ def main() -> None:
     gas = ds_config["gradient_accumulation_steps"]
     seq = micro[0].shape[1]
     t_start = time.perf_counter()
+    marks = []  # (wall, CPU) clock at the end of each step from WARMUP on (as the others)
     for step in range(steps):
         if step == warmup:
             t_start = time.perf_counter()
@@ -59,6 +61,8 @@ def main() -> None:
             engine.backward(loss)
             engine.step()
         torch.distributed.all_reduce(loss.detach())  # a logged loss, as any real loop has
+        if step + 1 >= warmup:
+            marks.append((time.perf_counter(), time.process_time()))
     elapsed = time.perf_counter() - t_start
     tokens = (steps - warmup) * ds_config["train_batch_size"] * seq
     if rank == 0:
@@ -68,6 +72,10 @@ def main() -> None:
                     "system": "bare_deepspeed",
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / (steps - warmup),
+                    "step_times": [b[0] - a[0] for a, b in itertools.pairwise(marks)],
+                    # CPU seconds of this process (all its threads): the work done, whatever the
+                    # other users of the machine do.
+                    "cpu_step_times": [b[1] - a[1] for a, b in itertools.pairwise(marks)],
                 }
             ),
             flush=True,

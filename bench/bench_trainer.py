@@ -5,7 +5,10 @@ Same model, rows, global batch, micro-batch, ZeRO stage and DeepSpeed JSON (ds_t
 for all; 2 ranks under torchrun. Within each repeat the systems run one after the other, in an
 order rotated every repeat, so machine noise and warm caches hit all of them alike; the ratio of
 median tokens/s is what counts (goals: ≥ 0.98× bare DeepSpeed, ≥ 1.05× the Trainer). Every system
-is timed by the wall clock over the same steps (WARMUP, STEPS] of its own loop.
+is timed by the wall clock at the end of each of the steps (WARMUP, STEPS] of its own loop; a
+run's tokens/s is global tokens per step over its median step time (robust to other users'
+bursts on a shared machine; the mean over the window is recorded too), and the ratio is of the
+medians over repeats.
 
 ds-train runs with model.document_masking=false by default, so all three do the same arithmetic
 (the baselines use the plain causal mask); `--masking-cost` adds a fourth system, ds-train with
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -91,7 +95,51 @@ def launch(script: str, cfg_path: Path, steps: int, warmup: int, nproc: int) -> 
     if proc.returncode:
         raise SystemExit(f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     lines = [x for x in proc.stdout.splitlines() if x.startswith('{"system"')]
-    return json.loads(lines[-1])
+    result = json.loads(lines[-1])
+    # The median step filters out other users' bursts on a shared machine; the mean is kept too.
+    tokens_per_step = result["tokens_per_s"] * result["step_time_s"]
+    result["tokens_per_s_mean"] = result["tokens_per_s"]
+    result["tokens_per_s"] = tokens_per_step / statistics.median(result["step_times"])
+    result["tokens_per_cpu_s"] = tokens_per_step / statistics.median(result["cpu_step_times"])
+    return result
+
+
+def summarise(runs: dict[str, list[dict]], systems: list[str]) -> dict:
+    """Ratios of medians over repeats, by wall clock and by rank 0's CPU time per step."""
+    out: dict = {"runs": runs}
+    for clock, key in (("wall", "tokens_per_s"), ("cpu", "tokens_per_cpu_s")):
+        med = {s: statistics.median(x[key] for x in runs[s]) for s in systems}
+        ratios = {
+            "ds_train/bare": med["ds_train"] / med["bare"],
+            "ds_train/hf_trainer": med["ds_train"] / med["hf_trainer"],
+        }
+        if "ds_train_masked" in systems:
+            ratios["masked/unmasked"] = med["ds_train_masked"] / med["ds_train"]
+        out[clock], out[f"median_{key}"] = ratios, med
+    # Runs next to each other in time share the machine's load best: their ratio, per repeat.
+    out["paired_wall"] = [
+        round(d["tokens_per_s"] / b["tokens_per_s"], 3) for d, b in zip(runs["ds_train"], runs["bare"])
+    ]
+    out["metrics_jsonl_tokens_per_s"] = statistics.median(x["metrics_tokens_per_s"] for x in runs["ds_train"])
+    return out
+
+
+def table(results: dict, systems: list[str]) -> str:
+    masked = "ds_train_masked" in systems
+    head = (
+        "| ZeRO | clock | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
+        + (" masking on / off |" if masked else "")
+    )
+    lines = [head, "|---" * (7 + masked) + "|"]
+    for stage, res in results["stages"].items():
+        for clock, key, unit in (("wall", "tokens_per_s", ""), ("cpu", "tokens_per_cpu_s", " per CPU-s")):
+            m, q = res[f"median_{key}"], res[clock]
+            row = (
+                f"| {stage} | {clock} | {m['bare']:,.0f}{unit} | {m['ds_train']:,.0f} | {m['hf_trainer']:,.0f} | "
+                f"{q['ds_train/bare']:.3f} | {q['ds_train/hf_trainer']:.3f} |"
+            )
+            lines.append(row + (f" {q['masked/unmasked']:.3f} |" if masked else ""))
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -122,7 +170,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     model = model_config(tmp / "model.json", args.hidden, args.layers)
     systems = ["bare", "ds_train", "hf_trainer"] + (["ds_train_masked"] if args.masking_cost else [])
-    results: dict = {"args": vars(args), "stages": {}}
+    results: dict = {"args": vars(args), "stages": {}, "loadavg_start": os.getloadavg()}
     for stage in args.stages:
         runs: dict[str, list[dict]] = {s: [] for s in systems}
         for r in range(args.repeats):
@@ -133,38 +181,24 @@ def main() -> None:
                 cfg_path = tmp / f"s{stage}_r{r}_{system}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg))
                 runs[system].append(launch(SCRIPTS[system], cfg_path, args.steps, args.warmup, args.nproc))
-            line = ", ".join(f"{s} {runs[s][-1]['tokens_per_s']:,.0f}" for s in systems)
+            line = ", ".join(
+                f"{s} {runs[s][-1]['tokens_per_s']:,.0f} ({runs[s][-1]['tokens_per_cpu_s']:,.0f}/CPU-s)"
+                for s in systems
+            )
             print(f"ZeRO-{stage} repeat {r}: {line} tok/s", flush=True)
-        med = {s: statistics.median(x["tokens_per_s"] for x in runs[s]) for s in systems}
-        ratios = {
-            "ds_train/bare": med["ds_train"] / med["bare"],
-            "ds_train/hf_trainer": med["ds_train"] / med["hf_trainer"],
-        }
-        if args.masking_cost:
-            ratios["masked/unmasked"] = med["ds_train_masked"] / med["ds_train"]
-        metrics_med = statistics.median(x["metrics_tokens_per_s"] for x in runs["ds_train"])
-        results["stages"][stage] = {"median_tokens_per_s": med, "ratios": ratios, "runs": runs}
+        results["stages"][stage] = summarise(runs, systems)
+        res = results["stages"][stage]
         print(
-            f"ZeRO-{stage}: median tok/s "
-            + ", ".join(f"{s} {v:,.0f}" for s, v in med.items())
-            + f" (ds-train's metrics.jsonl says {metrics_med:,.0f}) | "
-            + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()),
+            f"ZeRO-{stage}: wall ratios "
+            + ", ".join(f"{k} {v:.3f}" for k, v in res["wall"].items())
+            + " | CPU-time ratios "
+            + ", ".join(f"{k} {v:.3f}" for k, v in res["cpu"].items())
+            + f" | paired ds_train/bare per repeat {res['paired_wall']}",
             flush=True,
         )
-    print(
-        "\n| ZeRO | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
-        + (" masking cost |" if args.masking_cost else "")
-    )
-    print("|---|---|---|---|---|---|" + ("---|" if args.masking_cost else ""))
-    for stage, res in results["stages"].items():
-        m, q = res["median_tokens_per_s"], res["ratios"]
-        row = (
-            f"| {stage} | {m['bare']:,.0f} | {m['ds_train']:,.0f} | {m['hf_trainer']:,.0f} | "
-            f"{q['ds_train/bare']:.3f} | {q['ds_train/hf_trainer']:.3f} |"
-        )
-        if args.masking_cost:
-            row += f" {q['masked/unmasked']:.3f}× |"
-        print(row)
+    results["loadavg_end"] = os.getloadavg()
+    print(f"\nload average at start {results['loadavg_start']}, at end {results['loadavg_end']} (2 cores)")
+    print(table(results, systems))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

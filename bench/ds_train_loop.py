@@ -15,6 +15,7 @@ a variant for gpu_bench.py; on a GPU the peak allocated/reserved memory is repor
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import statistics
@@ -45,6 +46,10 @@ def main() -> None:
         start = end = 0.0
         tokens_per_step = 0
 
+        def __init__(self) -> None:
+            # (wall, CPU) clock at the end of each step from WARMUP on
+            self.marks: list[tuple[float, float]] = []
+
         def on_train_start(self, trainer) -> None:
             if compile_model:
                 trainer.engine.compile()
@@ -52,6 +57,8 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_end(self, trainer) -> None:
+            if trainer.step >= warmup:
+                self.marks.append((time.perf_counter(), time.process_time()))
             if trainer.step == warmup:
                 self.start = time.perf_counter()
                 self.tokens_per_step = trainer.layout.global_batch_size * trainer.s.seq_len
@@ -70,6 +77,10 @@ def main() -> None:
         "system": "ds_train",
         "tokens_per_s": (steps - warmup) * clock.tokens_per_step / elapsed,
         "step_time_s": elapsed / (steps - warmup),
+        "step_times": [b[0] - a[0] for a, b in itertools.pairwise(clock.marks)],
+        # CPU seconds of this process (all its threads): the work done, whatever the
+        # other users of the machine do.
+        "cpu_step_times": [b[1] - a[1] for a, b in itertools.pairwise(clock.marks)],
         # What metrics.jsonl says for the same steps (log intervals after the first).
         "metrics_tokens_per_s": clock.tokens_per_step / statistics.mean(r["step_time_s"] for r in records),
         "mfu": statistics.median(r["mfu"] for r in records) if records[0].get("mfu") is not None else None,

@@ -11,6 +11,7 @@ sampling and collation, as its users get it. Launched per rank by torchrun; prin
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import tempfile
@@ -91,8 +92,14 @@ def main() -> None:
         start: float | None = None
         end: float | None = None
 
+        def __init__(self) -> None:
+            # (wall, CPU) clock at the end of each step from WARMUP on
+            self.marks: list[tuple[float, float]] = []
+
         def on_step_end(self, args, state, control, **kwargs):
-            # Steps [warmup, steps) timed, as in the other loops: not start-up, not train()'s wrap-up.
+            # Steps (warmup, steps] timed, as in the other loops: not start-up, not train()'s wrap-up.
+            if state.global_step >= warmup:
+                self.marks.append((time.perf_counter(), time.process_time()))
             if state.global_step == warmup:
                 self.start = time.perf_counter()
             if state.global_step == steps:
@@ -110,6 +117,10 @@ def main() -> None:
                     "system": "hf_trainer",
                     "tokens_per_s": tokens / elapsed,
                     "step_time_s": elapsed / (steps - warmup),
+                    "step_times": [b[0] - a[0] for a, b in itertools.pairwise(clock.marks)],
+                    # CPU seconds of this process (all its threads): the work done, whatever the
+                    # other users of the machine do.
+                    "cpu_step_times": [b[1] - a[1] for a, b in itertools.pairwise(clock.marks)],
                 }
             ),
             flush=True,

@@ -117,8 +117,10 @@ def _check_zero(cfg: Config) -> None:
         if getattr(z, key) <= 0:
             raise ConfigError(f"zero.{key} must be > 0")
     if cfg.train.nonfinite == "skip" and z.stage == 0 and cfg.train.precision in ("fp32", "auto"):
-        raise ConfigError("train.nonfinite=skip needs zero.stage ≥ 1 (or bf16/fp16): ZeRO's optimizers discard an "
-                          "update whose gradient norm is not finite, plain fp32 data parallel does not")
+        raise ConfigError(
+            "train.nonfinite=skip needs zero.stage ≥ 1 (or bf16/fp16): ZeRO's optimizers discard an "
+            "update whose gradient norm is not finite, plain fp32 data parallel does not"
+        )
     if z.offload_optimizer == "nvme" and z.stage != 3:
         raise ConfigError("zero.offload_optimizer=nvme is only supported with zero.stage=3")
 

@@ -113,6 +113,7 @@ def submit_merge_once(shard_args: Sequence[str], task: ArrayTask, env: Mapping[s
         f"--dependency=afterok:{task.array_job_id}",
         "--kill-on-invalid-dep=yes",
         f"--job-name={env.get('SLURM_JOB_NAME', 'ds-shard')}-merge",
+        "--output=slurm-%x-%j.out",
     ]
     for option, var in (("partition", "SLURM_JOB_PARTITION"), ("account", "SLURM_JOB_ACCOUNT")):
         if env.get(var):
