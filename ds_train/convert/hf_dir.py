@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    GenerationConfig,
-    PretrainedConfig,
-)
 
 from ds_train.convert.zero_layout import CheckpointError
 
-AUTO_CLASSES = {"causal_lm": AutoModelForCausalLM, "masked_lm": AutoModelForMaskedLM}
+if TYPE_CHECKING:  # transformers is imported where used: to-hf loads it in a background thread
+    from transformers import PretrainedConfig
+
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "masked_lm": "AutoModelForMaskedLM"}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -32,6 +29,8 @@ TOKENIZER_FILES = (
 
 
 def load_config(config_path: str | Path) -> PretrainedConfig:
+    from transformers import AutoConfig
+
     path = Path(config_path)
     try:
         return AutoConfig.from_pretrained(str(path), local_files_only=True)  # a config.json or its dir
@@ -49,7 +48,7 @@ def model_class(config: PretrainedConfig, objective: str | None):
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
-    auto = AUTO_CLASSES.get(objective or "causal_lm")
+    auto = getattr(transformers, AUTO_CLASSES.get(objective or "causal_lm", "AutoModelForCausalLM"))
     try:
         return auto._model_mapping[type(config)]
     except KeyError:
@@ -57,6 +56,8 @@ def model_class(config: PretrainedConfig, objective: str | None):
 
 
 def write_configs(out: Path, config: PretrainedConfig, cls, dtype: torch.dtype) -> None:
+    from transformers import GenerationConfig
+
     config = config.__class__.from_dict(config.to_dict())
     config.architectures = [cls.__name__]
     config.dtype = dtype

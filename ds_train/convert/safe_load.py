@@ -8,6 +8,7 @@ touched, so opening a multi-GB rank file costs almost no memory.
 
 from __future__ import annotations
 
+import enum
 import os
 from typing import Any
 
@@ -18,13 +19,44 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or converted, with the file at fault named."""
 
 
-def deepspeed_safe_globals() -> list:
-    """The non-tensor classes DeepSpeed writes into checkpoint files."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address  # a (numel, start) namedtuple
+class _Record:
+    """Stands in for a small DeepSpeed object in a checkpoint: its attributes, no behaviour."""
 
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({vars(self)})"
+
+
+class LossScaler(_Record):
+    pass
+
+
+class DynamicLossScaler(_Record):
+    pass
+
+
+class FragmentAddress(_Record):
+    pass
+
+
+class ZeroStageEnum(int, enum.Enum):
+    disabled = 0
+    optimizer_states = 1
+    gradients = 2
+    weights = 3
+
+
+def deepspeed_safe_globals() -> list:
+    """The non-tensor classes DeepSpeed writes into checkpoint files, under their DeepSpeed names.
+
+    Local stand-ins rather than DeepSpeed's classes: the unpickler builds inert records (nothing
+    of DeepSpeed runs), and the converter does not import DeepSpeed at all (a second saved).
+    """
+    return [
+        (LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler"),
+        (DynamicLossScaler, "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"),
+        (ZeroStageEnum, "deepspeed.runtime.zero.config.ZeroStageEnum"),
+        (FragmentAddress, "deepspeed.utils.tensor_fragment.fragment_address"),
+    ]
 
 
 def load_checkpoint_file(path: str | os.PathLike, *, mmap: bool = True) -> Any:

@@ -17,7 +17,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +75,11 @@ class PieceReader:
             self._maps[path] = (fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
         return self._maps[path][1]
 
-    def chunks(self, plan: TensorPlan, chunk_bytes: int = CHUNK_BYTES) -> Iterable[torch.Tensor]:
-        """The tensor's elements in order, as flat tensors of at most chunk_bytes, padding trimmed."""
+    def chunks(self, plan: TensorPlan, chunk_bytes: int = CHUNK_BYTES) -> Iterable[memoryview]:
+        """The tensor's bytes in order, as read-only views of at most chunk_bytes, padding trimmed.
+
+        A view is valid until the next one is requested: its pages are then dropped from this
+        process's resident set, which is what bounds memory to one chunk."""
         itemsize = torch.empty((), dtype=plan.dtype).element_size()
         remaining = plan.numel
         step = max(1, chunk_bytes // itemsize)
@@ -90,10 +93,11 @@ class PieceReader:
                 if start + n * itemsize > len(mm):
                     raise ValueError(f"{piece.file}: {plan.name} runs past the end of the file (truncated)")
                 view = memoryview(mm)[start : start + n * itemsize]
-                raw = bytearray(view)  # the one copy; the view must be released before the map closes
-                view.release()
-                _release(mm, start, n * itemsize)
-                yield torch.frombuffer(raw, dtype=plan.dtype)
+                try:
+                    yield view
+                finally:
+                    view.release()  # a view must be gone before the map closes
+                    _release(mm, start, n * itemsize)
                 done += n
             remaining -= take_piece
             if remaining == 0:
@@ -122,6 +126,7 @@ def write_safetensors(
     tensors: list[OutputTensor],
     reader: PieceReader,
     metadata: dict[str, str] | None = None,
+    before_tensor: Callable[[], None] | None = None,
 ) -> None:
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
@@ -138,25 +143,37 @@ def write_safetensors(
         fh.write(struct.pack("<Q", len(blob)))
         fh.write(blob)
         for t in tensors:
+            if before_tensor is not None:
+                before_tensor()
             written = 0
             for chunk in reader.chunks(t.plan):
-                out = chunk.to(t.dtype) if chunk.dtype != t.dtype else chunk
-                fh.write(out.view(torch.uint8).numpy().data)
-                written += out.numel()
-            if written != t.plan.numel:
-                raise ValueError(f"{t.plan.name}: wrote {written} of {t.plan.numel} elements")
+                if t.dtype == t.plan.dtype:
+                    fh.write(chunk)  # straight from the page cache: no copy in this process
+                    written += len(chunk)
+                else:
+                    out = torch.frombuffer(chunk, dtype=t.plan.dtype).to(t.dtype)
+                    fh.write(out.view(torch.uint8).numpy().data)
+                    written += out.numel() * out.element_size()
+            if written != t.nbytes:
+                raise ValueError(f"{t.plan.name}: wrote {written} of {t.nbytes} bytes")
 
 
 def write_sharded(
-    out_dir: Path, tensors: list[OutputTensor], max_shard_bytes: int, reader: PieceReader
+    out_dir: Path,
+    tensors: list[OutputTensor],
+    max_shard_bytes: int,
+    reader: PieceReader,
+    before_tensor: Callable[[], None] | None = None,
 ) -> list[str]:
-    """model-0000i-of-0000n.safetensors + model.safetensors.index.json; returns the file names."""
+    """model-0000i-of-0000n.safetensors + model.safetensors.index.json; returns the file names.
+
+    `before_tensor` runs before each tensor is written; an exception from it stops the writing."""
     shards = shard_layout(tensors, max_shard_bytes)
     n = len(shards)
     names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     weight_map = {}
     for name, shard in zip(names, shards):
-        write_safetensors(out_dir / name, shard, reader)
+        write_safetensors(out_dir / name, shard, reader, before_tensor=before_tensor)
         weight_map.update({t.plan.name: name for t in shard})
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, STATE_FILE, TOKENIZER_DIR, resolve_checkpoint
 from ds_train.convert.hf_dir import copy_tokenizer, load_config, model_class, write_configs
 from ds_train.convert.safetensors_stream import OutputTensor, PieceReader, write_sharded
-from ds_train.convert.zero_layout import CheckpointError, TensorPlan, ZeroCheckpoint, read_zero_checkpoint
+from ds_train.convert.zero_layout import CheckpointError, ZeroCheckpoint, read_zero_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +47,37 @@ def resolve_tag_dir(path: str | os.PathLike, tag: str | None = None) -> Path:
     return ref.path
 
 
-def plan_output(ckpt: ZeroCheckpoint, cls, config, dtype: torch.dtype) -> list[OutputTensor]:
-    """The tensors to write, in the model's own order, validated against the model class."""
+def plan_output(ckpt: ZeroCheckpoint, dtype: torch.dtype) -> list[OutputTensor]:
+    """The tensors to write, in checkpoint order: a weight tied to another (DeepSpeed's
+    shared_params, or the same bytes under a second name) is written once."""
+    out: list[OutputTensor] = []
+    names: set[str] = set()
+    seen_storage: set[tuple] = set()
+    for t in ckpt.tensors:
+        if t.name in ckpt.tied or t.name in names:
+            continue
+        key = (t.pieces[0].file, t.pieces[0].offset) if t.pieces else (t.name,)
+        if key in seen_storage:
+            continue
+        seen_storage.add(key)
+        names.add(t.name)
+        out_dtype = dtype if t.kind == "trainable" and t.dtype.is_floating_point else t.dtype
+        out.append(OutputTensor(t, out_dtype))
+    return out
+
+
+def check_against_model(ckpt: ZeroCheckpoint, names: list[str], cls, config) -> None:
+    """Every key the model class needs is written and nothing else, so `from_pretrained` loads the
+    directory without warnings or re-initialised weights."""
     with torch.device("meta"):
         model = cls(config)
     expected = list(model.state_dict().keys())
-    tied_in_model = _tied_names(model)
-    by_name: dict[str, TensorPlan] = {}
-    seen_storage: dict[tuple, str] = {}
-    for t in ckpt.tensors:
-        if t.name in ckpt.tied or t.name in by_name:
-            continue
-        key = (t.pieces[0].file, t.pieces[0].offset) if t.pieces else (t.name,)
-        if key in seen_storage:  # the same bytes under a second name: a tied weight
-            continue
-        seen_storage[key] = t.name
-        by_name[t.name] = t
-    droppable = set(tied_in_model) | set(ckpt.tied)
+    written = set(names)
+    droppable = set(_tied_names(model)) | set(ckpt.tied)
     missing = [
-        k for k in expected if k not in by_name and k not in droppable and not _is_nonpersistent(model, k)
+        k for k in expected if k not in written and k not in droppable and not _is_nonpersistent(model, k)
     ]
-    unexpected = [k for k in by_name if k not in expected]
+    unexpected = sorted(written - set(expected))
     if missing or unexpected:
         parts = []
         if missing:
@@ -78,14 +89,13 @@ def plan_output(ckpt: ZeroCheckpoint, cls, config, dtype: torch.dtype) -> list[O
                 f"{len(unexpected)} checkpoint tensors the model does not have (e.g. {unexpected[0]})"
             )
         raise CheckpointError(f"{ckpt.path} does not match {cls.__name__}: " + "; ".join(parts))
-    out = []
-    for name in expected:
-        t = by_name.get(name)
-        if t is None:
-            continue
-        out_dtype = dtype if t.kind == "trainable" and t.dtype.is_floating_point else t.dtype
-        out.append(OutputTensor(t, out_dtype))
-    return out
+
+
+def _model_class_checked(config_src: Path, objective: str | None, ckpt: ZeroCheckpoint, names: list[str]):
+    config = load_config(config_src)
+    cls = model_class(config, objective)
+    check_against_model(ckpt, names, cls, config)
+    return config, cls
 
 
 def _tied_names(model: torch.nn.Module) -> list[str]:
@@ -133,25 +143,35 @@ def convert_checkpoint(
             f"{tag_dir} has no {HF_CONFIG_DIR}/config.json: pass --model-config with the HF config "
             "the checkpoint was trained with"
         )
-    config = load_config(config_src)
-    cls = model_class(config, objective)
     zero = read_zero_checkpoint(tag_dir)
-    tensors = plan_output(zero, cls, config, DTYPES[dtype])
+    tensors = plan_output(zero, DTYPES[dtype])
 
     out = Path(out_dir).absolute()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     reader = PieceReader()
-    try:
-        write_configs(tmp, config, cls, DTYPES[dtype])
-        copy_tokenizer(Path(tokenizer) if tokenizer else tag_dir / TOKENIZER_DIR, tmp)
-        write_sharded(tmp, tensors, max_shard_bytes, reader)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        reader.close()
+    # The model class (transformers' imports are the slowest part of a small conversion) is
+    # loaded and checked against the plan in a thread while the tensors stream out; nothing is
+    # renamed into place before the check has passed.
+    with ThreadPoolExecutor(1) as pool:
+        check = pool.submit(_model_class_checked, config_src, objective, zero, [t.plan.name for t in tensors])
+
+        def stop_if_check_failed() -> None:
+            if check.done() and check.exception() is not None:
+                raise check.exception()
+
+        try:
+            write_sharded(tmp, tensors, max_shard_bytes, reader, before_tensor=stop_if_check_failed)
+            config, cls = check.result()
+            write_configs(tmp, config, cls, DTYPES[dtype])
+            copy_tokenizer(Path(tokenizer) if tokenizer else tag_dir / TOKENIZER_DIR, tmp)
+        except BaseException:
+            check.cancel()
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            reader.close()
     _replace_dir(tmp, out)
     log.info(
         "wrote %s (%d tensors, %s) from ZeRO-%d checkpoint %s in %.1fs",

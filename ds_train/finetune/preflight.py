@@ -138,12 +138,8 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
                 f"{run_dir} holds a checkpoint (step {ref.step}) trained with finetune {key} {saved[key]!r} "
                 f"(this run: {now[key]!r}): use another run.output_dir, or run.resume=never with a fresh one"
             )
-    if state.get("world_size") not in (None, pre.launch.world_size):
-        raise ConfigError(
-            f"{ref.path} was written by {state['world_size']} ranks and this run has {pre.launch.world_size}: "
-            f"reshard it first with `ds-train convert reshard {ref.path} <new_run_dir>/checkpoints "
-            f"--world-size {pre.launch.world_size}`"
-        )
+    # Another world size is fine: the example order depends on the global batch only, and the
+    # session resumes such a checkpoint through DeepSpeed's universal format (convert/reshard.py).
     data = state.get("data") or {}
     if data.get("seed") not in (None, cfg.run.seed):
         raise ConfigError(
