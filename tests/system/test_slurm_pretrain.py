@@ -1,10 +1,12 @@
 """slurm/pretrain.sbatch on the local two-node Slurm cluster: a multi-node ZeRO-3 run, preemption
-with checkpoint → requeue → exact resume (srun and per-node torchrun styles), and a crash loop
-that stops requeueing."""
+with checkpoint → requeue → exact resume (srun and per-node torchrun styles), a signal that
+reaches one rank only, and a crash loop (per-node accelerate) that stops requeueing."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -98,8 +100,11 @@ def test_pretrain_two_nodes_zero3(reference, slurm_cluster):
 @pytest.mark.parametrize(
     "launcher,scope",
     [
-        ("srun", "--full"),  # Slurm signals every task of the step (as the time-limit warning does)
-        ("torchrun", "--batch"),  # only the batch shell: it must pass the signal on
+        # only the batch shell (`scancel --signal=USR1 --batch`): it must pass the signal on
+        ("srun", "--batch"),
+        # only the step's processes, the batch shell not: what `--signal=USR1@grace` does before
+        # the time limit; torchrun turns the workers' 75 into 1, so progress decides the requeue
+        ("torchrun", "--steps-only"),
     ],
 )
 def test_preemption_checkpoints_requeues_and_resumes_exactly(
@@ -111,16 +116,16 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(
         ["-N", "2", SCRIPT, cfg], env=slurm_env(DS_TRAIN_LAUNCHER=launcher), cwd=tmp_path
     )
     _wait_for_step(slurm_cluster, job, run, 3)
-    slurm_cluster.scancel("--signal=USR1", scope, job)
+    slurm_cluster.scancel("--signal=USR1", *([scope] if scope != "--steps-only" else []), job)
 
     # The first attempt checkpoints where it stopped and the batch script requeues the job.
     slurm_cluster.wait_until(job, lambda j: j.get("Restarts") == "1", JOB_TIMEOUT, "a requeue")
     first = _ends(run)[0]
     stop_step = first["step"]
-    assert first["requeue"] and first["signal"] == "USR1", first  # both scopes include the batch shell
+    assert first["requeue"] and first["signal"] == ("USR1" if scope == "--batch" else None), first
     assert 3 <= stop_step < STEPS, first
-    if launcher == "srun":
-        assert first["exit_code"] == 75  # the trainer's status passes through srun
+    # the trainer's status passes through srun; torchrun reports its workers' failure as 1
+    assert first["exit_code"] == (75 if launcher == "srun" else 1), first
     assert latest_checkpoint(run / "checkpoints").step == stop_step
     assert f"stopped at step {stop_step} (SIGUSR1) after checkpointing" in _log(run, job, 0)
 
@@ -143,9 +148,55 @@ def test_preemption_checkpoints_requeues_and_resumes_exactly(
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=0), f"step {step}"
 
 
+def _rank_pid(job: str, rank: int, timeout: float = 60) -> int:
+    """The pid of one srun task (training rank) of `job`: every "node" is this machine."""
+    want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode(), b"SLURM_STEP_ID=0"}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+                if b"ds_train" not in cmdline or b"pretrain" not in cmdline:
+                    continue
+                if want <= set((proc / "environ").read_bytes().split(b"\0")):
+                    return int(proc.name)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} process of job {job}")
+
+
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(slurm_cluster, slurm_env, shards, tmp_path):
+    """Only rank 1 (on n2) gets SIGUSR1, as when one node's warning comes first: both ranks agree
+    at the next step boundary, write one complete checkpoint and exit 75; the job requeues."""
+    run, cfg = _config(tmp_path, shards, "one_rank")
+    job = slurm_cluster.sbatch(["-N", "2", SCRIPT, cfg], env=slurm_env(), cwd=tmp_path)
+    _wait_for_step(slurm_cluster, job, run, 3)
+    os.kill(_rank_pid(job, 1), signal.SIGUSR1)
+
+    slurm_cluster.wait_until(job, lambda j: j.get("Restarts") == "1", JOB_TIMEOUT, "a requeue")
+    first = _ends(run)[0]
+    stop_step = first["step"]
+    # the batch shell saw no signal; both ranks exited 75 (srun reports the highest status)
+    assert (first["exit_code"], first["signal"], first["requeue"]) == (75, None, True), first
+    assert 3 <= stop_step < STEPS, first
+    assert latest_checkpoint(run / "checkpoints").step == stop_step
+    # rank 0 (which logs) stopped because the other rank asked, at the same step
+    log = _log(run, job, 0)
+    assert f"stopped at step {stop_step} (another rank received a stop signal) after checkpointing" in log, (
+        log[-3000:]
+    )
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, stop_step + 1))
+    # resuming is covered above: end the requeued attempt here
+    slurm_cluster.scancel(job)
+    slurm_cluster.wait_finished(job, JOB_TIMEOUT)
+
+
 def test_crash_loop_stops_requeueing(slurm_cluster, slurm_env, shards, tmp_path):
+    """Every rank is killed at step 3, before any checkpoint, in every attempt; launched with one
+    `accelerate launch` per node (the third launch style, which the other tests do not run)."""
     run, cfg = _config(tmp_path, shards, "crashing", max_steps=6)
-    env = slurm_env(DS_TRAIN_FAULT="kill@step=3", DS_TRAIN_MAX_FAILURES="2")
+    env = slurm_env(DS_TRAIN_FAULT="kill@step=3", DS_TRAIN_MAX_FAILURES="2", DS_TRAIN_LAUNCHER="accelerate")
     job = slurm_cluster.sbatch(["-N", "2", SCRIPT, cfg], env=env, cwd=tmp_path)
     info = slurm_cluster.wait_finished(job, JOB_TIMEOUT)
     # killed at step 3 before any checkpoint, twice: requeued once, then given up
@@ -159,3 +210,8 @@ def test_crash_loop_stops_requeueing(slurm_cluster, slurm_env, shards, tmp_path)
     assert "giving up" in ends[-1]["reason"]
     assert "giving up" in _log(run, job, 1)
     assert latest_checkpoint(run / "checkpoints") is None
+    # both attempts trained across the two nodes under accelerate until the fault
+    for restart in (0, 1):
+        assert "accelerate launch, 2 rank(s)" in _log(run, job, restart)
+        steps = [r["step"] for r in read_metrics(run) if "loss" in r and r["slurm_restart_count"] == restart]
+        assert steps[:2] == [1, 2] and max(steps) <= 3, steps
