@@ -42,6 +42,15 @@ def pack_batch(batch: dict[str, Any]) -> tuple[list[tuple], torch.Tensor | np.nd
     return layout, (flat if total >= SHM_BYTES else flat.numpy())
 
 
+def worker_message(e: BaseException) -> str:
+    """The original message of an exception re-raised by a DataLoader worker."""
+    text = str(e)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return text
+    marker = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return text.rsplit(marker, 1)[-1].strip() if marker in text else text.strip().splitlines()[-1]
+
+
 def unpack_batch(packed: tuple[list[tuple], torch.Tensor | np.ndarray]) -> dict[str, Any]:
     layout, flat = packed
     if isinstance(flat, np.ndarray):
@@ -56,14 +65,23 @@ def unpack_batch(packed: tuple[list[tuple], torch.Tensor | np.ndarray]) -> dict[
 
 
 class UnpackingLoader:
-    """Iterates a DataLoader whose workers pack batches, yielding the unpacked dicts."""
+    """Iterates a DataLoader whose workers pack batches, yielding the unpacked dicts.
+
+    A DataError in a worker comes back as DataError("Caught DataError in DataLoader worker
+    process 0.\nOriginal Traceback ..."); it is re-raised with the worker's one-line message, so
+    the user sees which shard and byte offset failed, not a traceback."""
 
     def __init__(self, loader: torch.utils.data.DataLoader):
         self.loader = loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for packed in self.loader:
-            yield unpack_batch(packed)
+        from ds_train.data.shard_set import DataError
+
+        try:
+            for packed in self.loader:
+                yield unpack_batch(packed)
+        except DataError as e:
+            raise DataError(worker_message(e)) from None
 
     def __len__(self) -> int:
         return len(self.loader)

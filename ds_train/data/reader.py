@@ -106,7 +106,7 @@ class RowReader:
                 end = members[-1].data_offset + members[-1].rows * width * dtype.itemsize if members else 0
                 raise ShardReadError(
                     f"shard {uri}: holds {rows} rows but the manifest says {expected}: truncated or "
-                    f"replaced (the readable part ends at byte {end})",
+                    f"replaced (the file has {os.path.getsize(path)} bytes, its readable rows end at byte {end})",
                     end,
                     members,
                 )

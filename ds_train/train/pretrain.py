@@ -153,14 +153,30 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
             verify_loaded_weights(model, cfg.model.init_from)
 
         def train_batches(start_step: int):
-            dataset = MicroBatches(plan, pre.layout, ctx.rank, start_step, objective, _cache_dir(cfg))
+            dataset = MicroBatches(
+                plan,
+                pre.layout,
+                ctx.rank,
+                start_step,
+                objective,
+                _cache_dir(cfg),
+                skip_corrupt=cfg.data.skip_corrupt,
+            )
             return make_loader(
                 dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
             )
 
         eval_batches = None
         if valid_plan is not None:
-            valid_ds = MicroBatches(valid_plan, pre.layout, ctx.rank, 0, objective, _cache_dir(cfg))
+            valid_ds = MicroBatches(
+                valid_plan,
+                pre.layout,
+                ctx.rank,
+                0,
+                objective,
+                _cache_dir(cfg),
+                skip_corrupt=cfg.data.skip_corrupt,
+            )
 
             def eval_batches():
                 return make_loader(
