@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 from ds_train.config.loader import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Keys of an HF config that do not change the model's function.
 VOLATILE_KEYS = {
@@ -52,8 +55,9 @@ def check_resume(
     global_batch_size: int,
     force: bool = False,
 ) -> None:
-    """Raise ConfigError naming what differs between the checkpoint and this run."""
-    problems = []
+    """Raise ConfigError naming what differs between the checkpoint and this run. `force`
+    (run.force_resume) lets a different global batch size through, never another model."""
+    problems, forceable = [], []
     saved_sig = state.get("model_config")
     if saved_sig is not None and saved_sig != model_sig:
         diffs = [
@@ -68,18 +72,24 @@ def check_resume(
     if state.get("objective") and state["objective"] != objective:
         problems.append(f"objective {state['objective']} (this run: {objective})")
     if state.get("global_batch_size") and state["global_batch_size"] != global_batch_size:
-        problems.append(
+        forceable.append(
             f"train.global_batch_size={state['global_batch_size']} (this run: {global_batch_size}); "
             "the data position is counted in global batches"
         )
-    if problems and not force:
+    if problems or (forceable and not force):
+        hint = "" if problems else " (or run.force_resume=true to continue anyway)"
         raise ConfigError(
-            f"{where} holds a checkpoint (step {state.get('step')}) of {'; '.join(problems)}: "
-            "use another run.output_dir, or run.resume=never with a fresh one"
+            f"{where} holds a checkpoint (step {state.get('step')}) of {'; '.join(problems + forceable)}: "
+            f"use another run.output_dir, or run.resume=never with a fresh one{hint}"
         )
+    if forceable:
+        log.warning("run.force_resume: resuming %s despite %s", where, "; ".join(forceable))
 
 
-def check_data_resume(state: dict, *, where: str, fingerprint_now: str, seq_len: int, seed: int) -> None:
+def check_data_resume(
+    state: dict, *, where: str, fingerprint_now: str, seq_len: int, seed: int, force: bool = False
+) -> None:
+    """Raise ConfigError unless this run's data continues the checkpoint's stream (or `force`)."""
     data = state.get("data") or {}
     problems = []
     if data.get("seq_len") not in (None, seq_len):
@@ -88,8 +98,11 @@ def check_data_resume(state: dict, *, where: str, fingerprint_now: str, seq_len:
         problems.append(f"run.seed={data['seed']} (now {seed}), which fixes the data order")
     if data.get("fingerprint") not in (None, fingerprint_now):
         problems.append("a different shard set (shard names, row counts or checksums differ)")
-    if problems:
+    if problems and force:
+        log.warning("run.force_resume: resuming %s on another data stream (%s)", where, "; ".join(problems))
+    elif problems:
         raise ConfigError(
             f"{where} was trained with {'; '.join(problems)}: resuming would not continue the "
-            "same data stream; point data.train at the original shards or start a new run.output_dir"
+            "same data stream; point data.train at the original shards or start a new run.output_dir "
+            "(or run.force_resume=true to continue on this data)"
         )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ds_train.checkpoint.integrity import digest, manifest_problems
 from ds_train.checkpoint.layout import (
     CONFIG_FILE,
     LATEST,
@@ -22,12 +25,34 @@ from ds_train.checkpoint.layout import (
     CheckpointRef,
     checkpoints_dir,
     complete_checkpoints,
+    latest_checkpoint,
     tag_for_step,
     write_atomic,
 )
-from ds_train.distributed.engine import DistributedContext, all_gather_object, barrier
+from ds_train.distributed.engine import DistributedContext, all_gather_object
+from ds_train.distributed.peers import is_collective_failure
+from ds_train.errors import RunFailure
 
 log = logging.getLogger(__name__)
+
+
+class CheckpointWriteError(RunFailure):
+    """A checkpoint could not be written; the previous one is intact and still `latest`."""
+
+
+class CheckpointDamaged(RunFailure):
+    """A checkpoint's files differ from its manifest (missing, truncated, altered)."""
+
+
+def damaged_message(ref: CheckpointRef, problems: list[str]) -> str:
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    older = [r for r in complete_checkpoints(ref.root) if r.step < ref.step]
+    hint = (
+        f"to resume from the one before, write {older[-1].tag} into {ref.root / LATEST}"
+        if older
+        else "no earlier checkpoint is left"
+    )
+    return f"checkpoint {ref.path} is damaged ({shown}): refusing to load it; {hint}"
 
 
 class CheckpointManager:
@@ -43,63 +68,139 @@ class CheckpointManager:
         state: dict,
         config_yaml: str,
         write_extras: Callable[[Path], None] | None = None,
+        on_written: Callable[[Path], None] | None = None,
     ) -> CheckpointRef:
         """Write a checkpoint for `step` on all ranks; it becomes `latest` only once complete.
 
         `write_extras(dir)` runs on rank 0 inside the checkpoint directory before it is completed
-        (the HF model config and the tokenizer, so a checkpoint converts without the run config)."""
+        (the HF model config and the tokenizer, so a checkpoint converts without the run config).
+        `on_written(dir)` runs on every rank once its own files are written (fault injection).
+
+        A failure to write (disk full, unwritable directory) raises CheckpointWriteError on every
+        rank alike, naming the rank and the error; the previous checkpoint stays `latest`. Only a
+        failure inside DeepSpeed's own writer ends that rank alone (its peers then fail at once on
+        the closed connection, or at the collective timeout)."""
         t0 = time.time()
         tag = tag_for_step(step)
         partial = tag + PARTIAL_SUFFIX
+        error = None
         if self.ctx.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            self._remove_partials()
-            if (self.root / tag).exists():  # the same step saved before (e.g. end after a periodic save)
-                shutil.rmtree(self.root / tag)
-        barrier()
-        engine.save_checkpoint(str(self.root), tag=partial, client_state={}, save_latest=False)
-        rng_dir = self.root / partial / "rng"
-        rng_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(_rng_state(), rng_dir / f"rank_{self.ctx.rank:05d}.pt")
-        # Every rank reports success; a rank that failed raises before this and the others time out.
-        all_gather_object(True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                self._remove_partials()
+                if (self.root / tag).exists():  # the same step saved before (e.g. end after a periodic save)
+                    shutil.rmtree(self.root / tag)
+                self._check_free_space()
+            except OSError as e:
+                error = _describe(e)
+        self._agree(tag, all_gather_object(error))
+        written: list[Path] = []
+        try:
+            with _recording_writes(engine, written):
+                engine.save_checkpoint(str(self.root), tag=partial, client_state={}, save_latest=False)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            if is_collective_failure(e):
+                raise
+            raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e))])) from None
+        digests, error = {}, None
+        try:
+            rng_dir = self.root / partial / "rng"
+            rng_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(_rng_state(), rng_dir / f"rank_{self.ctx.rank:05d}.pt")
+            written.append(rng_dir / f"rank_{self.ctx.rank:05d}.pt")
+            digests = {str(Path(p).relative_to(self.root / partial)): digest(p) for p in written}
+            if on_written is not None:
+                on_written(self.root / partial)
+        except OSError as e:
+            error = _describe(e)
+        # Every rank reports its files (or its error): the checkpoint is complete only if all wrote.
+        reports = all_gather_object((error, digests))
+        self._agree(tag, [e for e, _ in reports])
+        error = None
         if self.ctx.is_main:
-            files = {
-                str(p.relative_to(self.root / partial)): p.stat().st_size
-                for p in sorted((self.root / partial).rglob("*"))
-                if p.is_file()
-            }
-            full_state = {
-                **state,
-                "step": step,
-                "tag": tag,
-                "world_size": self.ctx.world_size,
-                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                "files": files,
-            }
-            (self.root / partial / CONFIG_FILE).write_text(config_yaml)
-            if write_extras is not None:
-                write_extras(self.root / partial)
-            write_atomic(self.root / partial / STATE_FILE, json.dumps(full_state, indent=1))
-            os.replace(self.root / partial, self.root / tag)
-            write_atomic(self.root / LATEST, tag)
-            self._prune()
-        barrier()
+            try:
+                self._complete(tag, partial, step, state, config_yaml, write_extras, reports)
+            except OSError as e:
+                error = _describe(e)
+        self._agree(tag, all_gather_object(error))
         log.info("checkpoint %s written in %.1fs", self.root / tag, time.time() - t0)
         return CheckpointRef(self.root, tag)
 
+    def _complete(self, tag, partial, step, state, config_yaml, write_extras, reports) -> None:
+        """Rank 0: the ride-along files, the manifest, then the rename and `latest` (atomic)."""
+        directory = self.root / partial
+        (directory / CONFIG_FILE).write_text(config_yaml)
+        if write_extras is not None:
+            write_extras(directory)
+        digests = {name: d for _, rank_digests in reports for name, d in rank_digests.items()}
+        for p in sorted(directory.rglob("*")):  # files no rank reported (ours, or another writer's)
+            name = str(p.relative_to(directory))
+            if p.is_file() and name not in digests and name != STATE_FILE:
+                digests[name] = digest(p)
+        full_state = {
+            **state,
+            "step": step,
+            "tag": tag,
+            "world_size": self.ctx.world_size,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "files": {name: d[0] for name, d in sorted(digests.items())},
+            "sha256": {name: d[1] for name, d in sorted(digests.items())},
+        }
+        write_atomic(directory / STATE_FILE, json.dumps(full_state, indent=1))
+        os.replace(directory, self.root / tag)
+        write_atomic(self.root / LATEST, tag)
+        self._prune()
+
+    def _check_free_space(self) -> None:
+        """Refuse to start a save the file system cannot hold (as big as the last one), instead of
+        filling it up half-way."""
+        latest = latest_checkpoint(self.root)
+        if latest is None:
+            return
+        needed = sum((latest.state().get("files") or {}).values())
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise OSError(
+                errno.ENOSPC,
+                f"only {_size(free)} free on the file system of {self.root}, the last checkpoint "
+                f"took {_size(needed)}",
+            )
+
+    def _agree(self, tag: str, errors: list[str | None]) -> None:
+        failed = [(rank, e) for rank, e in enumerate(errors) if e]
+        if failed:
+            raise CheckpointWriteError(self._failure(tag, failed))
+
+    def _failure(self, tag: str, failed: list[tuple[int, str]]) -> str:
+        where = "; ".join(f"rank {rank}: {e}" for rank, e in failed)
+        latest = latest_checkpoint(self.root)
+        kept = f"{latest.path} is still the latest" if latest else "there is no earlier checkpoint"
+        return f"could not write checkpoint {tag} ({where}); {kept}: free space or fix the directory and re-run to resume"
+
+    def verify(self, ref: CheckpointRef, state: dict) -> None:
+        """Check every file against the manifest (sizes and sha256), the work split across ranks;
+        raise CheckpointDamaged on every rank if anything differs."""
+        names = sorted(state.get("files") or {})
+        mine = manifest_problems(ref.path, state, names=names[self.ctx.rank :: self.ctx.world_size])
+        problems = [p for rank_problems in all_gather_object(mine) for p in rank_problems]
+        if problems:
+            raise CheckpointDamaged(damaged_message(ref, problems))
+
     def load(self, engine: Any, ref: CheckpointRef) -> dict:
-        """Restore engine, optimizer, LR schedule and (same world size) this rank's RNG."""
-        load_path, _ = engine.load_checkpoint(
-            str(ref.root),
-            tag=ref.tag,
-            load_module_strict=True,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
+        """Restore engine, optimizer, LR schedule and (same world size) this rank's RNG (the caller
+        verifies the files first). DeepSpeed's files are unpickled with `weights_only=True` and an
+        allow-list of DeepSpeed's few classes, never arbitrary objects."""
+        state = ref.state()
+        with _safe_loading(engine):
+            load_path, _ = engine.load_checkpoint(
+                str(ref.root),
+                tag=ref.tag,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=True,
+            )
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {ref.path}")
-        state = ref.state()
         rng_file = ref.path / "rng" / f"rank_{self.ctx.rank:05d}.pt"
         if state.get("world_size") == self.ctx.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=True))
@@ -131,3 +232,85 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.strerror or e} ({e.filename})"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@contextlib.contextmanager
+def _recording_writes(engine: Any, written: list[Path]):
+    """Note every file DeepSpeed's checkpoint writer saves on this rank (to hash it afterwards)."""
+    writer = getattr(engine, "checkpoint_engine", None)
+    if writer is None or not hasattr(writer, "save"):
+        yield
+        return
+    original = writer.save
+
+    def save(state_dict, path, *args, **kwargs):
+        result = original(state_dict, path, *args, **kwargs)
+        written.append(Path(path))
+        return result
+
+    with _patched(writer, "save", save):
+        yield
+
+
+@contextlib.contextmanager
+def _safe_loading(engine: Any):
+    """DeepSpeed's checkpoint reader, with torch.load(weights_only=True) and an allow-list instead
+    of unrestricted unpickling."""
+    reader = getattr(engine, "checkpoint_engine", None)
+    if reader is None or not hasattr(reader, "load"):
+        yield
+        return
+    allowed = _deepspeed_classes()
+
+    def load(path, map_location=None, *args, **kwargs):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointDamaged(
+                f"{path}: refused to load ({first}); ds_train reads checkpoints with "
+                "torch.load(weights_only=True) and never unpickles other objects"
+            ) from None
+
+    with _patched(reader, "load", load):
+        yield
+
+
+def _deepspeed_classes() -> list:
+    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (training resumes
+    with the real classes; the converter uses inert stand-ins, see convert/safe_load.py)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def _patched(obj: Any, name: str, value: Any):
+    own = name in vars(obj)
+    previous = vars(obj).get(name)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(obj, name, previous)
+        else:
+            delattr(obj, name)

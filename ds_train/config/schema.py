@@ -39,6 +39,10 @@ class RunSection:
         "auto",
         "auto: resume from the latest complete checkpoint if one exists; never: refuse to start on a dir holding checkpoints; require: fail if there is none.",
     )
+    force_resume: bool = doc(
+        False,
+        "Resume even though the data (shard set, seq_len, run.seed) or train.global_batch_size differ from the checkpoint's: training continues from its step on the new data stream. A different model or tokenizer is always refused.",
+    )
     tensorboard: bool = doc(True, "Write TensorBoard event files under <output_dir>/tensorboard.")
     wandb: bool = doc(
         False,

@@ -66,6 +66,7 @@ def _check_train(cfg: Config) -> None:
         "data.prefetch_factor": cfg.data.prefetch_factor,
         "data.shuffle_window": cfg.data.shuffle_window,
         "train.max_nonfinite": t.max_nonfinite,
+        "run.collective_timeout_s": cfg.run.collective_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
+from ds_train.checkpoint.integrity import manifest_problems
 from ds_train.checkpoint.layout import (
     HF_CONFIG_DIR,
     TOKENIZER_DIR,
@@ -24,6 +25,7 @@ from ds_train.checkpoint.layout import (
     checkpoints_dir,
     latest_checkpoint,
 )
+from ds_train.checkpoint.manager import CheckpointDamaged, damaged_message
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
 from ds_train.data.loader import DataPlan, MicroBatches, build_plan, load_shard_sets, make_loader
 from ds_train.data.shard_format import tokenizer_fingerprint
@@ -95,7 +97,11 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             tokenizer_sha=tokenizer_fingerprint(tokenizer)["sha256"],
             objective=cfg.model.objective,
             global_batch_size=cfg.train.global_batch_size,
+            force=cfg.run.force_resume,
         )
+        problems = manifest_problems(ref.path, state, checksums=False)  # sizes now, sha256 at load
+        if problems:
+            raise CheckpointDamaged(damaged_message(ref, problems))
     return Preflight(launch, layout, tokenizer, hf_config, ref)
 
 
@@ -133,6 +139,7 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
             fingerprint_now=plan.fingerprint,
             seq_len=plan.seq_len,
             seed=cfg.run.seed,
+            force=cfg.run.force_resume,
         )
 
     if ctx.is_main:

@@ -58,7 +58,11 @@ def build_trainer(
     n_params, n_embed = count_params(model)
     fpt = flops_per_token(model, parts.seq_len)
     resume_from = pre.resume_from
-    if resume_from is not None:  # another world size: resume through DeepSpeed's universal format
+    checkpoints = CheckpointManager(cfg.run.output_dir, ctx, cfg.train.keep_last)
+    if resume_from is not None:
+        # every file against the manifest's sha256 before anything reads it; then, on another
+        # world size, resume through DeepSpeed's universal format
+        checkpoints.verify(resume_from, resume_from.state())
         from ds_train.convert.reshard import elastic_resume
 
         resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main)
@@ -72,7 +76,6 @@ def build_trainer(
             cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
         ),
     )
-    checkpoints = CheckpointManager(cfg.run.output_dir, ctx, cfg.train.keep_last)
     start_step = 0
     if resume_from is not None:
         start_step = checkpoints.load(engine, resume_from)["step"]
@@ -129,6 +132,7 @@ def build_trainer(
         peak_flops=cfg.train.peak_flops or device_peak_flops(precision),
         nonfinite=cfg.train.nonfinite,
         max_nonfinite=cfg.train.max_nonfinite,
+        collective_timeout_s=cfg.run.collective_timeout_s,
     )
     trainer = Trainer(
         settings=settings,

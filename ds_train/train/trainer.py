@@ -22,9 +22,12 @@ from typing import Any
 
 import torch
 
+from ds_train.checkpoint.layout import latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.distributed.engine import DistributedContext, all_reduce_sum
+from ds_train.distributed.peers import first_sentence, is_collective_failure, roll_call, wait_for_roll_call
+from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
 
 log = logging.getLogger(__name__)
@@ -32,8 +35,12 @@ log = logging.getLogger(__name__)
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch script requeues
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(RunFailure):
+    """train.nonfinite=stop, or too many consecutive non-finite steps under skip."""
+
+
+class RankLostError(RunFailure):
+    """A collective failed: another rank died or went silent."""
 
 
 @dataclass
@@ -48,6 +55,7 @@ class TrainerSettings:
     peak_flops: float | None = None  # per device
     nonfinite: str = "stop"
     max_nonfinite: int = 3
+    collective_timeout_s: float = 600.0
 
 
 class Trainer:
@@ -87,6 +95,7 @@ class Trainer:
         self.nonfinite_steps = 0
         self.skipped_samples = 0  # rows the loader could not read and replaced (data.skip_corrupt)
         self._consecutive_nonfinite = 0
+        self._activity: str | None = None  # what a collective failure interrupted, if not a step
 
     # --- public -------------------------------------------------------------------------------
 
@@ -95,7 +104,37 @@ class Trainer:
         self.stop_reason = reason
 
     def fit(self) -> int:
-        """Train to max_steps; returns the process exit code (0, or PREEMPTED_EXIT_CODE)."""
+        """Train to max_steps; returns the process exit code (0, or PREEMPTED_EXIT_CODE).
+
+        A collective that fails because a peer died or hung becomes RankLostError, naming the
+        ranks that did not answer a roll call."""
+        try:
+            return self._fit()
+        except RuntimeError as e:
+            if isinstance(e, RunFailure) or not is_collective_failure(e):
+                raise
+            raise self._rank_lost(e) from None
+
+    def _rank_lost(self, e: RuntimeError) -> RankLostError:
+        wait = wait_for_roll_call(self.s.collective_timeout_s)
+        log.error("rank %d: a collective failed; roll call (%.0fs)", self.ctx.rank, wait)
+        missing, note = roll_call(wait)
+        if missing:
+            who = (
+                f"rank(s) {', '.join(map(str, missing))} did not answer ({note}): dead or hung, see their log"
+            )
+        elif missing is None:
+            who = note
+        else:
+            who = f"{note}, so no rank is gone: the collective itself failed"
+        latest = latest_checkpoint(self.checkpoints.root)
+        resume = f"re-run to resume from {latest.tag}" if latest else "there is no checkpoint yet"
+        return RankLostError(
+            f"lost contact with other ranks {self._activity or f'in step {self.step + 1}'} "
+            f"({first_sentence(e)}); {who}; {resume}"
+        )
+
+    def _fit(self) -> int:
         self._emit("on_train_start")
         batches = iter(self.train_batches)
         pending: list[torch.Tensor] = []
@@ -109,10 +148,10 @@ class Trainer:
             if stop:
                 return self._stop_for_requeue()
             self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
-            loss_total = self._train_step(micro, global_targets)
+            losses = self._train_step(micro, global_targets)
             self.step += 1
-            self._unchecked = (micro, loss_total)
-            pending.append(torch.stack([loss_total, global_targets]))
+            self._unchecked = (micro, losses)
+            pending.append(torch.stack([losses.sum(), global_targets]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
                 self._log(pending, time.perf_counter() - interval_start - paused)
@@ -144,16 +183,24 @@ class Trainer:
 
     def save(self) -> None:
         self._agree(torch.zeros(()))  # never checkpoint a step whose loss no rank has vetted
+        self._activity = f"while saving the checkpoint of step {self.step}"
         self.checkpoints.save(
-            self.engine, self.step, self.state_fn(self.step), self.config_yaml, self.write_extras
+            self.engine,
+            self.step,
+            self.state_fn(self.step),
+            self.config_yaml,
+            self.write_extras,
+            on_written=lambda directory: self._emit("on_checkpoint_written", directory),
         )
         self.last_saved_step = self.step
+        self._activity = None
 
     @torch.no_grad()
     def evaluate(self) -> dict | None:
         if self.eval_batches is None:
             return None
         self.engine.eval()
+        self._activity = f"while evaluating after step {self.step}"
         # An objective may also return summable statistics per batch (e.g. a confusion matrix):
         # `eval_step(model, batch) -> (loss_sum, stats)`, turned into record entries by
         # `eval_metrics(stats summed over batches and ranks)`. Evaluation only; training is untouched.
@@ -171,6 +218,7 @@ class Trainer:
             totals[1] += batch["num_targets"].double()
         self.engine.train()
         all_reduce_sum(totals)
+        self._activity = None
         loss = float(totals[0] / totals[1].clamp(min=1))
         record = {
             "step": self.step,
@@ -187,15 +235,16 @@ class Trainer:
     # --- internals ----------------------------------------------------------------------------
 
     def _train_step(self, micro: list[dict], global_targets: torch.Tensor) -> torch.Tensor:
+        """Summed loss of each micro-batch (so a non-finite one can be named)."""
         scale = self.ctx.world_size / global_targets.clamp(min=1)
-        loss_total = torch.zeros((), device=self.ctx.device)
-        for batch in micro:
+        losses = torch.zeros(len(micro), device=self.ctx.device)
+        for k, batch in enumerate(micro):
             batch = self._to_device(batch)
             loss_sum = self.objective.loss_sum(self.engine, batch)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()
-            loss_total += loss_sum.detach()
-        return loss_total
+            losses[k] = loss_sum.detach()
+        return losses
 
     def _agree(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The step's one collective: the global target-token count, whether any rank wants to stop,
@@ -203,7 +252,7 @@ class Trainer:
         so the loop never waits on a loss value; DeepSpeed's ZeRO optimizers already discarded
         that step's update because its gradient norm was not finite)."""
         unchecked, self._unchecked = self._unchecked, None
-        bad = (~torch.isfinite(unchecked[1])).float() if unchecked is not None else torch.zeros(())
+        bad = (~torch.isfinite(unchecked[1])).any().float() if unchecked is not None else torch.zeros(())
         flags = torch.stack(
             [
                 local_targets.float().to(self.ctx.device),
@@ -214,25 +263,47 @@ class Trainer:
         all_reduce_sum(flags)
         _, stop, nonfinite = (flags > 0).tolist()
         if nonfinite:
-            self._handle_nonfinite(unchecked[0])
+            self._handle_nonfinite(*unchecked)
         elif unchecked is not None:
             self._consecutive_nonfinite = 0
         if stop and self.stop_reason is None:
             self.stop_reason = "another rank received a stop signal"
         return flags[0], stop
 
-    def _handle_nonfinite(self, micro: list[dict]) -> None:
+    def _handle_nonfinite(self, micro: list[dict], losses: torch.Tensor) -> None:
+        """Name the step and, on the rank(s) that saw it, the micro-batch's samples (shard and row),
+        so the data can be found; then skip (count) or stop as train.nonfinite says."""
         self.nonfinite_steps += 1
         self._consecutive_nonfinite += 1
-        b = micro[0]
-        where = self.describe_sample(int(b["source"][0]), int(b["shard"][0]), int(b["row"][0]))
-        message = (
-            f"non-finite loss at step {self.step} (global samples {int(b['sample_ids'][0])}.., "
-            f"first sample on rank {self.ctx.rank}: {where})"
-        )
+        bad = [k for k, ok in enumerate(torch.isfinite(losses).tolist()) if not ok]
+        if bad:
+            b = micro[bad[0]]
+            ids = b["sample_ids"].tolist() if "sample_ids" in b else []
+            places = [
+                self.describe_sample(int(src), int(shard), int(row))
+                for src, shard, row in zip(b["source"].tolist(), b["shard"].tolist(), b["row"].tolist())
+            ]
+            shown = ", ".join(places[:4]) + (f", … ({len(places)} samples)" if len(places) > 4 else "")
+            span = f"global samples {ids[0]}..{ids[-1]}: " if ids else ""
+            where = f"on rank {self.ctx.rank}, micro-batch {bad[0]} ({span}{shown})"
+        else:
+            where = "on another rank (its log names the samples)"
+        message = f"non-finite loss in step {self.step} {where}"
         if self.s.nonfinite == "stop" or self._consecutive_nonfinite >= self.s.max_nonfinite:
-            raise NonFiniteLossError(message + "; stopping (the last checkpoint is intact)")
-        log.warning("%s; skipped (%d so far)", message, self.nonfinite_steps)
+            reason = (
+                "train.nonfinite=stop"
+                if self.s.nonfinite == "stop"
+                else f"{self._consecutive_nonfinite} consecutive non-finite steps (train.max_nonfinite)"
+            )
+            latest = latest_checkpoint(self.checkpoints.root)
+            kept = f"{latest.tag} is intact" if latest else "no checkpoint was written"
+            raise NonFiniteLossError(f"{message}; stopping: {reason}; {kept}")
+        if bad or self.ctx.is_main:
+            log.warning(
+                "%s; update skipped (train.nonfinite=skip; %d non-finite steps so far)",
+                message,
+                self.nonfinite_steps,
+            )
 
     def _log(self, pending: list[torch.Tensor], elapsed: float) -> None:
         stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]

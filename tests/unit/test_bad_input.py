@@ -85,6 +85,14 @@ CASES = [
     ("override-syntax", {}, ["train.max_steps"], "must look like section.key=value"),
     ("negative-log-every", {}, ["train.log_every=0"], "train.log_every must be > 0"),
     ("mlm-probability", {}, ["data.mlm_probability=1.5"], "data.mlm_probability must be within (0, 1)"),
+    ("collective-timeout", {}, ["run.collective_timeout_s=0"], "run.collective_timeout_s must be > 0"),
+    (
+        "nonfinite-skip-without-zero",
+        {},
+        ["train.nonfinite=skip", "zero.stage=0"],
+        "train.nonfinite=skip needs zero.stage ≥ 1",
+    ),
+    ("force-resume-type", {}, ["run.force_resume=sometimes"], "run.force_resume: expected true or false"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +18,9 @@ class Callback:
 
     def on_log(self, trainer: Trainer, record: dict) -> None:
         """Every train.log_every steps, with the metrics record written to metrics.jsonl."""
+
+    def on_checkpoint_written(self, trainer: Trainer, directory: Path) -> None:
+        """On every rank inside a save, once this rank's files are in `directory` (still partial)."""
 
     def on_eval(self, trainer: Trainer, record: dict) -> None:
         """After each validation pass."""

@@ -2,36 +2,110 @@
 
     DS_TRAIN_FAULT="kill@step=7"          SIGKILL every rank right after step 7
     DS_TRAIN_FAULT="kill@step=7,rank=1"   SIGKILL only rank 1 (the others must not hang)
+    DS_TRAIN_FAULT="hang@step=7,rank=1"   rank 1 stops taking part (alive, sockets open): the others
+                                          must give up after run.collective_timeout_s
+    DS_TRAIN_FAULT="nan@step=7,rank=1"    rank 1's loss in step 7 is NaN (train.nonfinite decides)
+    DS_TRAIN_FAULT="kill@save=8,rank=1"   SIGKILL inside the save of step 8, once this rank's files
+                                          are written and before the checkpoint is complete
+    DS_TRAIN_FAULT="enospc@save=8,rank=1" that save fails with OSError(ENOSPC) on rank 1
 
-The callback is not installed at all when the variable is unset.
+Several faults are separated by ';'. Without `rank=` a fault fires on every rank. The callback is
+not installed at all when the variable is unset.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from ds_train.train.callbacks.base import Callback
 
 ENV = "DS_TRAIN_FAULT"
+KINDS = {"kill": ("step", "save"), "hang": ("step",), "nan": ("step",), "enospc": ("save",)}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    point: str  # "step" or "save"
+    step: int
+    rank: int | None
+
+    def fires(self, point: str, step: int, rank: int) -> bool:
+        return self.point == point and self.step == step and self.rank in (None, rank)
+
+
+def parse(spec: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (s.strip() for s in spec.split(";"))):
+        kind, _, params = item.partition("@")
+        values = dict(p.split("=", 1) for p in params.split(",") if "=" in p)
+        points = [p for p in KINDS.get(kind, ()) if p in values]
+        if len(points) != 1:
+            raise ValueError(
+                f"{ENV}: cannot parse {item!r} (see ds_train/train/callbacks/fault_injection.py)"
+            )
+        rank = int(values["rank"]) if "rank" in values else None
+        faults.append(Fault(kind, points[0], int(values[points[0]]), rank))
+    return faults
+
+
+class _NanLoss:
+    """The objective, except that the summed loss is NaN while `armed()` says so."""
+
+    def __init__(self, objective, armed):
+        self._objective, self._armed = objective, armed
+
+    def loss_sum(self, model, batch):
+        loss = self._objective.loss_sum(model, batch)
+        return loss * float("nan") if self._armed() else loss
+
+    def __getattr__(self, name):
+        return getattr(self._objective, name)
 
 
 class FaultInjection(Callback):
-    def __init__(self, kind: str, step: int, rank: int | None):
-        self.kind, self.step, self.rank = kind, step, rank
+    def __init__(self, faults: list[Fault]):
+        self.faults = faults
 
     @classmethod
     def from_env(cls) -> FaultInjection | None:
         spec = os.environ.get(ENV)
-        if not spec:
-            return None
-        kind, _, params = spec.partition("@")
-        values = dict(p.split("=", 1) for p in params.split(",") if "=" in p)
-        return cls(kind, int(values["step"]), int(values["rank"]) if "rank" in values else None)
+        return cls(parse(spec)) if spec else None
 
-    def _armed(self, trainer) -> bool:
-        return trainer.step == self.step and self.rank in (None, trainer.ctx.rank)
+    def _fired(self, trainer, kind: str, point: str, step: int) -> bool:
+        fired = any(f.kind == kind and f.fires(point, step, trainer.ctx.rank) for f in self.faults)
+        if fired and kind != "nan":  # when it happened, to time the run's reaction from outside
+            print(
+                f"{ENV}: {kind}@{point}={step} on rank {trainer.ctx.rank} at {time.time():.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return fired
+
+    def on_train_start(self, trainer) -> None:
+        if any(f.kind == "nan" for f in self.faults):
+            # trainer.step counts finished steps: step N is computed while it reads N - 1
+            trainer.objective = _NanLoss(
+                trainer.objective,
+                lambda: trainer.engine.training and self._fired(trainer, "nan", "step", trainer.step + 1),
+            )
 
     def on_step_end(self, trainer) -> None:
-        if self.kind == "kill" and self._armed(trainer):
+        if self._fired(trainer, "kill", "step", trainer.step):
             os.kill(os.getpid(), signal.SIGKILL)
+        if self._fired(trainer, "hang", "step", trainer.step):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher may still end it
+            while True:
+                time.sleep(3600)
+
+    def on_checkpoint_written(self, trainer, directory: Path) -> None:
+        if self._fired(trainer, "kill", "save", trainer.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self._fired(trainer, "enospc", "save", trainer.step):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
