@@ -32,6 +32,10 @@ def main(args: argparse.Namespace) -> int:
     if args.check:
         pre = preflight.preflight(cfg)
         splits = ", ".join(f"{name}: {', '.join(spec.files)}" for name, spec in pre.specs.items())
+        if pre.shard_sets is not None:  # SFT shards
+            splits = ", ".join(
+                f"{n}: {', '.join(s.describe() for s in v)}" for n, v in pre.shard_sets.items()
+            )
         print(
             f"ok: task {cfg.finetune.task} | {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × "
             f"{pre.layout.grad_accum} accum × {pre.layout.data_parallel_size} ranks | {splits}"

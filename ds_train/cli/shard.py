@@ -58,6 +58,23 @@ def register(sub) -> None:
         help="bytes of input per unit of parallel work (default: 1/256 of the input within 1-16MB; "
         "does not change the output)",
     )
+    p.add_argument(
+        "--sft",
+        action="store_true",
+        help="SFT examples (.jsonl with prompt/response or messages): rendered and masked as "
+        "`ds-train finetune` does, written with a <key>.mask.npy loss mask (one process)",
+    )
+    p.add_argument(
+        "--chat-template",
+        choices=("auto", "tokenizer", "plain"),
+        default="auto",
+        help="--sft: as finetune.chat_template (auto: the tokenizer's template when it has one)",
+    )
+    p.add_argument(
+        "--train-on-inputs",
+        action="store_true",
+        help="--sft: as finetune.train_on_inputs (loss on prompts too)",
+    )
     p.add_argument("--task-index", type=int, default=None, help="Slurm array mode: this task's index")
     p.add_argument("--num-tasks", type=int, default=None, help="Slurm array mode: number of tasks")
     p.add_argument("--merge", action="store_true", help="write shards + manifests from finished tasks")
@@ -75,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be ≥ 1")
     try:
         if args.merge:
+            if args.sft:
+                raise ConfigError("--sft runs in one process: there is no --merge step")
             if args.inputs:
                 raise ConfigError("--merge takes no inputs: it reads the plan the tasks left in --output")
             manifests = merge_shards(
@@ -129,6 +148,19 @@ def _tokenize(args: argparse.Namespace) -> dict | None:
     )
     if args.piece_size:
         opts.piece_bytes = args.piece_size
+    if args.sft:
+        from ds_train.data.sft_sharding import shard_sft
+
+        if args.task_index is not None:
+            raise ConfigError("--sft runs in one process: no --task-index/--num-tasks")
+        return shard_sft(
+            args.inputs,
+            args.output,
+            tokenizer,
+            opts,
+            chat_template=args.chat_template,
+            train_on_inputs=args.train_on_inputs,
+        )
     if args.task_index is None:
         return shard_corpus(args.inputs, args.output, tokenizer, opts)
     plan = prepare_plan(args.inputs, args.output, tokenizer, opts)

@@ -129,14 +129,27 @@ def _check_zero(cfg: Config) -> None:
 def validate_finetune(cfg: Config) -> None:
     """Checks of the `finetune` section (`ds-train finetune` only); raise ConfigError (one line)."""
     f = cfg.finetune
-    if cfg.data.train:
+    if cfg.data.train and f.task != "sft":
         raise ConfigError(
-            "ds-train finetune reads examples from finetune.train_file (JSON lines), not data.train; "
-            "continued masked-LM pretraining on shards is `ds-train pretrain` with model.init_from and "
-            "model.objective=masked_lm"
+            f"ds-train finetune (task {f.task}) reads examples from finetune.train_file (JSON lines), not "
+            "data.train; continued masked-LM pretraining on shards is `ds-train pretrain` with "
+            "model.init_from and model.objective=masked_lm"
         )
-    if f.train_file in (None, "", []):
-        raise ConfigError("missing required key 'finetune.train_file' (a JSON-lines file of examples)")
+    if cfg.data.train:  # SFT shards (`ds-train shard --sft`): the shard sets are checked in preflight
+        if f.train_file not in (None, "", []) or f.valid_file not in (None, "", []) or f.valid_fraction:
+            raise ConfigError(
+                "set either data.train/data.valid (SFT shards) or finetune.train_file/valid_file/"
+                "valid_fraction (JSON lines), not both"
+            )
+    elif f.train_file in (None, "", []):
+        raise ConfigError(
+            "missing required key 'finetune.train_file' (a JSON-lines file of examples; "
+            "for task sft, data.train may name SFT shards instead)"
+        )
+    elif cfg.data.valid:
+        raise ConfigError(
+            "data.valid goes with data.train (SFT shards); with JSON lines use finetune.valid_file"
+        )
     for key in ("train_file", "valid_file"):
         for path in _file_list(getattr(f, key), f"finetune.{key}"):
             if not Path(path).is_file():

@@ -8,6 +8,10 @@ keep tar overhead negligible; any webdataset or `tar` user can read the files (d
 `index.json` beside the shards is the manifest: per shard its rows, tokens, documents, bytes and
 sha256, plus the seq_len, dtype and tokenizer fingerprint of the whole set. It is the only listing
 a training job reads.
+
+SFT shard sets (`ds-train shard --sft`, sft_sharding.py) add a member `<key>.mask.npy` per block:
+uint8 `[rows, seq_len + 1]`, 1 where the token is a loss target (a response token), and their
+manifest carries an `sft` entry. Pretraining readers ignore the extra member.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ MANIFEST = "index.json"
 FORMAT = "ds_train.shards/1"
 ROWS_MEMBER_SUFFIX = ".tokens.npy"
 META_MEMBER_SUFFIX = ".json"
+MASK_MEMBER_SUFFIX = ".mask.npy"
 FIXED_MTIME = 0  # reproducible tar bytes: the same input gives the same sha256
 
 
@@ -69,11 +74,13 @@ def write_shard(
     doc_starts: list[list[int]],
     rows_per_member: int,
     doc_lengths: np.ndarray | list[int] = (),
+    masks: np.ndarray | None = None,
 ) -> ShardStats:
     """Write one shard `<out_dir>/<name>` (atomically: a temporary name, then a rename).
 
     Deterministic: the same rows give the same bytes (fixed mtime, user, order), so the sha256 in
-    the manifest identifies the content whatever machine or worker wrote it.
+    the manifest identifies the content whatever machine or worker wrote it. `masks` (SFT sets):
+    the per-token loss mask of `rows`, written as `<key>.mask.npy` beside each block.
     """
     import webdataset as wds
 
@@ -85,13 +92,14 @@ def write_shard(
         writer = wds.TarWriter(fh, mtime=FIXED_MTIME)
         for m, lo in enumerate(range(0, len(rows), rows_per_member)):
             hi = min(lo + rows_per_member, len(rows))
-            writer.write(
-                {
-                    "__key__": f"{stem}-{m:05d}",
-                    "tokens.npy": rows[lo:hi],
-                    "json": {"rows": hi - lo, "first_row": lo, "doc_starts": doc_starts[lo:hi]},
-                }
-            )
+            sample = {
+                "__key__": f"{stem}-{m:05d}",
+                "tokens.npy": rows[lo:hi],
+                "json": {"rows": hi - lo, "first_row": lo, "doc_starts": doc_starts[lo:hi]},
+            }
+            if masks is not None:
+                sample["mask.npy"] = masks[lo:hi]
+            writer.write(sample)
         writer.close()
     os.replace(tmp, out_dir / name)
     return ShardStats(

@@ -40,6 +40,7 @@ class ShardSet:
     dtype: np.dtype
     tokenizer: dict
     fingerprint: str
+    sft: dict | None = None  # SFT sets (`ds-train shard --sft`): how the examples were rendered
 
     @property
     def num_rows(self) -> int:
@@ -121,6 +122,7 @@ def shard_set_from_manifest(
         dtype=np.dtype(manifest["dtype"]),
         tokenizer=manifest["tokenizer"],
         fingerprint=h.hexdigest(),
+        sft=manifest.get("sft"),
     )
 
 

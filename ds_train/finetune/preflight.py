@@ -17,7 +17,9 @@ from ds_train.checkpoint.compat import check_resume, model_signature
 from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
 from ds_train.config import Config, ConfigError, validate
 from ds_train.config.validate import validate_finetune
+from ds_train.data.loader import build_plan, load_shard_sets
 from ds_train.data.shard_format import tokenizer_fingerprint
+from ds_train.data.shard_set import DataError, ShardSet
 from ds_train.distributed.deepspeed_config import BatchLayout, batch_layout
 from ds_train.distributed.launch_env import LaunchEnv, detect
 from ds_train.finetune.base_model import InitSource, resolve_init_source
@@ -43,6 +45,8 @@ class FinetunePreflight:
     chat: ChatFormat | None
     class_names: list[str]
     data_fingerprint: str
+    # SFT from shards (data.train/data.valid): {"train": [...], "valid": [...]} manifests; specs is then empty
+    shard_sets: dict[str, list[ShardSet]] | None = None
 
     def finetune_state(self, cfg: Config) -> dict:
         """What this run records in checkpoints, and what resuming must match."""
@@ -99,14 +103,29 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
         )
     if f.adapter == "lora" and f.export_hf:
         _require_module("ds_train.convert.lora", "finetune.adapter=lora with export_hf (saving the adapters)")
-    specs = split_specs(f)
-    class_names = check_examples(f, specs, chat)
+    tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
+    shard_sets = None
+    if cfg.data.train:
+        specs, class_names = {}, []
+        shard_sets = _sft_shard_sets(cfg, tok_sha, chat)
+        # the loader's plan fingerprint: what pretraining's data state records, checked on resume
+        fp = build_plan(
+            cfg.data.train,
+            seed=cfg.run.seed,
+            shuffle=cfg.data.shuffle,
+            window=cfg.data.shuffle_window,
+            shard_sets=shard_sets["train"],
+        ).fingerprint
+    else:
+        specs = split_specs(f)
+        class_names = check_examples(f, specs, chat)
+        fp = data_fingerprint(f, specs, tokenizer_sha256=tok_sha, chat=chat, class_names=class_names)
     hf_config = task_hf_config(
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
     )
-    tok_sha = tokenizer_fingerprint(tokenizer)["sha256"]
-    fp = data_fingerprint(f, specs, tokenizer_sha256=tok_sha, chat=chat, class_names=class_names)
-    pre = FinetunePreflight(launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp)
+    pre = FinetunePreflight(
+        launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
+    )
     pre.resume_from = _resume_point(cfg, pre, tok_sha)
     return pre
 
@@ -148,11 +167,45 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         )
     if data.get("fingerprint") not in (None, pre.data_fingerprint):
         raise ConfigError(
-            f"{ref.path} was trained on other data: the contents of finetune.train_file/valid_file, the "
+            f"{ref.path} was trained on other data: the contents of finetune.train_file/valid_file "
+            "(or the data.train shards), the "
             "tokenizer or an option that shapes the examples (seq_len, packing, fields, template, labels) "
             "changed; restore them or start a new run.output_dir"
         )
     return ref
+
+
+def _sft_shard_sets(cfg: Config, tok_sha: str, chat: ChatFormat) -> dict[str, list[ShardSet]]:
+    """The manifests of data.train/data.valid, which must be SFT shards made for this run: same
+    tokenizer, seq_len, chat template and train_on_inputs (the rows were rendered by them)."""
+    f = cfg.finetune
+    out = {}
+    for split, spec in (("train", cfg.data.train), ("valid", cfg.data.valid)):
+        if spec in (None, "", []):
+            continue
+        try:
+            sets = load_shard_sets(spec)
+        except DataError as e:
+            raise ConfigError(f"data.{split}: {e}") from None
+        for s in sets:
+            where = f"data.{split}: {s.location}"
+            if s.sft is None:
+                raise ConfigError(
+                    f"{where} holds pretraining shards without loss masks; make SFT shards with "
+                    "`ds-train shard --sft` (or use finetune.train_file)"
+                )
+            if s.tokenizer.get("sha256") != tok_sha:
+                raise ConfigError(f"{where} was tokenized with another tokenizer than this run's")
+            if s.seq_len != f.seq_len:
+                raise ConfigError(f"{where} has seq_len {s.seq_len}, finetune.seq_len is {f.seq_len}")
+            for key, ours in (("chat_template", chat.name), ("train_on_inputs", f.train_on_inputs)):
+                if s.sft.get(key) != ours:
+                    raise ConfigError(
+                        f"{where} was rendered with {key}={s.sft.get(key)}, this run has {key}={ours} "
+                        "(reshard with the matching `ds-train shard --sft` options, or change finetune.*)"
+                    )
+        out[split] = sets
+    return out
 
 
 def _as_model_dir(cfg: Config, source: InitSource | None) -> Config:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from ds_train.config import Config, dump_yaml
-from ds_train.data.loader import make_loader
+from ds_train.data.loader import build_plan, make_loader
 from ds_train.distributed.deepspeed_config import build_deepspeed_config, resolve_precision
 from ds_train.distributed.engine import (
     DistributedContext,
@@ -36,6 +36,7 @@ from ds_train.finetune.model_card import render_model_card, write_model_card
 from ds_train.finetune.preflight import FinetunePreflight, preflight
 from ds_train.finetune.report import EvalReport
 from ds_train.finetune.sft import SupervisedFineTuning
+from ds_train.finetune.shard_examples import SftShardBatches
 from ds_train.model.build import verify_loaded_weights
 from ds_train.objectives.masked_lm import MaskedLM
 from ds_train.train.callbacks.base import Callback
@@ -88,16 +89,18 @@ def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_cal
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    splits = prepare_splits(
-        run_dir,
-        f,
-        pre.specs,
-        pre.tokenizer,
-        chat=pre.chat,
-        class_names=pre.class_names,
-        fingerprint=pre.data_fingerprint,
-        is_main=ctx.is_main,
-    )
+    splits = {}
+    if pre.shard_sets is None:  # JSON lines: tokenized once into the run directory
+        splits = prepare_splits(
+            run_dir,
+            f,
+            pre.specs,
+            pre.tokenizer,
+            chat=pre.chat,
+            class_names=pre.class_names,
+            fingerprint=pre.data_fingerprint,
+            is_main=ctx.is_main,
+        )
     weights_dir = materialize_base(pre.source, run_dir, is_main=ctx.is_main)
     objective = build_objective(cfg, pre)
     report = EvalReport()
@@ -125,9 +128,12 @@ def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_cal
                 f"{trainable:,}",
                 f"{total:,}",
             )
-        trainer = build_trainer(
-            cfg, ctx, pre, _parts(cfg, ctx, pre, model, objective, splits), ds_config, callbacks
+        parts = (
+            _shard_parts(cfg, ctx, pre, model, objective)
+            if pre.shard_sets is not None
+            else _parts(cfg, ctx, pre, model, objective, splits)
         )
+        trainer = build_trainer(cfg, ctx, pre, parts, ds_config, callbacks)
         code = trainer.fit()
         if code == 0 and f.export_hf:
             state = gather_full_state(trainer.engine.module, keep=ctx.is_main)
@@ -202,6 +208,70 @@ def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> Tr
     )
 
 
+def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
+    """SFT from `ds-train shard --sft` sets: pretraining's streaming loader (order, rank slices,
+    exact and elastic resume, eval over data.valid) with the masks read beside the tokens."""
+    sets, layout, d = pre.shard_sets, pre.layout, cfg.data
+    plan = build_plan(
+        d.train, seed=cfg.run.seed, shuffle=d.shuffle, window=d.shuffle_window, shard_sets=sets["train"]
+    )
+    cache_dir = d.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")
+
+    def train_batches(start_step: int):
+        dataset = SftShardBatches(plan, layout, ctx.rank, start_step, objective, cache_dir)
+        return make_loader(dataset, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
+
+    eval_batches = None
+    if "valid" in sets:
+        valid_plan = build_plan(
+            d.valid, seed=cfg.run.seed, shuffle=False, window=d.shuffle_window, shard_sets=sets["valid"]
+        )
+        valid_ds = SftShardBatches(valid_plan, layout, ctx.rank, 0, objective, cache_dir)
+
+        def eval_batches():
+            return make_loader(
+                valid_ds,
+                num_workers=min(1, d.num_workers),
+                prefetch_factor=d.prefetch_factor,
+                num_micro_batches=cfg.train.eval_steps * layout.grad_accum,
+            )
+
+    def write_extras(directory: Path) -> None:
+        pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
+        pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
+
+    return TrainingParts(
+        model=model,
+        objective=objective,
+        objective_name=cfg.finetune.task,
+        seq_len=cfg.finetune.seq_len,
+        train_batches=train_batches,
+        data_state=plan.state,
+        write_extras=write_extras,
+        eval_batches=eval_batches,
+        describe_sample=plan.describe,
+        extra_state={"finetune": pre.finetune_state(cfg)},
+    )
+
+
+def shard_data_summary(pre: FinetunePreflight) -> dict[str, dict]:
+    """What the model card lists per split for shard data (the JSON-lines path lists dataset meta)."""
+    out = {}
+    for split, sets in (pre.shard_sets or {}).items():
+        stats: dict = {}
+        for s in sets:
+            for k, v in (s.sft.get("stats") or {}).items():
+                if isinstance(v, int):
+                    stats[k] = stats.get(k, 0) + v
+        out[split] = {
+            "files": [s.location for s in sets],
+            "rows": sum(s.num_rows for s in sets),
+            "stats": stats,
+            "chat_template": sets[0].sft.get("chat_template"),
+        }
+    return out
+
+
 def _save_adapters(model, out_dir: Path) -> None:
     """LoRA adapters in peft format, gathered from ZeRO-3 partitions (collective: every rank calls it)."""
     from ds_train.convert.lora import save_lora_adapters
@@ -225,7 +295,7 @@ def _export(cfg: Config, pre: FinetunePreflight, state, splits, trainer, report:
         if pre.source is None
         else pre.source.describe(),
         adapter=pre.finetune_state(cfg)["adapter"],
-        data={split: s.meta for split, s in splits.items()},
+        data={split: s.meta for split, s in splits.items()} or shard_data_summary(pre),
         train={
             "steps": trainer.step,
             "global_batch_size": pre.layout.global_batch_size,

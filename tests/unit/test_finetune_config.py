@@ -60,6 +60,10 @@ def _check(raw):
             {"data": {"train": "/some/shards"}},
             "not data.train; continued masked-LM pretraining on shards is `ds-train pretrain`",
         ),
+        (
+            {"data": {"train": "/some/shards"}, "finetune": {"task": "sft"}},
+            "set either data.train/data.valid (SFT shards) or finetune.train_file",
+        ),
         ({"model": {"init_from": "{tmp}"}}, "is neither a Hugging Face model directory"),
         ({"model": {"init_from": "/nonexistent/model"}}, "model.init_from: not found"),
         ({"finetune": {"chat_template": "tokenizer", "task": "sft"}}, "the tokenizer has no chat template"),
