@@ -150,6 +150,11 @@ class TrainSection:
         None, "Peak FLOP/s of one device for MFU. Default: known GPUs (H100/H200 bf16: 989e12); none on CPU."
     )
     export_hf: bool = doc(False, "Write a Hugging Face directory to <output_dir>/hf at the end of training.")
+    export_hf_every: int = doc(
+        0,
+        "Also convert every N-th checkpoint to <output_dir>/exports/<tag>, in a background process (log in "
+        "<output_dir>/logs/). 0: off. Keep train.keep_last >= 2 so pruning cannot remove one being read.",
+    )
     nonfinite: Literal["stop", "skip"] = doc(
         "stop", "On a NaN/Inf loss: stop with the step and batch named, or skip the update and count it."
     )

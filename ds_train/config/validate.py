@@ -73,6 +73,7 @@ def _check_train(cfg: Config) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
     for key, value in {
         "train.save_every": t.save_every,
+        "train.export_hf_every": t.export_hf_every,
         "train.eval_every": t.eval_every,
         "train.warmup_steps": t.warmup_steps,
         "data.num_workers": cfg.data.num_workers,

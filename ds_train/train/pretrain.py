@@ -52,6 +52,7 @@ from ds_train.train.callbacks.metrics_file import MetricsFile
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
+from ds_train.train.hf_export import PeriodicHfExport, export_final
 from ds_train.train.session import TrainingParts, build_trainer
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
         shutdown()
         raise
     shutdown(wait_for_peers=True)
+    if code == 0 and cfg.train.export_hf and ctx.is_main:
+        export_final(cfg.run.output_dir)  # after the process group is gone: no rank waits on it
     return code
 
 
@@ -262,6 +265,8 @@ def standard_callbacks(cfg: Config, ctx: DistributedContext) -> list[Callback]:
         callbacks.append(fault)
     if ctx.is_main:
         callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
+        if cfg.train.export_hf_every:
+            callbacks.append(PeriodicHfExport(cfg.run.output_dir, cfg.train.export_hf_every))
         if cfg.run.tensorboard:
             callbacks.append(TensorBoard(cfg.run.output_dir))
         if cfg.run.wandb:

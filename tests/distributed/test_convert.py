@@ -83,7 +83,9 @@ def work(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def zero3_run(work, shards) -> Path:
-    return _pretrain(work, shards, "zero3", stage=3, train={"lr": 5e-3})
+    # also exports: every checkpoint in the background, and hf/ at the end
+    train = {"lr": 5e-3, "save_every": 2, "keep_last": 2, "export_hf_every": 1, "export_hf": True}
+    return _pretrain(work, shards, "zero3", stage=3, train=train)
 
 
 @pytest.mark.parametrize(
@@ -287,6 +289,14 @@ def test_hf_directory_loads_exactly_into_zero3(tmp_path, shards, zero3_run):
     run's first step: same seed, same data order)."""
     hf = tmp_path / "hf"
     run_cli(["convert", "to-hf", zero3_run, hf])
+    # the run's own exports went through the same code: the final one equals this conversion
+    final = _written(hf)
+    assert final.keys() == _written(zero3_run / "hf").keys()
+    assert all(torch.equal(final[k], v) for k, v in _written(zero3_run / "hf").items())
+    assert all(torch.equal(final[k], v) for k, v in _written(zero3_run / "exports" / tag_for_step(4)).items())
+    early = _written(zero3_run / "exports" / tag_for_step(2))
+    assert not all(torch.equal(final[k], v) for k, v in early.items())  # step 2's weights, not step 4's
+    assert (zero3_run / "logs" / f"export-{tag_for_step(2)}.log").is_file()
     losses = {}
     for name, stage, nproc in (("z3", 3, 2), ("z0", 0, 1)):
         cfg = base_config(
