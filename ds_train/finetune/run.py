@@ -40,6 +40,7 @@ from ds_train.finetune.shard_examples import SftShardBatches
 from ds_train.model.build import verify_loaded_weights
 from ds_train.objectives.masked_lm import MaskedLM
 from ds_train.train.callbacks.base import Callback
+from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.pretrain import seed_everything, standard_callbacks
 from ds_train.train.session import TrainingParts, build_trainer
 
@@ -48,11 +49,12 @@ log = logging.getLogger(__name__)
 
 def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     """Fine-tune on this rank. Returns the exit code (0 done, 75 preempted and checkpointed)."""
+    preemption = PreemptionHandler().install()  # before the slow start-up: a signal is held, not fatal
     pre = preflight(cfg)
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
     try:
-        code = _run(cfg, ctx, pre, extra_callbacks)
+        code = _run(cfg, ctx, pre, extra_callbacks, preemption)
     except BaseException:
         shutdown()
         raise
@@ -81,7 +83,13 @@ def _collate_token_rows(objective, arrays: dict, sample_ids):
     return objective.collate(arrays["tokens"], sample_ids)
 
 
-def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_callbacks) -> int:
+def _run(
+    cfg: Config,
+    ctx: DistributedContext,
+    pre: FinetunePreflight,
+    extra_callbacks,
+    preemption: PreemptionHandler,
+) -> int:
     seed_everything(cfg.run.seed, ctx.rank)
     f = cfg.finetune
     run_dir = Path(cfg.run.output_dir)
@@ -104,7 +112,11 @@ def _run(cfg: Config, ctx: DistributedContext, pre: FinetunePreflight, extra_cal
     weights_dir = materialize_base(pre.source, run_dir, is_main=ctx.is_main)
     objective = build_objective(cfg, pre)
     report = EvalReport()
-    callbacks = [*standard_callbacks(cfg, ctx), *([report] if ctx.is_main else []), *extra_callbacks]
+    callbacks = [
+        *standard_callbacks(cfg, ctx, preemption),
+        *([report] if ctx.is_main else []),
+        *extra_callbacks,
+    ]
 
     zero_ctx = HfZeroContext(ds_config)
     state = None

@@ -108,11 +108,12 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
 
 def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     """Train on this rank. Returns the exit code (0 done, 75 preempted and checkpointed)."""
+    preemption = PreemptionHandler().install()  # before the slow start-up: a signal is held, not fatal
     pre = preflight(cfg)
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
     try:
-        code = _run(cfg, ctx, pre, extra_callbacks)
+        code = _run(cfg, ctx, pre, extra_callbacks, preemption)
     except BaseException:
         shutdown()
         raise
@@ -122,7 +123,9 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     return code
 
 
-def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) -> int:
+def _run(
+    cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks, preemption: PreemptionHandler
+) -> int:
     seed_everything(cfg.run.seed, ctx.rank)
     run_dir = Path(cfg.run.output_dir)
     ds_config = build_deepspeed_config(cfg, ctx.world_size)
@@ -213,7 +216,7 @@ def _run(cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks) 
             describe_sample=plan.describe,
         )
         trainer = build_trainer(
-            cfg, ctx, pre, parts, ds_config, [*standard_callbacks(cfg, ctx), *extra_callbacks]
+            cfg, ctx, pre, parts, ds_config, [*standard_callbacks(cfg, ctx, preemption), *extra_callbacks]
         )
         code = trainer.fit()
         if ctx.is_main:
@@ -258,8 +261,10 @@ def _warn_on_launcher_zero_settings(cfg: Config) -> None:
         )
 
 
-def standard_callbacks(cfg: Config, ctx: DistributedContext) -> list[Callback]:
-    callbacks: list[Callback] = [PreemptionHandler()]
+def standard_callbacks(
+    cfg: Config, ctx: DistributedContext, preemption: PreemptionHandler | None = None
+) -> list[Callback]:
+    callbacks: list[Callback] = [preemption or PreemptionHandler()]
     fault = FaultInjection.from_env()
     if fault is not None:
         callbacks.append(fault)

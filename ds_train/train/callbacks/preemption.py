@@ -13,21 +13,38 @@ log = logging.getLogger(__name__)
 
 
 class PreemptionHandler(Callback):
+    """Installed at the very start of a run (`install`), so a signal that arrives while the model
+    loads is not fatal: it is held and passed on to the trainer when training starts, which then
+    checkpoints and exits for requeue at its first step boundary."""
+
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self):
-        self._previous = {}
+        self._previous: dict = {}
+        self._trainer = None
+        self.pending: str | None = None  # a signal received before the trainer existed
+
+    def install(self) -> PreemptionHandler:
+        for sig in self.SIGNALS:
+            self._previous.setdefault(sig, signal.signal(sig, self._handle))
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        log.warning("received %s: will checkpoint and stop after the current step", name)
+        if self._trainer is None:
+            self.pending = name
+        else:
+            self._trainer.request_stop(reason=name)
 
     def on_train_start(self, trainer) -> None:
-        def handler(signum, frame):
-            log.warning(
-                "received %s: will checkpoint and stop after the current step", signal.Signals(signum).name
-            )
-            trainer.request_stop(reason=signal.Signals(signum).name)
-
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, handler)
+        self.install()
+        self._trainer = trainer
+        if self.pending is not None:
+            trainer.request_stop(reason=self.pending)
 
     def on_train_end(self, trainer) -> None:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
+        self._previous.clear()
+        self._trainer = None
