@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ds_train.checkpoint.integrity import manifest_problems
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, STATE_FILE
 from ds_train.convert.hf_dir import load_config, model_class
 from ds_train.convert.safe_load import load_checkpoint_file
@@ -35,14 +36,22 @@ class VerifyReport:
     missing: list[str] = field(default_factory=list)
     max_logit_diff: float = math.inf
     logits_shape: tuple = ()
+    files_checked: int = 0  # checkpoint files compared with the sha256 recorded at save
+    file_problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.mismatched and not self.missing and self.max_logit_diff <= LOGIT_TOLERANCE
+        return (
+            not self.mismatched
+            and not self.missing
+            and not self.file_problems
+            and self.max_logit_diff <= LOGIT_TOLERANCE
+        )
 
     def summary_line(self) -> str:
         return (
             f"{self.checked} tensors compared, {len(self.mismatched)} differ, {len(self.missing)} missing; "
+            f"{len(self.file_problems)} checkpoint files damaged; "
             f"logits max |diff| {self.max_logit_diff:.3g} (tolerance {LOGIT_TOLERANCE:g})"
         )
 
@@ -51,6 +60,9 @@ class VerifyReport:
             f"checkpoint: {ckpt}",
             f"HF dir:     {hf_dir}",
             "",
+            f"checkpoint: {self.files_checked} files against the sha256 recorded at save, "
+            f"{len(self.file_problems)} damaged",
+            *(f"            ✗ {p}" for p in self.file_problems[:8]),
             f"tensors:    {self.checked} compared bitwise, {len(self.mismatched)} differ, {len(self.missing)} missing",
         ]
         for name in (self.mismatched + self.missing)[:8]:
@@ -123,9 +135,15 @@ def verify_conversion(
     hf_dir = Path(hf_dir)
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: not a Hugging Face directory (no config.json)")
+    report = VerifyReport()
+    if (tag_dir / STATE_FILE).is_file():  # ds_train checkpoints carry a manifest; plain DeepSpeed ones do not
+        state = json.loads((tag_dir / STATE_FILE).read_text())
+        report.files_checked = len(state.get("files") or {})
+        report.file_problems = manifest_problems(tag_dir, state)
+        if report.file_problems:
+            return report  # the reference itself is damaged: comparing against it means nothing
     reference = reference_state_dict(tag_dir)
     exported = _hf_tensors(hf_dir)
-    report = VerifyReport()
     for name, tensor in exported.items():
         ref = reference.get(name)
         report.checked += 1

@@ -146,6 +146,16 @@ def test_bf16_output_and_damaged_checkpoints(tmp_path, zero3_run):
     bad = run_cli(["convert", "verify", zero3_run, tampered], check=False)
     assert bad.returncode == 1 and victim in bad.stdout, bad.stdout + bad.stderr
 
+    # verify also checks the checkpoint's files against the sha256 recorded at save
+    flipped = tmp_path / "flipped" / "step"
+    shutil.copytree(latest_checkpoint(zero3_run / "checkpoints").path, flipped)
+    victim_file = sorted(flipped.glob("*optim_states.pt"))[0]
+    data = bytearray(victim_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the checksum can tell
+    victim_file.write_bytes(bytes(data))
+    damaged = run_cli(["convert", "verify", flipped, out], check=False)
+    assert damaged.returncode == 1 and victim_file.name in damaged.stdout, damaged.stdout + damaged.stderr
+
     # a plain DeepSpeed copy of the checkpoint (no ds_train metadata) needs --model-config
     tag_dir = latest_checkpoint(zero3_run / "checkpoints").path
     plain = tmp_path / "plain" / "global_step4"
