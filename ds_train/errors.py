@@ -8,6 +8,28 @@ In every case the last complete checkpoint is intact and re-running the same com
 
 from __future__ import annotations
 
+import os
+import sys
+
 
 class RunFailure(RuntimeError):
-    """A fault that stopped the run, described in one line (what, where, what to do)."""
+    """A fault that stopped the run, described in one line (what, where, what to do).
+
+    `every_rank` marks failures that all ranks raise together from agreed state (a save that
+    failed somewhere, a non-finite loss under the stop policy): the process group is still
+    healthy, so each rank prints its line and then meets the others before exiting. Without that
+    meeting the launcher (torchrun, srun) kills the slower ranks as soon as the first one exits,
+    and their explanation is lost."""
+
+    every_rank = False
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.reported = False
+
+
+def report_failure(e: RunFailure) -> None:
+    """Print the failure as this rank's one line on stderr (once)."""
+    if not e.reported:
+        print(f"ds-train: error: [rank {os.environ.get('RANK') or 0}] {e}", file=sys.stderr, flush=True)
+        e.reported = True

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 class CheckpointWriteError(RunFailure):
     """A checkpoint could not be written; the previous one is intact and still `latest`."""
 
+    every_rank = True  # raised after the ranks gathered each other's write errors
+
 
 class CheckpointDamaged(RunFailure):
     """A checkpoint's files differ from its manifest (missing, truncated, altered)."""
@@ -184,7 +186,9 @@ class CheckpointManager:
         mine = manifest_problems(ref.path, state, names=names[self.ctx.rank :: self.ctx.world_size])
         problems = [p for rank_problems in all_gather_object(mine) for p in rank_problems]
         if problems:
-            raise CheckpointDamaged(damaged_message(ref, problems))
+            damaged = CheckpointDamaged(damaged_message(ref, problems))
+            damaged.every_rank = True  # every rank has the gathered list
+            raise damaged
 
     def load(self, engine: Any, ref: CheckpointRef) -> dict:
         """Restore engine, optimizer, LR schedule and (same world size) this rank's RNG (the caller

@@ -63,7 +63,7 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from ds_train.config.loader import ConfigError
     from ds_train.data.shard_set import DataError
-    from ds_train.errors import RunFailure
+    from ds_train.errors import RunFailure, report_failure
 
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-train: error: {prefix}{e}", file=sys.stderr)
         return 2
     except RunFailure as e:  # a fault met while training, explained in its message
-        rank = os.environ.get("RANK")
-        print(f"ds-train: error: [rank {rank or 0}] {e}", file=sys.stderr)
+        report_failure(e)
         return 1
     except KeyboardInterrupt:
         return 130

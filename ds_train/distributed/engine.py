@@ -75,6 +75,22 @@ def shutdown(*, wait_for_peers: bool = False) -> None:
         dist.destroy_process_group()
 
 
+def shutdown_after_error(error: BaseException) -> None:
+    """Tear down after `error`. A failure every rank raised together (RunFailure.every_rank) is
+    printed first and the ranks meet before leaving, so each rank's explanation reaches the log
+    before the launcher kills whoever is still running; any other error leaves at once."""
+    from ds_train.errors import RunFailure, report_failure
+
+    if isinstance(error, RunFailure) and error.every_rank:
+        report_failure(error)
+        try:
+            shutdown(wait_for_peers=True)
+            return
+        except RuntimeError:  # a peer left after all: nothing more to wait for
+            pass
+    shutdown()
+
+
 # --- collectives (no-ops on one process) --------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from ds_train.distributed.engine import (
     configure_logging,
     init_distributed,
     shutdown,
+    shutdown_after_error,
 )
 from ds_train.finetune.base_model import materialize_base
 from ds_train.finetune.batches import ExampleBatches
@@ -55,8 +56,8 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     configure_logging(ctx.is_main)
     try:
         code = _run(cfg, ctx, pre, extra_callbacks, preemption)
-    except BaseException:
-        shutdown()
+    except BaseException as e:
+        shutdown_after_error(e)
         raise
     shutdown(wait_for_peers=True)
     return code

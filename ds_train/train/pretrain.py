@@ -42,6 +42,7 @@ from ds_train.distributed.engine import (
     configure_logging,
     init_distributed,
     shutdown,
+    shutdown_after_error,
 )
 from ds_train.distributed.launch_env import LaunchEnv, detect
 from ds_train.model.build import build_model, load_hf_config, load_tokenizer, verify_loaded_weights
@@ -114,8 +115,8 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     configure_logging(ctx.is_main)
     try:
         code = _run(cfg, ctx, pre, extra_callbacks, preemption)
-    except BaseException:
-        shutdown()
+    except BaseException as e:
+        shutdown_after_error(e)
         raise
     shutdown(wait_for_peers=True)
     if code == 0 and cfg.train.export_hf and ctx.is_main:

@@ -38,6 +38,8 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch scr
 class NonFiniteLossError(RunFailure):
     """train.nonfinite=stop, or too many consecutive non-finite steps under skip."""
 
+    every_rank = True  # the non-finite flags are all-reduced: every rank stops at the same step
+
 
 class RankLostError(RunFailure):
     """A collective failed: another rank died or went silent."""
