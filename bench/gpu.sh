@@ -4,7 +4,7 @@
 #
 #   bench/gpu.sh                                   # every variant, then the combined "tuned" run
 #   VARIANTS="baseline compile act_ckpt" bench/gpu.sh
-#   GPU_BENCH_TOY=1 bench/gpu.sh                   # CPU smoke test: tiny model, seq 128, fp32
+#   GPU_BENCH_TOY=1 bench/gpu.sh                   # CPU smoke test: tiny model, seq 128, fp32 (MFU vs 989 too)
 #   STEPS=30 WARMUP=5 MICRO=4 GLOBAL_BATCH=64 SEQ_LEN=4096 bench/gpu.sh
 #
 # Results also go to $OUT/gpu_bench.json (or ./gpu_bench.json) for docs/benchmarks.md.
