@@ -165,8 +165,10 @@ def main() -> None:
     if ctx.rank == 0:
         print(json.dumps({"probe": gathered}), flush=True)
     zero_ctx.close()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from process_exit import leave
+
     main()
+    leave()
