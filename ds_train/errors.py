@@ -28,8 +28,16 @@ class RunFailure(RuntimeError):
         self.reported = False
 
 
+def error_line(text: str) -> None:
+    """Write `ds-train: error: TEXT` to stderr in one write call. Ranks share the launcher's
+    stderr pipe, and `print` writes the text and its newline separately: two ranks failing
+    together would interleave as "msg0 msg1\n\n". One write under PIPE_BUF bytes is atomic."""
+    sys.stderr.write(f"ds-train: error: {text}\n")
+    sys.stderr.flush()
+
+
 def report_failure(e: RunFailure) -> None:
-    """Print the failure as this rank's one line on stderr (once)."""
+    """Write the failure as this rank's one line on stderr (once)."""
     if not e.reported:
-        print(f"ds-train: error: [rank {os.environ.get('RANK') or 0}] {e}", file=sys.stderr, flush=True)
+        error_line(f"[rank {os.environ.get('RANK') or 0}] {e}")
         e.reported = True

@@ -63,7 +63,7 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from ds_train.config.loader import ConfigError
     from ds_train.data.shard_set import DataError
-    from ds_train.errors import RunFailure, report_failure
+    from ds_train.errors import RunFailure, error_line, report_failure
 
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"ds-train: error: {prefix}{e}", file=sys.stderr)
+        error_line(f"{prefix}{e}")
         return 2
     except RunFailure as e:  # a fault met while training, explained in its message
         report_failure(e)

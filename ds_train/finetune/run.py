@@ -21,10 +21,6 @@ from ds_train.distributed.engine import (
     DistributedContext,
     HfZeroContext,
     broadcast_object,
-    configure_logging,
-    init_distributed,
-    shutdown,
-    shutdown_after_error,
 )
 from ds_train.finetune.base_model import materialize_base
 from ds_train.finetune.batches import ExampleBatches
@@ -43,23 +39,16 @@ from ds_train.objectives.masked_lm import MaskedLM
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.pretrain import seed_everything, standard_callbacks
-from ds_train.train.session import TrainingParts, build_trainer
+from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     """Fine-tune on this rank. Returns the exit code (0 done, 75 preempted and checkpointed)."""
-    preemption = PreemptionHandler().install()  # before the slow start-up: a signal is held, not fatal
-    pre = preflight(cfg)
-    ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
-    configure_logging(ctx.is_main)
-    try:
-        code = _run(cfg, ctx, pre, extra_callbacks, preemption)
-    except BaseException as e:
-        shutdown_after_error(e)
-        raise
-    shutdown(wait_for_peers=True)
+    code, _ = run_on_this_rank(
+        cfg, preflight, lambda ctx, pre, preemption: _run(cfg, ctx, pre, extra_callbacks, preemption)
+    )
     return code
 
 

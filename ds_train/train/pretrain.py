@@ -39,10 +39,6 @@ from ds_train.distributed.engine import (
     DistributedContext,
     HfZeroContext,
     broadcast_object,
-    configure_logging,
-    init_distributed,
-    shutdown,
-    shutdown_after_error,
 )
 from ds_train.distributed.launch_env import LaunchEnv, detect
 from ds_train.model.build import build_model, load_hf_config, load_tokenizer, verify_loaded_weights
@@ -54,7 +50,7 @@ from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
 from ds_train.train.hf_export import PeriodicHfExport, export_final
-from ds_train.train.session import TrainingParts, build_trainer
+from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +105,9 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
 
 def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     """Train on this rank. Returns the exit code (0 done, 75 preempted and checkpointed)."""
-    preemption = PreemptionHandler().install()  # before the slow start-up: a signal is held, not fatal
-    pre = preflight(cfg)
-    ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
-    configure_logging(ctx.is_main)
-    try:
-        code = _run(cfg, ctx, pre, extra_callbacks, preemption)
-    except BaseException as e:
-        shutdown_after_error(e)
-        raise
-    shutdown(wait_for_peers=True)
+    code, ctx = run_on_this_rank(
+        cfg, preflight, lambda ctx, pre, preemption: _run(cfg, ctx, pre, extra_callbacks, preemption)
+    )
     if code == 0 and cfg.train.export_hf and ctx.is_main:
         export_final(cfg.run.output_dir)  # after the process group is gone: no rank waits on it
     return code

@@ -22,13 +22,43 @@ from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.config import Config, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
-from ds_train.distributed.engine import DistributedContext, build_engine
+from ds_train.distributed.engine import (
+    DistributedContext,
+    build_engine,
+    configure_logging,
+    init_distributed,
+    shutdown,
+    shutdown_after_error,
+)
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.train.callbacks.base import Callback
+from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.schedule import lr_multiplier
 from ds_train.train.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
+
+
+def run_on_this_rank(
+    cfg: Config,
+    preflight: Callable[[Config], Any],
+    body: Callable[[DistributedContext, Any, PreemptionHandler], int],
+) -> tuple[int, DistributedContext]:
+    """The frame of `ds-train pretrain` and `finetune` on one rank: the preemption handler goes in
+    before the slow start-up (a signal is then held, not fatal), the checks that need no process
+    group run before one exists, and the process group is always torn down: after a clean run the
+    ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context)."""
+    preemption = PreemptionHandler().install()
+    pre = preflight(cfg)
+    ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
+    configure_logging(ctx.is_main)
+    try:
+        code = body(ctx, pre, preemption)
+    except BaseException as e:
+        shutdown_after_error(e)
+        raise
+    shutdown(wait_for_peers=True)
+    return code, ctx
 
 
 @dataclass
