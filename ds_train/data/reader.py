@@ -39,12 +39,17 @@ class _OpenShard:
         self.first_rows = [m.first_row for m in members]
         self.offsets = [m.data_offset for m in members]
         self.readable = sum(m.rows for m in members)
-        self.single = len(members) == 1
+        # The sharder cuts members of equal row counts (the last may be shorter): the member of a
+        # row is then a division, not a bisect (the reader's per-row cost is most of its time).
+        per = members[0].rows if members else 0
+        uniform = all(m.rows == per for m in members[:-1]) and members and members[-1].rows <= per
+        self.rows_per_member = per if uniform else 0
         self.buf = memoryview(np.memmap(path, dtype=np.uint8, mode="r")).cast("B") if members else None
 
     def byte_offset(self, row: int) -> int:
-        if self.single:
-            return self.offsets[0] + row * self.row_bytes
+        if self.rows_per_member:
+            m, k = divmod(row, self.rows_per_member)
+            return self.offsets[m] + k * self.row_bytes
         m = bisect.bisect_right(self.first_rows, row) - 1
         return self.offsets[m] + (row - self.first_rows[m]) * self.row_bytes
 
@@ -77,7 +82,12 @@ class RowReader:
                 lost[j] = True
                 dest[j * rb : (j + 1) * rb] = bytes(rb)
                 continue
-            off = opened.byte_offset(r)
+            per = opened.rows_per_member
+            if per:  # byte_offset, inlined
+                m, k = divmod(r, per)
+                off = opened.offsets[m] + k * rb
+            else:
+                off = opened.byte_offset(r)
             dest[j * rb : (j + 1) * rb] = opened.buf[off : off + rb]
         return out, lost
 

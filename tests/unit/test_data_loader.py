@@ -292,3 +292,37 @@ def test_rank_positions_partition_the_global_batch():
     lay = BatchLayout(12, 2, 3, 2)
     got = np.concatenate([rank_positions(5, m, lay, r) for r in range(2) for m in range(3)])
     np.testing.assert_array_equal(got, np.arange(60, 72))
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_random_access_rows_equal_stock_webdataset_rows(small_members, monkeypatch, uneven):
+    """Every row the reader copies out of the memory map (a division finds the member when members
+    hold equal row counts, a bisect when not) is the row stock webdataset decodes."""
+    import webdataset as wds
+
+    from ds_train.data import reader as reader_module
+    from ds_train.data.shard_format import Member
+
+    plan = build_plan(str(small_members), seed=3, shuffle=False, window=1)
+    shard_set = plan.sources[0]
+    row_bytes = (shard_set.seq_len + 1) * shard_set.dtype.itemsize
+    if uneven:  # the same bytes described as members of other sizes: only the bisect path fits
+        original = reader_module.read_members
+
+        def split(*args) -> list[Member]:
+            out = []
+            for m in original(*args):
+                cut = max(1, m.rows // 3)
+                out.append(Member(m.data_offset, cut, m.first_row))
+                if m.rows > cut:
+                    out.append(Member(m.data_offset + cut * row_bytes, m.rows - cut, m.first_row + cut))
+            return out
+
+        monkeypatch.setattr(reader_module, "read_members", split)
+    reader = RowReader(plan.sources, None)
+    for i, name in enumerate(shard_set.names):
+        stock = wds.WebDataset([str(small_members / name)], shardshuffle=False, empty_check=False).decode()
+        expected = np.concatenate([s["tokens.npy"] for s in stock])
+        got, lost = reader.read(*_all_rows_of(plan, i))
+        assert bool(reader._open[(0, i)].rows_per_member) is not uneven
+        assert not lost.any() and np.array_equal(got, expected), name
