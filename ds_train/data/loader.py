@@ -155,14 +155,14 @@ class MicroBatches(Dataset):
             self._reader = RowReader(self.plan.sources, self.cache_dir, skip_corrupt=self.skip_corrupt)
         source, shard, row = self.plan.locate(positions)
         rows, lost = self._reader.read(source, shard, row)
-        if lost.any():
+        n_lost = int(np.count_nonzero(lost)) if self.skip_corrupt else 0  # never lost without the opt-in
+        if n_lost:
             rows[lost] = self.plan.filler_token
         batch = self.objective.collate(rows, positions)
-        if lost.any():  # data.skip_corrupt: the replacement rows carry no targets
-            lost_t = torch.from_numpy(lost)
-            batch["labels"][lost_t] = IGNORE_INDEX
+        if n_lost:  # data.skip_corrupt: the replacement rows carry no targets
+            batch["labels"][torch.from_numpy(lost)] = IGNORE_INDEX
             batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
-        batch["skipped"] = torch.tensor(int(lost.sum()))
+        batch["skipped"] = torch.tensor(n_lost)
         batch["step"] = torch.tensor(step)
         batch["source"] = torch.from_numpy(source)
         batch["shard"] = torch.from_numpy(shard)
