@@ -29,7 +29,7 @@ def main() -> None:
 
     from ds_train.config import load_config
     from ds_train.distributed.deepspeed_config import build_deepspeed_config
-    from ds_train.model.build import load_hf_config, load_tokenizer
+    from ds_train.model.build import enable_activation_checkpointing, load_hf_config, load_tokenizer
 
     cfg = load_config(sys.argv[1])
     steps, warmup = int(sys.argv[2]), int(sys.argv[3])
@@ -45,7 +45,7 @@ def main() -> None:
     )
     model.config.use_cache = False
     if cfg.model.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
     micro = rank_micro_batches(cfg, world, rank, steps)
     gas = ds_config["gradient_accumulation_steps"]

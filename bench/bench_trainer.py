@@ -15,6 +15,8 @@ CPU seconds per step (the work done, whatever else runs) and the fastest single 
 ds-train runs with model.document_masking=false by default, so all three do the same arithmetic
 (the baselines use the plain causal mask); `--masking-cost` adds a fourth system, ds-train with
 its default per-document masking, and reports its cost relative to ds-train without it.
+`--noise-floor` runs the bare loop twice as two systems (an A/A test): how far apart identical
+systems land on this machine, the yardstick for any ratio above.
 
     .venv/bin/python bench/bench_trainer.py --stages 0 2 3 --repeats 3 --masking-cost
 """
@@ -42,6 +44,7 @@ SCRIPTS = {
     "ds_train": "bench/ds_train_loop.py",
     "ds_train_masked": "bench/ds_train_loop.py",
     "hf_trainer": "bench/hf_trainer_loop.py",
+    "bare_again": "bench/bare_deepspeed_loop.py",
 }
 
 
@@ -124,6 +127,8 @@ def summarise(runs: dict[str, list[dict]], systems: list[str]) -> dict:
         }
         if "ds_train_masked" in systems:
             ratios["masked/unmasked"] = med["ds_train_masked"] / med["ds_train"]
+        if "bare_again" in systems:
+            ratios["bare_again/bare"] = med["bare_again"] / med["bare"]
         out[clock], out[f"median_{key}"] = ratios, med
     # Runs next to each other in time share the machine's load best: their ratio, per repeat.
     out["paired_wall"] = [
@@ -134,12 +139,16 @@ def summarise(runs: dict[str, list[dict]], systems: list[str]) -> dict:
 
 
 def table(results: dict, systems: list[str]) -> str:
-    masked = "ds_train_masked" in systems
-    head = (
-        "| ZeRO | clock | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
-        + (" masking on / off |" if masked else "")
-    )
-    lines = [head, "|---" * (7 + masked) + "|"]
+    extra = [  # optional columns: (system that enables it, header, ratio key)
+        (s, h, k)
+        for s, h, k in (
+            ("ds_train_masked", "masking on / off", "masked/unmasked"),
+            ("bare_again", "bare / bare (A/A)", "bare_again/bare"),
+        )
+        if s in systems
+    ]
+    head = "| ZeRO | clock | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
+    lines = [head + "".join(f" {h} |" for _, h, _ in extra), "|---" * (7 + len(extra)) + "|"]
     for stage, res in results["stages"].items():
         for clock, key, unit in (
             ("wall", "tokens_per_s", ""),
@@ -151,7 +160,7 @@ def table(results: dict, systems: list[str]) -> str:
                 f"| {stage} | {clock} | {m['bare']:,.0f}{unit} | {m['ds_train']:,.0f} | {m['hf_trainer']:,.0f} | "
                 f"{q['ds_train/bare']:.3f} | {q['ds_train/hf_trainer']:.3f} |"
             )
-            lines.append(row + (f" {q['masked/unmasked']:.3f} |" if masked else ""))
+            lines.append(row + "".join(f" {q[k]:.3f} |" for _, _, k in extra))
     return "\n".join(lines)
 
 
@@ -175,6 +184,12 @@ def main() -> None:
         help="data.num_workers; 0 on CPU, where a worker process would compete with the ranks for the cores",
     )
     ap.add_argument("--masking-cost", action="store_true", help="also run ds-train with document masking")
+    ap.add_argument(
+        "--noise-floor",
+        action="store_true",
+        help="also run the bare loop a second time as its own system (an A/A test): the ratio of two "
+        "identical systems is how far apart this machine's noise alone puts them",
+    )
     ap.add_argument("--shards", default=str(REPO / "runs/demo/shards"), help="shard dir with train/")
     ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args()
@@ -183,6 +198,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     model = model_config(tmp / "model.json", args.hidden, args.layers)
     systems = ["bare", "ds_train", "hf_trainer"] + (["ds_train_masked"] if args.masking_cost else [])
+    systems += ["bare_again"] if args.noise_floor else []
     results: dict = {"args": vars(args), "stages": {}, "loadavg_start": os.getloadavg()}
     for stage in args.stages:
         runs: dict[str, list[dict]] = {s: [] for s in systems}

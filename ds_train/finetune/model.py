@@ -25,7 +25,7 @@ from transformers import (
 
 from ds_train.config.schema import ModelSection
 from ds_train.distributed.engine import gathered, is_partitioned
-from ds_train.model.build import load_hf_config
+from ds_train.model.build import enable_activation_checkpointing, load_hf_config
 from ds_train.model.init import initialize_weights, module_seed
 
 TASK_MODELS = {
@@ -76,7 +76,7 @@ def build_task_model(
         initialize_weights(model, seed, rank)
     model.config.use_cache = False
     if section.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
 
 

@@ -83,8 +83,18 @@ def build_model(section: ModelSection, config: PretrainedConfig, *, seed: int, r
         initialize_weights(model, seed, rank)
     model.config.use_cache = False
     if section.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward (non-reentrant: works with ZeRO-3 and
+    frozen inputs). transformers 5.x renamed the method and deprecated the old name; older
+    releases only have the old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def verify_loaded_weights(model: torch.nn.Module, source_dir: str) -> None:

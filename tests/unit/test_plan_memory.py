@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from ds_train.model.build import enable_activation_checkpointing
 from ds_train.plan.choices import CHOICES, make_plan, overrides_for
 from ds_train.plan.memory_estimate import (
     PRECISIONS,
@@ -104,7 +105,7 @@ def _measure_saved_bytes(
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, dtype=dtype)
     model.config.use_cache = False
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
