@@ -48,9 +48,10 @@ SCRIPTS = {
 }
 
 
-def model_config(path: Path, hidden: int, layers: int) -> Path:
+def model_config(path: Path, hidden: int, layers: int, seq_len: int = 0) -> Path:
     cfg = json.loads((REPO / "configs/model/tiny-llama.json").read_text())
     cfg.update(
+        max_position_embeddings=max(cfg["max_position_embeddings"], seq_len),
         hidden_size=hidden,
         intermediate_size=hidden * 11 // 4,
         num_hidden_layers=layers,
@@ -191,12 +192,26 @@ def main() -> None:
         "identical systems is how far apart this machine's noise alone puts them",
     )
     ap.add_argument("--shards", default=str(REPO / "runs/demo/shards"), help="shard dir with train/")
+    ap.add_argument(
+        "--synthetic-seq-len",
+        type=int,
+        help="train on synthetic shards of this sequence length instead of --shards (random tokens of "
+        "the repo's tokenizer, written to the temporary directory): for a machine without the demo's "
+        "shards, such as the GPU box (bench/gpu.sh MODE=anchors)",
+    )
     ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args()
     if args.steps % args.warmup:
         ap.error("--steps must be a multiple of --warmup (ds-train logs every --warmup steps)")
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
-    model = model_config(tmp / "model.json", args.hidden, args.layers)
+    model = model_config(tmp / "model.json", args.hidden, args.layers, args.synthetic_seq_len or 0)
+    if args.synthetic_seq_len:
+        sys.path.insert(0, str(REPO / "bench"))
+        from gpu_bench import synthetic_shards
+
+        rows = args.global_batch * (args.steps + 4)
+        synthetic_shards(tmp / "shards/train", rows=rows, seq_len=args.synthetic_seq_len)
+        args.shards = str(tmp / "shards")
     systems = ["bare", "ds_train", "hf_trainer"] + (["ds_train_masked"] if args.masking_cost else [])
     systems += ["bare_again"] if args.noise_floor else []
     results: dict = {"args": vars(args), "stages": {}, "loadavg_start": os.getloadavg()}
