@@ -46,6 +46,12 @@ SCRIPTS = {
     "hf_trainer": "bench/hf_trainer_loop.py",
     "bare_again": "bench/bare_deepspeed_loop.py",
 }
+# Systems run only on request, each reported as a ratio to another:
+# (system, the system it is divided by, ratio key, table header).
+OPTIONAL_RATIOS = (
+    ("ds_train_masked", "ds_train", "masked/unmasked", "masking on / off"),
+    ("bare_again", "bare", "bare_again/bare", "bare / bare (A/A)"),
+)
 
 
 def model_config(path: Path, hidden: int, layers: int, seq_len: int = 0) -> Path:
@@ -126,10 +132,9 @@ def summarise(runs: dict[str, list[dict]], systems: list[str]) -> dict:
             "ds_train/bare": med["ds_train"] / med["bare"],
             "ds_train/hf_trainer": med["ds_train"] / med["hf_trainer"],
         }
-        if "ds_train_masked" in systems:
-            ratios["masked/unmasked"] = med["ds_train_masked"] / med["ds_train"]
-        if "bare_again" in systems:
-            ratios["bare_again/bare"] = med["bare_again"] / med["bare"]
+        for system, reference, ratio, _ in OPTIONAL_RATIOS:
+            if system in systems:
+                ratios[ratio] = med[system] / med[reference]
         out[clock], out[f"median_{key}"] = ratios, med
     # Runs next to each other in time share the machine's load best: their ratio, per repeat.
     out["paired_wall"] = [
@@ -140,16 +145,9 @@ def summarise(runs: dict[str, list[dict]], systems: list[str]) -> dict:
 
 
 def table(results: dict, systems: list[str]) -> str:
-    extra = [  # optional columns: (system that enables it, header, ratio key)
-        (s, h, k)
-        for s, h, k in (
-            ("ds_train_masked", "masking on / off", "masked/unmasked"),
-            ("bare_again", "bare / bare (A/A)", "bare_again/bare"),
-        )
-        if s in systems
-    ]
+    extra = [(ratio, header) for system, _, ratio, header in OPTIONAL_RATIOS if system in systems]
     head = "| ZeRO | clock | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
-    lines = [head + "".join(f" {h} |" for _, h, _ in extra), "|---" * (7 + len(extra)) + "|"]
+    lines = [head + "".join(f" {h} |" for _, h in extra), "|---" * (7 + len(extra)) + "|"]
     for stage, res in results["stages"].items():
         for clock, key, unit in (
             ("wall", "tokens_per_s", ""),
@@ -161,7 +159,7 @@ def table(results: dict, systems: list[str]) -> str:
                 f"| {stage} | {clock} | {m['bare']:,.0f}{unit} | {m['ds_train']:,.0f} | {m['hf_trainer']:,.0f} | "
                 f"{q['ds_train/bare']:.3f} | {q['ds_train/hf_trainer']:.3f} |"
             )
-            lines.append(row + "".join(f" {q[k]:.3f} |" for _, _, k in extra))
+            lines.append(row + "".join(f" {q[k]:.3f} |" for k, _ in extra))
     return "\n".join(lines)
 
 
