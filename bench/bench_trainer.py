@@ -229,6 +229,8 @@ def main() -> None:
             )
             print(f"ZeRO-{stage} repeat {r}: {line} tok/s", flush=True)
         results["stages"][stage] = summarise(runs, systems)
+        if args.json:  # after every stage: a run cut short (a lent GPU's time limit) keeps the ones done
+            Path(args.json).write_text(json.dumps(results, indent=1))
         res = results["stages"][stage]
         print(
             f"ZeRO-{stage}: wall ratios "

@@ -8,6 +8,11 @@
 #   STEPS=30 WARMUP=5 MICRO=4 GLOBAL_BATCH=64 SEQ_LEN=4096 bench/gpu.sh
 #   MODE=anchors bench/gpu.sh                      # ds-train vs bare DeepSpeed vs the HF Trainer on this GPU
 #   GPU_BENCH_TOY=1 MODE=anchors bench/gpu.sh      # the same at toy size on CPU
+#   BUDGET_S=300 bench/gpu.sh                      # the variants that fit in 300 s, likeliest first
+#
+# On a lent machine with a stock CUDA + PyTorch image and no package index: run bench/gpu_wheels.sh
+# here, carry .whl/, and this script installs them first. One 15-minute lease (docs/benchmarks.md,
+# "GPU"): `BUDGET_S=300 STEPS=15 bench/gpu.sh; MODE=anchors REPEATS=1 STEPS=15 bench/gpu.sh`, one call.
 #
 # MODE=anchors runs bench/bench_trainer.py on one GPU: a ~430 M Llama (hidden 2048, 8 layers,
 # the repo's 4k vocabulary), bf16, seq 2048, micro 4 × accumulation 4, synthetic shards, ZeRO-0 and
@@ -19,6 +24,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 [[ -x $PY ]] || PY=python3
+
+# A machine with no package index and no install of this repo (a lent GPU box with a stock CUDA +
+# PyTorch image): the repo goes on the path, and the wheels bench/gpu_wheels.sh made, carried
+# as .whl/, go into a private directory ahead of the image's packages.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! "$PY" -c 'import deepspeed, webdataset' >/dev/null 2>&1; then
+  if ! compgen -G ".whl/*.whl" >/dev/null; then
+    echo "bench/gpu.sh: $PY cannot import deepspeed and webdataset, and there is no .whl/ to install" \
+      "them from (bench/gpu_wheels.sh makes it on a machine with a package index)" >&2
+    exit 2
+  fi
+  site=${GPU_BENCH_SITE:-/tmp/ds_train_site}
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+  export PYTHONPATH=$site:$PYTHONPATH
+  "$PY" -c 'import deepspeed, webdataset, ds_train' >/dev/null
+fi
 
 args=()
 if [[ ${GPU_BENCH_TOY:-0} == 1 ]]; then
@@ -37,6 +58,7 @@ fi
 [[ -n ${GLOBAL_BATCH:-} ]] && args+=(--global-batch "$GLOBAL_BATCH")
 [[ -n ${SEQ_LEN:-} ]] && args+=(--seq-len "$SEQ_LEN")
 [[ -n ${WORKDIR:-} ]] && args+=(--workdir "$WORKDIR")
+[[ -n ${BUDGET_S:-} ]] && args+=(--budget-s "$BUDGET_S")
 
 # One thread per rank for the CPU side (the data loader has its own workers); no hub access.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1

@@ -18,11 +18,13 @@ are combined into a "tuned" run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,31 +52,32 @@ class Variant:
 
 
 def variants(micro: int) -> list[Variant]:
+    """In the order they run: the likeliest to matter first, so a --budget-s run keeps those."""
     return [
         Variant("baseline", "-", f"ds-train defaults: ZeRO-2, sdpa, document masking, micro {micro}"),
         Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
                 ["model.document_masking=false"], same_math=False),
-        Variant("flash_attn2", "attn", "attn_implementation=flash_attention_2 (varlen packing)",
-                ["model.attn_implementation=flash_attention_2"], needs="flash_attn"),
-        Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
-        Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
-        Variant("buckets_2e8", "buckets", "reduce/allgather buckets 2e8 elements (default 5e8)",
-                ["zero.reduce_bucket_size=200000000", "zero.allgather_bucket_size=200000000"]),
-        Variant("buckets_1e9", "buckets", "reduce/allgather buckets 1e9 elements",
-                ["zero.reduce_bucket_size=1000000000", "zero.allgather_bucket_size=1000000000"]),
-        Variant("no_contiguous_grads", "contiguous", "zero.contiguous_gradients=false",
-                ["zero.contiguous_gradients=false"]),
-        Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
-                ['zero.ds_config_overrides={"optimizer": {"params": {"fused": false}}}']),
-        Variant(f"micro_{micro // 2}", "micro", f"train.micro_batch_size={micro // 2}",
-                [f"train.micro_batch_size={micro // 2}"]),
+        Variant("compile", "compile", "torch.compile via DeepSpeed engine.compile()", compile=True),
         Variant(f"micro_{micro * 2}", "micro", f"train.micro_batch_size={micro * 2}",
                 [f"train.micro_batch_size={micro * 2}"]),
         # Checkpointing pays off only through the bigger micro-batch it makes room for, so it
         # competes with the micro-batch variants (one knob) instead of adding to them.
         Variant("act_ckpt", "micro", f"activation checkpointing, micro {micro * 2}",
                 ["model.activation_checkpointing=true", f"train.micro_batch_size={micro * 2}"]),
-        Variant("compile", "compile", "torch.compile via DeepSpeed engine.compile()", compile=True),
+        Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
+        Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
+        Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
+                ['zero.ds_config_overrides={"optimizer": {"params": {"fused": false}}}']),
+        Variant("buckets_2e8", "buckets", "reduce/allgather buckets 2e8 elements (default 5e8)",
+                ["zero.reduce_bucket_size=200000000", "zero.allgather_bucket_size=200000000"]),
+        Variant("buckets_1e9", "buckets", "reduce/allgather buckets 1e9 elements",
+                ["zero.reduce_bucket_size=1000000000", "zero.allgather_bucket_size=1000000000"]),
+        Variant("no_contiguous_grads", "contiguous", "zero.contiguous_gradients=false",
+                ["zero.contiguous_gradients=false"]),
+        Variant(f"micro_{micro // 2}", "micro", f"train.micro_batch_size={micro // 2}",
+                [f"train.micro_batch_size={micro // 2}"]),
+        Variant("flash_attn2", "attn", "attn_implementation=flash_attention_2 (varlen packing)",
+                ["model.attn_implementation=flash_attention_2"], needs="flash_attn"),
     ]  # fmt: skip
 
 
@@ -180,6 +183,13 @@ def main() -> None:
     ap.add_argument("--no-tuned", action="store_true", help="skip the combined 'tuned' run")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--workdir", help="shards and runs (default: a temporary directory)")
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        help="wall-clock budget: a variant (or the tuned run) is skipped when the longest run so far "
+        "would not fit in what is left; for a lent GPU with a fixed allowance. Results are written "
+        "after every run, so a run cut short still leaves the ones before it",
+    )
     args = ap.parse_args()
     toy = args.toy
     args.seq_len = args.seq_len or (128 if toy else 2048)
@@ -204,14 +214,27 @@ def main() -> None:
     print(f"device: {_device()} | seq_len {args.seq_len}, global batch {args.global_batch}, "
           f"{args.steps} steps ({args.warmup} warm-up) | work dir {tmp}", flush=True)  # fmt: skip
     results: dict[str, dict] = {}
+    clock = Budget(args.budget_s)
+
+    def save() -> None:
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps({"args": vars(args), "device": _device(), "results": results}, indent=1)
+            )
+
     for v in all_variants:
         if v.name not in wanted:
+            continue
+        if not clock.fits():
+            results[v.name] = {"skipped": "over the time budget"}
+            print(f"{v.name:<20} skipped: over --budget-s", flush=True)
             continue
         if v.needs and not _importable(v.needs):
             results[v.name] = {"skipped": f"{v.needs} is not installed"}
             print(f"{v.name:<20} skipped: {v.needs} is not installed", flush=True)
             continue
-        r = run_variant(args, cfg_path, v, v.overrides, tmp / f"run_{v.name}")
+        with clock.timing():
+            r = run_variant(args, cfg_path, v, v.overrides, tmp / f"run_{v.name}")
         results[v.name] = {
             **r,
             "what": v.what,
@@ -221,6 +244,7 @@ def main() -> None:
         }
         base = results["baseline"] if v.name != "baseline" else None
         print(f"{v.name:<20} {describe(r, base)}   {v.what}", flush=True)
+        save()
 
     base = results["baseline"]
     if not args.no_tuned and "error" not in base:
@@ -233,7 +257,9 @@ def main() -> None:
             gain = r["tokens_per_s"] / base["tokens_per_s"] - 1
             if gain > 0.01 and gain > gains.get(v.knob, 0):
                 best[v.knob], gains[v.knob] = v, gain
-        if best:
+        if best and not clock.fits():
+            print("tuned                skipped: over --budget-s", flush=True)
+        elif best:
             chosen = list(best.values())
             overrides = [o for v in chosen for o in v.overrides]
             tuned = Variant("tuned", "-", " + ".join(v.name for v in chosen), overrides,
@@ -245,10 +271,23 @@ def main() -> None:
     print(
         f"MFU against 989 TFLOP/s dense bf16 per GPU{note}; deltas are tokens/s vs baseline in this invocation"
     )
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"args": vars(args), "device": _device(), "results": results}, indent=1)
-        )
+    save()
+
+
+class Budget:
+    """Whether one more run fits in a wall-clock allowance, judged by the longest run so far."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.start, self.longest = seconds, time.monotonic(), 0.0
+
+    def fits(self) -> bool:
+        return self.seconds is None or time.monotonic() - self.start + self.longest <= self.seconds
+
+    @contextlib.contextmanager
+    def timing(self):
+        t0 = time.monotonic()
+        yield
+        self.longest = max(self.longest, time.monotonic() - t0)
 
 
 def _importable(module: str) -> bool:

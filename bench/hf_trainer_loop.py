@@ -32,6 +32,15 @@ class _Rows(torch.utils.data.Dataset):
         return {"input_ids": row, "labels": row}  # the model shifts the labels itself
 
 
+def checkpointing_argument(arguments_class) -> str:
+    """transformers 5.x renamed TrainingArguments' `gradient_checkpointing` (still the name in, e.g.,
+    5.17) to `activation_checkpointing`: whichever this release has."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(arguments_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+
+
 def main() -> None:
     from ds_train.distributed.engine import quiet_deepspeed
 
@@ -78,7 +87,7 @@ def main() -> None:
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         seed=cfg.run.seed,
-        activation_checkpointing=cfg.model.activation_checkpointing,
+        **{checkpointing_argument(TrainingArguments): cfg.model.activation_checkpointing},
     )
     tokenizer = load_tokenizer(cfg.model)
     hf_config = load_hf_config(cfg.model, tokenizer)

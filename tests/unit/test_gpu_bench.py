@@ -1,0 +1,54 @@
+"""bench/gpu.sh and bench/gpu_bench.py are run on a lent GPU with a fixed allowance and no second
+try: what can be checked without a GPU is checked here (the GPU run itself is in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import REPO, clean_env
+
+sys.path.insert(0, str(REPO / "bench"))
+
+from gpu_bench import Budget, variants
+
+
+def test_budget_skips_a_run_that_would_not_fit(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    budget = Budget(60)
+    assert budget.fits()  # nothing measured yet: the first run always starts
+    with budget.timing():
+        now[0] += 25  # a 25 s run
+    assert budget.fits()  # 25 s used; one more run as long as the longest ends at 50 s
+    with budget.timing():
+        now[0] += 11
+    assert not budget.fits()  # 36 s used: another 25 s run would end at 61 s
+    assert Budget(None).fits()
+
+
+def test_variants_run_baseline_first_and_once_each():
+    names = [v.name for v in variants(4)]
+    assert names[0] == "baseline"
+    assert len(names) == len(set(names))
+    # the knobs a short lease must not lose come right after the baseline
+    assert names[1:5] == ["no_doc_mask", "compile", "micro_8", "act_ckpt"]
+
+
+def test_gpu_sh_refuses_to_run_without_a_gpu():
+    assert subprocess.run(["bash", "-n", REPO / "bench/gpu.sh"]).returncode == 0
+    if "cuda" in subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available() and 'cuda')"],
+                                capture_output=True, text=True).stdout:  # fmt: skip
+        pytest.skip("a GPU is visible")
+    proc = subprocess.run(
+        ["bash", REPO / "bench/gpu.sh"],
+        env=clean_env({"PYTHON": sys.executable}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr
