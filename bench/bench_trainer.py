@@ -204,8 +204,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     model = model_config(tmp / "model.json", args.hidden, args.layers, args.synthetic_seq_len or 0)
     if args.synthetic_seq_len:
-        sys.path.insert(0, str(REPO / "bench"))
-        from gpu_bench import synthetic_shards
+        from gpu_bench import synthetic_shards  # bench/, this script's directory, is on sys.path
 
         rows = args.global_batch * (args.steps + 4)
         synthetic_shards(tmp / "shards/train", rows=rows, seq_len=args.synthetic_seq_len)

@@ -222,16 +222,18 @@ def main() -> None:
                 json.dumps({"args": vars(args), "device": _device(), "results": results}, indent=1)
             )
 
+    def skip(name: str, why: str) -> None:
+        results[name] = {"skipped": why}
+        print(f"{name:<20} skipped: {why}", flush=True)
+
     for v in all_variants:
         if v.name not in wanted:
             continue
         if not clock.fits():
-            results[v.name] = {"skipped": "over the time budget"}
-            print(f"{v.name:<20} skipped: over --budget-s", flush=True)
+            skip(v.name, "over --budget-s")
             continue
         if v.needs and not _importable(v.needs):
-            results[v.name] = {"skipped": f"{v.needs} is not installed"}
-            print(f"{v.name:<20} skipped: {v.needs} is not installed", flush=True)
+            skip(v.name, f"{v.needs} is not installed")
             continue
         with clock.timing():
             r = run_variant(args, cfg_path, v, v.overrides, tmp / f"run_{v.name}")
@@ -258,7 +260,7 @@ def main() -> None:
             if gain > 0.01 and gain > gains.get(v.knob, 0):
                 best[v.knob], gains[v.knob] = v, gain
         if best and not clock.fits():
-            print("tuned                skipped: over --budget-s", flush=True)
+            skip("tuned", "over --budget-s")
         elif best:
             chosen = list(best.values())
             overrides = [o for v in chosen for o in v.overrides]

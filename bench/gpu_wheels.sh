@@ -7,25 +7,30 @@
 #   bench/gpu_wheels.sh                 # wheels for CPython 3.12 on x86-64 Linux
 #   PY_VERSION=3.11 bench/gpu_wheels.sh
 #
-# The versions are the ones this repo's tests ran with. DeepSpeed ships only a source
-# distribution; built here with no torch in its build environment it is a pure-Python wheel
+# Each package at the version installed in this repo's .venv (the one the tests ran with), read
+# from it rather than pinned here, so the wheels follow the environment. DeepSpeed ships only a
+# source distribution; built here with no torch in its build environment it is a pure-Python wheel
 # whose C++/CUDA ops compile on first use (ds-train's default optimizer, torch's fused AdamW,
 # needs none of them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-[[ -x $PY ]] || PY=python3
 PY_VERSION=${PY_VERSION:-3.12}
-binary=(
-  hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
-  typing_extensions==4.16.0
-  webdataset==1.0.2 braceexpand==0.1.7
-  datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 zstandard==0.25.0
+# name==version for each, from $PY's environment (fails, naming it, if one is not installed there)
+pins=$("$PY" - <<'PYEOF'
+from importlib.metadata import version
+for name in ("hjson", "pydantic", "pydantic_core", "annotated-types", "typing-inspection",
+             "typing_extensions", "webdataset", "braceexpand", "datasets", "dill", "multiprocess",
+             "zstandard"):
+    print(f"{name}=={version(name)}")
+PYEOF
 )
+mapfile -t binary <<<"$pins"
+deepspeed=$("$PY" -c 'from importlib.metadata import version; print(version("deepspeed"))')
 rm -rf .whl && mkdir -p .whl
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "${binary[@]}"
-"$PY" -m pip wheel -q --no-deps -w .whl deepspeed==0.19.8
+"$PY" -m pip wheel -q --no-deps -w .whl "deepspeed==$deepspeed"
 ls .whl | sed 's/^/  /'
 du -sh .whl
