@@ -85,6 +85,13 @@ class ModelSection:
     pad_vocab_multiple: int = doc(
         1, "Round the embedding size up to a multiple of this (64 or 128 helps GPU matmuls)."
     )
+    loss_chunk_tokens: int = doc(
+        1024,
+        "Compute the output head and its cross-entropy together, on target tokens only, this many "
+        "tokens at a time, so full logits never exist (memory; masked LM and SFT skip the head on "
+        "non-targets). 0: full logits, as transformers computes them. Models that transform logits "
+        "after the head (soft-capping) always use full logits.",
+    )
 
 
 @dataclass

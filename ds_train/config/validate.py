@@ -52,6 +52,8 @@ def _check_model(cfg: Config) -> None:
         )
     if m.pad_vocab_multiple < 1:
         raise ConfigError("model.pad_vocab_multiple must be ≥ 1")
+    if m.loss_chunk_tokens < 0:
+        raise ConfigError(f"model.loss_chunk_tokens must be ≥ 0 (0: full logits), got {m.loss_chunk_tokens}")
 
 
 def _check_train(cfg: Config) -> None:

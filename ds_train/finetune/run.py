@@ -54,12 +54,15 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
 
 def build_objective(cfg: Config, pre: FinetunePreflight):
     task = cfg.finetune.task
+    chunk = cfg.model.loss_chunk_tokens
     if task == "sft":
-        return SupervisedFineTuning()
+        return SupervisedFineTuning(loss_chunk_tokens=chunk)
     if task == "classification":
         return SequenceClassification(pre.class_names)
     # continued pretraining: pretraining's masked-LM objective, unchanged
-    return MaskedLM.from_tokenizer(pre.tokenizer, seed=cfg.run.seed, probability=cfg.data.mlm_probability)
+    return MaskedLM.from_tokenizer(
+        pre.tokenizer, seed=cfg.run.seed, probability=cfg.data.mlm_probability, loss_chunk_tokens=chunk
+    )
 
 
 def collate_fn(objective):

@@ -14,11 +14,12 @@ import numpy as np
 import torch
 
 from ds_train.objectives.base import IGNORE_INDEX
-from ds_train.objectives.causal_lm import CausalLM
+from ds_train.objectives.head_loss import lm_loss_sum, target_index
 
 
 @dataclass
 class SupervisedFineTuning:
+    loss_chunk_tokens: int = 0  # > 0: the head runs on response tokens only, chunked (head_loss.py)
     name: str = "sft"
 
     def collate(self, arrays: dict[str, np.ndarray], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -26,14 +27,18 @@ class SupervisedFineTuning:
         targets = torch.from_numpy(arrays["targets"].astype(bool))
         positions = torch.from_numpy(arrays["positions"].astype(np.int64))
         labels = torch.where(targets[:, 1:], tokens[:, 1:], torch.full_like(tokens[:, 1:], IGNORE_INDEX))
-        return {
+        batch = {
             "input_ids": tokens[:, :-1].contiguous(),
             "labels": labels.contiguous(),
             "position_ids": positions[:, :-1].contiguous(),
             "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
             "num_targets": (labels != IGNORE_INDEX).sum().to(torch.float32),
         }
+        if self.loss_chunk_tokens:
+            batch["target_index"] = target_index(labels)
+        return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # the same forward and summed cross-entropy as causal-LM pretraining
-        return CausalLM(eos_id=None).loss_sum(model, batch)
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens)

@@ -51,7 +51,13 @@ def document_position_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 def build_objective(
-    name: str, *, tokenizer, seed: int, document_masking: bool, mlm_probability: float = 0.15
+    name: str,
+    *,
+    tokenizer,
+    seed: int,
+    document_masking: bool,
+    mlm_probability: float = 0.15,
+    loss_chunk_tokens: int = 0,
 ) -> Objective:
     from ds_train.objectives.causal_lm import CausalLM
     from ds_train.objectives.masked_lm import MaskedLM
@@ -59,7 +65,9 @@ def build_objective(
     if name == "causal_lm":
         eos = tokenizer.eos_token_id if document_masking else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id != tokenizer.eos_token_id else None
-        return CausalLM(eos_id=eos, pad_id=pad)
+        return CausalLM(eos_id=eos, pad_id=pad, loss_chunk_tokens=loss_chunk_tokens)
     if name == "masked_lm":
-        return MaskedLM.from_tokenizer(tokenizer, seed=seed, probability=mlm_probability)
+        return MaskedLM.from_tokenizer(
+            tokenizer, seed=seed, probability=mlm_probability, loss_chunk_tokens=loss_chunk_tokens
+        )
     raise ValueError(f"unknown objective {name}")

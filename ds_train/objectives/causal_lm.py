@@ -7,13 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_train.objectives.base import IGNORE_INDEX, document_position_ids, summed_cross_entropy
+from ds_train.objectives.base import IGNORE_INDEX, document_position_ids
+from ds_train.objectives.head_loss import lm_loss_sum, target_index
 
 
 @dataclass
 class CausalLM:
     eos_id: int | None  # None: no document masking, positions run 0..T-1 over the whole row
     pad_id: int | None = None  # padding of a shard set's last row: never a target
+    loss_chunk_tokens: int = 0  # > 0: the chunked, target-only head loss (head_loss.py)
     name: str = "causal_lm"
 
     def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -28,8 +30,10 @@ class CausalLM:
         if self.pad_id is not None:
             batch["labels"][batch["labels"] == self.pad_id] = IGNORE_INDEX
         batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
+        if self.loss_chunk_tokens:
+            batch["target_index"] = target_index(batch["labels"])
         return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"))
-        return summed_cross_entropy(out.logits, batch["labels"])
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}
+        return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens)

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_train.objectives.base import IGNORE_INDEX, summed_cross_entropy
+from ds_train.objectives.base import IGNORE_INDEX
+from ds_train.objectives.head_loss import lm_loss_sum, target_index
 
 
 @dataclass
@@ -19,10 +20,13 @@ class MaskedLM:
     special_ids: tuple[int, ...]
     seed: int
     probability: float = 0.15
+    loss_chunk_tokens: int = 0  # > 0: the head runs on the masked tokens only, chunked (head_loss.py)
     name: str = "masked_lm"
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, *, seed: int, probability: float) -> MaskedLM:
+    def from_tokenizer(
+        cls, tokenizer, *, seed: int, probability: float, loss_chunk_tokens: int = 0
+    ) -> MaskedLM:
         if tokenizer.mask_token_id is None:
             raise ValueError("the masked_lm objective needs a tokenizer with a mask token")
         return cls(
@@ -31,6 +35,7 @@ class MaskedLM:
             special_ids=tuple(tokenizer.all_special_ids),
             seed=seed,
             probability=probability,
+            loss_chunk_tokens=loss_chunk_tokens,
         )
 
     def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -48,13 +53,15 @@ class MaskedLM:
             inputs[i, chosen & (action < 0.8)] = self.mask_id
             swap = chosen & (action >= 0.8) & (action < 0.9)
             inputs[i, swap] = random_tokens[swap]
-        return {
+        batch = {
             "input_ids": torch.from_numpy(inputs),
             "labels": torch.from_numpy(labels),
             "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
             "num_targets": torch.tensor(float((labels != IGNORE_INDEX).sum()), dtype=torch.float32),
         }
+        if self.loss_chunk_tokens:
+            batch["target_index"] = target_index(batch["labels"])
+        return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = model(input_ids=batch["input_ids"])
-        return summed_cross_entropy(out.logits, batch["labels"])
+        return lm_loss_sum(model, {"input_ids": batch["input_ids"]}, batch, self.loss_chunk_tokens)

@@ -148,6 +148,7 @@ def _run(
         seed=cfg.run.seed,
         document_masking=cfg.model.document_masking,
         mlm_probability=cfg.data.mlm_probability,
+        loss_chunk_tokens=cfg.model.loss_chunk_tokens,
     )
     zero_ctx = HfZeroContext(ds_config)
     try:

@@ -1,5 +1,7 @@
 """ZeRO parity: the same run under stages 0-3 on 2 ranks and on 1 rank (2× accumulation) gives the
-same per-step losses, and a fresh model starts at ln(vocab)."""
+same per-step losses, and a fresh model starts at ln(vocab). The 2-rank runs compute the loss with
+the chunked head (3 chunks per micro-batch), the 1-rank reference from full logits, so this also
+checks the chunked head under every ZeRO stage, ZeRO-3's partitioned head weight included."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import math
 
 import pytest
 
-from tests.helpers import TOKENIZER, base_config, run_cli, torchrun, train_losses, write_config
+from tests.helpers import REPO, TOKENIZER, base_config, run_cli, torchrun, train_losses, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -22,14 +24,26 @@ def losses(tmp_path_factory, shards):
         run = tmp / f"stage{stage}"
         cfg = write_config(
             tmp / f"stage{stage}.yaml",
-            base_config(run, shards, train={"max_steps": STEPS, "lr": 1e-2}, zero={"stage": stage}),
+            base_config(
+                run,
+                shards,
+                train={"max_steps": STEPS, "lr": 1e-2},
+                zero={"stage": stage},
+                model={"loss_chunk_tokens": 24},  # micro-batches of 2 × 32 tokens
+            ),
         )
         torchrun(["pretrain", cfg])
         out[f"2 ranks, ZeRO-{stage}"] = train_losses(run)
     run = tmp / "single"
     cfg = write_config(
         tmp / "single.yaml",
-        base_config(run, shards, train={"max_steps": STEPS, "lr": 1e-2}, zero={"stage": 0}),
+        base_config(
+            run,
+            shards,
+            train={"max_steps": STEPS, "lr": 1e-2},
+            zero={"stage": 0},
+            model={"loss_chunk_tokens": 0},
+        ),
     )
     run_cli(["pretrain", cfg])
     out["1 rank, 2x accumulation"] = train_losses(run)
@@ -51,3 +65,19 @@ def test_loss_falls_and_starts_at_ln_vocab(losses):
     for name, run in losses.items():
         assert abs(run[1] - ln_v) / ln_v < 0.05, f"{name}: first loss {run[1]} vs ln(V)={ln_v:.3f}"
         assert run[STEPS] < run[1] - 0.1, f"{name}: loss did not fall"
+
+
+def test_tied_head_under_zero3_matches_full_logits(tmp_path, shards):
+    """GPT-2 ties its head to the input embedding: under ZeRO-3 the chunked loss gathers that one
+    partitioned weight for the head and its gradient adds to the embedding's."""
+    tiny_gpt2 = str(REPO / "configs/model/tiny-gpt2.json")
+    out = {}
+    for name, stage, chunk, launch in (("zero3", 3, 24, torchrun), ("reference", 0, 0, run_cli)):
+        cfg = base_config(tmp_path / name, shards, train={"max_steps": 4, "lr": 1e-2}, zero={"stage": stage})
+        cfg["model"].update(config=tiny_gpt2, loss_chunk_tokens=chunk)
+        launch(["pretrain", write_config(tmp_path / f"{name}.yaml", cfg)])
+        out[name] = train_losses(tmp_path / name)
+    assert sorted(out["zero3"]) == [1, 2, 3, 4]
+    for step, ref in out["reference"].items():
+        assert out["zero3"][step] == pytest.approx(ref, rel=1e-4), f"step {step}"
+    assert out["zero3"][4] < out["zero3"][1]

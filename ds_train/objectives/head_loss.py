@@ -1,0 +1,145 @@
+"""The output head and its cross-entropy as one step, over target tokens only, in chunks.
+
+A transformers LM computes `logits = head(hidden)` for every position and then the loss. Two
+costs follow, both avoidable without changing the result:
+
+- **Positions that are not targets still pay for the head.** Masked LM predicts ~15% of tokens
+  and SFT only the response tokens, yet the `[tokens, vocab]` matmul runs on all of them (for a
+  BERT-small the head is about half the forward). Here only target rows enter the head (the
+  ModernBERT "sparse prediction" idea); their indices are computed by `collate` in the DataLoader
+  workers, so selecting them costs the GPU no host sync.
+- **Full logits are the largest activation of a training step.** For a 128k vocabulary, 8k tokens
+  of fp32 logits, their log-softmax and their gradient take several GB. Here the head runs on
+  `chunk` tokens at a time: each chunk's loss and its gradients with respect to the hidden states
+  and the head's weight are computed at once, in the forward (the loss is a scalar, so the
+  backward only scales them), and the chunk's logits are freed before the next one (the approach
+  of Liger's fused linear cross-entropy, in plain PyTorch ops so it runs on CPU and any GPU).
+
+The head is the model's own module (`get_output_embeddings()`), called through the model's own
+forward with its `forward` swapped for the duration of the call: every hook on it keeps working,
+which is what ZeRO-3 needs (it gathers the partitioned weight in the module's pre-forward hook and
+again before its backward). Models whose forward transforms the logits after the head (Gemma's
+soft-capping, Cohere's and Granite's logit scaling) would transform the loss instead, so they,
+heads that are not a plain `nn.Linear` (e.g. LoRA-wrapped) and compiled models (torch.compile
+would recompile for each swapped forward) take the full-logits path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ds_train.objectives.base import IGNORE_INDEX, summed_cross_entropy
+
+# HF config attributes of a post-head transformation of the logits (None or 1.0 when unused)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `labels` (every one a target),
+    gradients computed chunk by chunk in the forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk: int):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # fp32 accumulators: chunk contributions are summed here, rounded once at the end
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h, y = hidden[start : start + chunk], labels[start : start + chunk, None]
+            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+            total -= logp.gather(1, y).sum()
+            grad = logp.exp_()  # d(sum of -log p_y)/d logits = softmax - one_hot(y)
+            grad.scatter_add_(1, y, torch.full(y.shape, -1.0, device=grad.device))
+            grad = grad.to(weight.dtype)
+            if need_h:
+                grad_h[start : start + chunk] = grad @ weight
+            if need_w:
+                grad_w += (grad.t() @ h).float()
+            if need_b:
+                grad_b += grad.float().sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
+            None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+            None,
+            None,
+        )
+
+
+def linear_cross_entropy_sum(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """sum_i CE(hidden[i] @ weight.T + bias, labels[i]) for hidden `[n, H]`, labels `[n]`, all targets;
+    never more than `chunk` rows of logits at a time. fp32 scalar."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+        total += F.cross_entropy(logits, labels[start : start + chunk], reduction="sum")
+    return total
+
+
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the target positions (computed by `collate`, on the CPU)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's output head if the chunked loss can stand in for it, else None (see module doc)."""
+    inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    if getattr(model, "is_compiled", False) or inner._compiled_call_impl is not None:
+        return None  # torch.compile would guard on the swapped forward and recompile every step
+    get_head = getattr(inner, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    config = getattr(inner, "config", None)
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def lm_loss_sum(
+    model: torch.nn.Module, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], chunk: int
+) -> torch.Tensor:
+    """Summed token loss of `model(**inputs)` against `batch["labels"]`: through the chunked,
+    target-only head when `chunk` > 0 and the model allows it, else from the full logits."""
+    head = fused_head(model) if chunk > 0 else None
+    if head is None:
+        return summed_cross_entropy(model(**inputs).logits, batch["labels"])
+    labels = batch["labels"].reshape(-1)
+    index = batch.get("target_index")
+    if index is None:  # a batch not from our collate: find the targets here (a host sync on GPU)
+        index = target_index(labels)
+    calls = []
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels
+        if index.shape[0] != flat.shape[0]:  # shapes are known on the host: no sync
+            flat, targets = flat.index_select(0, index), labels.index_select(0, index)
+        calls.append(flat.shape[0])
+        return linear_cross_entropy_sum(flat, head.weight, head.bias, targets, chunk)
+
+    head.forward = forward  # an instance attribute: the module's hooks still run around it
+    try:
+        out = model(**inputs)
+    finally:
+        del head.forward
+    if len(calls) != 1 or out.logits.dim() != 0:
+        raise RuntimeError(
+            f"{type(getattr(model, 'module', model)).__name__} does not call its output head once on the "
+            "hidden states; set model.loss_chunk_tokens=0 to compute the loss from full logits"
+        )
+    return out.logits  # the head's result as the model returned it: through ZeRO-3's backward hooks

@@ -1,0 +1,192 @@
+"""The chunked, target-only head loss equals transformers' full-logits loss, value and gradients,
+for causal LM (with padding), masked LM and SFT; models it cannot stand in for fall back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+from ds_train.finetune.sft import SupervisedFineTuning
+from ds_train.objectives import head_loss
+from ds_train.objectives.base import summed_cross_entropy
+from ds_train.objectives.causal_lm import CausalLM
+from ds_train.objectives.head_loss import fused_head, linear_cross_entropy_sum, lm_loss_sum
+from ds_train.objectives.masked_lm import MaskedLM
+from tests.helpers import MICRO_LLAMA, REPO
+
+VOCAB = 97
+
+
+def reference(hidden, weight, bias, labels):
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return summed_cross_entropy(logits, labels)
+
+
+def leaves(n=37, h=16, bias=True, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype).requires_grad_()
+    weight = (torch.randn(VOCAB, h, generator=g) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(VOCAB, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, VOCAB, (n,), generator=g)
+    return hidden, weight, b, labels
+
+
+def grads(fn, tensors, scale=3.0):
+    for t in tensors:
+        t.grad = None
+    loss = fn()
+    (loss * scale).backward()  # the trainer scales the summed loss: the backward must pass it on
+    return loss.detach(), [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 1000])
+def test_linear_cross_entropy_matches_full_logits(chunk):
+    hidden, weight, bias, labels = leaves()
+    ref_loss, ref_grads = grads(lambda: reference(hidden, weight, bias, labels), [hidden, weight, bias])
+    loss, got = grads(
+        lambda: linear_cross_entropy_sum(hidden, weight, bias, labels, chunk), [hidden, weight, bias]
+    )
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    for name, a, b in zip(("hidden", "weight", "bias"), got, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_frozen_head_and_no_grad():
+    hidden, weight, _, labels = leaves(bias=False)
+    weight.requires_grad_(False)  # e.g. LoRA: the head is frozen, only the hidden states need grads
+    ref_loss, (ref_h,) = grads(lambda: reference(hidden, weight, None, labels), [hidden])
+    loss, (got_h,) = grads(lambda: linear_cross_entropy_sum(hidden, weight, None, labels, 5), [hidden])
+    assert loss.item() == pytest.approx(ref_loss.item())
+    torch.testing.assert_close(got_h, ref_h)
+    assert weight.grad is None
+    with torch.no_grad():  # evaluation: the forward-only path
+        assert linear_cross_entropy_sum(hidden, weight, None, labels, 5).item() == pytest.approx(
+            ref_loss.item()
+        )
+
+
+def test_bf16_is_as_accurate_as_full_logits():
+    hidden, weight, bias, labels = leaves(n=64, h=32, dtype=torch.bfloat16)
+    exact = [t.detach().double().requires_grad_() for t in (hidden, weight, bias)]
+    _, truth = grads(lambda: reference(*exact, labels), exact)
+    _, full = grads(lambda: reference(hidden, weight, bias, labels), [hidden, weight, bias])
+    loss, got = grads(
+        lambda: linear_cross_entropy_sum(hidden, weight, bias, labels, 16), [hidden, weight, bias]
+    )
+    assert loss.dtype == torch.float32 and got[1].dtype == torch.bfloat16
+    for name, g, f, t in zip(("hidden", "weight", "bias"), got, full, truth):
+        # the loss scale multiplies the stored bf16 gradient: at most one more rounding (2^-8 relative)
+        err, full_err = (g.double() - t).abs().max(), (f.double() - t).abs().max()
+        assert err <= full_err + t.abs().max() * 2**-8, f"{name}: {err:.2e} vs full logits {full_err:.2e}"
+        assert err < t.abs().max() * 2**-5
+
+
+def model_from(path_or_dict, auto=AutoModelForCausalLM, **overrides):
+    raw = json.loads(path_or_dict.read_text()) if not isinstance(path_or_dict, dict) else dict(path_or_dict)
+    raw.update(vocab_size=VOCAB, **overrides)
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    torch.manual_seed(0)
+    return auto.from_config(config, attn_implementation="eager").eval()  # eval: no dropout
+
+
+def compare_objective(model, full, chunked, rows, sample_ids):
+    """Loss and every parameter gradient of objective `chunked` vs the same objective with full logits."""
+    out = []
+    for objective in (full, chunked):
+        model.zero_grad()
+        batch = objective.collate(rows, sample_ids)
+        loss = objective.loss_sum(model, batch)
+        loss.backward()
+        out.append(
+            (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (ref_loss, ref_grads), (loss, got) = out
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert got.keys() == ref_grads.keys() and ref_grads
+    for name in ref_grads:
+        torch.testing.assert_close(got[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    return batch
+
+
+def test_causal_lm_with_padding_equals_full_logits():
+    model = model_from(MICRO_LLAMA)
+    rows = np.random.default_rng(0).integers(3, VOCAB, (3, 17)).astype(np.uint16)
+    rows[1, 12:] = 1  # padding: never a target, so the chunked head skips those rows
+    rows[0, 6] = 2  # a document boundary
+    full = CausalLM(eos_id=2, pad_id=1)
+    batch = compare_objective(model, full, CausalLM(eos_id=2, pad_id=1, loss_chunk_tokens=5), rows, [0, 1, 2])
+    assert batch["target_index"].shape[0] == int(batch["num_targets"]) == 3 * 16 - 5
+
+
+def test_masked_lm_runs_the_head_on_masked_tokens_only(monkeypatch):
+    model = model_from(REPO / "configs/model/tiny-bert.json", AutoModelForMaskedLM)
+    rows = np.random.default_rng(1).integers(5, VOCAB, (4, 33)).astype(np.uint16)
+    kwargs = {"mask_id": 4, "vocab_size": VOCAB, "special_ids": (0, 1, 2, 3, 4), "seed": 3}
+    head_rows = []
+    inner = head_loss.linear_cross_entropy_sum
+    monkeypatch.setattr(
+        head_loss, "linear_cross_entropy_sum", lambda h, *a: head_rows.append(h.shape[0]) or inner(h, *a)
+    )
+    batch = compare_objective(
+        model, MaskedLM(**kwargs), MaskedLM(**kwargs, loss_chunk_tokens=16), rows, [0, 1, 2, 3]
+    )
+    assert model.get_output_embeddings().bias is not None  # BERT's decoder has a bias: covered
+    assert head_rows == [int(batch["num_targets"])] and 0 < head_rows[0] < 4 * 32 / 3
+
+
+def test_sft_equals_full_logits():
+    model = model_from(MICRO_LLAMA)
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(3, VOCAB, (2, 21))
+    targets = np.zeros_like(tokens, dtype=bool)
+    targets[:, 12:] = True  # response tokens only
+    positions = np.tile(np.arange(21), (2, 1))
+    arrays = {"tokens": tokens, "targets": targets, "positions": positions}
+    compare_objective(
+        model, SupervisedFineTuning(), SupervisedFineTuning(loss_chunk_tokens=4), arrays, [0, 1]
+    )
+
+
+def test_models_that_transform_logits_fall_back_to_full_logits():
+    capped = model_from(
+        {"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16},
+        final_logit_softcapping=30.0,
+    )  # fmt: skip
+    assert fused_head(capped) is None
+    batch = CausalLM(eos_id=None, loss_chunk_tokens=8).collate(np.arange(10, 30, dtype=np.uint16)[None], [0])
+    expected = summed_cross_entropy(capped(input_ids=batch["input_ids"]).logits, batch["labels"])
+    assert lm_loss_sum(capped, {"input_ids": batch["input_ids"]}, batch, 8).item() == pytest.approx(
+        expected.item()
+    )
+    wrapped = model_from(MICRO_LLAMA)
+    wrapped.lm_head = torch.nn.Sequential(wrapped.lm_head)  # e.g. a LoRA-wrapped head: not a plain Linear
+    assert fused_head(wrapped) is None and fused_head(model_from(MICRO_LLAMA)) is not None
+    compiled = model_from(MICRO_LLAMA)
+    compiled.compile()  # in place, as DeepSpeed's engine.compile() does; compiles on first call
+    assert fused_head(compiled) is None
+
+
+def test_a_model_that_bypasses_its_head_is_an_error():
+    model = model_from(MICRO_LLAMA)
+
+    class Bypass(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def get_output_embeddings(self):
+            return model.lm_head
+
+        def forward(self, **inputs):  # logits from the weight directly, never through the head module
+            hidden = model.model(**inputs).last_hidden_state
+            return type("Out", (), {"logits": hidden @ model.lm_head.weight.t()})()
+
+    batch = CausalLM(eos_id=None, loss_chunk_tokens=8).collate(np.arange(10, 30, dtype=np.uint16)[None], [0])
+    with pytest.raises(RuntimeError, match="loss_chunk_tokens=0"):
+        lm_loss_sum(Bypass(), {"input_ids": batch["input_ids"]}, batch, 8)
+    assert "forward" not in vars(model.lm_head)  # the swap is undone even when the call fails
