@@ -12,9 +12,12 @@ medians over repeats. Two more clocks are printed for a machine shared with othe
 CPU seconds per step (the work done, whatever else runs) and the fastest single step of all repeats
 (the least disturbed one).
 
-ds-train runs with model.document_masking=false by default, so all three do the same arithmetic
-(the baselines use the plain causal mask); `--masking-cost` adds a fourth system, ds-train with
-its default per-document masking, and reports its cost relative to ds-train without it.
+ds-train runs with model.document_masking=false by default, so all three attend alike (the
+baselines use the plain causal mask), and with its default chunked head loss
+(`model.loss_chunk_tokens`), which gets the same loss with less work than the baselines' full
+logits; `--full-logits` adds ds-train computing the loss from full logits as they do, so its ratio
+to bare DeepSpeed is the training loop's overhead alone. `--masking-cost` adds ds-train with its
+default per-document masking, and reports its cost relative to ds-train without it.
 `--noise-floor` runs the bare loop twice as two systems (an A/A test): how far apart identical
 systems land on this machine, the yardstick for any ratio above.
 
@@ -45,12 +48,14 @@ SCRIPTS = {
     "ds_train_masked": "bench/ds_train_loop.py",
     "hf_trainer": "bench/hf_trainer_loop.py",
     "bare_again": "bench/bare_deepspeed_loop.py",
+    "ds_train_full_logits": "bench/ds_train_loop.py",
 }
 # Systems run only on request, each reported as a ratio to another:
 # (system, the system it is divided by, ratio key, table header).
 OPTIONAL_RATIOS = (
     ("ds_train_masked", "ds_train", "masked/unmasked", "masking on / off"),
     ("bare_again", "bare", "bare_again/bare", "bare / bare (A/A)"),
+    ("ds_train_full_logits", "bare", "full_logits/bare", "ds-train full logits / bare"),
 )
 
 
@@ -68,13 +73,15 @@ def model_config(path: Path, hidden: int, layers: int, seq_len: int = 0) -> Path
     return path
 
 
-def run_config(args, model: Path, run_dir: Path, stage: int, masking: bool) -> dict:
+def run_config(args, model: Path, run_dir: Path, stage: int, system: str) -> dict:
     return {
         "run": {"output_dir": str(run_dir), "tensorboard": False, "seed": 1},
         "model": {
             "config": str(model),
             "tokenizer": str(REPO / "configs/tokenizers/stdlib-bpe-4k"),
-            "document_masking": masking,
+            "document_masking": system == "ds_train_masked",
+            # ds-train's default chunked head loss, or full logits as the baselines compute them
+            **({"loss_chunk_tokens": 0} if system == "ds_train_full_logits" else {}),
             "activation_checkpointing": args.activation_checkpointing,
         },
         "data": {"train": f"{args.shards}/train", "num_workers": args.workers},
@@ -189,6 +196,12 @@ def main() -> None:
         help="also run the bare loop a second time as its own system (an A/A test): the ratio of two "
         "identical systems is how far apart this machine's noise alone puts them",
     )
+    ap.add_argument(
+        "--full-logits",
+        action="store_true",
+        help="also run ds-train with model.loss_chunk_tokens=0: the loss from full logits, the "
+        "baselines' arithmetic, so its ratio to bare DeepSpeed is the loop's overhead alone",
+    )
     ap.add_argument("--shards", default=str(REPO / "runs/demo/shards"), help="shard dir with train/")
     ap.add_argument(
         "--synthetic-seq-len",
@@ -211,6 +224,7 @@ def main() -> None:
         args.shards = str(tmp / "shards")
     systems = ["bare", "ds_train", "hf_trainer"] + (["ds_train_masked"] if args.masking_cost else [])
     systems += ["bare_again"] if args.noise_floor else []
+    systems += ["ds_train_full_logits"] if args.full_logits else []
     results: dict = {"args": vars(args), "stages": {}, "loadavg_start": os.getloadavg()}
     for stage in args.stages:
         runs: dict[str, list[dict]] = {s: [] for s in systems}
@@ -218,7 +232,7 @@ def main() -> None:
             order = systems[r % len(systems) :] + systems[: r % len(systems)]
             for system in order:
                 run_dir = tmp / f"s{stage}_r{r}_{system}"
-                cfg = run_config(args, model, run_dir, stage, masking=system == "ds_train_masked")
+                cfg = run_config(args, model, run_dir, stage, system)
                 cfg_path = tmp / f"s{stage}_r{r}_{system}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg))
                 runs[system].append(launch(SCRIPTS[system], cfg_path, args.steps, args.warmup, args.nproc))

@@ -70,6 +70,6 @@ if [[ ${MODE:-variants} == anchors ]]; then
           --steps "${STEPS:-30}" --warmup "${WARMUP:-5}")
   fi
   exec "$PY" bench/bench_trainer.py --nproc 1 --stages 0 2 --repeats "${REPEATS:-2}" "${size[@]}" \
-    --global-batch 16 --micro-batch 4 --json "${OUT:-.}/gpu_trainer_anchors.json"
+    --global-batch 16 --micro-batch 4 --full-logits --json "${OUT:-.}/gpu_trainer_anchors.json"
 fi
 exec "$PY" bench/gpu_bench.py "${args[@]}" --json "${OUT:-.}/gpu_bench.json"

@@ -57,7 +57,11 @@ def variants(micro: int) -> list[Variant]:
         Variant("baseline", "-", f"ds-train defaults: ZeRO-2, sdpa, document masking, micro {micro}"),
         Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
                 ["model.document_masking=false"], same_math=False),
-        Variant("compile", "compile", "torch.compile via DeepSpeed engine.compile()", compile=True),
+        Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
+                ["model.loss_chunk_tokens=0"]),
+        # a compiled model computes the loss from full logits (ds_train/objectives/head_loss.py):
+        # compare it with full_logits as well as with the baseline
+        Variant("compile", "compile", "torch.compile via DeepSpeed engine.compile() (full logits)", compile=True),
         Variant(f"micro_{micro * 2}", "micro", f"train.micro_batch_size={micro * 2}",
                 [f"train.micro_batch_size={micro * 2}"]),
         # Checkpointing pays off only through the bigger micro-batch it makes room for, so it
