@@ -35,7 +35,7 @@ def test_variants_run_baseline_first_and_once_each():
     assert names[0] == "baseline"
     assert len(names) == len(set(names))
     # the knobs a short lease must not lose come right after the baseline
-    assert names[1:5] == ["no_doc_mask", "compile", "micro_8", "act_ckpt"]
+    assert names[1:6] == ["no_doc_mask", "full_logits", "compile", "micro_8", "act_ckpt"]
 
 
 def test_gpu_sh_refuses_to_run_without_a_gpu():
