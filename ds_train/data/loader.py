@@ -27,6 +27,7 @@ from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.objectives.base import IGNORE_INDEX
+from ds_train.objectives.head_loss import target_index
 
 
 @dataclass
@@ -162,6 +163,8 @@ class MicroBatches(Dataset):
         if n_lost:  # data.skip_corrupt: the replacement rows carry no targets
             batch["labels"][torch.from_numpy(lost)] = IGNORE_INDEX
             batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
+            if "target_index" in batch:  # the chunked head loss's targets: fewer now
+                batch["target_index"] = target_index(batch["labels"])
         batch["skipped"] = torch.tensor(n_lost)
         batch["step"] = torch.tensor(step)
         batch["source"] = torch.from_numpy(source)

@@ -246,20 +246,26 @@ def test_skip_corrupt_replaces_lost_rows_with_ignored_padding_and_counts_them(br
     assert not lost[0] and lost[-1]
     # in a training batch: counted, and no targets from the replacement rows
     lay = BatchLayout(int(plan.sources[0].rows[0]) + 16, 8, 1, 1)  # step 0 reaches into shard 1
-    ds = MicroBatches(plan, lay, 0, 0, OBJ, None, skip_corrupt=True)
+    chunked = CausalLM(eos_id=0, pad_id=1, loss_chunk_tokens=64)  # its target indices must follow
+    ds = MicroBatches(plan, lay, 0, 0, chunked, None, skip_corrupt=True)
     total = 0
     for k in range(lay.grad_accum):
         b = ds[k]
         total += int(b["skipped"])
         skipped_rows = (b["labels"] == IGNORE_INDEX).all(dim=1)
         assert int(skipped_rows.sum()) >= int(b["skipped"])
-        assert b["num_targets"] == (b["labels"] != IGNORE_INDEX).sum()
+        assert b["num_targets"] == (b["labels"] != IGNORE_INDEX).sum() == len(b["target_index"])
     assert total == 0  # the first member of shard 1 is intact
-    late = MicroBatches(plan, BatchLayout(8, 8, 1, 1), 0, 0, OBJ, None, skip_corrupt=True)
+    late = MicroBatches(plan, BatchLayout(8, 8, 1, 1), 0, 0, chunked, None, skip_corrupt=True)
     start = int(plan.sources[0].rows[0]) + int(lost.argmax())  # the first lost row of shard 1
     b = late.batch_at(np.arange(start, start + 8), 0)
     assert int(b["skipped"]) == 8 and torch.all(b["labels"] == IGNORE_INDEX)
-    assert b["num_targets"] == 0
+    assert b["num_targets"] == 0 and len(b["target_index"]) == 0
+    intact = min(3, int(lost.argmax()))  # ≥ 1: the first row is intact
+    mixed = late.batch_at(np.arange(start - intact, start - intact + 8), 0)  # intact rows, then lost ones
+    labels = mixed["labels"].reshape(-1)
+    assert len(mixed["target_index"]) > 0 and torch.all(labels[mixed["target_index"]] != IGNORE_INDEX)
+    assert len(mixed["target_index"]) == int(mixed["num_targets"])
     # without the opt-in the same batch stops with the shard's name
     with pytest.raises(DataError, match=plan.sources[0].names[1]):
         MicroBatches(plan, BatchLayout(8, 8, 1, 1), 0, 0, OBJ, None).batch_at(np.arange(start, start + 8), 0)
