@@ -26,8 +26,7 @@ from ds_train.data.order import MixtureOrder, SampleOrder
 from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
 from ds_train.distributed.deepspeed_config import BatchLayout
-from ds_train.objectives.base import IGNORE_INDEX
-from ds_train.objectives.head_loss import target_index
+from ds_train.objectives.base import ignore_rows
 
 
 @dataclass
@@ -161,10 +160,7 @@ class MicroBatches(Dataset):
             rows[lost] = self.plan.filler_token
         batch = self.objective.collate(rows, positions)
         if n_lost:  # data.skip_corrupt: the replacement rows carry no targets
-            batch["labels"][torch.from_numpy(lost)] = IGNORE_INDEX
-            batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
-            if "target_index" in batch:  # the chunked head loss's targets: fewer now
-                batch["target_index"] = target_index(batch["labels"])
+            ignore_rows(batch, torch.from_numpy(lost))
         batch["skipped"] = torch.tensor(n_lost)
         batch["step"] = torch.tensor(step)
         batch["source"] = torch.from_numpy(source)

@@ -24,7 +24,7 @@ from ds_train.data.loader import rank_positions
 from ds_train.data.order import SampleOrder
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.finetune.dataset import ExampleSet
-from ds_train.objectives.base import IGNORE_INDEX
+from ds_train.objectives.base import ignore_rows
 
 Collate = Callable[[dict[str, np.ndarray], np.ndarray], dict[str, torch.Tensor]]
 
@@ -63,10 +63,8 @@ class ExampleBatches(Dataset):
             keep = None
             _, rows = self.order.locate(positions)
         batch = self.collate(self.examples.read(rows), positions)
-        if keep is not None and not keep.all():
-            drop = torch.from_numpy(~keep)
-            batch["labels"][drop] = IGNORE_INDEX
-            batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
+        if keep is not None and not keep.all():  # the last eval batch's padding rows
+            ignore_rows(batch, torch.from_numpy(~keep))
         batch["step"] = torch.tensor(step)
         batch["source"] = torch.zeros(len(rows), dtype=torch.int64)
         batch["shard"] = torch.zeros(len(rows), dtype=torch.int64)

@@ -36,6 +36,21 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     )
 
 
+def target_index(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the target positions, for the chunked head loss (computed by `collate`, on
+    the CPU, so selecting the targets costs the GPU no host sync)."""
+    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
+def ignore_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> None:
+    """Take the given rows' targets out of a collated batch (a lost or padding row), and keep the
+    fields derived from the labels in step."""
+    batch["labels"][rows] = IGNORE_INDEX
+    batch["num_targets"] = (batch["labels"] != IGNORE_INDEX).sum().to(torch.float32)
+    if "target_index" in batch:
+        batch["target_index"] = target_index(batch["labels"])
+
+
 def document_position_ids(tokens: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Positions restarting after each EOS in a packed row: [a a EOS b b] → [0 1 2 0 1].
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_train.objectives.base import IGNORE_INDEX, document_position_ids
-from ds_train.objectives.head_loss import lm_loss_sum, target_index
+from ds_train.objectives.base import IGNORE_INDEX, document_position_ids, target_index
+from ds_train.objectives.head_loss import lm_loss_sum
 
 
 @dataclass

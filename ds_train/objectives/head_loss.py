@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds_train.objectives.base import IGNORE_INDEX, summed_cross_entropy
+from ds_train.objectives.base import summed_cross_entropy, target_index
 
 # HF config attributes of a post-head transformation of the logits (None or 1.0 when unused)
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -89,11 +89,6 @@ def linear_cross_entropy_sum(
         logits = F.linear(hidden[start : start + chunk], weight, bias).float()
         total += F.cross_entropy(logits, labels[start : start + chunk], reduction="sum")
     return total
-
-
-def target_index(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices of the target positions (computed by `collate`, on the CPU)."""
-    return (labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 
 
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ds_train.objectives.base import IGNORE_INDEX
-from ds_train.objectives.head_loss import lm_loss_sum, target_index
+from ds_train.objectives.base import IGNORE_INDEX, target_index
+from ds_train.objectives.head_loss import lm_loss_sum
 
 
 @dataclass

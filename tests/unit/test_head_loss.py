@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from ds_train.finetune.sft import SupervisedFineTuning
 from ds_train.objectives import head_loss
-from ds_train.objectives.base import summed_cross_entropy
+from ds_train.objectives.base import IGNORE_INDEX, ignore_rows, summed_cross_entropy
 from ds_train.objectives.causal_lm import CausalLM
 from ds_train.objectives.head_loss import fused_head, linear_cross_entropy_sum, lm_loss_sum
 from ds_train.objectives.masked_lm import MaskedLM
@@ -190,3 +190,15 @@ def test_a_model_that_bypasses_its_head_is_an_error():
     with pytest.raises(RuntimeError, match="loss_chunk_tokens=0"):
         lm_loss_sum(Bypass(), {"input_ids": batch["input_ids"]}, batch, 8)
     assert "forward" not in vars(model.lm_head)  # the swap is undone even when the call fails
+
+
+def test_ignored_rows_leave_the_target_index():
+    """A row dropped after collate (a lost shard row, an eval batch's padding) loses its targets
+    from every derived field, or the head would read ignored labels."""
+    batch = CausalLM(eos_id=None, pad_id=1, loss_chunk_tokens=8).collate(
+        np.arange(10, 43, dtype=np.uint16).reshape(3, 11), np.arange(3)
+    )
+    ignore_rows(batch, torch.tensor([False, True, False]))
+    labels = batch["labels"].reshape(-1)
+    assert batch["target_index"].tolist() == [*range(0, 10), *range(20, 30)]
+    assert torch.all(labels[batch["target_index"]] != IGNORE_INDEX) and int(batch["num_targets"]) == 20
