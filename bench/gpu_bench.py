@@ -78,6 +78,9 @@ def variants(micro: int) -> list[Variant]:
                 ["zero.reduce_bucket_size=1000000000", "zero.allgather_bucket_size=1000000000"]),
         Variant("no_contiguous_grads", "contiguous", "zero.contiguous_gradients=false",
                 ["zero.contiguous_gradients=false"]),
+        # bigger chunks: fewer fp32 accumulations of the head's weight gradient, more logits memory
+        Variant("loss_chunk_4096", "loss", "model.loss_chunk_tokens=4096 (default 1024)",
+                ["model.loss_chunk_tokens=4096"]),
         Variant(f"micro_{micro // 2}", "micro", f"train.micro_batch_size={micro // 2}",
                 [f"train.micro_batch_size={micro // 2}"]),
         Variant("flash_attn2", "attn", "attn_implementation=flash_attention_2 (varlen packing)",
