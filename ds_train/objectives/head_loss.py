@@ -56,7 +56,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad = grad.to(weight.dtype)
             if need_h:
                 grad_h[start : start + chunk] = grad @ weight
-            if need_w:
+            if need_w and weight.dtype == torch.float32:
+                grad_w.addmm_(grad.t(), h)  # in place: no [vocab, hidden] temporary
+            elif need_w:  # bf16/fp16: the chunk's product rounds once, the sum stays fp32
                 grad_w += (grad.t() @ h).float()
             if need_b:
                 grad_b += grad.float().sum(0)
