@@ -4,9 +4,9 @@ against transformers' full logits: training-step time and peak memory, side by s
 Each case is a model and a micro-batch; each run is one fresh process (so its peak RSS is its own)
 that builds the model, collates random rows with the real objective and times forward + backward
 of STEPS steps after WARMUP (the optimizer is the same for both and left out). The two variants
-alternate, order rotated every repeat; the ratio is of the median step times. The bytes autograd
-saves for the backward in one step are counted exactly (saved-tensor hooks), the process's peak
-RSS is read from the kernel.
+alternate, order rotated every repeat; the ratio is of the median step times. The memory autograd
+keeps for the backward in one step is counted exactly (saved-tensor hooks; distinct storages,
+parameters left out), the process's peak RSS is read from the kernel.
 
     .venv/bin/python bench/bench_head_loss.py --repeats 3
 """
@@ -80,10 +80,19 @@ def run_one(case: str, chunk: int, steps: int, warmup: int) -> dict:
         model.zero_grad(set_to_none=True)
         loss = objective.loss_sum(model, batch)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+    # What autograd keeps for the backward: distinct storages, parameters left out (they exist anyway)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = step()
     times = []
     for i in range(warmup + steps):
@@ -95,7 +104,7 @@ def run_one(case: str, chunk: int, steps: int, warmup: int) -> dict:
         "loss": loss,
         "step_s": statistics.median(times),
         "tokens_per_s": spec["micro"] * spec["seq"] / statistics.median(times),
-        "saved_mib": sum(saved) / 2**20,
+        "saved_mib": sum(saved.values()) / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
