@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ds_train.data.shard_format import file_sha256
+from ds_train.checksum import file_sha256
 
 __all__ = ["digest", "file_sha256", "manifest_problems"]
 

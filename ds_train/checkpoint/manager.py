@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from ds_train.checkpoint.layout import (
     tag_for_step,
     write_atomic,
 )
+from ds_train.checksum import HashingWriter
 from ds_train.distributed.engine import DistributedContext, all_gather_object
 from ds_train.distributed.peers import is_collective_failure
 from ds_train.errors import RunFailure
@@ -96,9 +98,9 @@ class CheckpointManager:
             except OSError as e:
                 error = _describe(e)
         self._agree(tag, all_gather_object(error))
-        written: list[Path] = []
+        written: dict[Path, tuple[int, str] | None] = {}
         try:
-            with _recording_writes(engine, written):
+            with _hashed_writes(engine, written):
                 engine.save_checkpoint(str(self.root), tag=partial, client_state={}, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             if is_collective_failure(e):
@@ -109,8 +111,8 @@ class CheckpointManager:
             rng_dir = self.root / partial / "rng"
             rng_dir.mkdir(parents=True, exist_ok=True)
             torch.save(_rng_state(), rng_dir / f"rank_{self.ctx.rank:05d}.pt")
-            written.append(rng_dir / f"rank_{self.ctx.rank:05d}.pt")
-            digests = {str(Path(p).relative_to(self.root / partial)): digest(p) for p in written}
+            written[rng_dir / f"rank_{self.ctx.rank:05d}.pt"] = None
+            digests = {str(p.relative_to(self.root / partial)): d or digest(p) for p, d in written.items()}
             if on_written is not None:
                 on_written(self.root / partial)
         except OSError as e:
@@ -182,8 +184,11 @@ class CheckpointManager:
     def verify(self, ref: CheckpointRef, state: dict) -> None:
         """Check every file against the manifest (sizes and sha256), the work split across ranks;
         raise CheckpointDamaged on every rank if anything differs."""
-        names = sorted(state.get("files") or {})
-        mine = manifest_problems(ref.path, state, names=names[self.ctx.rank :: self.ctx.world_size])
+        mine = manifest_problems(
+            ref.path,
+            state,
+            names=share_of_files(state.get("files") or {}, self.ctx.rank, self.ctx.world_size),
+        )
         problems = [p for rank_problems in all_gather_object(mine) for p in rank_problems]
         if problems:
             damaged = CheckpointDamaged(damaged_message(ref, problems))
@@ -225,6 +230,21 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def share_of_files(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """This rank's part of the files to check: each file, largest first, goes to the rank with the
+    fewest bytes so far, so no rank reads much more than 1/world_size of the checkpoint (split by
+    name, one rank could get two optimizer partitions and another two tiny RNG files). Every rank
+    computes the same split from the same manifest."""
+    loads = [(0, r) for r in range(world_size)]  # a heap of (bytes so far, rank)
+    mine = []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        total, r = heapq.heappop(loads)
+        heapq.heappush(loads, (total + sizes[name], r))
+        if r == rank:
+            mine.append(name)
+    return mine
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -252,21 +272,38 @@ def _describe(e: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _recording_writes(engine: Any, written: list[Path]):
-    """Note every file DeepSpeed's checkpoint writer saves on this rank (to hash it afterwards)."""
+def _hashed_writes(engine: Any, written: dict[Path, tuple[int, str] | None]):
+    """Note every file DeepSpeed's checkpoint writer saves on this rank, with its (bytes, sha256)
+    taken as the bytes go out when the writer is DeepSpeed's default (`torch.save` to a zip file),
+    so no file is read back to hash it; files of other writers (DeepSpeed's asynchronous ones,
+    legacy serialization) are noted as None and hashed after they are written."""
     writer = getattr(engine, "checkpoint_engine", None)
     if writer is None or not hasattr(writer, "save"):
         yield
         return
     original = writer.save
+    streams = _is_plain_torch_writer(writer)
 
     def save(state_dict, path, *args, **kwargs):
-        result = original(state_dict, path, *args, **kwargs)
-        written.append(Path(path))
+        if not streams:
+            result = original(state_dict, path, *args, **kwargs)
+            written[Path(path)] = None
+            return result
+        # torch.save writes a zip to a file object front to back (no seek); the archive's inner
+        # folder is then named "archive" instead of after the file, which torch.load ignores.
+        with open(path, "wb") as raw, HashingWriter(raw, overlap=True) as sink:
+            result = original(state_dict, sink, *args, **kwargs)
+        written[Path(path)] = (sink.size, sink.hexdigest())
         return result
 
     with _patched(writer, "save", save):
         yield
+
+
+def _is_plain_torch_writer(writer: Any) -> bool:
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    return type(writer) is TorchCheckpointEngine and bool(getattr(writer, "zipfile_serialization", False))
 
 
 @contextlib.contextmanager

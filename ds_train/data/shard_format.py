@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ds_train.checksum import HashingWriter
+
 MANIFEST = "index.json"
 FORMAT = "ds_train.shards/1"
 ROWS_MEMBER_SUFFIX = ".tokens.npy"
@@ -52,21 +54,6 @@ class ShardStats:
         return self.__dict__.copy()
 
 
-class _HashingFile:
-    """Write-through file wrapper that hashes what it writes (no second read of the shard)."""
-
-    def __init__(self, fh):
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.fh.write(data)
-
-    def flush(self) -> None:
-        self.fh.flush()
-
-
 def write_shard(
     out_dir: str | os.PathLike,
     name: str,
@@ -88,7 +75,7 @@ def write_shard(
     stem = name.removesuffix(".tar")
     tmp = out_dir / f".{name}.tmp{os.getpid()}"
     with open(tmp, "wb") as raw:
-        fh = _HashingFile(raw)
+        fh = HashingWriter(raw)
         writer = wds.TarWriter(fh, mtime=FIXED_MTIME)
         for m, lo in enumerate(range(0, len(rows), rows_per_member)):
             hi = min(lo + rows_per_member, len(rows))
@@ -108,7 +95,7 @@ def write_shard(
         tokens=int(rows.size),
         documents=sum(len(s) for s in doc_starts),
         bytes=fh.size,
-        sha256=fh.sha.hexdigest(),
+        sha256=fh.hexdigest(),
         doc_length_hist=length_histogram(doc_lengths),
     )
 
@@ -119,14 +106,6 @@ def length_histogram(lengths) -> list[int]:
         return []
     buckets = np.floor(np.log2(np.maximum(np.asarray(lengths), 1))).astype(int)
     return np.bincount(buckets).tolist()
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ds_train.data.shard_format import file_sha256, read_members
+from ds_train.checksum import file_sha256
+from ds_train.data.shard_format import read_members
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set
 
 

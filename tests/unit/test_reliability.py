@@ -25,6 +25,7 @@ from ds_train.checkpoint.manager import (
     CheckpointManager,
     CheckpointWriteError,
     _safe_loading,
+    share_of_files,
 )
 from ds_train.cli import main
 from ds_train.config.loader import ConfigError
@@ -111,8 +112,8 @@ class _Writer:
 class _Engine:
     """Enough of a DeepSpeed engine for CheckpointManager: one rank file per save."""
 
-    def __init__(self, fail: OSError | None = None):
-        self.checkpoint_engine = _Writer()
+    def __init__(self, fail: OSError | None = None, writer=None):
+        self.checkpoint_engine = writer or _Writer()
         self.fail = fail
 
     def save_checkpoint(self, root, tag, client_state, save_latest):
@@ -162,6 +163,65 @@ def test_save_records_size_and_sha256_of_every_file_and_damage_is_named(tmp_path
         f"config.yaml has 1 bytes, the manifest says {len(CONFIG_YAML)}",
         "extra.json is missing",
     ]
+
+
+def _deepspeed_writer():
+    """DeepSpeed's default checkpoint writer as a real engine configures it (zip serialization)."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    writer = TorchCheckpointEngine(None)
+    writer.zipfile_serialization = True
+    return writer
+
+
+@pytest.mark.parametrize(
+    "streamed", [True, False], ids=["deepspeed-writer-hashed-while-written", "other-writer"]
+)
+def test_checkpoint_files_are_hashed_while_written_and_the_manifest_matches_the_disk(
+    tmp_path, monkeypatch, streamed
+):
+    import ds_train.checkpoint.manager as manager_module
+    from ds_train.checksum import file_sha256
+
+    read_back = []
+    real_digest = manager_module.digest
+    monkeypatch.setattr(manager_module, "digest", lambda p: read_back.append(Path(p).name) or real_digest(p))
+    engine = _Engine(writer=_deepspeed_writer() if streamed else None)
+    manager = CheckpointManager(tmp_path / "run", _ctx(), keep_last=3)
+    manager.save(engine, 4, {}, CONFIG_YAML)
+    ckpt = manager.root / "step_00000004"
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    for name, sha in state["sha256"].items():
+        assert file_sha256(ckpt / name) == sha, name
+        assert (ckpt / name).stat().st_size == state["files"][name], name
+    # DeepSpeed's default writer's file is hashed on its way out, never read back; others are.
+    assert ("model_states.pt" in read_back) is not streamed
+    loaded = torch.load(ckpt / "model_states.pt", weights_only=True)
+    assert torch.equal(loaded["w"], torch.arange(1000.0))
+
+
+def test_hashing_writer_hashes_what_it_writes_small_large_and_typed_buffers(tmp_path):
+    import hashlib
+
+    from ds_train.checksum import HashingWriter, file_sha256
+
+    chunks = [b"header", np.random.default_rng(0).bytes(3 << 20), np.arange(300_000, dtype=np.float32), b""]
+    with open(tmp_path / "f", "wb") as raw, HashingWriter(raw, overlap=True) as sink:
+        for c in chunks:  # the 3 MiB and 1.2 MB writes are hashed in the helper thread
+            sink.write(c)
+    whole = b"".join(memoryview(c).cast("B").tobytes() for c in chunks)
+    assert sink.size == len(whole) == (tmp_path / "f").stat().st_size
+    assert sink.hexdigest() == hashlib.sha256(whole).hexdigest() == file_sha256(tmp_path / "f")
+
+
+def test_checkpoint_verification_splits_the_bytes_evenly_across_ranks():
+    sizes = {"optim_0": 900, "optim_1": 900, "model": 1000, "rng_0": 1, "rng_1": 1, "config.yaml": 2}
+    shares = [share_of_files(sizes, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(sizes)  # every file once
+    loads = [sum(sizes[n] for n in share) for share in shares]
+    assert max(loads) == 1800  # split by name (every other file), rank 1 would read model + optim_1: 1901
+    assert share_of_files(sizes, 0, 2) == shares[0]  # every rank computes the same split
+    assert share_of_files(sizes, 0, 1) == sorted(sizes, key=lambda n: (-sizes[n], n))
 
 
 def test_resume_refuses_a_damaged_checkpoint_in_one_line_before_starting(tmp_path, shards, capsys):

@@ -1,0 +1,69 @@
+"""sha256 of the files ds_train writes (shards, checkpoints): computed while they are written, or
+by reading a file back when it is verified.
+
+Hashing as the bytes go out saves a second pass over every file: for a checkpoint that pass
+re-reads the whole thing (from the page cache if it still fits, otherwise from the disk or a
+parallel file system: a second transfer of the checkpoint) while training waits. A large write
+is hashed in a helper thread at the same time as it is written (hashlib and file writes both
+release the GIL), so the hash costs no time on top of a write that is slower than sha256
+(~1.7 GB/s per core with SHA extensions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
+
+OVERLAP_MIN_BYTES = 1 << 20  # below this a thread hand-off costs more than it hides
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class HashingWriter:
+    """A write-only file object that passes bytes on to `fh` and hashes them.
+
+    Give it to a writer that takes a file object (`torch.save`, `webdataset.TarWriter`); it has no
+    `seek`, so a writer that needs one fails loudly instead of producing a wrong hash. Use it as a
+    context manager when `overlap` is on (the helper thread ends with it)."""
+
+    def __init__(self, fh: BinaryIO, *, overlap: bool = False):
+        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if overlap else None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self._pool is not None and view.nbytes >= OVERLAP_MIN_BYTES:
+            # The buffer may be reused once write() returns, so the hash must finish before that.
+            hashed = self._pool.submit(self.sha.update, view)
+            self.fh.write(view)
+            hashed.result()
+        else:
+            self.sha.update(view)
+            self.fh.write(view)
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
