@@ -39,28 +39,21 @@ def main() -> None:
 
     quiet_deepspeed()
     import torch.distributed as dist
+    from probe_engine import build_probe_engine
 
     from ds_train.checkpoint.layout import latest_checkpoint
     from ds_train.checkpoint.manager import CheckpointManager
-    from ds_train.config import load_config
-    from ds_train.distributed.deepspeed_config import build_deepspeed_config
-    from ds_train.distributed.engine import HfZeroContext, build_engine, init_distributed
-    from ds_train.distributed.launch_env import detect
-    from ds_train.model.build import build_model, load_hf_config, load_tokenizer
-    from ds_train.model.flops import count_params
-    from ds_train.train.session import param_groups
 
     cfg_path, repeats, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     drop_caches = "--drop-caches" in sys.argv[4:]
-    cfg = load_config(cfg_path)
-    ctx = init_distributed(detect(), 600)
-    ds_config = build_deepspeed_config(cfg, ctx.world_size)
-    tokenizer = load_tokenizer(cfg.model)
-    hf_config = load_hf_config(cfg.model, tokenizer)
-    zero_ctx = HfZeroContext(ds_config)
-    model = build_model(cfg.model, hf_config, seed=cfg.run.seed, rank=ctx.rank)
-    psi = count_params(model)[0]
-    engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lambda step: 1.0)
+    built = build_probe_engine(cfg_path)
+    ctx, ds_config, hf_config, engine, psi = (
+        built.ctx,
+        built.ds_config,
+        built.hf_config,
+        built.engine,
+        built.psi,
+    )
     batch = torch.randint(0, hf_config.vocab_size, (ds_config["train_micro_batch_size_per_gpu"], 32))
     for _ in range(ds_config["gradient_accumulation_steps"]):
         engine.backward(engine(input_ids=batch, labels=batch).loss)
@@ -119,7 +112,7 @@ def main() -> None:
         print(
             json.dumps({"probe": {"psi": psi, "world_size": ctx.world_size, "bytes": sizes, "times": times}})
         )
-    zero_ctx.close()
+    built.zero_ctx.close()
 
 
 if __name__ == "__main__":

@@ -76,23 +76,13 @@ def main() -> None:
     from ds_train.distributed.engine import quiet_deepspeed
 
     quiet_deepspeed()
-    from ds_train.config import load_config
-    from ds_train.distributed.deepspeed_config import build_deepspeed_config, resolve_precision
-    from ds_train.distributed.engine import HfZeroContext, build_engine, init_distributed
-    from ds_train.distributed.launch_env import detect
-    from ds_train.model.build import build_model, load_hf_config, load_tokenizer
-    from ds_train.model.flops import count_params
-    from ds_train.train.session import param_groups
+    from probe_engine import build_probe_engine
 
-    cfg = load_config(sys.argv[1])
-    ctx = init_distributed(detect(), 600)
-    ds_config = build_deepspeed_config(cfg, ctx.world_size)
-    tokenizer = load_tokenizer(cfg.model)
-    hf_config = load_hf_config(cfg.model, tokenizer)
-    zero_ctx = HfZeroContext(ds_config)
-    model = build_model(cfg.model, hf_config, seed=cfg.run.seed, rank=ctx.rank)
-    psi = count_params(model)[0]
-    engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lambda step: 1.0)
+    from ds_train.distributed.deepspeed_config import resolve_precision
+
+    built = build_probe_engine(sys.argv[1])
+    cfg, ctx, ds_config, hf_config = built.cfg, built.ctx, built.ds_config, built.hf_config
+    model, engine, psi, zero_ctx = built.model, built.engine, built.psi, built.zero_ctx
     mb, seq = ds_config["train_micro_batch_size_per_gpu"], int(sys.argv[2]) if len(sys.argv) > 2 else 64
     batch = torch.randint(
         0, hf_config.vocab_size, (mb, seq), generator=torch.Generator().manual_seed(ctx.rank)
