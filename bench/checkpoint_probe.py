@@ -47,14 +47,8 @@ def main() -> None:
     cfg_path, repeats, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     drop_caches = "--drop-caches" in sys.argv[4:]
     built = build_probe_engine(cfg_path)
-    ctx, ds_config, hf_config, engine, psi = (
-        built.ctx,
-        built.ds_config,
-        built.hf_config,
-        built.engine,
-        built.psi,
-    )
-    batch = torch.randint(0, hf_config.vocab_size, (ds_config["train_micro_batch_size_per_gpu"], 32))
+    ctx, ds_config, engine = built.ctx, built.ds_config, built.engine
+    batch = torch.randint(0, built.hf_config.vocab_size, (ds_config["train_micro_batch_size_per_gpu"], 32))
     for _ in range(ds_config["gradient_accumulation_steps"]):
         engine.backward(engine(input_ids=batch, labels=batch).loss)
         engine.step()
@@ -76,7 +70,6 @@ def main() -> None:
     manager = CheckpointManager(out / "ds", ctx, keep_last=1)
     bare_dir = out / "bare"
     times: dict[str, list[float]] = {"bare_save": [], "ds_save": [], "bare_load": [], "ds_load": []}
-    sizes: dict[str, int] = {}
     for r in range(repeats):
         tag = f"r{r}"
 
@@ -99,18 +92,20 @@ def main() -> None:
         for fn in (*saves, *loads):
             times[fn.__name__].append(timed(fn))
         if ctx.rank == 0:
-            sizes = {
-                "bare": _bytes_under(bare_dir / tag),
-                "ds": _bytes_under(latest_checkpoint(manager.root).path),
-            }
             # Each system keeps its latest checkpoint (ds-train's keep_last=1 deletes the older one
             # inside its save, which its time includes): every save after the first then runs
             # with the same two checkpoints on the file system, whichever system goes first.
             shutil.rmtree(bare_dir / f"r{r - 1}", ignore_errors=True)
         dist.barrier()
-    if ctx.rank == 0:
+    if ctx.rank == 0:  # the last repeat's checkpoints are both still there
+        sizes = {
+            "bare": _bytes_under(bare_dir / f"r{repeats - 1}"),
+            "ds": _bytes_under(latest_checkpoint(manager.root).path),
+        }
         print(
-            json.dumps({"probe": {"psi": psi, "world_size": ctx.world_size, "bytes": sizes, "times": times}})
+            json.dumps(
+                {"probe": {"psi": built.psi, "world_size": ctx.world_size, "bytes": sizes, "times": times}}
+            )
         )
     built.zero_ctx.close()
 
