@@ -46,8 +46,9 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError, load_config
     from ds_train.model.build import load_hf_config, load_tokenizer
+    from ds_train.objectives.head_loss import LOGIT_TRANSFORMS
     from ds_train.plan.choices import make_plan, render
-    from ds_train.plan.memory_estimate import PRECISIONS, BucketSizes
+    from ds_train.plan.memory_estimate import PRECISIONS, BucketSizes, HeadLoss
     from ds_train.plan.model_shape import shape_from_config
 
     cfg = load_config(args.config, args.overrides)
@@ -59,6 +60,14 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(cfg.model)
     hf_config = load_hf_config(cfg.model, tokenizer)
     shape = shape_from_config(hf_config, cfg.model.objective)
+    chunk = cfg.model.loss_chunk_tokens
+    if any(getattr(hf_config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+        chunk = 0  # the model transforms its logits after the head: full logits (head_loss.py)
+    loss = HeadLoss(
+        chunk_tokens=chunk,
+        target_fraction=cfg.data.mlm_probability if cfg.model.objective == "masked_lm" else 1.0,
+        bias=shape.head_bias,
+    )
     z = cfg.zero
     plan = make_plan(
         shape,
@@ -68,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         seq_len=seq_len,
         buckets=BucketSizes(z.reduce_bucket_size, z.overlap_comm, z.stage3_prefetch_bucket_size),
         attention=cfg.model.attn_implementation,
+        loss=loss,
         device_memory=args.device_memory,
         headroom=args.headroom,
     )
@@ -75,7 +85,9 @@ def main(args: argparse.Namespace) -> int:
         f"model: {shape.params:,} parameters (Ψ), {shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}",
         f"per rank: {args.world_size} data-parallel rank(s), {precision}, micro-batch {micro_batch} × "
-        f"seq_len {seq_len}, {cfg.model.attn_implementation} attention; GiB per rank "
+        f"seq_len {seq_len}, {cfg.model.attn_implementation} attention, "
+        + (f"loss in chunks of {chunk} tokens" if chunk else "loss from full logits")
+        + "; GiB per rank "
         "(model states: ZeRO paper formulas, see docs/performance.md)",
     ]
     print(render(plan, header))

@@ -58,22 +58,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_h[start : start + chunk] = grad @ weight
             if need_w and weight.dtype == torch.float32:
                 grad_w.addmm_(grad.t(), h)  # in place: no [vocab, hidden] temporary
-            elif need_w:  # bf16/fp16: the chunk's product rounds once, the sum stays fp32
-                grad_w += (grad.t() @ h).float()
+            elif need_w:  # bf16/fp16: the chunk's product rounds once, the sum stays fp32;
+                grad_w.add_(grad.t() @ h)  # add_ upcasts element by element: no fp32 copy of it
             if need_b:
                 grad_b += grad.float().sum(0)
+            del logp, grad  # freed before the next chunk's logits are allocated, not after
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Scaled in place: these buffers are this node's alone and backward runs once, so the
+        # start of backward (all activations still alive) holds no second weight-sized copy.
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
         return (
-            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-            None if grad_w is None else (grad_w * grad_out).to(w_dtype),
-            None if grad_b is None else (grad_b * grad_out).to(b_dtype),
+            None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype)),
+            None if grad_w is None else grad_w.mul_(grad_out).to(w_dtype),
+            None if grad_b is None else grad_b.mul_(grad_out).to(b_dtype),
             None,
             None,
         )

@@ -18,7 +18,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ds_train.plan.memory_estimate import BucketSizes, Estimate, GiB, Precision, estimate
+from ds_train.plan.memory_estimate import (
+    FULL_LOGITS,
+    BucketSizes,
+    Estimate,
+    GiB,
+    HeadLoss,
+    Precision,
+    estimate,
+)
 from ds_train.plan.model_shape import ModelShape
 
 # (stage, offload_optimizer, offload_param, activation checkpointing), fastest first.
@@ -54,6 +62,7 @@ def make_plan(
     seq_len: int,
     buckets: BucketSizes,
     attention: str = "sdpa",
+    loss: HeadLoss = FULL_LOGITS,
     device_memory: float | None = None,
     headroom: float = 0.1,
 ) -> Plan:
@@ -70,6 +79,7 @@ def make_plan(
             offload_param=par,
             buckets=buckets,
             attention=attention,
+            loss=loss,
         )
         for stage, opt, par, ckpt in CHOICES
     ]

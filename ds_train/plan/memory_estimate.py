@@ -23,15 +23,29 @@ prefetch bucket ahead of it.
 
 Activations (saved for backward, per micro-batch of b sequences of s tokens, e bytes per
 activation element) of a decoder block with flash/SDPA attention, measured on HF Llama with
-saved-tensor hooks (tests/unit/test_plan_memory.py checks this against the hooks):
+saved-tensor hooks, and the peak of a whole forward and backward measured by counting every live
+tensor (tests/unit/test_plan_memory.py checks both):
 
     per layer per token:  e·(8h + 2·kv + 4f)  (+4h when e = 2: RMSNorm's fp32 upcast)
     eager attention:      + heads·s·(4 + e if e < 4 else 4)  (softmax probabilities)
     outside the layers:   e·3h (+4h when e = 2) + 4V (the fp32 log-softmax of the loss)
-    loss backward peak:   + (4 + e)·V  (the logits' gradient, fp32 and model dtype)
+    loss backward peak:   + 8·V  (the loss's gradient and the log-softmax's input gradient, both
+                          fp32, at the start of backward, whatever the model dtype)
+
+That is the loss from full logits (`model.loss_chunk_tokens=0`). ds-train's default chunked,
+target-only head loss (ds_train/objectives/head_loss.py) saves no logits: per target token it keeps
+the hidden state's gradient (e·h, in place of the head's input), and once per micro-batch the fp32
+weight-gradient accumulator (4·V·h, + 4V with a bias); its peak is one chunk of c tokens' logits:
+
+    chunked loss peak:    max(8·c·V, (4 + e)·c·V + e·V·h when e < 4)
+                          (the chunk's fp32 logits and their log-softmax; then the log-softmax
+                          and its model-dtype copy next to the chunk's [V, h] weight-gradient
+                          product, which fp32 accumulates in place)
 
 With activation checkpointing each layer keeps only its input (e·h per token) and one layer's
-activations exist again while it is recomputed.
+activations exist again while it is recomputed (with the gradient of its MLP activation, e·f per
+token, in flight), after the loss's backward has freed what it saved: the peak is the larger of
+the two moments.
 """
 
 from __future__ import annotations
@@ -41,6 +55,22 @@ from dataclasses import dataclass
 from ds_train.plan.model_shape import ModelShape
 
 GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """How the loss meets the output head (`model.loss_chunk_tokens`)."""
+
+    chunk_tokens: int = 0  # 0: full logits, as transformers computes them; else the chunked head loss
+    target_fraction: float = 1.0  # target tokens per token: 1 for causal LM, mlm_probability for masked LM
+    bias: bool = False  # the head has a bias (BERT's decoder): its fp32 gradient accumulator too
+
+    @property
+    def chunked(self) -> bool:
+        return self.chunk_tokens > 0
+
+
+FULL_LOGITS = HeadLoss()
 
 
 @dataclass(frozen=True)
@@ -153,15 +183,40 @@ def saved_activation_bytes(
     *,
     checkpointing: bool = False,
     attention: str = "sdpa",
+    loss: HeadLoss = FULL_LOGITS,
 ) -> float:
     """Tensors the forward of one micro-batch saves for backward (formula in the module docstring).
     With checkpointing, only each layer's input."""
     e, h = precision.activation_bytes, shape.hidden
     upcast = 4 * h if e < 4 else 0
     per_layer = _layer_bytes_per_token(shape, seq_len, precision, attention)
-    outside = e * 3 * h + upcast + 4 * shape.vocab
     layers = shape.layers * e * h if checkpointing else shape.layers * per_layer
-    return micro_batch * seq_len * (layers + outside)
+    outside = e * 3 * h + upcast
+    if loss.chunked:  # the head's input gives way to its gradient, on target tokens only
+        outside -= e * h * (1 - loss.target_fraction)
+    return micro_batch * seq_len * (layers + outside) + _loss_saved_bytes(shape, micro_batch * seq_len, loss)
+
+
+def _loss_saved_bytes(shape: ModelShape, tokens: int, loss: HeadLoss) -> float:
+    """What the loss itself keeps for backward: every token's fp32 log-softmax (full logits), or the
+    fp32 gradient accumulators of the head's weight and bias (chunked)."""
+    v = shape.vocab
+    if loss.chunked:
+        return 4 * v * shape.hidden + (4 * v if loss.bias else 0)
+    return 4 * v * tokens
+
+
+def loss_peak_bytes(
+    shape: ModelShape, micro_batch: int, seq_len: int, precision: Precision, loss: HeadLoss = FULL_LOGITS
+) -> float:
+    """The loss's transient memory on top of the saved tensors (formulas in the module docstring)."""
+    e, v = precision.activation_bytes, shape.vocab
+    targets = micro_batch * seq_len * (loss.target_fraction if loss.chunked else 1.0)
+    if not loss.chunked:
+        return targets * 8 * v
+    c = min(loss.chunk_tokens, targets)
+    product = e * v * shape.hidden if e < 4 else 0  # fp32 accumulates with addmm_, in place
+    return max(8 * c * v, (4 + e) * c * v + product)
 
 
 def _layer_bytes_per_token(shape: ModelShape, seq_len: int, precision: Precision, attention: str) -> float:
@@ -182,17 +237,22 @@ def activation_bytes(
     *,
     checkpointing: bool = False,
     attention: str = "sdpa",
+    loss: HeadLoss = FULL_LOGITS,
 ) -> float:
-    """Peak activation memory of one micro-batch: the saved tensors, plus the loss's backward peak
-    (the logits' gradient in fp32 and in the model dtype, alive at the start of backward), plus,
-    with checkpointing, the one layer whose activations are being recomputed."""
-    tokens = micro_batch * seq_len
-    loss_peak = tokens * (4 + precision.activation_bytes) * shape.vocab
-    recompute = tokens * _layer_bytes_per_token(shape, seq_len, precision, attention) if checkpointing else 0
+    """Peak activation memory of one micro-batch: the saved tensors plus the loss's peak (full
+    logits: their gradients at the start of backward; chunked: one chunk's logits), or, with
+    checkpointing and if larger, the saved tensors less the loss's own plus the one layer whose
+    activations are being recomputed."""
+    tokens, e = micro_batch * seq_len, precision.activation_bytes
     saved = saved_activation_bytes(
-        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention
+        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention, loss=loss
     )
-    return saved + loss_peak + recompute
+    at_loss = saved + loss_peak_bytes(shape, micro_batch, seq_len, precision, loss)
+    if not checkpointing:
+        return at_loss
+    # the recomputed layer, and the gradient of its MLP activation in flight through it
+    layer = tokens * (_layer_bytes_per_token(shape, seq_len, precision, attention) + e * shape.intermediate)
+    return max(at_loss, saved - _loss_saved_bytes(shape, tokens, loss) + layer)
 
 
 @dataclass(frozen=True)
@@ -231,11 +291,12 @@ def estimate(
     offload_param: str = "none",
     buckets: BucketSizes | None = None,
     attention: str = "sdpa",
+    loss: HeadLoss = FULL_LOGITS,
 ) -> Estimate:
     buckets = buckets or BucketSizes()
     states = model_states(shape.params, stage, world_size, precision, offload_optimizer, offload_param)
     buffers = buffer_bytes(shape, stage, precision, buckets)
     acts = activation_bytes(
-        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention
+        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention, loss=loss
     )
     return Estimate(stage, offload_optimizer, offload_param, checkpointing, states, buffers, acts)

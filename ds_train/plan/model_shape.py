@@ -23,6 +23,7 @@ class ModelShape:
     vocab: int
     gated_mlp: bool  # SwiGLU-style MLP (gate and up projections): 4 saved tensors of width f, not 2
     largest_layer_params: int  # a transformer block, or the embedding if larger (ZeRO-3 gathers it whole)
+    head_bias: bool = False  # the output head has a bias (BERT's decoder)
 
 
 def _get(cfg, *names: str, default=None):
@@ -53,6 +54,7 @@ def shape_from_config(hf_config, objective: str = "causal_lm") -> ModelShape:
     kv_heads = int(_get(hf_config, "num_key_value_heads", default=heads))
     intermediate = int(_get(hf_config, "intermediate_size", "n_inner", default=None) or 4 * hidden)
     block = max(1, (total - embed) // max(1, layers))
+    head = model.get_output_embeddings()
     return ModelShape(
         params=total,
         layers=layers,
@@ -63,6 +65,7 @@ def shape_from_config(hf_config, objective: str = "causal_lm") -> ModelShape:
         vocab=int(hf_config.vocab_size),
         gated_mlp=_has_gate(model),
         largest_layer_params=max(block, embed),
+        head_bias=getattr(head, "bias", None) is not None,
     )
 
 

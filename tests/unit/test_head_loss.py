@@ -85,6 +85,32 @@ def test_bf16_is_as_accurate_as_full_logits():
         assert err < t.abs().max() * 2**-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab,hidden", [(4000, 64), (4000, 256)])
+def test_memory_is_one_chunk_of_logits_and_one_weight_gradient(dtype, vocab, hidden):
+    """Peak of forward + backward: the fp32 accumulators and the hidden states' gradient, plus one
+    chunk's logits at a time, never two chunks' nor a second [vocab, hidden] fp32 copy: the formula
+    `ds-train plan` uses (ds_train/plan/memory_estimate.py)."""
+    from ds_train.plan.memory_estimate import PRECISIONS, HeadLoss, loss_peak_bytes
+    from ds_train.plan.model_shape import ModelShape
+    from tests.tensor_memory import LiveTensorBytes
+
+    n, chunk = 1024, 256
+    g = torch.Generator().manual_seed(0)
+    hidden_states = torch.randn(n, hidden, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden, generator=g) * 0.1).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    with LiveTensorBytes() as meter:
+        linear_cross_entropy_sum(hidden_states, weight, None, labels, chunk).backward()
+    e = hidden_states.element_size()
+    shape = ModelShape(0, 1, hidden, 1, hidden, hidden, vocab, False, 0)
+    precision = PRECISIONS["bf16" if dtype is torch.bfloat16 else "fp32"]
+    kept = 4 * vocab * hidden + e * n * hidden  # the weight's fp32 accumulator, the hidden gradient
+    estimate = kept + loss_peak_bytes(shape, 1, n, precision, HeadLoss(chunk_tokens=chunk))
+    assert meter.peak == pytest.approx(estimate, rel=1e-3)  # (+ a few bytes: the scalar loss)
+    assert meter.peak < 0.4 * 12 * n * vocab  # full logits: their fp32 log-softmax and two gradients
+
+
 def model_from(path_or_dict, auto=AutoModelForCausalLM, **overrides):
     raw = json.loads(path_or_dict.read_text()) if not isinstance(path_or_dict, dict) else dict(path_or_dict)
     raw.update(vocab_size=VOCAB, **overrides)

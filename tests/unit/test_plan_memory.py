@@ -13,13 +13,16 @@ from ds_train.plan.choices import CHOICES, make_plan, overrides_for
 from ds_train.plan.memory_estimate import (
     PRECISIONS,
     BucketSizes,
+    HeadLoss,
     activation_bytes,
     buffer_bytes,
+    loss_peak_bytes,
     model_states,
     saved_activation_bytes,
 )
 from ds_train.plan.model_shape import ModelShape, shape_from_config
 from tests.helpers import MICRO_LLAMA, TOKENIZER, run_cli, write_config
+from tests.tensor_memory import LiveTensorBytes
 
 PSI = 1_000_003  # odd, so no formula agrees by accident of divisibility
 
@@ -89,16 +92,14 @@ def test_buffers_follow_the_configured_buckets():
     assert buffer_bytes(shape, 3, FP32, b) == 1000 * 4 + (300 + 200_000) * 4
 
 
-def _measure_saved_bytes(
-    dtype, *, checkpointing=False, attention="sdpa", batch=2, seq=64
-) -> tuple[float, ModelShape]:
-    """Bytes of the tensors autograd saves in one forward + ds-train's loss (weights excluded)."""
+def _micro_model(dtype, *, vocab=300, checkpointing=False, attention="sdpa"):
+    """A 3-layer Llama (hidden 128), in training mode, and its shape for the estimate."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads(MICRO_LLAMA.read_text())
     raw.pop("model_type")
     raw.update(
-        hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=3, vocab_size=300
+        hidden_size=128, intermediate_size=352, num_attention_heads=4, num_hidden_layers=3, vocab_size=vocab
     )
     cfg = AutoConfig.for_model("llama", **raw)
     torch.manual_seed(0)
@@ -106,7 +107,24 @@ def _measure_saved_bytes(
     model.config.use_cache = False
     if checkpointing:
         enable_activation_checkpointing(model)
-    model.train()
+    return model.train(), shape_from_config(cfg)
+
+
+def _loss(model, x, chunk):
+    """ds-train's loss: from full logits, or through the chunked head loss when `chunk` > 0."""
+    from ds_train.objectives.base import summed_cross_entropy
+    from ds_train.objectives.head_loss import lm_loss_sum
+
+    if chunk:
+        return lm_loss_sum(model, {"input_ids": x}, {"labels": x}, chunk)
+    return summed_cross_entropy(model(input_ids=x).logits, x)
+
+
+def _measure_saved_bytes(
+    dtype, *, checkpointing=False, attention="sdpa", batch=2, seq=64, vocab=300, chunk=0
+) -> tuple[float, ModelShape]:
+    """Bytes of the tensors autograd saves in one forward + ds-train's loss (weights excluded)."""
+    model, shape = _micro_model(dtype, vocab=vocab, checkpointing=checkpointing, attention=attention)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -116,11 +134,10 @@ def _measure_saved_bytes(
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    x = torch.randint(0, vocab, (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=x).logits
-        torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), x.flatten(), reduction="sum")
-    return sum(saved.values()), shape_from_config(cfg)
+        _loss(model, x, chunk)
+    return sum(saved.values()), shape
 
 
 @pytest.mark.parametrize(
@@ -141,19 +158,83 @@ def test_activation_formula_matches_the_tensors_a_forward_saves(dtype, checkpoin
     assert estimated == pytest.approx(measured, rel=0.10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [0, 32])
+@pytest.mark.parametrize(
+    "checkpointing,vocab",
+    [(False, 3000), (True, 3000), (True, 300)],  # at vocab 300 the recomputed layer sets the peak
+)
+def test_activation_peak_matches_the_live_tensors_of_a_step(dtype, chunk, checkpointing, vocab):
+    """The whole forward + backward's peak of live tensors (activations, the loss's logits or chunks,
+    gradients in flight; parameter gradients, model states in the plan, accumulate in place)."""
+    model, shape = _micro_model(dtype, vocab=vocab, checkpointing=checkpointing)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    x = torch.randint(0, vocab, (2, 96))
+    with LiveTensorBytes() as meter:
+        _loss(model, x, chunk).backward()
+    precision = BF16 if dtype is torch.bfloat16 else FP32
+    estimated = activation_bytes(
+        shape, 2, 96, precision, checkpointing=checkpointing, loss=HeadLoss(chunk_tokens=chunk)
+    )
+    assert estimated == pytest.approx(meter.peak, rel=0.08)
+
+
 def test_checkpointing_and_peak_terms_move_activations_the_right_way():
     shape = _shape(layers=24)
+    tokens = 4 * 1024
     off = activation_bytes(shape, 4, 1024, BF16)
     on = activation_bytes(shape, 4, 1024, BF16, checkpointing=True)
     assert on < off / 5
     assert activation_bytes(shape, 8, 1024, BF16) == pytest.approx(2 * off)  # linear in the batch
     saved = saved_activation_bytes(shape, 4, 1024, BF16)
-    assert off - saved == pytest.approx(4 * 1024 * (4 + 2) * shape.vocab)  # the logits' gradient
+    assert off - saved == pytest.approx(tokens * 8 * shape.vocab)  # two fp32 logit gradients
     saved_on = saved_activation_bytes(shape, 4, 1024, BF16, checkpointing=True)
-    one_layer = (saved - saved_on) / 24 + 4 * 1024 * 2 * shape.hidden  # its input is kept either way
-    assert on - saved_on == pytest.approx(
-        4 * 1024 * (4 + 2) * shape.vocab + one_layer, rel=1e-9
-    )  # + one layer recomputed
+    one_layer = (saved - saved_on) / 24 + tokens * 2 * shape.hidden  # its input is kept either way
+    in_flight = tokens * 2 * shape.intermediate  # the gradient of its MLP activation
+    # the larger moment: the loss's backward, or one layer recomputed once the log-softmax is freed
+    at_loss = saved_on + tokens * 8 * shape.vocab
+    at_layer = saved_on - tokens * 4 * shape.vocab + one_layer + in_flight
+    assert on == pytest.approx(max(at_loss, at_layer), rel=1e-9)
+    small_vocab = _shape(layers=24, vocab=64)
+    assert activation_bytes(small_vocab, 4, 1024, BF16, checkpointing=True) > saved_activation_bytes(
+        small_vocab, 4, 1024, BF16, checkpointing=True
+    ) + loss_peak_bytes(small_vocab, 4, 1024, BF16)  # there the recomputed layer sets the peak
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_formula_matches_the_tensors_a_forward_saves(dtype):
+    # 192 tokens against hidden 128 and a vocabulary of 3000, so that the per-token logits
+    # (4V·tokens) and the once-per-batch weight-gradient accumulator (4V·h) cannot agree by accident
+    precision = BF16 if dtype is torch.bfloat16 else FP32
+    full, shape = _measure_saved_bytes(dtype, seq=96, vocab=3000)
+    chunked, _ = _measure_saved_bytes(dtype, seq=96, vocab=3000, chunk=32)
+    estimated = saved_activation_bytes(shape, 2, 96, precision, loss=HeadLoss(chunk_tokens=32))
+    assert estimated == pytest.approx(chunked, rel=0.10)
+    # what the chunked loss changes, to the byte: no fp32 log-softmax per token, one accumulator
+    estimated_full = saved_activation_bytes(shape, 2, 96, precision)
+    assert estimated_full - estimated == pytest.approx(full - chunked, rel=1e-3)
+    assert full - chunked == pytest.approx(4 * 3000 * (2 * 96 - 128), rel=1e-3)
+
+
+def test_chunked_loss_peak_is_one_chunk_not_every_token():
+    shape = _shape(layers=16, hidden=2048, vocab=128_256)
+    tokens = 8 * 4096
+    full = loss_peak_bytes(shape, 8, 4096, BF16)
+    assert full == tokens * 8 * shape.vocab  # the loss's and the log-softmax's fp32 gradients
+    chunked = loss_peak_bytes(shape, 8, 4096, BF16, HeadLoss(chunk_tokens=1024))
+    assert chunked < full / 20
+    # at hidden 2048, a bf16 chunk's [V, h] weight-gradient product outweighs its second logits copy
+    assert chunked == 1024 * shape.vocab * 6 + 2 * shape.vocab * shape.hidden
+    fp32 = loss_peak_bytes(shape, 8, 4096, FP32, HeadLoss(chunk_tokens=1024))
+    assert fp32 == 1024 * shape.vocab * 8  # addmm_ into the accumulator: no product temporary
+    # a chunk larger than the batch's targets is the whole batch; masked LM has fewer targets
+    assert loss_peak_bytes(shape, 1, 512, FP32, HeadLoss(chunk_tokens=4096)) == 512 * shape.vocab * 8
+    masked = HeadLoss(chunk_tokens=100_000, target_fraction=0.15)
+    assert loss_peak_bytes(shape, 1, 1000, FP32, masked) == 150 * shape.vocab * 8
+    assert saved_activation_bytes(shape, 8, 4096, BF16, loss=masked) < saved_activation_bytes(
+        shape, 8, 4096, BF16, loss=HeadLoss(chunk_tokens=100_000)
+    )
 
 
 def test_shape_counts_parameters_like_the_real_model():
@@ -224,8 +305,23 @@ def test_cli_plan_prints_every_choice_and_the_recommendation(tmp_path):
     assert len(rows) == len(CHOICES)
     assert "recommended (fastest that fits in 0.9 GiB usable): ZeRO-0, activation checkpointing off" in out
     assert "overrides: zero.stage=0 model.activation_checkpointing=false" in out
+    assert "loss in chunks of 1024 tokens" in out
+    # vocab 4096 ≫ hidden 32: full logits dominate the activations, chunks of them do not
+    long = ["--seq-len", "4096", "--micro-batch", "8"]
+    chunked = run_cli(["plan", cfg, *long]).stdout
+    full = run_cli(["plan", cfg, "model.loss_chunk_tokens=0", *long]).stdout
+    assert "loss from full logits" in full
+    assert _activation_column(full) > 4 * _activation_column(chunked) > 0
     no_seq = run_cli(["plan", cfg, "--world-size", "2"], check=False)
     assert no_seq.returncode == 2 and "--seq-len" in no_seq.stderr
+
+
+def _activation_column(plan_output: str) -> float:
+    """The 'activ.' column of the first row of `ds-train plan`'s table, in GiB."""
+    lines = plan_output.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("choice"))
+    assert lines[header + 1].startswith("ZeRO-0 ")  # a one-word label: columns line up with the header
+    return float(lines[header + 1].split()[lines[header].split().index("activ.")])
 
 
 def test_parse_size():
