@@ -6,7 +6,9 @@ that builds the model, collates random rows with the real objective and times fo
 of STEPS steps after WARMUP (the optimizer is the same for both and left out). The two variants
 alternate, order rotated every repeat; the ratio is of the median step times. The memory autograd
 keeps for the backward in one step is counted exactly (saved-tensor hooks; distinct storages,
-parameters left out), the process's peak RSS is read from the kernel.
+parameters left out), and so is the step's peak of live tensors (tests/tensor_memory.py: what a
+GPU's allocator would report, parameter gradients left out); the process's peak RSS is read from
+the kernel.
 
     .venv/bin/python bench/bench_head_loss.py --repeats 3
 """
@@ -100,8 +102,16 @@ def run_one(case: str, chunk: int, steps: int, warmup: int) -> dict:
         step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    # The step's peak of live tensors, exactly (tests/tensor_memory.py), parameter gradients left
+    # out: they already exist and the backward accumulates into them, as they are model states
+    from tests.tensor_memory import LiveTensorBytes
+
+    model.zero_grad(set_to_none=False)
+    with LiveTensorBytes() as meter:
+        objective.loss_sum(model, batch).backward()
     return {
         "loss": loss,
+        "peak_tensors_mib": meter.peak / 2**20,
         "step_s": statistics.median(times),
         "tokens_per_s": spec["micro"] * spec["seq"] / statistics.median(times),
         "saved_mib": sum(saved.values()) / 2**20,
@@ -143,9 +153,10 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1))
     print(
-        "\n| case | tokens/step | full logits tok/s | chunked tok/s | speed-up | saved for backward | peak RSS |"
+        "\n| case | tokens/step | full logits tok/s | chunked tok/s | speed-up | saved for backward "
+        "| peak of live tensors | peak RSS |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for case, r in results.items():
         f, c = r["runs"]["full_logits"], r["runs"]["chunked"]
         tps = {k: statistics.median(x["tokens_per_s"] for x in v) for k, v in r["runs"].items()}
@@ -153,6 +164,7 @@ def main() -> None:
         print(
             f"| {case} | {CASES[case]['micro'] * CASES[case]['seq']} | {tps['full_logits']:,.0f} | "
             f"{tps['chunked']:,.0f} | **{r['speedup']:.2f}×** | {f[0]['saved_mib']:.0f} → {c[0]['saved_mib']:.0f} MiB | "
+            f"{f[0]['peak_tensors_mib']:.0f} → {c[0]['peak_tensors_mib']:.0f} MiB | "
             f"{rss['full_logits']:.0f} → {rss['chunked']:.0f} MiB |"
         )
 
