@@ -51,8 +51,9 @@ class Variant:
     same_math: bool = True  # False: changes what is trained (kept out of the tuned combination)
 
 
-def variants(micro: int) -> list[Variant]:
-    """In the order they run: the likeliest to matter first, so a --budget-s run keeps those."""
+def variants(micro: int, layers: int) -> list[Variant]:
+    """In the order they run: the likeliest to matter first, so a --budget-s run keeps those.
+    `layers`: the model's transformer blocks (for checkpointing half of them)."""
     return [
         Variant("baseline", "-", f"ds-train defaults: ZeRO-2, sdpa, document masking, micro {micro}"),
         Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
@@ -68,6 +69,11 @@ def variants(micro: int) -> list[Variant]:
         # competes with the micro-batch variants (one knob) instead of adding to them.
         Variant("act_ckpt", "micro", f"activation checkpointing, micro {micro * 2}",
                 ["model.activation_checkpointing=true", f"train.micro_batch_size={micro * 2}"]),
+        # the first half of the blocks only: half the recompute, and the memory `ds-train plan`
+        # says it needs (the plan recommends the fewest blocks that fit)
+        Variant("act_ckpt_half", "micro", f"checkpointing the first {layers // 2} of {layers} blocks, micro {micro * 2}",
+                ["model.activation_checkpointing=true", f"model.activation_checkpointing_layers={layers // 2}",
+                 f"train.micro_batch_size={micro * 2}"]),
         Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
         Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
         Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
@@ -214,10 +220,11 @@ def main() -> None:
     cfg_path = tmp / "base.yaml"
     cfg_path.write_text(yaml.safe_dump(base_config(args, tmp, shards)))
 
-    all_variants = variants(args.micro)
+    model_config = json.loads(Path(base_config(args, tmp, shards)["model"]["config"]).read_text())
+    all_variants = variants(args.micro, model_config["num_hidden_layers"])
     wanted = set(args.variants or [v.name for v in all_variants]) | {"baseline"}
     if toy and not args.variants:
-        wanted = {"baseline", "no_doc_mask", "zero1", f"micro_{args.micro * 2}", "act_ckpt"}
+        wanted = {"baseline", "no_doc_mask", "zero1", f"micro_{args.micro * 2}", "act_ckpt", "act_ckpt_half"}
     print(f"device: {_device()} | seq_len {args.seq_len}, global batch {args.global_batch}, "
           f"{args.steps} steps ({args.warmup} warm-up) | work dir {tmp}", flush=True)  # fmt: skip
     results: dict[str, dict] = {}

@@ -90,7 +90,7 @@ def main(args: argparse.Namespace) -> int:
         + "; GiB per rank "
         "(model states: ZeRO paper formulas, see docs/performance.md)",
     ]
-    print(render(plan, header))
+    print(render(plan, header, shape.layers))
     return 0
 
 

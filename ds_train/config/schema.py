@@ -78,6 +78,12 @@ class ModelSection:
     activation_checkpointing: bool = doc(
         False, "Recompute each transformer block's activations in backward (HF gradient checkpointing)."
     )
+    activation_checkpointing_layers: int = doc(
+        0,
+        "With activation_checkpointing: recompute only the first N transformer blocks, the rest keep "
+        "their activations (Megatron's 'block' method). 0: all blocks. Fewer blocks recompute less "
+        "and keep more; `ds-train plan --device-memory` finds the fewest that fit.",
+    )
     document_masking: bool = doc(
         True,
         "Reset position ids at each document boundary of a packed row; causal models then get a block-diagonal attention mask.",

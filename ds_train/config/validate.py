@@ -54,6 +54,15 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError("model.pad_vocab_multiple must be ≥ 1")
     if m.loss_chunk_tokens < 0:
         raise ConfigError(f"model.loss_chunk_tokens must be ≥ 0 (0: full logits), got {m.loss_chunk_tokens}")
+    if m.activation_checkpointing_layers < 0:
+        raise ConfigError(
+            f"model.activation_checkpointing_layers must be ≥ 0 (0: all blocks), got {m.activation_checkpointing_layers}"
+        )
+    if m.activation_checkpointing_layers and not m.activation_checkpointing:
+        raise ConfigError(
+            "model.activation_checkpointing_layers is set but model.activation_checkpointing is false: "
+            "set model.activation_checkpointing=true"
+        )
 
 
 def _check_train(cfg: Config) -> None:

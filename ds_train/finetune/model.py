@@ -76,7 +76,7 @@ def build_task_model(
         initialize_weights(model, seed, rank)
     model.config.use_cache = False
     if section.activation_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, section.activation_checkpointing_layers)
     return model
 
 

@@ -5,7 +5,9 @@ Order (fastest first), and why:
      all-gather moves what one all-reduce moves), so only memory differs;
   2. ZeRO-3: 1.5× that volume, and every layer waits on a parameter all-gather that prefetching
      hides only partly;
-  3. the same four with activation checkpointing: one more forward per step (≈ +33% compute);
+  3. the same four with activation checkpointing: one more forward of each checkpointed block per
+     step (≈ +33% compute when all are). Given a device memory, only as many blocks as it takes
+     to fit (the first K, model.activation_checkpointing_layers) so the least is recomputed;
   4. optimizer offload to CPU (stages 2, 3): the Adam step runs on the host at memory-bandwidth
      speed and gradients cross PCIe every step;
   5. parameter offload (stage 3), which also moves the weights across PCIe for every forward and
@@ -66,41 +68,60 @@ def make_plan(
     device_memory: float | None = None,
     headroom: float = 0.1,
 ) -> Plan:
-    estimates = [
-        estimate(
+    usable = device_memory * (1 - headroom) if device_memory is not None else None
+
+    def choice(stage: int, opt: str, par: str, checkpoint_layers: int) -> Estimate:
+        return estimate(
             shape,
             stage=stage,
             world_size=world_size,
             precision=precision,
             micro_batch=micro_batch,
             seq_len=seq_len,
-            checkpointing=ckpt,
+            checkpoint_layers=checkpoint_layers,
             offload_optimizer=opt,
             offload_param=par,
             buckets=buckets,
             attention=attention,
             loss=loss,
         )
-        for stage, opt, par, ckpt in CHOICES
-    ]
-    usable = device_memory * (1 - headroom) if device_memory is not None else None
+
+    estimates = []
+    for stage, opt, par, ckpt in CHOICES:
+        e = choice(stage, opt, par, shape.layers if ckpt else 0)
+        if ckpt and usable is not None and e.device <= usable:
+            # the fewest blocks that fit: memory falls as K grows, so the first K that fits
+            e = next(
+                f for k in range(1, shape.layers + 1) if (f := choice(stage, opt, par, k)).device <= usable
+            )
+        estimates.append(e)
     recommended = next((e for e in estimates if usable is not None and e.device <= usable), None)
     return Plan(estimates, usable, recommended)
 
 
-def overrides_for(e: Estimate) -> str:
-    """The run-config overrides that select this choice."""
+def checkpointing_label(e: Estimate, layers: int) -> str:
+    if not e.checkpoint_layers:
+        return "off"
+    return "all" if e.checkpoint_layers == layers else f"{e.checkpoint_layers}/{layers}"
+
+
+def overrides_for(e: Estimate, layers: int) -> str:
+    """The run-config overrides that select this choice (`layers`: the model's block count)."""
     parts = [f"zero.stage={e.stage}"]
     if e.offload_optimizer != "none":
         parts.append(f"zero.offload_optimizer={e.offload_optimizer}")
     if e.offload_param != "none":
         parts.append(f"zero.offload_param={e.offload_param}")
-    parts.append(f"model.activation_checkpointing={str(e.checkpointing).lower()}")
+    parts.append(f"model.activation_checkpointing={str(bool(e.checkpoint_layers)).lower()}")
+    if e.checkpoint_layers:
+        parts.append(
+            f"model.activation_checkpointing_layers={0 if e.checkpoint_layers == layers else e.checkpoint_layers}"
+        )
     return " ".join(parts)
 
 
-def render(plan: Plan, header: list[str]) -> str:
-    """The table `ds-train plan` prints (GiB per rank)."""
+def render(plan: Plan, header: list[str], layers: int) -> str:
+    """The table `ds-train plan` prints (GiB per rank; `layers`: the model's block count)."""
 
     def gib(x: float) -> str:
         return f"{x / GiB:8.2f}"
@@ -114,7 +135,7 @@ def render(plan: Plan, header: list[str]) -> str:
         fits = "" if plan.usable_bytes is None else ("yes" if plan.fits(e) else "no")
         mark = " <- recommended" if e is plan.recommended else ""
         lines.append(
-            f"{e.label:<30} {'on' if e.checkpointing else 'off':>8} {gib(e.states.params)} "
+            f"{e.label:<30} {checkpointing_label(e, layers):>8} {gib(e.states.params)} "
             f"{gib(e.states.grads)} {gib(e.states.optimizer)} {gib(e.buffers)} {gib(e.activations)} "
             f"{gib(e.device)} {gib(e.states.host)}  {fits}{mark}"
         )
@@ -130,7 +151,7 @@ def render(plan: Plan, header: list[str]) -> str:
         lines.append(
             f"recommended (fastest that fits in {plan.usable_bytes / GiB:.1f} GiB usable): "
             f"{plan.recommended.label}, activation checkpointing "
-            f"{'on' if plan.recommended.checkpointing else 'off'}"
+            f"{checkpointing_label(plan.recommended, layers)}"
         )
-        lines.append(f"  overrides: {overrides_for(plan.recommended)}")
+        lines.append(f"  overrides: {overrides_for(plan.recommended, layers)}")
     return "\n".join(lines)

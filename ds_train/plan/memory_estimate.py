@@ -42,10 +42,11 @@ weight-gradient accumulator (4·V·h, + 4V with a bias); its peak is one chunk o
                           and its model-dtype copy next to the chunk's [V, h] weight-gradient
                           product, which fp32 accumulates in place)
 
-With activation checkpointing each layer keeps only its input (e·h per token) and one layer's
-activations exist again while it is recomputed (with the gradient of its MLP activation, e·f per
-token, in flight), after the loss's backward has freed what it saved: the peak is the larger of
-the two moments.
+With activation checkpointing of the first K of the L blocks (model.activation_checkpointing_layers;
+all by default) each of those keeps only its input (e·h per token), and one block's activations
+exist again while it is recomputed (with the gradient of its MLP activation, e·f per token, in
+flight), after the loss's backward and the L − K later blocks have freed what they kept: the peak
+is the larger of the two moments.
 """
 
 from __future__ import annotations
@@ -181,20 +182,27 @@ def saved_activation_bytes(
     seq_len: int,
     precision: Precision,
     *,
-    checkpointing: bool = False,
+    checkpoint_layers: int = 0,
     attention: str = "sdpa",
     loss: HeadLoss = FULL_LOGITS,
 ) -> float:
     """Tensors the forward of one micro-batch saves for backward (formula in the module docstring).
-    With checkpointing, only each layer's input."""
+    The first `checkpoint_layers` blocks keep only their input."""
     e, h = precision.activation_bytes, shape.hidden
     upcast = 4 * h if e < 4 else 0
     per_layer = _layer_bytes_per_token(shape, seq_len, precision, attention)
-    layers = shape.layers * e * h if checkpointing else shape.layers * per_layer
+    k = _checked_layers(shape, checkpoint_layers)
+    layers = k * e * h + (shape.layers - k) * per_layer
     outside = e * 3 * h + upcast
     if loss.chunked:  # the head's input gives way to its gradient, on target tokens only
         outside -= e * h * (1 - loss.target_fraction)
     return micro_batch * seq_len * (layers + outside) + _loss_saved_bytes(shape, micro_batch * seq_len, loss)
+
+
+def _checked_layers(shape: ModelShape, checkpoint_layers: int) -> int:
+    if not 0 <= checkpoint_layers <= shape.layers:
+        raise ValueError(f"checkpoint_layers={checkpoint_layers} of {shape.layers} layers")
+    return checkpoint_layers
 
 
 def _loss_saved_bytes(shape: ModelShape, tokens: int, loss: HeadLoss) -> float:
@@ -235,24 +243,31 @@ def activation_bytes(
     seq_len: int,
     precision: Precision,
     *,
-    checkpointing: bool = False,
+    checkpoint_layers: int = 0,
     attention: str = "sdpa",
     loss: HeadLoss = FULL_LOGITS,
 ) -> float:
     """Peak activation memory of one micro-batch: the saved tensors plus the loss's peak (full
     logits: their gradients at the start of backward; chunked: one chunk's logits), or, with
-    checkpointing and if larger, the saved tensors less the loss's own plus the one layer whose
-    activations are being recomputed."""
+    checkpointing and if larger, what the checkpointed blocks kept plus the one being recomputed."""
     tokens, e = micro_batch * seq_len, precision.activation_bytes
     saved = saved_activation_bytes(
-        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention, loss=loss
+        shape,
+        micro_batch,
+        seq_len,
+        precision,
+        checkpoint_layers=checkpoint_layers,
+        attention=attention,
+        loss=loss,
     )
     at_loss = saved + loss_peak_bytes(shape, micro_batch, seq_len, precision, loss)
-    if not checkpointing:
+    if not checkpoint_layers:
         return at_loss
-    # the recomputed layer, and the gradient of its MLP activation in flight through it
-    layer = tokens * (_layer_bytes_per_token(shape, seq_len, precision, attention) + e * shape.intermediate)
-    return max(at_loss, saved - _loss_saved_bytes(shape, tokens, loss) + layer)
+    per_layer = _layer_bytes_per_token(shape, seq_len, precision, attention)
+    # by then the loss and the blocks after the checkpointed ones have freed what they kept
+    freed = _loss_saved_bytes(shape, tokens, loss) + tokens * (shape.layers - checkpoint_layers) * per_layer
+    # the recomputed block, and the gradient of its MLP activation in flight through it
+    return max(at_loss, saved - freed + tokens * (per_layer + e * shape.intermediate))
 
 
 @dataclass(frozen=True)
@@ -260,7 +275,7 @@ class Estimate:
     stage: int
     offload_optimizer: str
     offload_param: str
-    checkpointing: bool
+    checkpoint_layers: int  # the first K blocks recompute their activations; 0: none
     states: StateBytes
     buffers: float
     activations: float
@@ -286,7 +301,7 @@ def estimate(
     precision: Precision,
     micro_batch: int,
     seq_len: int,
-    checkpointing: bool,
+    checkpoint_layers: int,
     offload_optimizer: str = "none",
     offload_param: str = "none",
     buckets: BucketSizes | None = None,
@@ -297,6 +312,12 @@ def estimate(
     states = model_states(shape.params, stage, world_size, precision, offload_optimizer, offload_param)
     buffers = buffer_bytes(shape, stage, precision, buckets)
     acts = activation_bytes(
-        shape, micro_batch, seq_len, precision, checkpointing=checkpointing, attention=attention, loss=loss
+        shape,
+        micro_batch,
+        seq_len,
+        precision,
+        checkpoint_layers=checkpoint_layers,
+        attention=attention,
+        loss=loss,
     )
-    return Estimate(stage, offload_optimizer, offload_param, checkpointing, states, buffers, acts)
+    return Estimate(stage, offload_optimizer, offload_param, checkpoint_layers, states, buffers, acts)

@@ -86,6 +86,26 @@ def test_every_preset_loads_and_validates(no_zero_file, tmp_path):
         validate(cfg)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["model.activation_checkpointing_layers=2"], "but model.activation_checkpointing is false"),
+        (
+            ["model.activation_checkpointing=true", "model.activation_checkpointing_layers=-1"],
+            "activation_checkpointing_layers must be ≥ 0",
+        ),
+    ],
+)
+def test_partial_checkpointing_is_checked(cfg_file, overrides, expected):
+    with pytest.raises(ConfigError, match=expected):
+        validate(load_config(cfg_file, overrides))
+    validate(
+        load_config(
+            cfg_file, ["model.activation_checkpointing=true", "model.activation_checkpointing_layers=2"]
+        )
+    )
+
+
 def test_batch_arithmetic_error_shows_the_numbers(cfg_file):
     cfg = load_config(cfg_file, ["train.global_batch_size=12", "train.micro_batch_size=2"])
     with pytest.raises(ConfigError) as e:

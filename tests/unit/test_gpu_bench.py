@@ -31,11 +31,13 @@ def test_budget_skips_a_run_that_would_not_fit(monkeypatch):
 
 
 def test_variants_run_baseline_first_and_once_each():
-    names = [v.name for v in variants(4)]
+    names = [v.name for v in variants(4, 16)]
     assert names[0] == "baseline"
     assert len(names) == len(set(names))
     # the knobs a short lease must not lose come right after the baseline
-    assert names[1:6] == ["no_doc_mask", "full_logits", "compile", "micro_8", "act_ckpt"]
+    assert names[1:7] == ["no_doc_mask", "full_logits", "compile", "micro_8", "act_ckpt", "act_ckpt_half"]
+    half = next(v for v in variants(4, 16) if v.name == "act_ckpt_half")
+    assert "model.activation_checkpointing_layers=8" in half.overrides and half.knob == "micro"
 
 
 def test_gpu_sh_refuses_to_run_without_a_gpu():

@@ -54,3 +54,42 @@ def test_palm_flops_formula():
         == 6 * n
         + 12 * c.num_hidden_layers * c.num_attention_heads * (c.hidden_size // c.num_attention_heads) * 128
     )
+
+
+def test_checkpointing_the_first_blocks_recomputes_only_them_and_keeps_the_gradients():
+    """model.activation_checkpointing_layers=K: blocks 0..K-1 run their MLP twice (once more in
+    backward), the rest once, and the gradients are those of the model without checkpointing."""
+    import pytest
+
+    from ds_train.config import ConfigError
+    from ds_train.model.build import enable_activation_checkpointing
+
+    def grads_and_forwards(layers):
+        m = _model(0)
+        initialize_weights(m, seed=3, rank=0)
+        m.config.use_cache = False
+        if layers is not None:
+            enable_activation_checkpointing(m, layers)
+        m.train()
+        calls = [0] * len(m.model.layers)
+        # inside the block, where a recompute runs again; a pre-hook, since the recompute stops
+        # once it has regenerated the last saved tensor (torch's early stop), before the MLP returns
+        for i, block in enumerate(m.model.layers):
+            block.mlp.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+        m(input_ids=x, labels=x).loss.backward()
+        return {n: p.grad for n, p in m.named_parameters()}, calls
+
+    blocks = _model(0).config.num_hidden_layers
+    assert blocks >= 2
+    plain, plain_calls = grads_and_forwards(None)
+    first, first_calls = grads_and_forwards(1)
+    every, every_calls = grads_and_forwards(0)  # 0: all blocks
+    assert plain_calls == [1] * blocks
+    assert first_calls == [2] + [1] * (blocks - 1)
+    assert every_calls == [2] * blocks
+    for name, g in plain.items():
+        torch.testing.assert_close(first[name], g, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(every[name], g, rtol=0, atol=0, msg=name)
+    with pytest.raises(ConfigError, match=f"has {blocks} checkpointable blocks"):
+        enable_activation_checkpointing(_model(0), blocks + 1)

@@ -92,8 +92,9 @@ def test_buffers_follow_the_configured_buckets():
     assert buffer_bytes(shape, 3, FP32, b) == 1000 * 4 + (300 + 200_000) * 4
 
 
-def _micro_model(dtype, *, vocab=300, checkpointing=False, attention="sdpa"):
-    """A 3-layer Llama (hidden 128), in training mode, and its shape for the estimate."""
+def _micro_model(dtype, *, vocab=300, checkpoint_layers=0, attention="sdpa"):
+    """A 3-layer Llama (hidden 128), in training mode, its first `checkpoint_layers` blocks
+    checkpointed, and its shape for the estimate."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     raw = json.loads(MICRO_LLAMA.read_text())
@@ -105,8 +106,8 @@ def _micro_model(dtype, *, vocab=300, checkpointing=False, attention="sdpa"):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attention, dtype=dtype)
     model.config.use_cache = False
-    if checkpointing:
-        enable_activation_checkpointing(model)
+    if checkpoint_layers:
+        enable_activation_checkpointing(model, checkpoint_layers)
     return model.train(), shape_from_config(cfg)
 
 
@@ -121,10 +122,10 @@ def _loss(model, x, chunk):
 
 
 def _measure_saved_bytes(
-    dtype, *, checkpointing=False, attention="sdpa", batch=2, seq=64, vocab=300, chunk=0
+    dtype, *, checkpoint_layers=0, attention="sdpa", batch=2, seq=64, vocab=300, chunk=0
 ) -> tuple[float, ModelShape]:
     """Bytes of the tensors autograd saves in one forward + ds-train's loss (weights excluded)."""
-    model, shape = _micro_model(dtype, vocab=vocab, checkpointing=checkpointing, attention=attention)
+    model, shape = _micro_model(dtype, vocab=vocab, checkpoint_layers=checkpoint_layers, attention=attention)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -141,19 +142,20 @@ def _measure_saved_bytes(
 
 
 @pytest.mark.parametrize(
-    "dtype,checkpointing,attention",
+    "dtype,checkpoint_layers,attention",
     [
-        (torch.float32, False, "sdpa"),
-        (torch.bfloat16, False, "sdpa"),
-        (torch.bfloat16, True, "sdpa"),
-        (torch.bfloat16, False, "eager"),
+        (torch.float32, 0, "sdpa"),
+        (torch.bfloat16, 0, "sdpa"),
+        (torch.bfloat16, 3, "sdpa"),
+        (torch.bfloat16, 1, "sdpa"),
+        (torch.bfloat16, 0, "eager"),
     ],
 )
-def test_activation_formula_matches_the_tensors_a_forward_saves(dtype, checkpointing, attention):
-    measured, shape = _measure_saved_bytes(dtype, checkpointing=checkpointing, attention=attention)
+def test_activation_formula_matches_the_tensors_a_forward_saves(dtype, checkpoint_layers, attention):
+    measured, shape = _measure_saved_bytes(dtype, checkpoint_layers=checkpoint_layers, attention=attention)
     precision = BF16 if dtype is torch.bfloat16 else FP32
     estimated = saved_activation_bytes(
-        shape, 2, 64, precision, checkpointing=checkpointing, attention=attention
+        shape, 2, 64, precision, checkpoint_layers=checkpoint_layers, attention=attention
     )
     assert estimated == pytest.approx(measured, rel=0.10)
 
@@ -161,13 +163,14 @@ def test_activation_formula_matches_the_tensors_a_forward_saves(dtype, checkpoin
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [0, 32])
 @pytest.mark.parametrize(
-    "checkpointing,vocab",
-    [(False, 3000), (True, 3000), (True, 300)],  # at vocab 300 the recomputed layer sets the peak
+    "checkpoint_layers,vocab",
+    # none, all 3 or the first 1 or 2 blocks; at vocab 300 a recomputed block sets the peak
+    [(0, 3000), (3, 3000), (3, 300), (1, 300), (2, 300)],
 )
-def test_activation_peak_matches_the_live_tensors_of_a_step(dtype, chunk, checkpointing, vocab):
+def test_activation_peak_matches_the_live_tensors_of_a_step(dtype, chunk, checkpoint_layers, vocab):
     """The whole forward + backward's peak of live tensors (activations, the loss's logits or chunks,
     gradients in flight; parameter gradients, model states in the plan, accumulate in place)."""
-    model, shape = _micro_model(dtype, vocab=vocab, checkpointing=checkpointing)
+    model, shape = _micro_model(dtype, vocab=vocab, checkpoint_layers=checkpoint_layers)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     x = torch.randint(0, vocab, (2, 96))
@@ -175,7 +178,7 @@ def test_activation_peak_matches_the_live_tensors_of_a_step(dtype, chunk, checkp
         _loss(model, x, chunk).backward()
     precision = BF16 if dtype is torch.bfloat16 else FP32
     estimated = activation_bytes(
-        shape, 2, 96, precision, checkpointing=checkpointing, loss=HeadLoss(chunk_tokens=chunk)
+        shape, 2, 96, precision, checkpoint_layers=checkpoint_layers, loss=HeadLoss(chunk_tokens=chunk)
     )
     assert estimated == pytest.approx(meter.peak, rel=0.08)
 
@@ -184,12 +187,12 @@ def test_checkpointing_and_peak_terms_move_activations_the_right_way():
     shape = _shape(layers=24)
     tokens = 4 * 1024
     off = activation_bytes(shape, 4, 1024, BF16)
-    on = activation_bytes(shape, 4, 1024, BF16, checkpointing=True)
+    on = activation_bytes(shape, 4, 1024, BF16, checkpoint_layers=24)
     assert on < off / 5
     assert activation_bytes(shape, 8, 1024, BF16) == pytest.approx(2 * off)  # linear in the batch
     saved = saved_activation_bytes(shape, 4, 1024, BF16)
     assert off - saved == pytest.approx(tokens * 8 * shape.vocab)  # two fp32 logit gradients
-    saved_on = saved_activation_bytes(shape, 4, 1024, BF16, checkpointing=True)
+    saved_on = saved_activation_bytes(shape, 4, 1024, BF16, checkpoint_layers=24)
     one_layer = (saved - saved_on) / 24 + tokens * 2 * shape.hidden  # its input is kept either way
     in_flight = tokens * 2 * shape.intermediate  # the gradient of its MLP activation
     # the larger moment: the loss's backward, or one layer recomputed once the log-softmax is freed
@@ -197,8 +200,8 @@ def test_checkpointing_and_peak_terms_move_activations_the_right_way():
     at_layer = saved_on - tokens * 4 * shape.vocab + one_layer + in_flight
     assert on == pytest.approx(max(at_loss, at_layer), rel=1e-9)
     small_vocab = _shape(layers=24, vocab=64)
-    assert activation_bytes(small_vocab, 4, 1024, BF16, checkpointing=True) > saved_activation_bytes(
-        small_vocab, 4, 1024, BF16, checkpointing=True
+    assert activation_bytes(small_vocab, 4, 1024, BF16, checkpoint_layers=24) > saved_activation_bytes(
+        small_vocab, 4, 1024, BF16, checkpoint_layers=24
     ) + loss_peak_bytes(small_vocab, 4, 1024, BF16)  # there the recomputed layer sets the peak
 
 
@@ -251,9 +254,13 @@ def test_shape_counts_parameters_like_the_real_model():
         assert shape.gated_mlp
 
 
+def _plan_shape() -> ModelShape:
+    return _shape(params=50_000_000, layers=8, hidden=512, intermediate=1408, kv_dim=256, vocab=4096)
+
+
 def _plan(device_gib: float | None, **kw):
     return make_plan(
-        _shape(params=50_000_000, layers=8, hidden=512, intermediate=1408, kv_dim=256, vocab=4096),
+        _plan_shape(),
         world_size=kw.get("world_size", 4),
         precision=BF16,
         micro_batch=8,
@@ -276,18 +283,46 @@ def test_recommendation_is_the_first_choice_that_fits(device_gib):
 
 
 def test_recommendation_moves_down_the_list_as_memory_shrinks():
+    # each pick's place in its own plan's list (a pick with fewer checkpointed blocks is another
+    # Estimate than the plan without a device memory holds)
+    order = [(plan := _plan(g)).estimates.index(plan.recommended) for g in (100, 4, 1.5)]
     picks = [_plan(g).recommended for g in (100, 4, 1.5)]
-    order = [_plan(100).estimates.index(p) for p in picks]
     assert order == sorted(order) and len(set(order)) == 3
-    assert picks[0].stage == 0 and not picks[0].checkpointing
+    assert picks[0].stage == 0 and not picks[0].checkpoint_layers
     assert _plan(None).recommended is None
 
 
 def test_overrides_select_the_choice():
-    e = next(e for e in _plan(None).estimates if e.offload_param == "cpu" and e.checkpointing)
-    assert overrides_for(e) == (
-        "zero.stage=3 zero.offload_optimizer=cpu zero.offload_param=cpu model.activation_checkpointing=true"
+    e = next(e for e in _plan(None).estimates if e.offload_param == "cpu" and e.checkpoint_layers)
+    assert overrides_for(e, 8) == (
+        "zero.stage=3 zero.offload_optimizer=cpu zero.offload_param=cpu model.activation_checkpointing=true "
+        "model.activation_checkpointing_layers=0"  # all 8 blocks
     )
+    e = next(e for e in _plan(None).estimates if e.stage == 0 and not e.checkpoint_layers)
+    assert overrides_for(e, 8) == "zero.stage=0 model.activation_checkpointing=false"
+
+
+def test_the_fewest_checkpointed_blocks_that_fit_are_recommended():
+    full, none = _plan(None).estimates[4], _plan(None).estimates[0]  # ZeRO-0 with and without
+    assert full.checkpoint_layers == 8 and none.checkpoint_layers == 0
+    # room for about half the blocks' activations: between what all and none of them need
+    device_gib = (full.device + none.device) / 2 / 0.9 / 2**30
+    plan = _plan(device_gib)
+    pick = plan.recommended
+    assert pick.stage == 0 and 0 < pick.checkpoint_layers < 8
+    assert plan.fits(pick)
+    one_fewer = estimate_with(pick.checkpoint_layers - 1)
+    assert not plan.fits(one_fewer)  # the fewest: one block fewer does not fit
+    assert overrides_for(pick, 8).endswith(f"model.activation_checkpointing_layers={pick.checkpoint_layers}")
+
+
+def estimate_with(checkpoint_layers: int):
+    from ds_train.plan.memory_estimate import estimate
+
+    return estimate(
+        _plan_shape(), stage=0, world_size=4, precision=BF16, micro_batch=8, seq_len=2048,
+        checkpoint_layers=checkpoint_layers, buckets=BucketSizes(reduce_bucket=10_000_000),
+    )  # fmt: skip
 
 
 def test_cli_plan_prints_every_choice_and_the_recommendation(tmp_path):
