@@ -25,7 +25,7 @@ from transformers import (
 
 from ds_train.config.schema import ModelSection
 from ds_train.distributed.engine import gathered, is_partitioned
-from ds_train.model.build import enable_activation_checkpointing, load_hf_config
+from ds_train.model.build import enable_activation_checkpointing, load_hf_config, model_without_init
 from ds_train.model.init import initialize_weights, module_seed
 
 TASK_MODELS = {
@@ -72,7 +72,7 @@ def build_task_model(
         )
         initialize_new_parameters(model, info["missing_keys"], seed, rank)
     else:
-        model = cls.from_config(config, **kwargs)
+        model = model_without_init(cls, config, **kwargs)
         initialize_weights(model, seed, rank)
     model.config.use_cache = False
     if section.activation_checkpointing:

@@ -72,18 +72,47 @@ def load_hf_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase) ->
     return config
 
 
-def build_model(section: ModelSection, config: PretrainedConfig, *, seed: int, rank: int) -> torch.nn.Module:
-    """The model in fp32 (DeepSpeed casts for bf16/fp16). Hold HfZeroContext around this for ZeRO-3."""
+def build_model(
+    section: ModelSection,
+    config: PretrainedConfig,
+    *,
+    seed: int,
+    rank: int,
+    fresh_weights: bool = True,
+) -> torch.nn.Module:
+    """The model in fp32 (DeepSpeed casts for bf16/fp16). Hold HfZeroContext around this for ZeRO-3.
+
+    `fresh_weights=False` (a resumed run, whose checkpoint replaces every weight): a model built
+    from `model.config` is left uninitialised instead of drawn."""
     cls = MODEL_CLASSES[section.objective]
     kwargs = {"attn_implementation": section.attn_implementation, "dtype": torch.float32}
     if section.init_from:
         model = cls.from_pretrained(section.init_from, config=config, local_files_only=True, **kwargs)
     else:
-        model = cls.from_config(config, **kwargs)
-        initialize_weights(model, seed, rank)
+        model = model_without_init(cls, config, **kwargs)
+        if fresh_weights:
+            initialize_weights(model, seed, rank)
     model.config.use_cache = False
     if section.activation_checkpointing:
         enable_activation_checkpointing(model, section.activation_checkpointing_layers)
+    return model
+
+
+def model_without_init(cls, config: PretrainedConfig, **kwargs) -> torch.nn.Module:
+    """`cls.from_config` without drawing any weight. transformers draws each one twice while
+    building (torch's default init in every layer's constructor, then its `_init_weights`), and
+    ds_train would throw both away: `initialize_weights` redraws every weight stage-independently,
+    or a resumed run loads them. For a 1B Llama on 2 CPU cores construction took 20 of the 27 s
+    that building and initialising did (docs/benchmarks.md, "Start-up"). transformers' own
+    no-init context skips tying as well, so the tied weights are tied here."""
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:  # 4.x
+        from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():
+        model = cls.from_config(config, **kwargs)
+    model.tie_weights()
     return model
 
 

@@ -27,44 +27,85 @@ def module_seed(seed: int, name: str) -> int:
 
 @torch.no_grad()
 def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
-    """Re-initialise every parameter of an HF model with `model._init_weights`, per module."""
-    init_fn = model._init_weights
-    untouched = []
-    for name, module in model.named_modules():
-        params = list(module.parameters(recurse=False))
-        if not params:
-            continue  # modules with buffers only (rotary) compute them, nothing is drawn
-        partitioned = any(hasattr(p, "ds_id") for p in params)
-        with gathered(params, modifier_rank=0):
-            if partitioned and rank != 0:
-                continue  # rank 0 draws; the values are broadcast and re-partitioned on exit
-            originals = [p.data for p in params]
-            before = []
+    """Re-initialise every parameter of an HF model with `model._init_weights`, per module.
+
+    The model may have been built without any initialisation (`model_without_init`): each module's
+    values are drawn into a NaN-filled copy, so a parameter `_init_weights` leaves alone shows up
+    as NaN whatever it held before. Such a parameter gets its module's `reset_parameters()` under
+    the same per-module seed (torch's default init, still stage-independent), or, with none to
+    call, stops the run, since it would otherwise train from uninitialised memory.
+
+    Under ZeRO-3 the modules are drawn in rounds of one per rank: every rank draws its module of the
+    round at the same time, then each module is gathered and its drawer's values broadcast. Rank 0
+    drawing all of them while the others wait would make a fresh start's draw N times longer
+    (a seeded CPU draw runs at ~100 M values/s per core: minutes for a 70B model), and drawing a
+    round at a time keeps one module's values per rank in host memory."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    modules = [(n, m, ps) for n, m in model.named_modules() if (ps := list(m.parameters(recurse=False)))]
+    # modules with buffers only (rotary) compute them: nothing is drawn
+    local = [x for x in modules if not any(hasattr(p, "ds_id") for p in x[2])]
+    for name, module, params in local:
+        for p, value in zip(params, _draw(model, name, module, params, seed)):
+            if value is not p.data:
+                p.data.copy_(value)
+            p._is_hf_initialized = True
+    partitioned = [x for x in modules if any(hasattr(p, "ds_id") for p in x[2])]
+    for start in range(0, len(partitioned), world):
+        rounds = partitioned[start : start + world]
+        mine = rounds[rank] if rank < len(rounds) else None
+        values = _draw(model, *mine, seed) if mine is not None else None
+        for drawer, (_, _, params) in enumerate(rounds):
+            with gathered(params, modifier_rank=drawer):  # drawer's values broadcast on exit
+                if drawer == rank:
+                    for p, value in zip(params, values):
+                        p.data.copy_(value)
             for p in params:
-                p.data = p.data.detach().to("cpu", torch.float32).clone()
-                before.append(p.data.clone())
-                p._is_hf_initialized = False  # transformers skips tensors flagged as done
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(module_seed(seed, name))
-                init_fn(module)
-            for p, orig, prev in zip(params, originals, before):
-                if p.numel() and torch.equal(p.data, prev) and not _constant(prev):
-                    untouched.append(f"{name}.{_param_name(module, p)}")
-                orig.copy_(p.data)
-                p.data = orig
                 p._is_hf_initialized = True
-    if untouched:
-        log.warning(
-            "_init_weights left these parameters as constructed (their values may depend on "
-            "the ZeRO stage): %s",
-            ", ".join(untouched[:10]),
+
+
+def _draw(model: torch.nn.Module, name: str, module: torch.nn.Module, params: list, seed: int) -> list:
+    """`module`'s full-size values, drawn on the CPU in fp32 under its own seed. Parameters that
+    are full fp32 CPU tensors (a model built for stages 0-2) are drawn into in place, with no
+    second copy of the module in memory. Others (ZeRO-3 partitions, GPU or bf16 tensors) are left
+    as they were and the values returned."""
+    originals = [p.data for p in params]
+    for p in params:
+        if p.device.type == "cpu" and p.dtype == torch.float32 and not hasattr(p, "ds_id"):
+            p.data.fill_(float("nan"))
+        else:
+            p.data = torch.full(tuple(getattr(p, "ds_shape", p.shape)), float("nan"), dtype=torch.float32)
+        p._is_hf_initialized = False  # transformers skips tensors flagged as done
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module_seed(seed, name))
+            model._init_weights(module)
+        # a NaN anywhere makes the sum NaN: one read, no boolean copy of the tensor
+        untouched = [p for p in params if p.numel() and bool(p.data.sum().isnan())]
+        if untouched:
+            _reset_untouched(module, name, untouched, seed)
+        return [p.data for p in params]
+    finally:
+        for p, orig in zip(params, originals):
+            p.data = orig
+
+
+def _reset_untouched(module: torch.nn.Module, name: str, untouched: list, seed: int) -> None:
+    names = ", ".join(f"{name}.{_param_name(module, p)}" for p in untouched)
+    reset = getattr(module, "reset_parameters", None)
+    if reset is None:
+        raise RuntimeError(
+            f"{type(module).__name__}._init_weights does not initialise {names} and the module has no "
+            "reset_parameters(): ds_train cannot give it stage-independent values"
         )
-
-
-def _constant(t: torch.Tensor) -> bool:
-    """Zeros/ones re-initialised to the same constant are fine, not 'untouched'."""
-    flat = t.reshape(-1)
-    return bool((flat == flat[0]).all())
+    redo = {id(p) for p in untouched}
+    kept = {id(p): p.data.clone() for p in module.parameters(recurse=False) if id(p) not in redo}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(seed, name))
+        reset()
+    for p in module.parameters(recurse=False):  # what _init_weights did draw stays
+        if id(p) in kept:
+            p.data.copy_(kept[id(p)])
+    log.warning("_init_weights left %s alone: torch's reset_parameters() initialised it", names)
 
 
 def _param_name(module: torch.nn.Module, param: torch.nn.Parameter) -> str:

@@ -152,7 +152,13 @@ def _run(
     )
     zero_ctx = HfZeroContext(ds_config)
     try:
-        model = build_model(cfg.model, pre.hf_config, seed=cfg.run.seed, rank=ctx.rank)
+        model = build_model(
+            cfg.model,
+            pre.hf_config,
+            seed=cfg.run.seed,
+            rank=ctx.rank,
+            fresh_weights=pre.resume_from is None,  # a resumed run loads every weight
+        )
         if cfg.model.init_from:
             verify_loaded_weights(model, cfg.model.init_from)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,8 +60,6 @@ def test_palm_flops_formula():
 def test_checkpointing_the_first_blocks_recomputes_only_them_and_keeps_the_gradients():
     """model.activation_checkpointing_layers=K: blocks 0..K-1 run their MLP twice (once more in
     backward), the rest once, and the gradients are those of the model without checkpointing."""
-    import pytest
-
     from ds_train.config import ConfigError
     from ds_train.model.build import enable_activation_checkpointing
 
@@ -93,3 +92,75 @@ def test_checkpointing_the_first_blocks_recomputes_only_them_and_keeps_the_gradi
         torch.testing.assert_close(every[name], g, rtol=0, atol=0, msg=name)
     with pytest.raises(ConfigError, match=f"has {blocks} checkpointable blocks"):
         enable_activation_checkpointing(_model(0), blocks + 1)
+
+
+def _hf_config(name: str):
+    raw = json.loads((MICRO_LLAMA.parent / name).read_text())
+    return AutoConfig.for_model(raw.pop("model_type"), vocab_size=256, **raw)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("tiny-gpt2.json", "causal"), ("tiny-bert.json", "masked")])
+def test_building_without_transformers_init_gives_the_same_weights(name, cls):
+    """model_without_init skips transformers' two draws at construction: after initialize_weights
+    the weights are bit-identical to a model built the usual way, and tied weights stay tied."""
+    from transformers import AutoModelForMaskedLM
+
+    from ds_train.model.build import model_without_init
+
+    model_cls = AutoModelForCausalLM if cls == "causal" else AutoModelForMaskedLM
+    config = _hf_config(name)
+    usual = model_cls.from_config(config)
+    quick = model_without_init(model_cls, config)
+    for m in (usual, quick):
+        initialize_weights(m, seed=5, rank=0)
+    assert list(usual.state_dict()) == list(quick.state_dict())
+    for (key, a), b in zip(usual.state_dict().items(), quick.state_dict().values()):
+        assert torch.equal(a, b), key
+    if config.tie_word_embeddings:
+        assert quick.get_output_embeddings().weight is quick.get_input_embeddings().weight
+
+
+def test_a_parameter_init_weights_skips_is_reset_not_left_uninitialised(monkeypatch, caplog):
+    """Built without init, a parameter `_init_weights` does not draw would hold uninitialised
+    memory: it gets torch's reset_parameters() under the module's seed (the same on every
+    rank and stage), and a module with nothing to reset it stops the run."""
+    from ds_train.model.build import model_without_init
+
+    config = _hf_config("micro-llama.json")
+    init = type(AutoModelForCausalLM.from_config(config))._init_weights
+
+    def skip_the_head(self, module):
+        if module is not self.lm_head:
+            init(self, module)
+
+    cls = AutoModelForCausalLM
+    a, b = model_without_init(cls, config), model_without_init(cls, config)
+    for m in (a, b):
+        monkeypatch.setattr(type(m), "_init_weights", skip_the_head)
+        initialize_weights(m, seed=5, rank=0)
+    head = a.lm_head.weight
+    assert torch.isfinite(head).all() and head.std() > 0
+    assert torch.equal(head, b.lm_head.weight)  # seeded per module: reproducible
+    assert "lm_head.weight" in caplog.text
+
+    def skip_the_norm(self, module):
+        if module is not self.model.norm:
+            init(self, module)
+
+    c = model_without_init(cls, config)
+    monkeypatch.setattr(type(c), "_init_weights", skip_the_norm)
+    with pytest.raises(RuntimeError, match="model.norm.weight"):
+        initialize_weights(c, seed=5, rank=0)
+
+
+def test_a_resumed_run_builds_its_model_without_drawing(monkeypatch):
+    from ds_train.config.schema import ModelSection
+    from ds_train.model import build
+
+    drawn = []
+    monkeypatch.setattr(build, "initialize_weights", lambda model, seed, rank: drawn.append(seed))
+    section = ModelSection(config=str(MICRO_LLAMA))
+    build.build_model(section, _hf_config("micro-llama.json"), seed=1, rank=0, fresh_weights=False)
+    assert drawn == []
+    build.build_model(section, _hf_config("micro-llama.json"), seed=1, rank=0)
+    assert drawn == [1]

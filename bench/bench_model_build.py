@@ -1,0 +1,128 @@
+"""Start-up: building a fresh model from `model.config`, ds-train's way against transformers'.
+
+Every start of a pretraining run builds its model before the first step, and under Slurm a
+preempted job pays that again at each requeue. Three ways, each run in a fresh process, one rank:
+
+  transformers  `from_config` (torch's default init in every layer's constructor, then
+                transformers' `_init_weights`), then ds-train's stage-independent
+                `initialize_weights`: what ds-train did before model_without_init;
+  fresh         `model_without_init` + `initialize_weights`: ds-train's fresh start now;
+  resumed       `model_without_init` alone: a resumed run, whose checkpoint replaces every weight.
+
+and, as the floor of any seeded CPU draw of these weights:
+
+  draw          one `normal_` into a fresh fp32 tensor of each parameter's shape, nothing else.
+
+Order rotated every repeat; ratios are of the medians.
+
+    .venv/bin/python bench/bench_model_build.py --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CASES = {
+    # bench/gpu.sh's model, the vocabulary padded to 32,768 as there
+    "llama-1b": {**json.loads((REPO / "configs/model/llama-1b.json").read_text()), "vocab_size": 32768},
+    # a GPT-2-small-sized Llama
+    "llama-125m": {"model_type": "llama", "hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "num_key_value_heads": 12, "vocab_size": 32768},
+}  # fmt: skip
+WAYS = ("transformers", "fresh", "resumed", "draw")
+
+
+def run_one(case: str, way: str) -> dict:
+    """In a fresh process: build CASE the WAY given; seconds and peak RSS."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ds_train.model.build import model_without_init
+    from ds_train.model.init import initialize_weights
+
+    raw = dict(CASES[case])
+    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    if way == "draw":
+        shapes = [p.shape for p in model_without_init(AutoModelForCausalLM, config).parameters()]
+        start = time.perf_counter()
+        for shape in shapes:
+            torch.empty(shape).normal_(0.0, 0.02)
+        return {"params": sum(s.numel() for s in shapes), "build_s": 0.0, "total_s": time.perf_counter() - start,
+                "peak_rss_gib": 0.0, "threads": torch.get_num_threads()}  # fmt: skip
+    start = time.perf_counter()
+    if way == "transformers":
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = model_without_init(AutoModelForCausalLM, config, dtype=torch.float32)
+    built = time.perf_counter()
+    if way != "resumed":
+        initialize_weights(model, seed=1, rank=0)
+    done = time.perf_counter()
+    params = sum(p.numel() for p in model.parameters())
+    return {
+        "params": params,
+        "build_s": built - start,
+        "total_s": done - start,
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def spawn(case: str, way: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", case, way], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--one", nargs=2, metavar=("CASE", "WAY"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(*args.one)))
+        return
+
+    results = {}
+    for case in args.cases:
+        runs: dict[str, list[dict]] = {w: [] for w in WAYS}
+        for r in range(args.repeats):
+            for way in WAYS[r % len(WAYS) :] + WAYS[: r % len(WAYS)]:
+                runs[way].append(spawn(case, way))
+        params = runs["fresh"][0]["params"]
+        med = {w: statistics.median(x["total_s"] for x in runs[w]) for w in WAYS}
+        results[case] = {
+            "params": params,
+            "median_s": med,
+            "transformers_construction_s": statistics.median(x["build_s"] for x in runs["transformers"]),
+            "peak_rss_gib": {w: max(x["peak_rss_gib"] for x in runs[w]) for w in WAYS},
+            "threads": runs["fresh"][0]["threads"],
+        }
+    print(f"{'case':<12} {'params':>8} {'transformers':>13} {'fresh':>8} {'resumed':>8} "
+          f"{'speed-up fresh':>15} {'speed-up resumed':>17} {'draw floor':>11}")  # fmt: skip
+    for case, r in results.items():
+        m = r["median_s"]
+        print(f"{case:<12} {r['params'] / 1e6:>7.0f}M {m['transformers']:>12.1f}s {m['fresh']:>7.1f}s "
+              f"{m['resumed']:>7.1f}s {m['transformers'] / m['fresh']:>14.2f}x "
+              f"{m['transformers'] / m['resumed']:>16.1f}x {m['draw']:>10.1f}s")  # fmt: skip
+        print(f"{'':<12} (transformers' construction alone {r['transformers_construction_s']:.1f}s; "
+              f"peak RSS GiB {', '.join(f'{w} {v:.1f}' for w, v in r['peak_rss_gib'].items() if w != 'draw')}; "
+              f"{r['threads']} torch threads)")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
