@@ -20,6 +20,7 @@ from ds_train.config.schema import FinetuneSection
 from ds_train.distributed.engine import gathered
 from ds_train.finetune.lora import lora_config
 from ds_train.finetune.model import TASK_MODELS
+from ds_train.model.build import model_without_init
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def save_merged_model(
     """Rebuild the task model on the CPU from the gathered state, merge LoRA, save; returns the model.
 
     Call with no HfZeroContext alive (the copy must not be partitioned)."""
-    model = TASK_MODELS[section.task].from_config(hf_config, dtype=torch.float32)
+    # every weight comes from `state`: built without transformers' draws (model_without_init)
+    model = model_without_init(TASK_MODELS[section.task], hf_config, dtype=torch.float32)
     if section.adapter == "lora":
         from peft import get_peft_model
 
