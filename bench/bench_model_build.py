@@ -15,7 +15,12 @@ and, as the floor of any seeded CPU draw of these weights:
 
 Order rotated every repeat; ratios are of the medians.
 
+`--zero3` times instead `initialize_weights` of a model built partitioned under ZeRO-3 (gloo, one
+thread per rank) on 1 and on 2 ranks: on 2, each rank draws half the modules; on 1, rank 0 draws
+them all, as every rank-0-draws scheme does whatever the world size.
+
     .venv/bin/python bench/bench_model_build.py --repeats 3
+    .venv/bin/python bench/bench_model_build.py --zero3 --cases llama-125m --repeats 3
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 CASES = {
     # bench/gpu.sh's model, the vocabulary padded to 32,768 as there
@@ -77,6 +83,46 @@ def run_one(case: str, way: str) -> dict:
     }
 
 
+def run_zero3(case: str) -> None:
+    """On each rank (under torchrun): build CASE partitioned, time initialize_weights."""
+    import deepspeed
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ds_train.distributed.engine import HfZeroContext, quiet_deepspeed
+    from ds_train.model.build import model_without_init
+    from ds_train.model.init import initialize_weights
+
+    quiet_deepspeed()
+    deepspeed.init_distributed(dist_backend="gloo")
+    world = torch.distributed.get_world_size()
+    ds_config = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
+                 "zero_optimization": {"stage": 3}}  # fmt: skip
+    raw = dict(CASES[case])
+    zero = HfZeroContext(ds_config)
+    model = model_without_init(AutoModelForCausalLM, AutoConfig.for_model(raw.pop("model_type"), **raw))
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    initialize_weights(model, seed=1, rank=torch.distributed.get_rank())
+    torch.distributed.barrier()
+    if torch.distributed.get_rank() == 0:
+        print(json.dumps({"world": world, "init_s": time.perf_counter() - start}))
+    zero.close()
+
+
+def spawn_zero3(case: str, ranks: int) -> dict:
+    from tests.helpers import clean_env, free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+           f"--master_port={free_port()}", __file__, "--one-zero3", case]  # fmt: skip
+    out = subprocess.run(
+        cmd, cwd=REPO, env=clean_env({"OMP_NUM_THREADS": "1"}), capture_output=True, text=True
+    )
+    if out.returncode:
+        raise SystemExit(out.stderr[-2000:])
+    return json.loads(next(x for x in reversed(out.stdout.splitlines()) if x.startswith("{")))
+
+
 def spawn(case: str, way: str) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--one", case, way], cwd=REPO, capture_output=True, text=True, check=True
@@ -89,10 +135,25 @@ def main() -> None:
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--zero3", action="store_true", help="ZeRO-3 initialisation on 1 and 2 ranks")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "WAY"), help=argparse.SUPPRESS)
+    ap.add_argument("--one-zero3", metavar="CASE", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(*args.one)))
+        return
+    if args.one_zero3:
+        run_zero3(args.one_zero3)
+        return
+    if args.zero3:
+        for case in args.cases:
+            times = {1: [], 2: []}
+            for r in range(args.repeats):
+                for ranks in (1, 2) if r % 2 == 0 else (2, 1):
+                    times[ranks].append(spawn_zero3(case, ranks)["init_s"])
+            one, two = statistics.median(times[1]), statistics.median(times[2])
+            print(f"{case}: ZeRO-3 initialize_weights, 1 rank {one:.1f} s, 2 ranks {two:.1f} s "
+                  f"(2 / 1 = {two / one:.2f}); per repeat 1: {times[1]}, 2: {times[2]}")  # fmt: skip
         return
 
     results = {}

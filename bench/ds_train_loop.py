@@ -8,7 +8,8 @@ writes), which the per-interval `tokens_per_s` in metrics.jsonl leaves out by co
 times steps, not logging). Both are printed; the comparisons use the wall clock.
 
 --compile calls DeepSpeed's `engine.compile()` (torch.compile of the model) before the first step,
-a variant for gpu_bench.py; on a GPU the peak allocated/reserved memory is reported too.
+a variant for gpu_bench.py; on a GPU the peak allocated/reserved memory is reported too, and every
+run reports the seconds from this script's start to the end of its first step.
 
     python -m torch.distributed.run --nproc_per_node 2 bench/ds_train_loop.py RUN.yaml STEPS WARMUP [--compile] [a.b=c ...]
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 
 def main() -> None:
+    launched = time.perf_counter()  # before torch, DeepSpeed and ds_train are imported
     from ds_train.distributed.engine import quiet_deepspeed
 
     quiet_deepspeed()
@@ -43,7 +45,7 @@ def main() -> None:
         raise SystemExit(f"train.max_steps={cfg.train.max_steps} but STEPS={steps}")
 
     class Clock(Callback):
-        start = end = 0.0
+        start = end = first_step = 0.0
         tokens_per_step = 0
 
         def __init__(self) -> None:
@@ -57,6 +59,8 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats()
 
         def on_step_end(self, trainer) -> None:
+            if not self.first_step:
+                self.first_step = time.perf_counter()
             if trainer.step >= warmup:
                 self.marks.append((time.perf_counter(), time.process_time()))
             if trainer.step == warmup:
@@ -85,6 +89,9 @@ def main() -> None:
         "metrics_tokens_per_s": clock.tokens_per_step / statistics.mean(r["step_time_s"] for r in records),
         "mfu": statistics.median(r["mfu"] for r in records) if records[0].get("mfu") is not None else None,
         "loss": records[-1]["loss"],
+        # start-up as a requeued job pays it: imports, process group, model build and init,
+        # DeepSpeed engine, data plan, first batch and the first step (compilation included)
+        "first_step_s": clock.first_step - launched,
     }
     if torch.cuda.is_available():
         result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -181,7 +181,8 @@ def describe(r: dict, base: dict | None) -> str:
         f"{r['tokens_per_s'] / base['tokens_per_s'] - 1:+6.1%}" if base and "error" not in base else "     -"
     )
     mem = f"{r['peak_allocated_gib']:6.1f} GiB" if "peak_allocated_gib" in r else "     -"
-    return f"{r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {delta}  peak {mem}"
+    first = f"{r['first_step_s']:5.1f} s" if "first_step_s" in r else "    -"
+    return f"{r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {delta}  peak {mem}  1st step {first}"
 
 
 def main() -> None:
