@@ -8,6 +8,8 @@ model partitioned; `initialize_weights` then makes the fresh weights stage-indep
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
@@ -105,15 +107,21 @@ def model_without_init(cls, config: PretrainedConfig, **kwargs) -> torch.nn.Modu
     or a resumed run loads them. For a 1B Llama on 2 CPU cores construction took 20 of the 27 s
     that building and initialising did (docs/benchmarks.md, "Start-up"). transformers' own
     no-init context skips tying as well, so the tied weights are tied here."""
-    try:
-        from transformers.initialization import no_init_weights  # transformers 5
-    except ImportError:  # 4.x
-        from transformers.modeling_utils import no_init_weights
-
-    with no_init_weights():
+    with _no_init_weights_context()():
         model = cls.from_config(config, **kwargs)
     model.tie_weights()
     return model
+
+
+def _no_init_weights_context():
+    """transformers' no-init context where the release keeps it (5.x, 4.x); without one the draws
+    just happen (initialize_weights redraws every weight either way)."""
+    for where in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return importlib.import_module(where).no_init_weights
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext
 
 
 def enable_activation_checkpointing(model: torch.nn.Module, layers: int = 0) -> None:
