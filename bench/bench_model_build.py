@@ -47,16 +47,22 @@ CASES = {
 WAYS = ("transformers", "fresh", "resumed", "draw")
 
 
+def hf_config(case: str):
+    from transformers import AutoConfig
+
+    raw = dict(CASES[case])
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
 def run_one(case: str, way: str) -> dict:
     """In a fresh process: build CASE the WAY given; seconds and peak RSS."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ds_train.model.build import model_without_init
     from ds_train.model.init import initialize_weights
 
-    raw = dict(CASES[case])
-    config = AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config = hf_config(case)
     if way == "draw":
         shapes = [p.shape for p in model_without_init(AutoModelForCausalLM, config).parameters()]
         start = time.perf_counter()
@@ -87,7 +93,7 @@ def run_zero3(case: str) -> None:
     """On each rank (under torchrun): build CASE partitioned, time initialize_weights."""
     import deepspeed
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from ds_train.distributed.engine import HfZeroContext, quiet_deepspeed
     from ds_train.model.build import model_without_init
@@ -98,9 +104,8 @@ def run_zero3(case: str) -> None:
     world = torch.distributed.get_world_size()
     ds_config = {"train_batch_size": world, "train_micro_batch_size_per_gpu": 1,
                  "zero_optimization": {"stage": 3}}  # fmt: skip
-    raw = dict(CASES[case])
     zero = HfZeroContext(ds_config)
-    model = model_without_init(AutoModelForCausalLM, AutoConfig.for_model(raw.pop("model_type"), **raw))
+    model = model_without_init(AutoModelForCausalLM, hf_config(case))
     torch.distributed.barrier()
     start = time.perf_counter()
     initialize_weights(model, seed=1, rank=torch.distributed.get_rank())

@@ -15,7 +15,7 @@ import logging
 
 import torch
 
-from ds_train.distributed.engine import gathered
+from ds_train.distributed.engine import gathered, is_partitioned
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +41,16 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
     (a seeded CPU draw runs at ~100 M values/s per core: minutes for a 70B model), and drawing a
     round at a time keeps one module's values per rank in host memory."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    modules = [(n, m, ps) for n, m in model.named_modules() if (ps := list(m.parameters(recurse=False)))]
     # modules with buffers only (rotary) compute them: nothing is drawn
-    local = [x for x in modules if not any(hasattr(p, "ds_id") for p in x[2])]
+    local, partitioned = [], []
+    for name, module in model.named_modules():
+        if params := list(module.parameters(recurse=False)):
+            (partitioned if any(map(is_partitioned, params)) else local).append((name, module, params))
     for name, module, params in local:
         for p, value in zip(params, _draw(model, name, module, params, seed)):
             if value is not p.data:
                 p.data.copy_(value)
             p._is_hf_initialized = True
-    partitioned = [x for x in modules if any(hasattr(p, "ds_id") for p in x[2])]
     for start in range(0, len(partitioned), world):
         rounds = partitioned[start : start + world]
         mine = rounds[rank] if rank < len(rounds) else None
@@ -70,7 +71,7 @@ def _draw(model: torch.nn.Module, name: str, module: torch.nn.Module, params: li
     as they were and the values returned."""
     originals = [p.data for p in params]
     for p in params:
-        if p.device.type == "cpu" and p.dtype == torch.float32 and not hasattr(p, "ds_id"):
+        if p.device.type == "cpu" and p.dtype == torch.float32 and not is_partitioned(p):
             p.data.fill_(float("nan"))
         else:
             p.data = torch.full(tuple(getattr(p, "ds_shape", p.shape)), float("nan"), dtype=torch.float32)
