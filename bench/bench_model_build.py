@@ -148,8 +148,10 @@ def main() -> None:
         print(json.dumps(run_one(*args.one)))
         return
     if args.one_zero3:
+        from process_exit import leave
+
         run_zero3(args.one_zero3)
-        return
+        leave()
     if args.zero3:
         for case in args.cases:
             times = {1: [], 2: []}

@@ -100,4 +100,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from process_exit import leave
+
     main()
+    leave()

@@ -1,6 +1,6 @@
 """`python -m ds_train …` is the same as the `ds-train` console script."""
 
-from ds_train.cli import main
+from ds_train.cli import console_main
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console_main()

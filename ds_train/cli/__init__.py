@@ -1,7 +1,8 @@
 """`ds-train` / `python -m ds_train`: one console entry, one module per command.
 
 Each command module exposes `register(subparsers)`; user errors (bad config, bad data) end as
-one line on stderr and exit status 2, without a traceback.
+one line on stderr and exit status 2, without a traceback. `console_main` is what the two
+entries run: `main` plus an exit that cannot abort after the work is done.
 """
 
 from __future__ import annotations
@@ -83,3 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def console_main() -> None:
+    """Run `main` and end the process with its status (distributed/process_exit.py says how).
+    An unexpected error prints its traceback and exits 1, as the interpreter would."""
+    import traceback
+
+    from ds_train.distributed.process_exit import exit_process
+
+    try:
+        code = main()
+    except SystemExit:  # argparse's usage errors and --help, before any torch import
+        raise
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)

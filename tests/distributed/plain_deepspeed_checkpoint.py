@@ -1,7 +1,9 @@
 """Write a plain DeepSpeed checkpoint (no ds_train involved) of micro-llama with a frozen embedding.
 
 Run per rank by torchrun: `python -m tests.distributed.plain_deepspeed_checkpoint OUT_DIR STAGE`. The conversion tests use it
-as a checkpoint from someone else's training loop: no ds_train metadata, a frozen parameter.
+as a checkpoint from someone else's training loop: no ds_train metadata, a frozen parameter. The
+only ds_train code it runs is how it exits: without it, a rank sometimes aborted at interpreter
+exit after its work was done (ds_train/distributed/process_exit.py).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import sys
 
 import deepspeed
 import torch
-import torch._dynamo  # imported before zero.Init patches tensor constructors
+import torch._dynamo
+import torch.distributed as dist  # imported before zero.Init patches tensor constructors
 import transformers.masking_utils  # noqa: F401 - likewise (it imports torch._dynamo lazily)
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig
 
+from ds_train.distributed.process_exit import exit_process
 from tests.helpers import MICRO_LLAMA
 
 
@@ -49,3 +53,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    dist.barrier()
+    dist.destroy_process_group()
+    exit_process(0)
