@@ -88,6 +88,8 @@ def main() -> None:
         # What metrics.jsonl says for the same steps (log intervals after the first).
         "metrics_tokens_per_s": clock.tokens_per_step / statistics.mean(r["step_time_s"] for r in records),
         "mfu": statistics.median(r["mfu"] for r in records) if records[0].get("mfu") is not None else None,
+        # the slowest rank's loader stall as a share of the step: MFU lost to input, if any
+        "data_wait_frac": statistics.median(r["data_wait_frac"] for r in records),
         "loss": records[-1]["loss"],
         # start-up as a requeued job pays it: imports, process group, model build and init,
         # DeepSpeed engine, data plan, first batch and the first step (compilation included)

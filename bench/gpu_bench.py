@@ -182,7 +182,8 @@ def describe(r: dict, base: dict | None) -> str:
     )
     mem = f"{r['peak_allocated_gib']:6.1f} GiB" if "peak_allocated_gib" in r else "     -"
     first = f"{r['first_step_s']:5.1f} s" if "first_step_s" in r else "    -"
-    return f"{r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {delta}  peak {mem}  1st step {first}"
+    wait = f"{100 * r['data_wait_frac']:4.1f}%" if "data_wait_frac" in r else "   -"
+    return f"{r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {delta}  peak {mem}  1st step {first}  data wait {wait}"
 
 
 def main() -> None:

@@ -150,6 +150,11 @@ def summary(metrics: RunMetrics) -> list[str]:
     if len(metrics.mfu):
         steady = metrics.mfu.values[1:] or metrics.mfu.values
         lines.append(f"MFU: median {100 * statistics.median(steady):.1f}%")
+    if len(metrics.data_wait_frac):
+        steady = metrics.data_wait_frac.values[1:] or metrics.data_wait_frac.values
+        lines.append(
+            f"waiting for data: median {100 * statistics.median(steady):.1f}% of step time (slowest rank)"
+        )
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
     return lines

@@ -31,13 +31,23 @@ class RunMetrics:
     tokens_per_s_per_device: Series
     mfu: Series
     step_time_s: Series
+    data_wait_frac: Series
     grad_norm: Series
     lr: Series
     resumes: list[int]  # steps a resumed attempt restarted from
     world_size: int | None
 
 
-TRAIN_KEYS = ("loss", "tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time_s", "grad_norm", "lr")
+TRAIN_KEYS = (
+    "loss",
+    "tokens_per_s",
+    "tokens_per_s_per_device",
+    "mfu",
+    "step_time_s",
+    "data_wait_frac",
+    "grad_norm",
+    "lr",
+)
 
 
 def load_run_metrics(run_dir: str | Path) -> RunMetrics:

@@ -25,7 +25,7 @@ import torch
 from ds_train.checkpoint.layout import latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.distributed.deepspeed_config import BatchLayout
-from ds_train.distributed.engine import DistributedContext, all_reduce_sum
+from ds_train.distributed.engine import DistributedContext, all_reduce_max, all_reduce_sum
 from ds_train.distributed.peers import first_sentence, is_collective_failure, roll_call, wait_for_roll_call
 from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
@@ -141,8 +141,11 @@ class Trainer:
         batches = iter(self.train_batches)
         pending: list[torch.Tensor] = []
         interval_start, paused = time.perf_counter(), 0.0
+        waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
         while self.step < self.s.max_steps:
+            t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
+            waited += time.perf_counter() - t0
             if int(micro[0]["step"]) != self.step:  # the data position travels with the batch
                 raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
             local_targets = torch.stack([b["num_targets"] for b in micro]).sum()
@@ -156,8 +159,8 @@ class Trainer:
             pending.append(torch.stack([losses.sum(), global_targets]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
-                self._log(pending, time.perf_counter() - interval_start - paused)
-                pending, interval_start, paused = [], time.perf_counter(), 0.0
+                self._log(pending, time.perf_counter() - interval_start - paused, waited)
+                pending, interval_start, paused, waited = [], time.perf_counter(), 0.0, 0.0
             t0 = time.perf_counter()
             if self.step < self.s.max_steps:
                 if self.s.eval_every and self.step % self.s.eval_every == 0:
@@ -307,9 +310,14 @@ class Trainer:
                 self.nonfinite_steps,
             )
 
-    def _log(self, pending: list[torch.Tensor], elapsed: float) -> None:
+    def _log(self, pending: list[torch.Tensor], elapsed: float, waited: float) -> None:
         stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
         losses = all_reduce_sum(stacked[:, 0].clone())
+        # The slowest rank's loader wait: every rank waits for it at the next collective, so its
+        # stall is the job's (a rank reading from a slow disk shows here, not on rank 0).
+        slowest_wait = float(
+            all_reduce_max(torch.tensor(waited, dtype=torch.float64, device=self.ctx.device))
+        )
         loss = float(losses.sum() / stacked[:, 1].sum().clamp(min=1))
         steps = len(pending)
         tokens_step = self.layout.global_batch_size * self.s.seq_len
@@ -325,6 +333,8 @@ class Trainer:
             "tokens_per_s": tps,
             "tokens_per_s_per_device": tps / self.ctx.world_size,
             "step_time_s": elapsed / steps,
+            "data_wait_s": slowest_wait / steps,
+            "data_wait_frac": min(slowest_wait / max(elapsed, 1e-9), 1.0),
             "mfu": None,
             "world_size": self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_steps,

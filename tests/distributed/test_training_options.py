@@ -47,6 +47,8 @@ def test_run_dir_bookkeeping(tmp_path, shards):
     assert [r["step"] for r in train] == [2, 4, 6]
     for key in ("step", "loss", "lr", "tokens", "tokens_per_s", "mfu", "grad_norm"):
         assert key in train[0]
+    for r in train:  # the loader stall, a share of the same interval's step time
+        assert 0 <= r["data_wait_s"] <= r["step_time_s"] and 0 <= r["data_wait_frac"] <= 1
     assert train[-1]["tokens"] == 6 * 8 * 32  # steps × global batch × seq_len
     evals = [r for r in records if "valid_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]

@@ -14,7 +14,8 @@ from tests.helpers import run_cli
 
 def _train(step: int, loss: float, *, mfu: float | None = 0.4, tps: float = 1000.0) -> dict:
     return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": tps,
-            "tokens_per_s_per_device": tps / 2, "step_time_s": 0.5, "mfu": mfu, "world_size": 2}  # fmt: skip
+            "tokens_per_s_per_device": tps / 2, "step_time_s": 0.5, "mfu": mfu, "world_size": 2,
+            "data_wait_frac": 0.9 if step == 1 else 0.1}  # fmt: skip
 
 
 def _write(run_dir, records) -> None:
@@ -65,6 +66,9 @@ def test_without_mfu_the_panel_shows_step_time(tmp_path):
     assert "step_time" in gids and "mfu" not in gids
     ax = next(ax for ax in fig.axes if ax.get_gid() == "step_time")
     assert list(ax.get_lines()[0].get_ydata()) == [0.5, 0.5, 0.5]
+    # metrics written before data_wait_frac existed: no data line rather than a made-up one
+    _write(tmp_path, [{k: v for k, v in _train(s, 5.0).items() if k != "data_wait_frac"} for s in (1, 2)])
+    assert not any("waiting for data" in line for line in summary(load_run_metrics(tmp_path)))
 
 
 def test_write_report_writes_a_png(resumed_run, tmp_path):
@@ -75,6 +79,8 @@ def test_write_report_writes_a_png(resumed_run, tmp_path):
     assert lines[0] == "train loss: 9.0000 → 1.0000 (step 8)"
     assert any(line.startswith("valid loss: last 1.5000, best 1.5000 (step 8)") for line in lines)
     assert "MFU: median 40.0%" in lines
+    # the first interval (time to the first batch) is left out of the median
+    assert "waiting for data: median 10.0% of step time (slowest rank)" in lines
 
 
 def test_cli_report(resumed_run, tmp_path):

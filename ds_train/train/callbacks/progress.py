@@ -45,4 +45,6 @@ def format_record(record: dict) -> str:
     parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_s']:,.0f}"]
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if record.get("data_wait_frac", 0) >= 0.01:  # an input stall is worth a glance; none is noise
+        parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%")
     return " ".join(parts)

@@ -1,0 +1,116 @@
+"""metrics.jsonl's `data_wait_s` / `data_wait_frac`: the time the slowest rank spent waiting for
+its loader, per step and as a share of the step. The trainer runs here with a stand-in engine and
+loaders that sleep, so the stall is known; only lower bounds on time are asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ds_train.train.callbacks.base import Callback
+from ds_train.train.callbacks.progress import format_record
+from ds_train.train.trainer import Trainer, TrainerSettings
+from tests.helpers import free_port
+
+MICRO = 2  # micro-batches per step
+COMPUTE_S = 0.01  # the stand-in engine's step
+
+
+class _Engine:
+    def backward(self, loss, scale_wrt_gas=True):
+        pass
+
+    def step(self):
+        time.sleep(COMPUTE_S / MICRO)
+
+    def get_global_grad_norm(self):
+        return 1.0
+
+    def get_lr(self):
+        return [1e-3]
+
+
+class _Objective:
+    def loss_sum(self, engine, batch):
+        return torch.tensor(2.0)
+
+
+class _Records(Callback):
+    def __init__(self):
+        self.records: list[dict] = []
+
+    def on_log(self, trainer, record):
+        self.records.append(record)
+
+
+def _loader(delay_s: float):
+    step = 0
+    while True:
+        for _ in range(MICRO):
+            time.sleep(delay_s)
+            yield {"step": torch.tensor(step), "num_targets": torch.tensor(8)}
+        step += 1
+
+
+def _fit(delay_s: float, rank: int = 0, world: int = 1) -> list[dict]:
+    records = _Records()
+    trainer = Trainer(
+        settings=TrainerSettings(
+            max_steps=6, log_every=2, save_every=0, eval_every=0, eval_steps=0, seq_len=4
+        ),
+        ctx=SimpleNamespace(rank=rank, world_size=world, is_main=rank == 0, device=torch.device("cpu")),
+        engine=_Engine(),
+        objective=_Objective(),
+        layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO * world),
+        train_batches=_loader(delay_s),
+        checkpoints=SimpleNamespace(save=lambda *a, **k: None, root=Path("unused")),
+        state_fn=lambda step: {},
+        config_yaml="",
+        callbacks=[records],
+    )
+    assert trainer.fit() == 0
+    return records.records
+
+
+def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
+    delay = 0.03
+    slow, ready = _fit(delay), _fit(0.0)
+    assert [r["step"] for r in slow] == [2, 4, 6]
+    for r in slow:
+        assert r["data_wait_s"] >= MICRO * delay  # every micro-batch's sleep was waited for
+        # the share is the wait over the same interval's step time
+        assert r["data_wait_frac"] == pytest.approx(r["data_wait_s"] / r["step_time_s"], rel=1e-6)
+        assert "data wait" in format_record(r)
+    for r in ready:
+        assert r["data_wait_s"] < MICRO * delay
+        assert r["data_wait_frac"] < 0.5  # the stand-in step's own sleep is the larger part
+    assert "data wait" not in format_record({**ready[-1], "data_wait_frac": 0.001})
+
+
+def _rank_main(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    records = _fit(0.04 if rank == 1 else 0.0, rank=rank, world=2)  # only rank 1 reads slowly
+    if rank == 0:
+        Path(out).write_text(json.dumps([r["data_wait_s"] for r in records]))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_the_slowest_ranks_wait_is_what_rank_0_logs(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "waits"
+    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=2, join=True)
+    waits = json.loads(out.read_text())
+    assert len(waits) == 3 and all(w >= MICRO * 0.04 for w in waits)
