@@ -312,13 +312,16 @@ class Trainer:
 
     def _log(self, pending: list[torch.Tensor], elapsed: float, waited: float) -> None:
         stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
-        losses = all_reduce_sum(stacked[:, 0].clone())
+        # one sum for the interval's losses and the skipped-sample count, one max for the wait
+        skipped = torch.tensor([float(self.skipped_samples)], device=stacked.device)
+        sums = all_reduce_sum(torch.cat([stacked[:, 0], skipped]).double())
+        losses, skipped_samples = sums[:-1], int(sums[-1])
         # The slowest rank's loader wait: every rank waits for it at the next collective, so its
         # stall is the job's (a rank reading from a slow disk shows here, not on rank 0).
         slowest_wait = float(
             all_reduce_max(torch.tensor(waited, dtype=torch.float64, device=self.ctx.device))
         )
-        loss = float(losses.sum() / stacked[:, 1].sum().clamp(min=1))
+        loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
         steps = len(pending)
         tokens_step = self.layout.global_batch_size * self.s.seq_len
         tps = steps * tokens_step / max(elapsed, 1e-9)
@@ -338,9 +341,7 @@ class Trainer:
             "mfu": None,
             "world_size": self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_steps,
-            "skipped_samples": int(
-                all_reduce_sum(torch.tensor(float(self.skipped_samples), device=self.ctx.device))
-            ),
+            "skipped_samples": skipped_samples,
         }
         if self.s.flops_per_token and self.s.peak_flops:
             record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)
