@@ -22,6 +22,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_on_gloo_ranks(fn, world: int, *args) -> None:
+    """Run `fn(rank, world, *args)` on `world` spawned processes joined in one gloo group (the
+    OLMo-core way to test collectives on CPU). `fn` must be a module-level function; an exception
+    on any rank fails the call with that rank's traceback."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gloo_rank, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def _gloo_rank(rank: int, world: int, port: int, fn, args: tuple) -> None:
+    import torch.distributed as dist
+
+    from ds_train.distributed.process_exit import exit_process
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    fn(rank, world, *args)
+    dist.barrier()
+    dist.destroy_process_group()
+    exit_process(0)  # as ds-train leaves: no interpreter teardown to abort in
+
+
 def clean_env(extra: dict | None = None) -> dict:
     """The test process's environment without launcher variables that would leak into children."""
     env = {

@@ -5,22 +5,16 @@ of a 1-process run."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as tmp
 
-from tests.helpers import base_config, free_port
+from tests.helpers import base_config, run_on_gloo_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_main(rank: int, world: int, cfg_dict: dict, out: str) -> None:
     from ds_train.config import from_dict
     from ds_train.data.loader import MicroBatches, make_loader
     from ds_train.distributed.deepspeed_config import batch_layout
@@ -48,12 +42,10 @@ def _rank_main(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> No
     gathered = all_gather_object(mine)
     if rank == 0:
         Path(out).write_text(json.dumps({"epoch_size": plan.epoch_size, "ranks": gathered}))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def _run(world: int, cfg: dict, out: Path) -> dict:
-    tmp.spawn(_rank_main, args=(world, free_port(), cfg, str(out)), nprocs=world, join=True)
+    run_on_gloo_ranks(_rank_main, world, cfg, str(out))
     return json.loads(out.read_text())
 
 

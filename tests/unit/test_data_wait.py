@@ -5,7 +5,6 @@ loaders that sleep, so the stall is known; only lower bounds on time are asserte
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +15,7 @@ import torch
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.progress import format_record
 from ds_train.train.trainer import Trainer, TrainerSettings
-from tests.helpers import free_port
+from tests.helpers import run_on_gloo_ranks
 
 MICRO = 2  # micro-batches per step
 COMPUTE_S = 0.01  # the stand-in engine's step
@@ -93,24 +92,16 @@ def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
     assert "data wait" not in format_record({**ready[-1], "data_wait_frac": 0.001})
 
 
-def _rank_main(rank: int, port: int, out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    records = _fit(0.04 if rank == 1 else 0.0, rank=rank, world=2)  # only rank 1 reads slowly
+def _rank_main(rank: int, world: int, out: str) -> None:
+    records = _fit(0.04 if rank == 1 else 0.0, rank=rank, world=world)  # only rank 1 reads slowly
     if rank == 0:
         Path(out).write_text(json.dumps([r["data_wait_s"] for r in records]))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_the_slowest_ranks_wait_is_what_rank_0_logs(tmp_path):
-    import torch.multiprocessing as mp
-
     out = tmp_path / "waits"
-    mp.spawn(_rank_main, args=(free_port(), str(out)), nprocs=2, join=True)
+    run_on_gloo_ranks(_rank_main, 2, str(out))
     waits = json.loads(out.read_text())
     assert len(waits) == 3 and all(w >= MICRO * 0.04 for w in waits)
