@@ -95,9 +95,15 @@ def main() -> None:
         # DeepSpeed engine, data plan, first batch and the first step (compilation included)
         "first_step_s": clock.first_step - launched,
     }
-    if torch.cuda.is_available():
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    if torch.cuda.is_available():  # the trainer resets the peaks at each log step: max of them all
+        every = [r for r in read_metrics(Path(cfg.run.output_dir)) if "loss" in r]
+        last = {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(),
+        }
+        for key, since_last_log in last.items():
+            result[key] = max([r[key] for r in every] + [since_last_log / 2**30])
+        result["alloc_retries"] = every[-1]["alloc_retries"]
     print(json.dumps(result), flush=True)
 
 

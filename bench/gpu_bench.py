@@ -181,6 +181,8 @@ def describe(r: dict, base: dict | None) -> str:
         f"{r['tokens_per_s'] / base['tokens_per_s'] - 1:+6.1%}" if base and "error" not in base else "     -"
     )
     mem = f"{r['peak_allocated_gib']:6.1f} GiB" if "peak_allocated_gib" in r else "     -"
+    if r.get("alloc_retries"):  # the allocator thrashed: the variant's speed is not its own
+        mem += f" ({r['alloc_retries']} alloc retries)"
     first = f"{r['first_step_s']:5.1f} s" if "first_step_s" in r else "    -"
     wait = f"{100 * r['data_wait_frac']:4.1f}%" if "data_wait_frac" in r else "   -"
     return f"{r['tokens_per_s']:>12,.0f} tok/s  MFU {mfu}  {delta}  peak {mem}  1st step {first}  data wait {wait}"

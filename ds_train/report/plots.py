@@ -155,6 +155,15 @@ def summary(metrics: RunMetrics) -> list[str]:
         lines.append(
             f"waiting for data: median {100 * statistics.median(steady):.1f}% of step time (slowest rank)"
         )
+    if len(metrics.peak_reserved_gib):
+        lines.append(
+            f"device memory: peak {max(metrics.peak_reserved_gib.values):.1f} GiB reserved (fullest rank)"
+        )
+    if len(metrics.alloc_retries) and metrics.alloc_retries.values[-1]:
+        lines.append(
+            f"cudaMalloc retries: {metrics.alloc_retries.values[-1]:.0f} by step {metrics.alloc_retries.steps[-1]} "
+            "(the allocator freed its cache to fit: near the memory limit, each costs a stall)"
+        )
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
     return lines

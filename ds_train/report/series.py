@@ -32,6 +32,8 @@ class RunMetrics:
     mfu: Series
     step_time_s: Series
     data_wait_frac: Series
+    peak_reserved_gib: Series
+    alloc_retries: Series
     grad_norm: Series
     lr: Series
     resumes: list[int]  # steps a resumed attempt restarted from
@@ -45,6 +47,8 @@ TRAIN_KEYS = (
     "mfu",
     "step_time_s",
     "data_wait_frac",
+    "peak_reserved_gib",
+    "alloc_retries",
     "grad_norm",
     "lr",
 )

@@ -29,6 +29,7 @@ from ds_train.distributed.engine import DistributedContext, all_reduce_max, all_
 from ds_train.distributed.peers import first_sentence, is_collective_failure, roll_call, wait_for_roll_call
 from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
+from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
 
 log = logging.getLogger(__name__)
 
@@ -316,11 +317,16 @@ class Trainer:
         skipped = torch.tensor([float(self.skipped_samples)], device=stacked.device)
         sums = all_reduce_sum(torch.cat([stacked[:, 0], skipped]).double())
         losses, skipped_samples = sums[:-1], int(sums[-1])
-        # The slowest rank's loader wait: every rank waits for it at the next collective, so its
-        # stall is the job's (a rank reading from a slow disk shows here, not on rank 0).
-        slowest_wait = float(
-            all_reduce_max(torch.tensor(waited, dtype=torch.float64, device=self.ctx.device))
-        )
+        # Maxima over ranks. The slowest rank's loader wait: every rank waits for it at the next
+        # collective, so its stall is the job's (a rank on a slow disk shows, not only rank 0's).
+        # Memory: the fullest rank is the one that runs out.
+        memory = {**device_memory(self.ctx.device), "host_peak_rss_gib": host_peak_rss_gib()}
+        maxima = all_reduce_max(
+            torch.tensor([waited, *memory.values()], dtype=torch.float64, device=self.ctx.device)
+        ).tolist()
+        slowest_wait, memory = maxima[0], dict(zip(memory, maxima[1:], strict=True))
+        if "alloc_retries" in memory:
+            memory["alloc_retries"] = int(memory["alloc_retries"])
         loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
         steps = len(pending)
         tokens_step = self.layout.global_batch_size * self.s.seq_len
@@ -342,6 +348,7 @@ class Trainer:
             "world_size": self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_samples": skipped_samples,
+            **memory,
         }
         if self.s.flops_per_token and self.s.peak_flops:
             record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)

@@ -15,7 +15,8 @@ from tests.helpers import run_cli
 def _train(step: int, loss: float, *, mfu: float | None = 0.4, tps: float = 1000.0) -> dict:
     return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": tps,
             "tokens_per_s_per_device": tps / 2, "step_time_s": 0.5, "mfu": mfu, "world_size": 2,
-            "data_wait_frac": 0.9 if step == 1 else 0.1}  # fmt: skip
+            "data_wait_frac": 0.9 if step == 1 else 0.1, "peak_reserved_gib": 4.0 + step / 8,
+            "alloc_retries": step // 4}  # fmt: skip
 
 
 def _write(run_dir, records) -> None:
@@ -81,6 +82,8 @@ def test_write_report_writes_a_png(resumed_run, tmp_path):
     assert "MFU: median 40.0%" in lines
     # the first interval (time to the first batch) is left out of the median
     assert "waiting for data: median 10.0% of step time (slowest rank)" in lines
+    assert "device memory: peak 5.0 GiB reserved (fullest rank)" in lines
+    assert any(line.startswith("cudaMalloc retries: 2 by step 8") for line in lines)
 
 
 def test_cli_report(resumed_run, tmp_path):

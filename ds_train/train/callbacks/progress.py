@@ -45,6 +45,10 @@ def format_record(record: dict) -> str:
     parts = [f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}", f"tok/s {record['tokens_per_s']:,.0f}"]
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    if record.get("peak_reserved_gib") is not None:
+        parts.append(f"mem {record['peak_reserved_gib']:.1f} GiB")
+        if record.get("alloc_retries"):  # the allocator is thrashing near the limit: say so
+            parts.append(f"alloc retries {record['alloc_retries']}")
     if record.get("data_wait_frac", 0) >= 0.01:  # an input stall is worth a glance; none is noise
         parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%")
     return " ".join(parts)

@@ -1,6 +1,7 @@
-"""metrics.jsonl's `data_wait_s` / `data_wait_frac`: the time the slowest rank spent waiting for
-its loader, per step and as a share of the step. The trainer runs here with a stand-in engine and
-loaders that sleep, so the stall is known; only lower bounds on time are asserted."""
+"""The per-interval figures of metrics.jsonl that are maxima over ranks: `data_wait_s` /
+`data_wait_frac` (the slowest rank's loader stall, per step and as a share of the step) and the
+memory peaks. The trainer runs here with a stand-in engine and loaders that sleep, so the stall is
+known; only lower bounds on time are asserted."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.progress import format_record
+from ds_train.train.memory_stats import GIB, device_memory, host_peak_rss_gib
 from ds_train.train.trainer import Trainer, TrainerSettings
 from tests.helpers import run_on_gloo_ranks
 
@@ -57,7 +59,8 @@ def _loader(delay_s: float):
         step += 1
 
 
-def _fit(delay_s: float, rank: int = 0, world: int = 1) -> list[dict]:
+def _fit(delay_s: float, rank: int = 0, world: int = 1) -> tuple[list[dict], dict]:
+    """The records rank 0 logs (none elsewhere) and this rank's last record."""
     records = _Records()
     trainer = Trainer(
         settings=TrainerSettings(
@@ -74,13 +77,14 @@ def _fit(delay_s: float, rank: int = 0, world: int = 1) -> list[dict]:
         callbacks=[records],
     )
     assert trainer.fit() == 0
-    return records.records
+    return records.records, trainer.last_record
 
 
 def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
     delay = 0.03
-    slow, ready = _fit(delay), _fit(0.0)
+    (slow, _), (ready, _) = _fit(delay), _fit(0.0)
     assert [r["step"] for r in slow] == [2, 4, 6]
+    assert slow[-1]["host_peak_rss_gib"] > 0.05 and "peak_reserved_gib" not in slow[-1]  # CPU
     for r in slow:
         assert r["data_wait_s"] >= MICRO * delay  # every micro-batch's sleep was waited for
         # the share is the wait over the same interval's step time
@@ -93,15 +97,39 @@ def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
 
 
 def _rank_main(rank: int, world: int, out: str) -> None:
-    records = _fit(0.04 if rank == 1 else 0.0, rank=rank, world=world)  # only rank 1 reads slowly
-    if rank == 0:
-        Path(out).write_text(json.dumps([r["data_wait_s"] for r in records]))
+    if rank == 1:  # rank 1 reads slowly and holds more host memory
+        ballast = torch.ones(256 * 2**20 // 4)  # noqa: F841 - 256 MiB, touched
+    own_rss = host_peak_rss_gib()
+    records, last = _fit(0.04 if rank == 1 else 0.0, rank=rank, world=world)
+    Path(out, str(rank)).write_text(
+        json.dumps({"own_rss": own_rss, "waits": [r["data_wait_s"] for r in records], "last": last})
+    )
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_the_slowest_ranks_wait_is_what_rank_0_logs(tmp_path):
-    out = tmp_path / "waits"
-    run_on_gloo_ranks(_rank_main, 2, str(out))
-    waits = json.loads(out.read_text())
-    assert len(waits) == 3 and all(w >= MICRO * 0.04 for w in waits)
+    run_on_gloo_ranks(_rank_main, 2, str(tmp_path))
+    zero, one = (json.loads((tmp_path / str(r)).read_text()) for r in (0, 1))
+    assert len(zero["waits"]) == 3 and all(w >= MICRO * 0.04 for w in zero["waits"])
+    # rank 0 logs rank 1's larger host peak; both ranks hold the same (reduced) record
+    assert one["own_rss"] > zero["own_rss"] + 0.2
+    assert zero["last"]["host_peak_rss_gib"] >= one["own_rss"]
+    assert zero["last"]["host_peak_rss_gib"] == one["last"]["host_peak_rss_gib"]
+
+
+def test_cuda_peaks_are_read_per_interval_and_retries_are_shown(monkeypatch):
+    stats = {"allocated_bytes.all.peak": 3 * GIB, "reserved_bytes.all.peak": 5 * GIB, "num_alloc_retries": 2}
+    resets = []
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda device: stats)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: resets.append(device))
+    cuda = torch.device("cuda", 0)
+    mem = device_memory(cuda)
+    assert mem == {"peak_allocated_gib": 3.0, "peak_reserved_gib": 5.0, "alloc_retries": 2.0}
+    assert resets == [cuda]  # the next interval's peak starts afresh
+    assert device_memory(torch.device("cpu")) == {}
+    line = format_record({"loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0, **mem})
+    assert "mem 5.0 GiB" in line and "alloc retries 2" in line
+    assert "alloc retries" not in format_record(
+        {"loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0, **mem, "alloc_retries": 0}
+    )
