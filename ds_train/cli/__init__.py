@@ -88,16 +88,30 @@ def main(argv: list[str] | None = None) -> int:
 
 def console_main() -> None:
     """Run `main` and end the process with its status (distributed/process_exit.py says how).
-    An unexpected error prints its traceback and exits 1, as the interpreter would."""
+    The statuses the interpreter would give are kept: an unexpected error prints its traceback and
+    exits 1, a `SystemExit` from anywhere exits with its code, Ctrl-C with 130."""
     import traceback
 
     from ds_train.distributed.process_exit import exit_process
 
     try:
         code = main()
-    except SystemExit:  # argparse's usage errors and --help, before any torch import
-        raise
+    except SystemExit as e:  # argparse's usage errors and --help, or a library's sys.exit
+        code = _system_exit_status(e.code)
+    except KeyboardInterrupt:
+        code = 130
     except BaseException:
         traceback.print_exc()
         code = 1
     exit_process(code)
+
+
+def _system_exit_status(code: object) -> int:
+    """`sys.exit(code)`'s status as the interpreter computes it: None is 0, an int itself,
+    anything else is printed to stderr and gives 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1

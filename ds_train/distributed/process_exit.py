@@ -9,14 +9,14 @@ exit status is what Slurm requeues on and what a launcher reports, so a finished
 into a crash at its last instruction: once the work is done we do the Python half of an
 interpreter exit ourselves (join threads, run `atexit` callbacks so trackers and loggers flush,
 flush the streams) and leave with `os._exit`, which skips the C++ half. Processes that never
-imported torch.distributed exit the ordinary way.
+imported torch (usage errors, commands that need no torch) exit the ordinary way.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import logging
+import ctypes
 import os
 import sys
 import threading
@@ -24,19 +24,20 @@ from typing import NoReturn
 
 
 def exit_process(code: int) -> NoReturn:
-    """End this process with `code`, without C++ teardown when torch.distributed was loaded."""
+    """End this process with `code`, without C++ teardown once torch (which always loads
+    torch.distributed) is in the process; otherwise the ordinary way."""
     if "torch.distributed" not in sys.modules:
         sys.exit(code)
-    # What Py_Finalize would do before the destructors, in its order: wait for non-daemon Python
-    # threads, then the atexit callbacks (wandb's finish, multiprocessing's reaping of DataLoader
-    # workers, logging's flush). `_run_exitfuncs` is CPython's own hook for that second step.
-    me = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not me and not thread.daemon:
-            thread.join()
+    # What Py_FinalizeEx does before the destructors, in its order. threading._shutdown runs the
+    # threading-atexit hooks (concurrent.futures wakes its idle workers there: joining them without
+    # it would wait for ever) and joins the non-daemon threads; then the atexit callbacks (wandb's
+    # finish, multiprocessing's reaping of DataLoader workers, logging's flush). Both are
+    # CPython's own hooks for those steps.
+    threading._shutdown()
     atexit._run_exitfuncs()
-    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe: nothing to reach
             stream.flush()
+    with contextlib.suppress(OSError, AttributeError):  # C stdio buffers (native libraries' printf)
+        ctypes.CDLL(None).fflush(None)
     os._exit(code)

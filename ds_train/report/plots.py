@@ -161,8 +161,9 @@ def summary(metrics: RunMetrics) -> list[str]:
         )
     if len(metrics.alloc_retries) and metrics.alloc_retries.values[-1]:
         lines.append(
-            f"cudaMalloc retries: {metrics.alloc_retries.values[-1]:.0f} by step {metrics.alloc_retries.steps[-1]} "
-            "(the allocator freed its cache to fit: near the memory limit, each costs a stall)"
+            f"cudaMalloc retries: {metrics.alloc_retries.values[-1]:.0f} by step {metrics.alloc_retries.steps[-1]}, "
+            "counted since the last (re)start (the allocator freed its cache to fit: near the memory "
+            "limit, each costs a stall)"
         )
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")

@@ -30,5 +30,16 @@ def device_memory(device: torch.device) -> dict[str, float]:
 
 
 def host_peak_rss_gib() -> float:
-    """Peak resident memory of this process since it started (Linux reports KiB)."""
+    """Peak resident memory of this process's own image since it started.
+
+    Linux's VmHWM, not getrusage's ru_maxrss: ru_maxrss carries the peak of the image a process
+    was forked from across exec, so a rank spawned by a big parent (a launcher, pytest) would start
+    at the parent's size. ru_maxrss (KiB on Linux) only where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / GIB  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB

@@ -324,7 +324,9 @@ class Trainer:
         maxima = all_reduce_max(
             torch.tensor([waited, *memory.values()], dtype=torch.float64, device=self.ctx.device)
         ).tolist()
-        slowest_wait, memory = maxima[0], dict(zip(memory, maxima[1:], strict=True))
+        # Clamped to this rank's interval: a rank's loader time overlapping rank 0's logging
+        # (paused out of rank 0's clock) must not read as more than the whole step.
+        slowest_wait, memory = min(maxima[0], elapsed), dict(zip(memory, maxima[1:], strict=True))
         if "alloc_retries" in memory:
             memory["alloc_retries"] = int(memory["alloc_retries"])
         loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
@@ -343,7 +345,7 @@ class Trainer:
             "tokens_per_s_per_device": tps / self.ctx.world_size,
             "step_time_s": elapsed / steps,
             "data_wait_s": slowest_wait / steps,
-            "data_wait_frac": min(slowest_wait / max(elapsed, 1e-9), 1.0),
+            "data_wait_frac": slowest_wait / max(elapsed, 1e-9),
             "mfu": None,
             "world_size": self.ctx.world_size,
             "nonfinite_steps": self.nonfinite_steps,

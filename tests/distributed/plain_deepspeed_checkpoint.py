@@ -12,8 +12,8 @@ import sys
 
 import deepspeed
 import torch
-import torch._dynamo
-import torch.distributed as dist  # imported before zero.Init patches tensor constructors
+import torch._dynamo  # imported before zero.Init patches tensor constructors
+import torch.distributed as dist
 import transformers.masking_utils  # noqa: F401 - likewise (it imports torch._dynamo lazily)
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.integrations import HfDeepSpeedConfig

@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO, clean_env
 
 # A child that runs `console_main` with a stand-in command. It leaves one file per piece of exit
@@ -15,7 +17,7 @@ from tests.helpers import REPO, clean_env
 # object whose __del__ only runs when the interpreter tears __main__ down.
 CHILD = textwrap.dedent(
     """
-    import atexit, logging, sys, threading, time
+    import atexit, concurrent.futures, logging, sys, threading, time
     from pathlib import Path
 
     out = Path(sys.argv[1])
@@ -34,6 +36,11 @@ CHILD = textwrap.dedent(
 
     def command():
         threading.Thread(target=late_thread).start()
+        # an idle pool left open (torch inductor keeps one): its workers are non-daemon threads
+        # that only wake in threading's own exit hooks
+        pool = concurrent.futures.ThreadPoolExecutor(2)
+        pool.submit(time.sleep, 0.01).result()
+        globals()["pool"] = pool
         atexit.register(lambda: (out / "atexit").write_text("ran"))
         handler = logging.handlers.MemoryHandler(100, target=logging.FileHandler(out / "log"))
         logging.getLogger("probe").addHandler(handler)
@@ -41,6 +48,10 @@ CHILD = textwrap.dedent(
         print("printed, not flushed")
         if sys.argv[3] == "raise":
             raise RuntimeError("unexpected")
+        if sys.argv[3] == "exit-message":
+            sys.exit("a library gave up")
+        if sys.argv[3] == "interrupt":
+            raise KeyboardInterrupt
         return int(sys.argv[3])
 
     import logging.handlers
@@ -79,6 +90,16 @@ def test_unexpected_error_prints_its_traceback_and_exits_1(tmp_path):
     proc, made = _run(tmp_path, "distributed", "raise")
     assert proc.returncode == 1
     assert "RuntimeError: unexpected" in proc.stderr and "Traceback" in proc.stderr
+    assert made["atexit"] and not made["teardown"]
+
+
+@pytest.mark.parametrize(
+    ("how", "status", "said"), [("exit-message", 1, "a library gave up"), ("interrupt", 130, "")]
+)
+def test_sys_exit_and_ctrl_c_keep_the_interpreters_statuses(tmp_path, how, status, said):
+    proc, made = _run(tmp_path, "distributed", how)
+    assert proc.returncode == status
+    assert said in proc.stderr and "Traceback" not in proc.stderr
     assert made["atexit"] and not made["teardown"]
 
 
