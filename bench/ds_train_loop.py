@@ -16,6 +16,7 @@ run reports the seconds from this script's start to the end of its first step.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -51,12 +52,22 @@ def main() -> None:
         def __init__(self) -> None:
             # (wall, CPU) clock at the end of each step from WARMUP on
             self.marks: list[tuple[float, float]] = []
+            self.gc_pauses: list[tuple[int, float]] = []
+            self.gc_started = 0.0
 
         def on_train_start(self, trainer) -> None:
+            gc.callbacks.append(self.gc_probe)
             if compile_model:
                 trainer.engine.compile()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
+
+        def gc_probe(self, phase: str, info: dict) -> None:
+            """Python's collections inside the timed steps: (generation, pause) each."""
+            if phase == "start":
+                self.gc_started = time.perf_counter()
+            elif self.start and not self.end:
+                self.gc_pauses.append((info["generation"], time.perf_counter() - self.gc_started))
 
         def on_step_end(self, trainer) -> None:
             if not self.first_step:
@@ -91,6 +102,10 @@ def main() -> None:
         # the slowest rank's loader stall as a share of the step: MFU lost to input, if any
         "data_wait_frac": statistics.median(r["data_wait_frac"] for r in records),
         "loss": records[-1]["loss"],
+        # Python's garbage collections inside the timed steps (rank 0), by generation
+        "gc_collections": {g: sum(1 for x, _ in clock.gc_pauses if x == g) for g in (0, 1, 2)},
+        "gc_pause_s": sum(t for _, t in clock.gc_pauses),
+        "gc_pause_max_s": max((t for _, t in clock.gc_pauses), default=0.0),
         # start-up as a requeued job pays it: imports, process group, model build and init,
         # DeepSpeed engine, data plan, first batch and the first step (compilation included)
         "first_step_s": clock.first_step - launched,

@@ -168,6 +168,11 @@ class TrainSection:
         "Also convert every N-th checkpoint to <output_dir>/exports/<tag>, in a background process (log in "
         "<output_dir>/logs/). 0: off. Keep train.keep_last >= 2 so pruning cannot remove one being read.",
     )
+    gc_every: int = doc(
+        50,
+        "Run Python's garbage collector every N steps on every rank, with its automatic runs off and "
+        "start-up objects frozen, so no rank stalls the others at a random step. 0: Python's default.",
+    )
     nonfinite: Literal["stop", "skip"] = doc(
         "stop", "On a NaN/Inf loss: stop with the step and batch named, or skip the update and count it."
     )

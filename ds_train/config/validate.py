@@ -86,6 +86,7 @@ def _check_train(cfg: Config) -> None:
         "train.save_every": t.save_every,
         "train.export_hf_every": t.export_hf_every,
         "train.eval_every": t.eval_every,
+        "train.gc_every": t.gc_every,
         "train.warmup_steps": t.warmup_steps,
         "data.num_workers": cfg.data.num_workers,
         "train.grad_clip": t.grad_clip,

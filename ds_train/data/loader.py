@@ -10,6 +10,7 @@ the prefetching.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import multiprocessing
@@ -185,6 +186,14 @@ class _Finite(Sampler):
         return self.n
 
 
+def _worker_start(worker_id: int) -> None:
+    """A worker forked during training inherits the trainer's collector switched off
+    (train.gc_every, callbacks/garbage_collection.py); it joins no collective, so it gets the
+    automatic collector back. The objects frozen before the fork stay frozen: a collection never
+    touches (and so never copies) the parent's pages."""
+    gc.enable()
+
+
 def make_loader(
     dataset: Dataset, *, num_workers: int, prefetch_factor: int, num_micro_batches: int | None = None
 ) -> Iterable[dict]:
@@ -198,7 +207,12 @@ def make_loader(
     sampler = _Endless() if num_micro_batches is None else _Finite(num_micro_batches)
     kwargs: dict = {}
     if num_workers > 0:
-        kwargs = {"prefetch_factor": prefetch_factor, "persistent_workers": False, "collate_fn": pack_batch}
+        kwargs = {
+            "prefetch_factor": prefetch_factor,
+            "persistent_workers": False,
+            "collate_fn": pack_batch,
+            "worker_init_fn": _worker_start,
+        }
         if "fork" in multiprocessing.get_all_start_methods():
             kwargs["multiprocessing_context"] = "fork"
     loader = DataLoader(

@@ -45,6 +45,7 @@ from ds_train.model.build import build_model, load_hf_config, load_tokenizer, ve
 from ds_train.objectives import build_objective
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.fault_injection import FaultInjection
+from ds_train.train.callbacks.garbage_collection import SyncedGarbageCollection
 from ds_train.train.callbacks.metrics_file import MetricsFile
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
@@ -265,6 +266,8 @@ def standard_callbacks(
     fault = FaultInjection.from_env()
     if fault is not None:
         callbacks.append(fault)
+    if cfg.train.gc_every:
+        callbacks.append(SyncedGarbageCollection(cfg.train.gc_every))
     if ctx.is_main:
         callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
         if cfg.train.export_hf_every:

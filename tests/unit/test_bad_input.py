@@ -84,6 +84,7 @@ CASES = [
     ("bad-source-weight", {"data.train": [{"path": "x", "weight": -1}]}, [], "weight must be > 0"),
     ("override-syntax", {}, ["train.max_steps"], "must look like section.key=value"),
     ("negative-log-every", {}, ["train.log_every=0"], "train.log_every must be > 0"),
+    ("negative-gc-every", {}, ["train.gc_every=-1"], "train.gc_every must be ≥ 0"),
     ("mlm-probability", {}, ["data.mlm_probability=1.5"], "data.mlm_probability must be within (0, 1)"),
     ("collective-timeout", {}, ["run.collective_timeout_s=0"], "run.collective_timeout_s must be > 0"),
     (
