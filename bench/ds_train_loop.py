@@ -87,7 +87,8 @@ def main() -> None:
     if os.environ.get("RANK", "0") != "0":
         return
     elapsed = clock.end - clock.start
-    records = [r for r in read_metrics(Path(cfg.run.output_dir)) if "loss" in r and r["step"] > warmup]
+    logged = [r for r in read_metrics(Path(cfg.run.output_dir)) if "loss" in r]
+    records = [r for r in logged if r["step"] > warmup]
     result = {
         "system": "ds_train",
         "tokens_per_s": (steps - warmup) * clock.tokens_per_step / elapsed,
@@ -111,14 +112,13 @@ def main() -> None:
         "first_step_s": clock.first_step - launched,
     }
     if torch.cuda.is_available():  # the trainer resets the peaks at each log step: max of them all
-        every = [r for r in read_metrics(Path(cfg.run.output_dir)) if "loss" in r]
         last = {
             "peak_allocated_gib": torch.cuda.max_memory_allocated(),
             "peak_reserved_gib": torch.cuda.max_memory_reserved(),
         }
         for key, since_last_log in last.items():
-            result[key] = max([r[key] for r in every] + [since_last_log / 2**30])
-        result["alloc_retries"] = every[-1]["alloc_retries"]
+            result[key] = max([r[key] for r in logged] + [since_last_log / 2**30])
+        result["alloc_retries"] = logged[-1]["alloc_retries"]
     print(json.dumps(result), flush=True)
 
 

@@ -34,13 +34,13 @@ def run_on_gloo_ranks(fn, world: int, *args) -> None:
 def _gloo_rank(rank: int, world: int, port: int, fn, args: tuple) -> None:
     import torch.distributed as dist
 
+    from ds_train.distributed.engine import shutdown
     from ds_train.distributed.process_exit import exit_process
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     fn(rank, world, *args)
-    dist.barrier()
-    dist.destroy_process_group()
+    shutdown(wait_for_peers=True)
     exit_process(0)  # as ds-train leaves: no interpreter teardown to abort in
 
 
