@@ -1,4 +1,5 @@
-"""`ds-train report RUN_DIR`: loss, throughput and MFU from metrics.jsonl, rendered to a PNG."""
+"""`ds-train report RUN_DIR`: loss, throughput and MFU from metrics.jsonl, rendered to a PNG, and
+the summaries of any profiles (`profile.*`) the run recorded."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.report.plots import summary, write_report
     from ds_train.report.series import load_run_metrics
     from ds_train.train.callbacks.metrics_file import METRICS_FILE
+    from ds_train.train.trace_summary import profile_lines
 
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file():
@@ -32,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
     if not len(metrics.loss) and not len(metrics.valid_loss):
         raise ConfigError(f"{run_dir / METRICS_FILE} holds no logged steps yet")
     out = write_report(run_dir, args.output, dpi=args.dpi, metrics=metrics)
-    for line in summary(metrics):
+    for line in summary(metrics) + profile_lines(run_dir):
         print(line)
     print(f"wrote {out}")
     return 0

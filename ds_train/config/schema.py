@@ -278,6 +278,32 @@ class FinetuneSection:
 
 
 @dataclass
+class ProfileSection:
+    start_step: int = doc(
+        0,
+        "Record torch.profiler traces of training steps start_step .. start_step+steps-1 to "
+        "<output_dir>/profile/steps_A-B/ (a Perfetto/chrome://tracing trace, an op table and a "
+        "summary per rank). 0: off.",
+    )
+    steps: int = doc(2, "Training steps recorded.")
+    warmup_steps: int = doc(
+        2,
+        "Steps the profiler runs before start_step without recording, so its own start-up cost "
+        "stays out of the trace.",
+    )
+    ranks: Any = doc([0], "Ranks that record: a list of rank numbers, or 'all'.")
+    record_shapes: bool = doc(
+        False, "Record operator input shapes (bigger trace; the op table groups by them)."
+    )
+    with_stack: bool = doc(False, "Record the Python stack of each operator (bigger, slower trace).")
+    memory: bool = doc(
+        False,
+        "Record memory allocations; on a GPU also write a CUDA memory snapshot (rankN.memory.pickle, "
+        "viewable at pytorch.org/memory_viz).",
+    )
+
+
+@dataclass
 class Config:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -285,6 +311,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     zero: ZeroSection = field(default_factory=ZeroSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
 
 
 SECTIONS: dict[str, type] = {
@@ -294,4 +321,5 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "zero": ZeroSection,
     "finetune": FinetuneSection,
+    "profile": ProfileSection,
 }

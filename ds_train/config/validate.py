@@ -25,6 +25,7 @@ def validate(cfg: Config, *, needs_train_data: bool = True) -> None:
     _check_model(cfg)
     _check_train(cfg)
     _check_zero(cfg)
+    _check_profile(cfg)
 
 
 def _check_model(cfg: Config) -> None:
@@ -137,6 +138,33 @@ def _check_zero(cfg: Config) -> None:
         )
     if z.offload_optimizer == "nvme" and z.stage != 3:
         raise ConfigError("zero.offload_optimizer=nvme is only supported with zero.stage=3")
+
+
+def _check_profile(cfg: Config) -> None:
+    p = cfg.profile
+    if p.start_step < 0:
+        raise ConfigError(f"profile.start_step must be ≥ 0 (0: off), got {p.start_step}")
+    if not p.start_step:
+        return
+    if p.steps < 1:
+        raise ConfigError(f"profile.steps must be ≥ 1, got {p.steps}")
+    if p.warmup_steps < 0:
+        raise ConfigError(f"profile.warmup_steps must be ≥ 0, got {p.warmup_steps}")
+    if p.start_step <= p.warmup_steps:
+        raise ConfigError(
+            f"profile.start_step={p.start_step} leaves no room for profile.warmup_steps={p.warmup_steps} "
+            f"before it: set start_step ≥ {p.warmup_steps + 1}"
+        )
+    if p.start_step > cfg.train.max_steps:
+        raise ConfigError(
+            f"profile.start_step={p.start_step} is after the last step (train.max_steps={cfg.train.max_steps})"
+        )
+    ranks = p.ranks
+    if not (
+        ranks == "all"
+        or (isinstance(ranks, list) and ranks and all(type(r) is int and r >= 0 for r in ranks))
+    ):
+        raise ConfigError(f"profile.ranks must be 'all' or a list of rank numbers, got {ranks!r}")
 
 
 def validate_finetune(cfg: Config) -> None:

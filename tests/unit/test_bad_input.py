@@ -85,6 +85,21 @@ CASES = [
     ("override-syntax", {}, ["train.max_steps"], "must look like section.key=value"),
     ("negative-log-every", {}, ["train.log_every=0"], "train.log_every must be > 0"),
     ("negative-gc-every", {}, ["train.gc_every=-1"], "train.gc_every must be ≥ 0"),
+    ("profile-start", {}, ["profile.start_step=-1"], "profile.start_step must be ≥ 0"),
+    ("profile-steps", {}, ["profile.start_step=3", "profile.steps=0"], "profile.steps must be ≥ 1"),
+    (
+        "profile-warmup-room",
+        {},
+        ["profile.start_step=2", "profile.warmup_steps=2"],
+        "leaves no room for profile.warmup_steps=2 before it: set start_step ≥ 3",
+    ),
+    ("profile-past-end", {}, ["profile.start_step=7"], "is after the last step (train.max_steps=6)"),
+    (
+        "profile-ranks",
+        {},
+        ["profile.start_step=3", "profile.ranks=first"],
+        "profile.ranks must be 'all' or a list",
+    ),
     ("mlm-probability", {}, ["data.mlm_probability=1.5"], "data.mlm_probability must be within (0, 1)"),
     ("collective-timeout", {}, ["run.collective_timeout_s=0"], "run.collective_timeout_s must be > 0"),
     (

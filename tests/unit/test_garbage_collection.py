@@ -67,7 +67,7 @@ def _config(**train) -> dict:
 def test_every_rank_gets_it_by_default_and_0_leaves_python_alone():
     from ds_train.train.pretrain import standard_callbacks
 
-    worker = SimpleNamespace(is_main=False)
+    worker = SimpleNamespace(is_main=False, rank=1, world_size=2)
     kinds = [type(cb) for cb in standard_callbacks(from_dict(_config()), worker)]
     assert SyncedGarbageCollection in kinds
     off = standard_callbacks(from_dict(_config(gc_every=0)), worker)

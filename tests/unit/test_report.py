@@ -87,7 +87,16 @@ def test_write_report_writes_a_png(resumed_run, tmp_path):
 
 
 def test_cli_report(resumed_run, tmp_path):
+    for rank in (10, 2):  # profile summaries (profile.*) are listed by rank number
+        window = resumed_run / "profile" / "steps_3-4"
+        window.mkdir(parents=True, exist_ok=True)
+        summary = {"steps": [3, 4], "step_ms": [100.0 * rank, 100.0 * rank], "window_ms": 0.0, "device": None}
+        (window / f"rank{rank}.summary.json").write_text(json.dumps(summary))
     out = run_cli(["report", resumed_run]).stdout
+    assert (
+        f"profile (rank 2): steps 3-4: 200.0 ms/step [{window}]\n"
+        f"profile (rank 10): steps 3-4: 1,000.0 ms/step [{window}]\n"
+    ) in out
     assert (resumed_run / "report.png").stat().st_size > 20_000
     assert f"wrote {resumed_run / 'report.png'}" in out
     bad = run_cli(["report", tmp_path / "empty"], check=False)
