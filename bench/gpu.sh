@@ -72,4 +72,4 @@ if [[ ${MODE:-variants} == anchors ]]; then
   exec "$PY" bench/bench_trainer.py --nproc 1 --stages 0 2 --repeats "${REPEATS:-2}" "${size[@]}" \
     --global-batch 16 --micro-batch 4 --full-logits --json "${OUT:-.}/gpu_trainer_anchors.json"
 fi
-exec "$PY" bench/gpu_bench.py "${args[@]}" --json "${OUT:-.}/gpu_bench.json"
+exec "$PY" bench/gpu_bench.py "${args[@]}" --json "${OUT:-.}/gpu_bench.json" --profile-dir "${OUT:-.}/gpu_profile"

@@ -10,6 +10,11 @@ FLOPs per token, attention term not halved: ds_train/model/flops.py). At the end
 beat the baseline by more than 1% without changing what is trained (document masking off does)
 are combined into a "tuned" run.
 
+The baseline and the tuned run also record a torch.profiler trace of one step inside their
+untimed warm-up (step WARMUP-1; `profile.*` of the run config): the trace is copied to
+--profile-dir and its summary (GPU busy share, kernel time by kind: ds_train/train/trace_summary.py)
+and op table go into the results, so a run short of its MFU goal says where the step's time went.
+
     bench/gpu.sh                       # all variants (≈ 2 min each on an H100)
     VARIANTS="baseline no_doc_mask compile" bench/gpu.sh
     GPU_BENCH_TOY=1 bench/gpu.sh       # CPU smoke test: tiny model, seq 128, fp32
@@ -21,6 +26,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,9 +40,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from ds_train.train.trace_summary import describe as describe_profile  # noqa: E402
 from tests.helpers import clean_env, free_port  # noqa: E402
 
 H100_BF16_PEAK = 989e12
+TRACE_COPY_LIMIT = 15 * 2**20  # bytes; a lent GPU machine returns files of up to 16 MiB
 TOKENIZER = REPO / "configs/tokenizers/stdlib-bpe-4k"
 
 
@@ -168,6 +176,31 @@ def run_variant(args, cfg_path: Path, v: Variant, extra: list[str], run_dir: Pat
     return json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"system"')))
 
 
+def profile_overrides(warmup: int) -> list[str]:
+    """Record step WARMUP-1, the profiler warming up in the step before: both inside the untimed
+    warm-up, and the trace is written before the clock starts at the end of step WARMUP."""
+    return [f"profile.start_step={warmup - 1}", "profile.steps=1", "profile.warmup_steps=1"]
+
+
+def collect_profile(run_dir: Path, name: str, into: Path | None) -> dict | None:
+    """Rank 0's profile of a run: summary and op table for the results, the trace copied `into`."""
+    window = next((run_dir / "profile").glob("steps_*"), None)
+    if window is None or not (window / "rank0.summary.json").is_file():
+        return None
+    found = {
+        "summary": json.loads((window / "rank0.summary.json").read_text()),
+        "ops_table": (window / "rank0.ops.txt").read_text(),
+    }
+    trace = window / "rank0.pt.trace.json.gz"
+    if into is not None:
+        if trace.stat().st_size <= TRACE_COPY_LIMIT:
+            into.mkdir(parents=True, exist_ok=True)
+            found["trace"] = str(shutil.copy(trace, into / f"{name}.pt.trace.json.gz"))
+        else:
+            found["trace"] = f"{trace} ({trace.stat().st_size / 2**20:.0f} MiB: too big to copy)"
+    return found
+
+
 def describe(r: dict, base: dict | None) -> str:
     if "error" in r:
         return f"FAILED ({r['error'].splitlines()[-1][:120]})"
@@ -198,6 +231,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--no-tuned", action="store_true", help="skip the combined 'tuned' run")
+    ap.add_argument(
+        "--no-profile", action="store_true", help="no profiler trace of the baseline and tuned runs"
+    )
+    ap.add_argument("--profile-dir", help="copy the baseline's and tuned run's traces here")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--workdir", help="shards and runs (default: a temporary directory)")
     ap.add_argument(
@@ -216,6 +253,7 @@ def main() -> None:
     args.warmup = args.warmup or (4 if toy else 5)
     if args.steps % args.warmup:
         ap.error("--steps must be a multiple of --warmup (the log interval)")
+    profiled = set() if args.no_profile or args.warmup < 3 else {"baseline", "tuned"}
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_bench_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -240,6 +278,19 @@ def main() -> None:
                 json.dumps({"args": vars(args), "device": _device(), "results": results}, indent=1)
             )
 
+    def run_profiled(v: Variant, overrides: list[str]) -> dict:
+        run_dir = tmp / f"run_{v.name}"
+        extra = overrides + (profile_overrides(args.warmup) if v.name in profiled else [])
+        r = run_variant(args, cfg_path, v, extra, run_dir)
+        if v.name in profiled and "error" not in r:
+            into = Path(args.profile_dir) if args.profile_dir else None
+            r["profile"] = collect_profile(run_dir, v.name, into)
+        return r
+
+    def show_profile(name: str, r: dict) -> None:
+        if r.get("profile"):
+            print(f"{'':<20} profile of {describe_profile(r['profile']['summary'])}", flush=True)
+
     def skip(name: str, why: str) -> None:
         results[name] = {"skipped": why}
         print(f"{name:<20} skipped: {why}", flush=True)
@@ -254,7 +305,7 @@ def main() -> None:
             skip(v.name, f"{v.needs} is not installed")
             continue
         with clock.timing():
-            r = run_variant(args, cfg_path, v, v.overrides, tmp / f"run_{v.name}")
+            r = run_profiled(v, v.overrides)
         results[v.name] = {
             **r,
             "what": v.what,
@@ -264,6 +315,7 @@ def main() -> None:
         }
         base = results["baseline"] if v.name != "baseline" else None
         print(f"{v.name:<20} {describe(r, base)}   {v.what}", flush=True)
+        show_profile(v.name, r)
         save()
 
     base = results["baseline"]
@@ -284,9 +336,10 @@ def main() -> None:
             overrides = [o for v in chosen for o in v.overrides]
             tuned = Variant("tuned", "-", " + ".join(v.name for v in chosen), overrides,
                             compile=any(v.compile for v in chosen))  # fmt: skip
-            r = run_variant(args, cfg_path, tuned, overrides, tmp / "run_tuned")
+            r = run_profiled(tuned, overrides)
             results["tuned"] = {**r, "what": tuned.what, "overrides": overrides, "compile": tuned.compile}
             print(f"{'tuned':<20} {describe(r, base)}   {tuned.what}", flush=True)
+            show_profile("tuned", r)
     note = " (toy run on CPU: the MFU only shows the arithmetic runs)" if toy else ""
     print(
         f"MFU against 989 TFLOP/s dense bf16 per GPU{note}; deltas are tokens/s vs baseline in this invocation"
