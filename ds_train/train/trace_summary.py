@@ -27,7 +27,12 @@ KERNEL_KINDS: tuple[tuple[str, re.Pattern], ...] = (
     ("communication", re.compile(r"nccl|all_?reduce|all_?gather|reduce_?scatter", re.I)),
     ("memory", re.compile(r"^mem(cpy|set)", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|attn|sdpa", re.I)),
-    ("matmul", re.compile(r"gemm|xmma|cutlass|cublas|matmul|wgmma|splitk", re.I)),
+    # cuBLAS(Lt) names its Hopper GEMMs sm90_xmma_gemm_* or, from CUDA 12.8, nvjet_*; torch.compile's
+    # Triton matmul templates are triton_tem_fused_*mm*
+    (
+        "matmul",
+        re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|wgmma|splitk|triton_tem_fused_\w*mm", re.I),
+    ),
     ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
 )
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
