@@ -10,10 +10,11 @@ FLOPs per token, attention term not halved: ds_train/model/flops.py). At the end
 beat the baseline by more than 1% without changing what is trained (document masking off does)
 are combined into a "tuned" run.
 
-The baseline and the tuned run also record a torch.profiler trace of one step inside their
-untimed warm-up (step WARMUP-1; `profile.*` of the run config): the trace is copied to
---profile-dir and its summary (GPU busy share, kernel time by kind: ds_train/train/trace_summary.py)
-and op table go into the results, so a run short of its MFU goal says where the step's time went.
+Every run also records a torch.profiler trace of one step inside its untimed warm-up (step
+WARMUP-1; `profile.*` of the run config), the same for all so that any cost the profiler leaves
+behind cannot favour one: its summary (GPU busy share, kernel time by kind:
+ds_train/train/trace_summary.py) and op table go into the results, and the baseline's and tuned
+run's traces are copied to --profile-dir, so a run short of its MFU goal says where the time went.
 
     bench/gpu.sh                       # all variants (≈ 2 min each on an H100)
     VARIANTS="baseline no_doc_mask compile" bench/gpu.sh
@@ -182,23 +183,22 @@ def profile_overrides(warmup: int) -> list[str]:
     return [f"profile.start_step={warmup - 1}", "profile.steps=1", "profile.warmup_steps=1"]
 
 
-def collect_profile(run_dir: Path, name: str, into: Path | None) -> dict | None:
+def collect_profile(run_dir: Path, warmup: int, name: str, into: Path | None) -> dict | None:
     """Rank 0's profile of a run: summary and op table for the results, the trace copied `into`."""
-    window = next((run_dir / "profile").glob("steps_*"), None)
-    if window is None or not (window / "rank0.summary.json").is_file():
-        return None
-    found = {
-        "summary": json.loads((window / "rank0.summary.json").read_text()),
-        "ops_table": (window / "rank0.ops.txt").read_text(),
-    }
+    window = run_dir / "profile" / f"steps_{warmup - 1}-{warmup - 1}"
+    found = {}
+    for key, file in (("summary", "rank0.summary.json"), ("ops_table", "rank0.ops.txt")):
+        if (window / file).is_file():
+            text = (window / file).read_text()
+            found[key] = json.loads(text) if file.endswith(".json") else text
     trace = window / "rank0.pt.trace.json.gz"
-    if into is not None:
+    if into is not None and trace.is_file():
         if trace.stat().st_size <= TRACE_COPY_LIMIT:
             into.mkdir(parents=True, exist_ok=True)
             found["trace"] = str(shutil.copy(trace, into / f"{name}.pt.trace.json.gz"))
         else:
             found["trace"] = f"{trace} ({trace.stat().st_size / 2**20:.0f} MiB: too big to copy)"
-    return found
+    return found or None
 
 
 def describe(r: dict, base: dict | None) -> str:
@@ -253,7 +253,9 @@ def main() -> None:
     args.warmup = args.warmup or (4 if toy else 5)
     if args.steps % args.warmup:
         ap.error("--steps must be a multiple of --warmup (the log interval)")
-    profiled = set() if args.no_profile or args.warmup < 3 else {"baseline", "tuned"}
+    # the recorded step (WARMUP-1) and the profiler's warm-up before it both after step 1 (start-up)
+    profiling = not args.no_profile and args.warmup >= 4
+    copy_traces = {"baseline", "tuned"}  # a lent GPU machine returns at most 8 files
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_bench_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -280,15 +282,15 @@ def main() -> None:
 
     def run_profiled(v: Variant, overrides: list[str]) -> dict:
         run_dir = tmp / f"run_{v.name}"
-        extra = overrides + (profile_overrides(args.warmup) if v.name in profiled else [])
+        extra = overrides + (profile_overrides(args.warmup) if profiling else [])
         r = run_variant(args, cfg_path, v, extra, run_dir)
-        if v.name in profiled and "error" not in r:
-            into = Path(args.profile_dir) if args.profile_dir else None
-            r["profile"] = collect_profile(run_dir, v.name, into)
+        if profiling and "error" not in r:
+            into = Path(args.profile_dir) if args.profile_dir and v.name in copy_traces else None
+            r["profile"] = collect_profile(run_dir, args.warmup, v.name, into)
         return r
 
     def show_profile(name: str, r: dict) -> None:
-        if r.get("profile"):
+        if "summary" in (r.get("profile") or {}):
             print(f"{'':<20} profile of {describe_profile(r['profile']['summary'])}", flush=True)
 
     def skip(name: str, why: str) -> None:

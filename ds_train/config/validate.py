@@ -155,16 +155,20 @@ def _check_profile(cfg: Config) -> None:
             f"profile.start_step={p.start_step} leaves no room for profile.warmup_steps={p.warmup_steps} "
             f"before it: set start_step ≥ {p.warmup_steps + 1}"
         )
-    if p.start_step > cfg.train.max_steps:
+    last = p.start_step + p.steps - 1
+    if last >= cfg.train.max_steps:
         raise ConfigError(
-            f"profile.start_step={p.start_step} is after the last step (train.max_steps={cfg.train.max_steps})"
+            f"profile window steps {p.start_step}-{last} must end before train.max_steps={cfg.train.max_steps} "
+            "(the last step's ProfilerStep annotation would hold the final evaluation and checkpoint)"
         )
     ranks = p.ranks
     if not (
         ranks == "all"
         or (isinstance(ranks, list) and ranks and all(type(r) is int and r >= 0 for r in ranks))
     ):
-        raise ConfigError(f"profile.ranks must be 'all' or a list of rank numbers, got {ranks!r}")
+        raise ConfigError(
+            f"profile.ranks must be 'all' or a list of rank numbers (e.g. [0, 3]), got {ranks!r}"
+        )
 
 
 def validate_finetune(cfg: Config) -> None:

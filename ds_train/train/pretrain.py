@@ -49,7 +49,7 @@ from ds_train.train.callbacks.garbage_collection import SyncedGarbageCollection
 from ds_train.train.callbacks.metrics_file import MetricsFile
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
-from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler
+from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler, window_notes
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
 from ds_train.train.hf_export import PeriodicHfExport, export_final
 from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank
@@ -271,15 +271,9 @@ def standard_callbacks(
         callbacks.append(SyncedGarbageCollection(cfg.train.gc_every))
     if wants_profiler(cfg.profile, ctx.rank):
         callbacks.append(StepProfiler(cfg.profile, cfg.run.output_dir, ctx.rank))
-    elif (
-        ctx.is_main
-        and cfg.profile.start_step
-        and cfg.profile.ranks != "all"
-        and min(cfg.profile.ranks) >= ctx.world_size
-    ):
-        log.warning(
-            "profile.ranks=%s: no such rank among %d; nothing is recorded", cfg.profile.ranks, ctx.world_size
-        )
+    if ctx.is_main:
+        for note in window_notes(cfg, ctx.world_size):
+            log.warning(note)
     if ctx.is_main:
         callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
         if cfg.train.export_hf_every:

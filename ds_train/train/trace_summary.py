@@ -5,11 +5,15 @@ figures a performance engineer reads first when MFU falls short, after Holistic 
 temporal and kernel breakdowns (HTA is a heavy dependency for these few numbers, and needs the
 trace files of all ranks in one place):
 
-- wall time of each recorded step (torch.profiler's `ProfilerStep#N` annotations);
+- wall time of each recorded step (torch.profiler's `ProfilerStep#N` annotations on the host);
 - on a GPU, the share of the recorded window in which any kernel ran ("busy": the rest is the GPU
   waiting for the CPU, the loader or a host sync), kernel time by kind (matmul, attention,
   communication, memory copies, optimizer, other), the heaviest kernels, and the communication no
   compute kernel overlapped ("exposed": what overlap_comm and bucket sizes can still win).
+
+Kernels count by when they ran, inside the wall-clock span of the recorded steps: the GPU runs
+behind the host, so a step's trailing kernels (optimizer, ZeRO's gathers) may run in the next
+step's span and the previous step's in this one; in steady state the two even out.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ KERNEL_KINDS: tuple[tuple[str, re.Pattern], ...] = (
         "matmul",
         re.compile(r"gemm|xmma|nvjet|cutlass|cublas|matmul|wgmma|splitk|triton_tem_fused_\w*mm", re.I),
     ),
+    # multi-tensor kernels: the Adam update, but also the gradient norm and zeroing around it
     ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
 )
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
@@ -72,7 +77,10 @@ def summarize_trace(events: list[dict], *, last_step: int | None = None, top: in
     steps = sorted(
         (int(m.group(1)), e["ts"], e["ts"] + e["dur"])
         for e in events
-        if e.get("ph") == "X" and (m := _STEP.match(str(e.get("name", ""))))
+        # the host's annotation: on a GPU, kineto repeats it per stream as gpu_user_annotation
+        if e.get("ph") == "X"
+        and e.get("cat") == "user_annotation"
+        and (m := _STEP.match(str(e.get("name", ""))))
     )
     steps = [s for s in steps if last_step is None or s[0] <= last_step]
     if not steps:
@@ -141,8 +149,9 @@ def profile_lines(run_dir: str | Path) -> list[str]:
     """One line per profile a run directory holds, by window then rank (for `ds-train report`)."""
     found = []
     for path in Path(run_dir).glob("profile/steps_*/rank*.summary.json"):
+        first_step = int(path.parent.name.removeprefix("steps_").split("-")[0])
         rank = int(path.name.removeprefix("rank").split(".")[0])
-        found.append((path.parent.name, rank, path))
+        found.append((first_step, rank, path))
     return [
         f"profile (rank {rank}): {describe(json.loads(path.read_text()))} [{path.parent}]"
         for _, rank, path in sorted(found)

@@ -113,8 +113,9 @@ class Trainer:
         ranks that did not answer a roll call."""
         try:
             return self._fit()
-        except RuntimeError as e:
-            if isinstance(e, RunFailure) or not is_collective_failure(e):
+        except BaseException as e:
+            self._emit_error(e)
+            if isinstance(e, RunFailure) or not isinstance(e, RuntimeError) or not is_collective_failure(e):
                 raise
             raise self._rank_lost(e) from None
 
@@ -144,6 +145,7 @@ class Trainer:
         interval_start, paused = time.perf_counter(), 0.0
         waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
         while self.step < self.s.max_steps:
+            self._emit("on_step_start")
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
             waited += time.perf_counter() - t0
@@ -377,3 +379,10 @@ class Trainer:
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
+
+    def _emit_error(self, error: BaseException) -> None:
+        for cb in self.callbacks:
+            try:
+                cb.on_train_error(self, error)
+            except Exception:  # the training error is the one to report
+                log.exception("%s failed while training was ending with an error", type(cb).__name__)

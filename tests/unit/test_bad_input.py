@@ -93,7 +93,12 @@ CASES = [
         ["profile.start_step=2", "profile.warmup_steps=2"],
         "leaves no room for profile.warmup_steps=2 before it: set start_step ≥ 3",
     ),
-    ("profile-past-end", {}, ["profile.start_step=7"], "is after the last step (train.max_steps=6)"),
+    (
+        "profile-past-end",
+        {},
+        ["profile.start_step=5", "profile.steps=2"],
+        "profile window steps 5-6 must end before train.max_steps=6",
+    ),
     (
         "profile-ranks",
         {},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,25 +13,29 @@ import torch
 
 from ds_train.config import from_dict
 from ds_train.config.schema import ProfileSection
-from ds_train.train.callbacks.step_profiler import StepProfiler
+from ds_train.train.callbacks.step_profiler import StepProfiler, window_notes
 from ds_train.train.pretrain import standard_callbacks
 from ds_train.train.trace_summary import load_trace
+from ds_train.train.trainer import Trainer, TrainerSettings
+from tests.unit.test_step_metrics import MICRO, _Engine, _loader, _Objective
 
 STEP_SLEEP_S = 0.01
 
 
-def _train(cb: StepProfiler, first: int, last: int, stop_after: int | None = None) -> None:
-    """Steps first..last as the trainer runs them: work, then on_step_end; on_train_end at the end."""
+def _train(cb: StepProfiler, first: int, last: int, stop_before: int | None = None) -> None:
+    """Steps first..last as the trainer calls the hooks; `stop_before`: a stop request found at the
+    top of that step (preemption), after on_step_start."""
     trainer = SimpleNamespace(step=first - 1)
     cb.on_train_start(trainer)
     x = torch.randn(64, 64)
     for step in range(first, last + 1):
+        cb.on_step_start(trainer)
+        if step == stop_before:
+            break
         x = torch.tanh(x @ x)
         time.sleep(STEP_SLEEP_S)
         trainer.step = step
         cb.on_step_end(trainer)
-        if step == stop_after:
-            break
     cb.on_train_end(trainer)
 
 
@@ -80,16 +85,66 @@ def test_a_resumed_run_records_only_a_window_still_ahead(tmp_path):
 
 def test_a_run_stopping_inside_the_window_writes_what_it_recorded(tmp_path):
     cb = StepProfiler(ProfileSection(start_step=3, steps=4, warmup_steps=1), tmp_path, rank=0)
-    _train(cb, 1, 10, stop_after=4)  # preempted after step 4
+    _train(cb, 1, 10, stop_before=5)  # preempted: the stop is agreed at the top of step 5
     window = tmp_path / "profile" / "steps_3-6"
-    # the trace's last annotation holds the end of training (step() opened it for step 5), so the
-    # summary leaves it out
+    # the trace's last annotation holds the stop (step 5 began, then checkpointed and left), so the
+    # summary keeps the finished steps only
     assert _recorded_steps(window) == [3, 4, 5]
     assert json.loads((window / "rank0.summary.json").read_text())["steps"] == [3, 4]
     # stopped during the warm-up: nothing recorded, nothing written
     early = StepProfiler(ProfileSection(start_step=5, steps=2, warmup_steps=2), tmp_path / "early", rank=0)
-    _train(early, 1, 10, stop_after=3)
+    _train(early, 1, 10, stop_before=4)
     assert not (tmp_path / "early" / "profile").exists()
+
+
+class _FailingLoader:
+    """The stand-in trainer's batches, raising at the first micro-batch of step `fail_at`."""
+
+    def __init__(self, fail_at: int):
+        self.inner, self.fail_at = _loader(0.0), fail_at
+
+    def __iter__(self):
+        for batch in self.inner:
+            if int(batch["step"]) + 1 == self.fail_at:
+                raise OSError("shard server gone")
+            yield batch
+
+
+def _trainer(callbacks, batches, max_steps: int = 6) -> Trainer:
+    settings = TrainerSettings(
+        max_steps=max_steps, log_every=2, save_every=0, eval_every=0, eval_steps=0, seq_len=4
+    )
+    return Trainer(
+        settings=settings,
+        ctx=SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu")),
+        engine=_Engine(),
+        objective=_Objective(),
+        layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO),
+        train_batches=batches,
+        checkpoints=SimpleNamespace(save=lambda *a, **k: None, root=Path("unused")),
+        state_fn=lambda step: {},
+        config_yaml="",
+        callbacks=callbacks,
+    )
+
+
+def test_the_trainer_drives_it_and_an_error_inside_the_window_still_writes(tmp_path):
+    whole = StepProfiler(ProfileSection(start_step=3, steps=2, warmup_steps=1), tmp_path / "a", rank=0)
+    assert _trainer([whole], _loader(0.0)).fit() == 0
+    assert _recorded_steps(tmp_path / "a" / "profile" / "steps_3-4") == [3, 4]
+
+    failing = StepProfiler(ProfileSection(start_step=3, steps=3, warmup_steps=1), tmp_path / "b", rank=0)
+    with pytest.raises(OSError, match="shard server gone"):  # the error itself still propagates
+        _trainer([failing], _FailingLoader(fail_at=5)).fit()
+    window = tmp_path / "b" / "profile" / "steps_3-5"
+    assert json.loads((window / "rank0.summary.json").read_text())["steps"] == [3, 4]
+
+
+def test_a_failing_write_is_logged_not_raised(tmp_path, caplog):
+    (tmp_path / "profile").write_text("a file where the profile directory should go")
+    cb = StepProfiler(ProfileSection(start_step=2, steps=1, warmup_steps=1), tmp_path, rank=0)
+    _train(cb, 1, 4)  # training goes on
+    assert "profile: could not write" in caplog.text
 
 
 def _config(**profile) -> dict:
@@ -119,3 +174,23 @@ def test_standard_callbacks_profile_the_selected_ranks(profile, recording_ranks)
         if any(isinstance(cb, StepProfiler) for cb in standard_callbacks(cfg, ctx)):
             recording.append(rank)
     assert recording == recording_ranks
+
+
+def test_window_notes_name_saves_evaluations_and_missing_ranks():
+    cfg = from_dict(
+        {
+            **_config(start_step=4, steps=3, ranks=[0, 2, 5]),
+            "train": {
+                "max_steps": 10,
+                "global_batch_size": 8,
+                "micro_batch_size": 4,
+                "save_every": 5,
+                "eval_every": 0,
+            },
+        }
+    )
+    assert window_notes(cfg, world_size=3) == [
+        "profile.ranks [5]: no such rank among 3; they record nothing",
+        "profile: step 5 includes a checkpoint save, which its ProfilerStep annotation holds too",
+    ]
+    assert window_notes(from_dict(_config()), world_size=1) == []

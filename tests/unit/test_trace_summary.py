@@ -68,6 +68,9 @@ def test_breakdown_of_a_known_trace():
     events = [
         _step(7, 0, 50),
         _step(8, 50, 50),
+        # kineto's copies of the annotations on the GPU streams: not steps of their own
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "ProfilerStep#8", "ts": 60, "dur": 15},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": "ProfilerStep#7", "ts": 5, "dur": 60},
         _kernel("sm90_xmma_gemm_bf16", 0, 30),
         _kernel("sm90_xmma_gemm_bf16", 20, 30),
         _kernel("ncclDevKernel_AllReduce_Sum", 40, 30),

@@ -13,6 +13,9 @@ class Callback:
     def on_train_start(self, trainer: Trainer) -> None:
         """After the engine is built and any checkpoint loaded, before the first step."""
 
+    def on_step_start(self, trainer: Trainer) -> None:
+        """Before each step fetches its first batch (trainer.step is the number of steps done)."""
+
     def on_step_end(self, trainer: Trainer) -> None:
         """After each optimizer step (trainer.step is the number of steps done)."""
 
@@ -27,3 +30,7 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last step and the final checkpoint, also when stopping early."""
+
+    def on_train_error(self, trainer: Trainer, error: BaseException) -> None:
+        """Training is ending with `error` (on_train_end will not run); the error propagates after.
+        An exception raised here is logged, never raised in place of `error`."""

@@ -7,15 +7,17 @@ recording), records `profile.steps` steps, and each recording rank writes to
 <output_dir>/profile/steps_A-B/:
 
 - rankN.pt.trace.json.gz: the Chrome trace (Perfetto, chrome://tracing, HTA); its
-  `ProfilerStep#K` annotations carry the training step numbers;
+  `ProfilerStep#K` annotations carry the training step numbers and span a whole loop iteration:
+  the batch fetch, forward/backward/optimizer, and the logging, evaluation and save after it;
 - rankN.ops.txt: torch's operator table, heaviest self time (GPU time on a GPU) first;
 - rankN.summary.json: `trace_summary.summarize_trace` of the trace (step times; on a GPU the busy
   share, kernel time by kind, exposed communication), also logged as one line;
 - rankN.memory.pickle (profile.memory on a GPU): a CUDA allocator snapshot for pytorch.org/memory_viz.
 
-A run that starts (or resumes) past the window records nothing and says so; one that stops inside
-it writes what it recorded. The trace's last `ProfilerStep` annotation then holds the end of
-training (final evaluation and checkpoint) rather than a step, and the summary leaves it out.
+A run that starts (or resumes) at or after start_step records nothing and says so. One that stops
+inside the window (preemption, an error: an OOM is when the memory snapshot matters most) writes
+what it recorded; the trace's last annotation may then hold the end of training rather than a
+step, and the summary leaves steps that did not finish out.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
 
-from ds_train.config.schema import ProfileSection
+from ds_train.config.schema import Config, ProfileSection
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.trace_summary import describe, load_trace, summarize_trace
 
 log = logging.getLogger(__name__)
 
-MEMORY_HISTORY_ENTRIES = 200_000  # allocation events the CUDA snapshot keeps (torch's example uses 100k)
+MEMORY_HISTORY_ENTRIES = 200_000  # allocation events the CUDA snapshot keeps (torch's example: 100k)
 
 
 class StepProfiler(Callback):
@@ -46,7 +48,7 @@ class StepProfiler(Callback):
         self.cuda = torch.cuda.is_available()
         self.prof: torch.profiler.profile | None = None
         self.next_step = 0
-        self.completed: int | None = None  # the last step that ran, when the recording ends
+        self.completed: int | None = None  # the last step that finished, when recording ends early
         self.finished = False
 
     def on_train_start(self, trainer) -> None:
@@ -54,21 +56,26 @@ class StepProfiler(Callback):
             log.info("profile: the run starts after step %d; steps %d-%d are not recorded",
                      trainer.step, self.first, self.last)  # fmt: skip
             self.finished = True
-            return
-        self._maybe_start(trainer.step)
 
-    def on_step_end(self, trainer) -> None:
-        if self.prof is not None:
-            self.prof.step()  # at the last recorded step, the schedule's RECORD_AND_SAVE writes
-            if trainer.step >= self.last:
-                self._stop(trainer.step)
-        elif not self.finished:
+    def on_step_start(self, trainer) -> None:
+        if self.finished:
+            return
+        if self.prof is None:
             self._maybe_start(trainer.step)
+            return
+        self.prof.step()  # step trainer.step + 1 begins; after the last one, the trace is written
+        if trainer.step >= self.last:
+            self._stop(trainer.step)
 
     def on_train_end(self, trainer) -> None:
         if self.prof is not None:  # stopped inside the window: write what was recorded, if anything
             if trainer.step < self.first:
                 log.info("profile: training stopped at step %d, before step %d", trainer.step, self.first)
+            self._stop(trainer.step)
+
+    def on_train_error(self, trainer, error: BaseException) -> None:
+        if self.prof is not None:
+            log.info("profile: writing what was recorded before the error")
             self._stop(trainer.step)
 
     def _maybe_start(self, done: int) -> None:
@@ -89,7 +96,8 @@ class StepProfiler(Callback):
         )
         self.prof.step_num = self.next_step
         if self.s.memory and self.cuda:
-            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            # Python frames only: C++ stacks make every allocation and the dump much slower
+            torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES, stacks="python")
         self.prof.start()
 
     def _action(self, step: int) -> ProfilerAction:
@@ -109,26 +117,47 @@ class StepProfiler(Callback):
             torch.cuda.memory._record_memory_history(enabled=None)
 
     def _write(self, prof: torch.profiler.profile) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        stem = self.dir / f"rank{self.rank}"
-        trace = stem.with_name(stem.name + ".pt.trace.json.gz")
-        prof.export_chrome_trace(str(trace))
-        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        stem.with_name(stem.name + ".ops.txt").write_text(
-            prof.key_averages().table(sort_by=sort_by, row_limit=40)
-        )
-        if self.s.memory and self.cuda:
-            torch.cuda.memory._dump_snapshot(str(stem.with_name(stem.name + ".memory.pickle")))
-        # The summary is a reading aid: a trace it cannot parse must not end a training run.
+        # A diagnostic must not end a training run (a full disk, a profiler bug): on this rank an
+        # exception here would leave the other ranks waiting at the next collective until timeout.
         try:
-            summary = summarize_trace(load_trace(trace), last_step=self.completed)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("profile: could not summarise %s: %s", trace, e)
-            return
-        stem.with_name(stem.name + ".summary.json").write_text(json.dumps(summary, indent=1))
+            self._write_files(prof)
+        except Exception as e:
+            log.warning("profile: could not write %s: %s: %s", self.dir, type(e).__name__, e)
+
+    def _write_files(self, prof: torch.profiler.profile) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        name = f"rank{self.rank}"
+        trace = self.dir / f"{name}.pt.trace.json.gz"
+        prof.export_chrome_trace(str(trace))
+        if self.s.memory and self.cuda:
+            torch.cuda.memory._dump_snapshot(str(self.dir / f"{name}.memory.pickle"))
+        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        table = prof.key_averages(group_by_input_shape=self.s.record_shapes).table(
+            sort_by=sort_by, row_limit=40
+        )
+        (self.dir / f"{name}.ops.txt").write_text(table)
+        summary = summarize_trace(load_trace(trace), last_step=self.completed)
+        (self.dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=1))
         log.info("profile (rank %d): %s -> %s", self.rank, describe(summary), self.dir)
 
 
 def wants_profiler(settings: ProfileSection, rank: int) -> bool:
     """Whether this rank records (profile.start_step set and the rank selected)."""
     return bool(settings.start_step) and (settings.ranks == "all" or rank in settings.ranks)
+
+
+def window_notes(cfg: Config, world_size: int) -> list[str]:
+    """What the user should know about the profile window before the run (logged by rank 0)."""
+    p, t = cfg.profile, cfg.train
+    if not p.start_step:
+        return []
+    notes = []
+    if p.ranks != "all" and (missing := [r for r in p.ranks if r >= world_size]):
+        notes.append(f"profile.ranks {missing}: no such rank among {world_size}; they record nothing")
+    window = range(p.start_step, p.start_step + p.steps)
+    for what, every in (("a checkpoint save", t.save_every), ("an evaluation", t.eval_every)):
+        if every and (hit := [s for s in window if s % every == 0]):
+            notes.append(
+                f"profile: step {hit[0]} includes {what}, which its ProfilerStep annotation holds too"
+            )
+    return notes
