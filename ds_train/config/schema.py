@@ -1,7 +1,7 @@
 """The run config: one typed dataclass per section, every field documented.
 
 A run config is YAML with the sections below; `ds-train pretrain CONFIG.yaml a.b=c` overrides any
-field from the command line. `ds-train config-help` prints this schema with the docs.
+field from the command line. `ds-train config` prints this schema with the docs.
 Validation that needs more than a type (batch arithmetic, contradictory ZeRO options) lives in
 `ds_train.config.validate`.
 """
@@ -283,7 +283,7 @@ class ProfileSection:
         0,
         "Record torch.profiler traces of training steps start_step .. start_step+steps-1 to "
         "<output_dir>/profile/steps_A-B/ (a Perfetto/chrome://tracing trace, an op table and a "
-        "summary per rank). 0: off.",
+        "summary per rank; docs/performance.md). The window must end before train.max_steps. 0: off.",
     )
     steps: int = doc(2, "Training steps recorded.")
     warmup_steps: int = doc(
