@@ -1,5 +1,5 @@
-"""`ds-train report RUN_DIR`: loss, throughput and MFU from metrics.jsonl, rendered to a PNG, and
-the summaries of any profiles (`profile.*`) the run recorded."""
+"""`ds-train report RUN_DIR`: loss, throughput and MFU from metrics.jsonl, rendered to a PNG, the
+run's goodput over all its attempts, and the summaries of any profiles (`profile.*`) it recorded."""
 
 from __future__ import annotations
 
@@ -22,9 +22,10 @@ def register(sub) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError
+    from ds_train.report.goodput import goodput
     from ds_train.report.plots import summary, write_report
     from ds_train.report.series import load_run_metrics
-    from ds_train.train.callbacks.metrics_file import METRICS_FILE
+    from ds_train.train.callbacks.metrics_file import METRICS_FILE, read_metrics
     from ds_train.train.trace_summary import profile_lines
 
     run_dir = Path(args.run_dir)
@@ -34,7 +35,8 @@ def main(args: argparse.Namespace) -> int:
     if not len(metrics.loss) and not len(metrics.valid_loss):
         raise ConfigError(f"{run_dir / METRICS_FILE} holds no logged steps yet")
     out = write_report(run_dir, args.output, dpi=args.dpi, metrics=metrics)
-    for line in summary(metrics) + profile_lines(run_dir):
+    run_time = goodput(read_metrics(run_dir))
+    for line in [*summary(metrics), *([run_time.describe()] if run_time else []), *profile_lines(run_dir)]:
         print(line)
     print(f"wrote {out}")
     return 0

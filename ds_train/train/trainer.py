@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import torch
 
 from ds_train.checkpoint.layout import latest_checkpoint
@@ -99,6 +100,9 @@ class Trainer:
         self.skipped_samples = 0  # rows the loader could not read and replaced (data.skip_corrupt)
         self._consecutive_nonfinite = 0
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
+        self._process_start = psutil.Process().create_time()  # this attempt's launch, in time.time()
+        self._startup_s: float | None = None
+        self._startup_logged = False
 
     # --- public -------------------------------------------------------------------------------
 
@@ -144,8 +148,11 @@ class Trainer:
         pending: list[torch.Tensor] = []
         interval_start, paused = time.perf_counter(), 0.0
         waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
+        side = {"eval_s": 0.0, "save_s": 0.0}  # evaluation and checkpoint time since the last log
         while self.step < self.s.max_steps:
             self._emit("on_step_start")
+            if self._startup_s is None:  # launch, imports, model, engine, data plan: this attempt's
+                self._startup_s = time.time() - self._process_start
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
             waited += time.perf_counter() - t0
@@ -162,14 +169,18 @@ class Trainer:
             pending.append(torch.stack([losses.sum(), global_targets]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
-                self._log(pending, time.perf_counter() - interval_start - paused, waited)
+                self._log(pending, time.perf_counter() - interval_start - paused, waited, side)
                 pending, interval_start, paused, waited = [], time.perf_counter(), 0.0, 0.0
+                side = dict.fromkeys(side, 0.0)
             t0 = time.perf_counter()
             if self.step < self.s.max_steps:
                 if self.s.eval_every and self.step % self.s.eval_every == 0:
                     self.evaluate()
+                t1 = time.perf_counter()
                 if self.s.save_every and self.step % self.s.save_every == 0:
                     self.save()
+                side["eval_s"] += t1 - t0
+                side["save_s"] += time.perf_counter() - t1
             paused += time.perf_counter() - t0
         self.evaluate()
         if self.last_saved_step != self.step:
@@ -313,7 +324,7 @@ class Trainer:
                 self.nonfinite_steps,
             )
 
-    def _log(self, pending: list[torch.Tensor], elapsed: float, waited: float) -> None:
+    def _log(self, pending: list[torch.Tensor], elapsed: float, waited: float, side: dict) -> None:
         stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
         # one sum for the interval's losses and the skipped-sample count, one max for the wait
         skipped = torch.tensor([float(self.skipped_samples)], device=stacked.device)
@@ -353,7 +364,15 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_samples": skipped_samples,
             **memory,
+            # time accounting (rank 0's clock; ds_train/report/goodput.py): the interval's steps,
+            # evaluation and saves since the previous log line, and this process's wall time so far
+            "interval_steps": steps,
+            **side,
+            "elapsed_s": time.time() - self._process_start,
         }
+        if not self._startup_logged:
+            record["startup_s"] = self._startup_s
+            self._startup_logged = True
         if self.s.flops_per_token and self.s.peak_flops:
             record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)
         record.update(self.extra_metrics())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ds_train.checkpoint.layout import latest_checkpoint
+from ds_train.report.goodput import goodput
 from tests.helpers import base_config, read_metrics, torchrun, train_losses, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -34,6 +35,12 @@ def test_killed_run_resumes_exactly(tmp_path, shards, stage):
     steps = [r["step"] for r in read_metrics(resumed_dir) if "loss" in r]
     # killed at the end of step 6 (before its log line): steps 5 and 6 are redone after the resume
     assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10]
+    # goodput: the killed attempt's step 5 is work lost (step 6 never reached its log line)
+    records = read_metrics(resumed_dir)
+    lost = next(r for r in records if r.get("step") == 5 and "loss" in r)
+    run_time = goodput(records)
+    assert run_time.attempts == 2 and run_time.redone_s == pytest.approx(lost["step_time_s"])
+    assert goodput(read_metrics(tmp_path / "a")).redone_s == 0
     a, b = train_losses(tmp_path / "a"), train_losses(resumed_dir)
     for step in range(1, 11):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=0), f"step {step}: {b[step]} vs {a[step]}"
