@@ -8,8 +8,11 @@ its end, which the next attempt recomputes. metrics.jsonl carries what this need
 (`interval_steps`, `step_time_s`, `eval_s`, `save_s`, `elapsed_s`, and `startup_s` on each
 attempt's first line); this module adds it up over all attempts of a run directory.
 
-Not seen: the time after an attempt's last log line (its final save, or the minutes before a crash
-and the time a requeued job waits in the queue), so goodput here is an upper bound for the job.
+Not seen, so the figure is approximate: the time after an attempt's last log line (its final
+save, or the minutes before a crash), attempts that died before their first log line, the time a
+requeued job waits in the queue, and what runs before the process exists (srun, a container's
+start, torchrun's rendezvous). Each attempt's first step counts as a step although it carries
+one-off costs (first batch, communicator set-up, kernel selection).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ class Goodput:
     startup_s: float
     eval_s: float
     save_s: float
+    unaccounted_lines: int = 0  # train lines without time accounting (written by an older ds-train)
 
     @property
     def other_s(self) -> float:
@@ -39,6 +43,8 @@ class Goodput:
         return self.kept_s / self.wall_s if self.wall_s > 0 else 0.0
 
     def describe(self) -> str:
+        if self.wall_s <= 0:
+            return "goodput: no wall time recorded"
         hours = self.wall_s / 3600
         wall = f"{hours:.1f} h" if hours >= 1 else f"{self.wall_s / 60:.1f} min"
         parts = {
@@ -52,15 +58,21 @@ class Goodput:
             f"{name} {t / self.wall_s:.1%}" for name, t in parts.items() if t >= 5e-4 * self.wall_s
         )
         plural = "attempt" if self.attempts == 1 else "attempts"
+        older = (
+            f"; {self.unaccounted_lines} earlier log lines carry no time accounting and are left out"
+            if self.unaccounted_lines
+            else ""
+        )
         return (
             f"goodput: {self.ratio:.1%} of {wall} ({self.attempts} {plural}) went to training steps that were "
-            f"kept; {shares} (time after an attempt's last log line is not seen)"
+            f"kept; {shares} (time after an attempt's last log line is not seen{older})"
         )
 
 
 def goodput(records: list[dict]) -> Goodput | None:
     """Goodput of the train records of metrics.jsonl in file order; None without time accounting."""
-    train = [r for r in records if "loss" in r and "interval_steps" in r and "elapsed_s" in r]
+    lines = [r for r in records if "loss" in r]
+    train = [r for r in lines if "interval_steps" in r and "elapsed_s" in r]
     if not train or "startup_s" not in train[0]:
         return None
     attempts: list[list[dict]] = []
@@ -70,7 +82,7 @@ def goodput(records: list[dict]) -> Goodput | None:
         attempts[-1].append(r)
     # where each attempt started from: its first interval began at the resumed checkpoint's step
     starts = [a[0]["step"] - a[0]["interval_steps"] for a in attempts]
-    total = Goodput(len(attempts), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    total = Goodput(len(attempts), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, unaccounted_lines=len(lines) - len(train))
     for i, attempt in enumerate(attempts):
         # steps above the earliest restart point of any later attempt were done again there
         cutoff = min(starts[i + 1 :], default=float("inf"))

@@ -63,7 +63,9 @@ def load_run_metrics(run_dir: str | Path) -> RunMetrics:
     for r in records:
         step = int(r["step"])
         if "loss" in r:
-            if step <= last_step:
+            # a resumed attempt goes back in steps, or (stopped right after a log line) opens with
+            # its start-up time
+            if step <= last_step or ("startup_s" in r and last_step >= 0):
                 resumes.append(step)
             last_step = step
             train[step] = r

@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import torch
 
 from ds_train.checkpoint.layout import latest_checkpoint
@@ -31,6 +30,7 @@ from ds_train.distributed.peers import first_sentence, is_collective_failure, ro
 from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
+from ds_train.train.process_clock import process_age_s
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Trainer:
         self.skipped_samples = 0  # rows the loader could not read and replaced (data.skip_corrupt)
         self._consecutive_nonfinite = 0
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
-        self._process_start = psutil.Process().create_time()  # this attempt's launch, in time.time()
+        self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
         self._startup_logged = False
 
@@ -118,10 +118,13 @@ class Trainer:
         try:
             return self._fit()
         except BaseException as e:
-            self._emit_error(e)
             if isinstance(e, RunFailure) or not isinstance(e, RuntimeError) or not is_collective_failure(e):
+                self._emit_error(e)
                 raise
-            raise self._rank_lost(e) from None
+            # the roll call first: peers wait for this rank's answer only seconds
+            lost = self._rank_lost(e)
+        self._emit_error(lost)
+        raise lost from None
 
     def _rank_lost(self, e: RuntimeError) -> RankLostError:
         wait = wait_for_roll_call(self.s.collective_timeout_s)
@@ -150,9 +153,9 @@ class Trainer:
         waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
         side = {"eval_s": 0.0, "save_s": 0.0}  # evaluation and checkpoint time since the last log
         while self.step < self.s.max_steps:
+            if self._startup_s is None:  # imports, process group, model, checkpoint, engine, data plan
+                self._startup_s = time.monotonic() - self._process_start
             self._emit("on_step_start")
-            if self._startup_s is None:  # launch, imports, model, engine, data plan: this attempt's
-                self._startup_s = time.time() - self._process_start
             t0 = time.perf_counter()
             micro = [next(batches) for _ in range(self.layout.grad_accum)]
             waited += time.perf_counter() - t0
@@ -160,7 +163,9 @@ class Trainer:
                 raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
             local_targets = torch.stack([b["num_targets"] for b in micro]).sum()
             global_targets, stop = self._agree(local_targets)
-            if stop:
+            if stop:  # every rank agreed, so every rank logs the steps since the last log line
+                if pending:
+                    self._log(pending, time.perf_counter() - interval_start - paused, waited, side)
                 return self._stop_for_requeue()
             self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
             losses = self._train_step(micro, global_targets)
@@ -368,7 +373,7 @@ class Trainer:
             # evaluation and saves since the previous log line, and this process's wall time so far
             "interval_steps": steps,
             **side,
-            "elapsed_s": time.time() - self._process_start,
+            "elapsed_s": time.monotonic() - self._process_start,
         }
         if not self._startup_logged:
             record["startup_s"] = self._startup_s

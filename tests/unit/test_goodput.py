@@ -4,6 +4,7 @@ and the trainer logging the time accounting it is computed from."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,8 +13,10 @@ import pytest
 import torch
 
 from ds_train.report.goodput import goodput
+from ds_train.report.series import load_run_metrics
 from ds_train.train.callbacks.base import Callback
-from ds_train.train.trainer import Trainer, TrainerSettings
+from ds_train.train.trainer import PREEMPTED_EXIT_CODE, Trainer, TrainerSettings
+from tests.helpers import run_cli
 from tests.unit.test_step_metrics import MICRO, _Engine, _loader, _Objective
 
 
@@ -59,14 +62,42 @@ def test_a_resume_inside_a_log_interval_loses_only_its_steps():
     assert (g.kept_s, g.redone_s) == (12.0 + 18.0, 8.0)
 
 
-def test_metrics_without_time_accounting_give_none():
-    assert goodput([{"step": 10, "loss": 1.0, "step_time_s": 1.0}]) is None
+def test_metrics_without_time_accounting_give_none_or_are_counted_out():
+    older = {"step": 10, "loss": 1.0, "step_time_s": 1.0}  # a line from before time accounting
+    assert goodput([older]) is None
     assert goodput([]) is None
+    g = goodput([older, _line(20, 10, 1.0, 30.0, startup_s=10.0)])
+    assert (g.attempts, g.unaccounted_lines, g.kept_s) == (1, 1, 10.0)
+    assert "1 earlier log lines carry no time accounting" in g.describe()
+
+
+def test_report_prints_goodput_and_marks_a_resume_that_starts_after_the_last_logged_step(tmp_path):
+    # preempted right after logging step 20 and checkpointing it: the next attempt logs 21 first
+    records = [_line(10, 10, 1.0, 30.0, startup_s=10.0), _line(20, 10, 1.0, 40.0),
+               _line(30, 10, 1.0, 25.0, startup_s=15.0)]  # fmt: skip
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert load_run_metrics(run).resumes == [30]
+    out = run_cli(["report", run]).stdout
+    assert "resumed at step(s) 30" in out
+    assert (
+        "goodput: 46.2% of 1.1 min (2 attempts) went to training steps that were kept; start-up 38.5%" in out
+    )
 
 
 class _Records(Callback):
-    def __init__(self):
+    def __init__(self, stop_at: int | None = None, hook_s: float = 0.0):
         self.records: list[dict] = []
+        self.stop_at, self.hook_s = stop_at, hook_s
+
+    def on_step_start(self, trainer):
+        if trainer.step == 0:
+            time.sleep(self.hook_s)  # a slow first hook: step time, not start-up
+
+    def on_step_end(self, trainer):
+        if trainer.step == self.stop_at:
+            trainer.request_stop("SIGUSR1")  # as the preemption handler does
 
     def on_log(self, trainer, record):
         self.records.append(record)
@@ -75,11 +106,10 @@ class _Records(Callback):
 SAVE_S = 0.05
 
 
-def test_the_trainer_logs_start_up_saves_and_elapsed_time():
-    records = _Records()
-    trainer = Trainer(
+def _trainer(records: _Records, log_every: int = 2) -> Trainer:
+    return Trainer(
         settings=TrainerSettings(
-            max_steps=6, log_every=2, save_every=2, eval_every=0, eval_steps=0, seq_len=4
+            max_steps=6, log_every=log_every, save_every=2, eval_every=0, eval_steps=0, seq_len=4
         ),
         ctx=SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu")),
         engine=_Engine(),
@@ -91,12 +121,25 @@ def test_the_trainer_logs_start_up_saves_and_elapsed_time():
         config_yaml="",
         callbacks=[records],
     )
-    assert trainer.fit() == 0
+
+
+def test_the_trainer_logs_start_up_saves_and_elapsed_time():
+    records = _Records(hook_s=0.3)
+    assert _trainer(records).fit() == 0
     first, second, third = records.records
-    assert first["startup_s"] > 0 and "startup_s" not in second and "startup_s" not in third
+    assert "startup_s" not in second and "startup_s" not in third
+    # start-up ends before the first step's hooks: their time is the first interval's
+    assert 0 < first["startup_s"] < first["elapsed_s"] - 0.3
+    assert first["step_time_s"] * first["interval_steps"] >= 0.3
     assert [r["interval_steps"] for r in records.records] == [2, 2, 2]
     # the save after step 2 shows in the line of step 4, the one after step 4 in step 6's
     assert first["save_s"] < SAVE_S / 10 and second["save_s"] >= SAVE_S and third["save_s"] >= SAVE_S
     assert first["elapsed_s"] < second["elapsed_s"] < third["elapsed_s"]
     g = goodput(records.records)
     assert g.attempts == 1 and 0 < g.ratio < 1 and g.save_s >= 2 * SAVE_S
+
+
+def test_a_preempted_attempt_logs_its_steps_since_the_last_log_line():
+    records = _Records(stop_at=3)
+    assert _trainer(records, log_every=4).fit() == PREEMPTED_EXIT_CODE
+    assert [(r["step"], r["interval_steps"]) for r in records.records] == [(3, 3)]

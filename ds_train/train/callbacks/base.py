@@ -32,5 +32,6 @@ class Callback:
         """After the last step and the final checkpoint, also when stopping early."""
 
     def on_train_error(self, trainer: Trainer, error: BaseException) -> None:
-        """Training is ending with `error` (on_train_end will not run); the error propagates after.
-        An exception raised here is logged, never raised in place of `error`."""
+        """Training is ending with `error`, which propagates after (on_train_end does not run). Peers
+        may be dead: no collectives here. An exception raised here is logged, never raised in
+        place of `error`."""
