@@ -22,8 +22,10 @@ step, and the summary leaves steps that did not finish out.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import torch
@@ -127,16 +129,24 @@ class StepProfiler(Callback):
     def _write_files(self, prof: torch.profiler.profile) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         name = f"rank{self.rank}"
-        trace = self.dir / f"{name}.pt.trace.json.gz"
-        prof.export_chrome_trace(str(trace))
-        if self.s.memory and self.cuda:
-            torch.cuda.memory._dump_snapshot(str(self.dir / f"{name}.memory.pickle"))
-        sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
-        table = prof.key_averages(group_by_input_shape=self.s.record_shapes).table(
-            sort_by=sort_by, row_limit=40
-        )
-        (self.dir / f"{name}.ops.txt").write_text(table)
-        summary = summarize_trace(load_trace(trace), last_step=self.completed)
+        # Exported plain, gzipped at level 6 in large chunks and summarised from the plain file:
+        # torch's own .gz export writes line by line at level 9, 12x slower (0.59 s vs 0.05 s for
+        # a 7.6 MB trace), and the summary would have to decompress it again.
+        plain = self.dir / f"{name}.pt.trace.json"
+        prof.export_chrome_trace(str(plain))
+        try:
+            with open(plain, "rb") as src, gzip.open(f"{plain}.gz", "wb", compresslevel=6) as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            if self.s.memory and self.cuda:
+                torch.cuda.memory._dump_snapshot(str(self.dir / f"{name}.memory.pickle"))
+            sort_by = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+            table = prof.key_averages(group_by_input_shape=self.s.record_shapes).table(
+                sort_by=sort_by, row_limit=40
+            )
+            (self.dir / f"{name}.ops.txt").write_text(table)
+            summary = summarize_trace(load_trace(plain), last_step=self.completed)
+        finally:
+            plain.unlink(missing_ok=True)
         (self.dir / f"{name}.summary.json").write_text(json.dumps(summary, indent=1))
         log.info("profile (rank %d): %s -> %s", self.rank, describe(summary), self.dir)
 
