@@ -31,11 +31,12 @@ def main(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / METRICS_FILE).is_file():
         raise ConfigError(f"{run_dir} has no {METRICS_FILE} (is it a ds-train run directory?)")
-    metrics = load_run_metrics(run_dir)
+    records = read_metrics(run_dir)
+    metrics = load_run_metrics(run_dir, records)
     if not len(metrics.loss) and not len(metrics.valid_loss):
         raise ConfigError(f"{run_dir / METRICS_FILE} holds no logged steps yet")
     out = write_report(run_dir, args.output, dpi=args.dpi, metrics=metrics)
-    run_time = goodput(read_metrics(run_dir))
+    run_time = goodput(records)
     for line in [*summary(metrics), *([run_time.describe()] if run_time else []), *profile_lines(run_dir)]:
         print(line)
     print(f"wrote {out}")

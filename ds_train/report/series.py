@@ -54,8 +54,9 @@ TRAIN_KEYS = (
 )
 
 
-def load_run_metrics(run_dir: str | Path) -> RunMetrics:
-    records = read_metrics(run_dir)
+def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> RunMetrics:
+    """RUN_DIR's metrics.jsonl as series (`records`: the file's lines, when already read)."""
+    records = read_metrics(run_dir) if records is None else records
     train: dict[int, dict] = {}
     valid: dict[int, dict] = {}
     resumes: list[int] = []

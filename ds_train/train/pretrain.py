@@ -274,7 +274,6 @@ def standard_callbacks(
     if ctx.is_main:
         for note in window_notes(cfg, ctx.world_size):
             log.warning(note)
-    if ctx.is_main:
         callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
         if cfg.train.export_hf_every:
             callbacks.append(PeriodicHfExport(cfg.run.output_dir, cfg.train.export_hf_every))

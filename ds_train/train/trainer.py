@@ -102,7 +102,6 @@ class Trainer:
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
-        self._startup_logged = False
 
     # --- public -------------------------------------------------------------------------------
 
@@ -149,9 +148,10 @@ class Trainer:
         self._emit("on_train_start")
         batches = iter(self.train_batches)
         pending: list[torch.Tensor] = []
-        interval_start, paused = time.perf_counter(), 0.0
+        interval_start = time.perf_counter()
         waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
-        side = {"eval_s": 0.0, "save_s": 0.0}  # evaluation and checkpoint time since the last log
+        # evaluation and checkpoint time since the last log line: paused out of the interval's clock
+        side = {"eval_s": 0.0, "save_s": 0.0}
         while self.step < self.s.max_steps:
             if self._startup_s is None:  # imports, process group, model, checkpoint, engine, data plan
                 self._startup_s = time.monotonic() - self._process_start
@@ -165,7 +165,7 @@ class Trainer:
             global_targets, stop = self._agree(local_targets)
             if stop:  # every rank agreed, so every rank logs the steps since the last log line
                 if pending:
-                    self._log(pending, time.perf_counter() - interval_start - paused, waited, side)
+                    self._log(pending, interval_start, waited, side)
                 return self._stop_for_requeue()
             self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
             losses = self._train_step(micro, global_targets)
@@ -174,11 +174,11 @@ class Trainer:
             pending.append(torch.stack([losses.sum(), global_targets]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
-                self._log(pending, time.perf_counter() - interval_start - paused, waited, side)
-                pending, interval_start, paused, waited = [], time.perf_counter(), 0.0, 0.0
+                self._log(pending, interval_start, waited, side)
+                pending, interval_start, waited = [], time.perf_counter(), 0.0
                 side = dict.fromkeys(side, 0.0)
-            t0 = time.perf_counter()
             if self.step < self.s.max_steps:
+                t0 = time.perf_counter()
                 if self.s.eval_every and self.step % self.s.eval_every == 0:
                     self.evaluate()
                 t1 = time.perf_counter()
@@ -186,7 +186,6 @@ class Trainer:
                     self.save()
                 side["eval_s"] += t1 - t0
                 side["save_s"] += time.perf_counter() - t1
-            paused += time.perf_counter() - t0
         self.evaluate()
         if self.last_saved_step != self.step:
             self.save()
@@ -329,7 +328,8 @@ class Trainer:
                 self.nonfinite_steps,
             )
 
-    def _log(self, pending: list[torch.Tensor], elapsed: float, waited: float, side: dict) -> None:
+    def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
+        elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
         stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
         # one sum for the interval's losses and the skipped-sample count, one max for the wait
         skipped = torch.tensor([float(self.skipped_samples)], device=stacked.device)
@@ -375,9 +375,8 @@ class Trainer:
             **side,
             "elapsed_s": time.monotonic() - self._process_start,
         }
-        if not self._startup_logged:
+        if not self.last_record:  # this process's first log line
             record["startup_s"] = self._startup_s
-            self._startup_logged = True
         if self.s.flops_per_token and self.s.peak_flops:
             record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)
         record.update(self.extra_metrics())
