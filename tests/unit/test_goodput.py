@@ -6,18 +6,14 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from ds_train.report.goodput import goodput
 from ds_train.report.series import load_run_metrics
-from ds_train.train.callbacks.base import Callback
-from ds_train.train.trainer import PREEMPTED_EXIT_CODE, Trainer, TrainerSettings
+from ds_train.train.trainer import PREEMPTED_EXIT_CODE, Trainer
 from tests.helpers import run_cli
-from tests.unit.test_step_metrics import MICRO, _Engine, _loader, _Objective
+from tests.unit.stand_in_trainer import LogRecords, stand_in_trainer
 
 
 def _line(step: int, steps: int, step_s: float, elapsed: float, **extra) -> dict:
@@ -86,9 +82,9 @@ def test_report_prints_goodput_and_marks_a_resume_that_starts_after_the_last_log
     )
 
 
-class _Records(Callback):
+class _Records(LogRecords):
     def __init__(self, stop_at: int | None = None, hook_s: float = 0.0):
-        self.records: list[dict] = []
+        super().__init__()
         self.stop_at, self.hook_s = stop_at, hook_s
 
     def on_step_start(self, trainer):
@@ -99,27 +95,13 @@ class _Records(Callback):
         if trainer.step == self.stop_at:
             trainer.request_stop("SIGUSR1")  # as the preemption handler does
 
-    def on_log(self, trainer, record):
-        self.records.append(record)
-
 
 SAVE_S = 0.05
 
 
 def _trainer(records: _Records, log_every: int = 2) -> Trainer:
-    return Trainer(
-        settings=TrainerSettings(
-            max_steps=6, log_every=log_every, save_every=2, eval_every=0, eval_steps=0, seq_len=4
-        ),
-        ctx=SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu")),
-        engine=_Engine(),
-        objective=_Objective(),
-        layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO),
-        train_batches=_loader(0.0),
-        checkpoints=SimpleNamespace(save=lambda *a, **k: time.sleep(SAVE_S), root=Path("unused")),
-        state_fn=lambda step: {},
-        config_yaml="",
-        callbacks=[records],
+    return stand_in_trainer(
+        [records], log_every=log_every, save_every=2, save=lambda *a, **k: time.sleep(SAVE_S)
     )
 
 

@@ -6,76 +6,21 @@ known; only lower bounds on time are asserted."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.progress import format_record
 from ds_train.train.memory_stats import GIB, device_memory, host_peak_rss_gib
-from ds_train.train.trainer import Trainer, TrainerSettings
 from tests.helpers import run_on_gloo_ranks
-
-MICRO = 2  # micro-batches per step
-COMPUTE_S = 0.01  # the stand-in engine's step
-
-
-class _Engine:
-    def backward(self, loss, scale_wrt_gas=True):
-        pass
-
-    def step(self):
-        time.sleep(COMPUTE_S / MICRO)
-
-    def get_global_grad_norm(self):
-        return 1.0
-
-    def get_lr(self):
-        return [1e-3]
-
-
-class _Objective:
-    def loss_sum(self, engine, batch):
-        return torch.tensor(2.0)
-
-
-class _Records(Callback):
-    def __init__(self):
-        self.records: list[dict] = []
-
-    def on_log(self, trainer, record):
-        self.records.append(record)
-
-
-def _loader(delay_s: float):
-    step = 0
-    while True:
-        for _ in range(MICRO):
-            time.sleep(delay_s)
-            yield {"step": torch.tensor(step), "num_targets": torch.tensor(8)}
-        step += 1
+from tests.unit.stand_in_trainer import MICRO, LogRecords, stand_in_batches, stand_in_trainer
 
 
 def _fit(delay_s: float, rank: int = 0, world: int = 1) -> tuple[list[dict], dict]:
     """The records rank 0 logs (none elsewhere) and this rank's last record."""
-    records = _Records()
-    trainer = Trainer(
-        settings=TrainerSettings(
-            max_steps=6, log_every=2, save_every=0, eval_every=0, eval_steps=0, seq_len=4
-        ),
-        ctx=SimpleNamespace(rank=rank, world_size=world, is_main=rank == 0, device=torch.device("cpu")),
-        engine=_Engine(),
-        objective=_Objective(),
-        layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO * world),
-        train_batches=_loader(delay_s),
-        checkpoints=SimpleNamespace(save=lambda *a, **k: None, root=Path("unused")),
-        state_fn=lambda step: {},
-        config_yaml="",
-        callbacks=[records],
-    )
+    records = LogRecords()
+    trainer = stand_in_trainer([records], stand_in_batches(delay_s), rank=rank, world=world)
     assert trainer.fit() == 0
     return records.records, trainer.last_record
 

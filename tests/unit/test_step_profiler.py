@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,8 +15,7 @@ from ds_train.config.schema import ProfileSection
 from ds_train.train.callbacks.step_profiler import StepProfiler, window_notes
 from ds_train.train.pretrain import standard_callbacks
 from ds_train.train.trace_summary import load_trace
-from ds_train.train.trainer import Trainer, TrainerSettings
-from tests.unit.test_step_metrics import MICRO, _Engine, _loader, _Objective
+from tests.unit.stand_in_trainer import stand_in_batches, stand_in_trainer
 
 STEP_SLEEP_S = 0.01
 
@@ -101,7 +99,7 @@ class _FailingLoader:
     """The stand-in trainer's batches, raising at the first micro-batch of step `fail_at`."""
 
     def __init__(self, fail_at: int):
-        self.inner, self.fail_at = _loader(0.0), fail_at
+        self.inner, self.fail_at = stand_in_batches(), fail_at
 
     def __iter__(self):
         for batch in self.inner:
@@ -110,32 +108,14 @@ class _FailingLoader:
             yield batch
 
 
-def _trainer(callbacks, batches, max_steps: int = 6) -> Trainer:
-    settings = TrainerSettings(
-        max_steps=max_steps, log_every=2, save_every=0, eval_every=0, eval_steps=0, seq_len=4
-    )
-    return Trainer(
-        settings=settings,
-        ctx=SimpleNamespace(rank=0, world_size=1, is_main=True, device=torch.device("cpu")),
-        engine=_Engine(),
-        objective=_Objective(),
-        layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO),
-        train_batches=batches,
-        checkpoints=SimpleNamespace(save=lambda *a, **k: None, root=Path("unused")),
-        state_fn=lambda step: {},
-        config_yaml="",
-        callbacks=callbacks,
-    )
-
-
 def test_the_trainer_drives_it_and_an_error_inside_the_window_still_writes(tmp_path):
     whole = StepProfiler(ProfileSection(start_step=3, steps=2, warmup_steps=1), tmp_path / "a", rank=0)
-    assert _trainer([whole], _loader(0.0)).fit() == 0
+    assert stand_in_trainer([whole]).fit() == 0
     assert _recorded_steps(tmp_path / "a" / "profile" / "steps_3-4") == [3, 4]
 
     failing = StepProfiler(ProfileSection(start_step=3, steps=3, warmup_steps=1), tmp_path / "b", rank=0)
     with pytest.raises(OSError, match="shard server gone"):  # the error itself still propagates
-        _trainer([failing], _FailingLoader(fail_at=5)).fit()
+        stand_in_trainer([failing], _FailingLoader(fail_at=5)).fit()
     window = tmp_path / "b" / "profile" / "steps_3-5"
     assert json.loads((window / "rank0.summary.json").read_text())["steps"] == [3, 4]
 
