@@ -177,6 +177,11 @@ class TrainSection:
         "stop", "On a NaN/Inf loss: stop with the step and batch named, or skip the update and count it."
     )
     max_nonfinite: int = doc(3, "With nonfinite=skip: stop after this many consecutive non-finite steps.")
+    straggler_ratio: float = doc(
+        1.2,
+        "Warn when one rank's forwards take this many times the median rank's over a log interval (a slow "
+        "rank sets every rank's pace); metrics.jsonl logs the slowest rank and its ratio either way. 0: no warning.",
+    )
 
 
 @dataclass

@@ -106,6 +106,8 @@ def _check_train(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
             f"{t.micro_batch_size} (global = micro × grad accumulation × data-parallel size)"
         )
+    if t.straggler_ratio and not t.straggler_ratio > 1:
+        raise ConfigError(f"train.straggler_ratio must be > 1 (or 0: no warning), got {t.straggler_ratio}")
     if t.peak_flops is not None and t.peak_flops <= 0:
         raise ConfigError("train.peak_flops must be > 0 (FLOP/s of one device)")
 

@@ -111,6 +111,15 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_gather_floats(value: float, device: torch.device) -> list[float]:
+    """One number from every rank, in rank order."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor(value, dtype=torch.float64, device=device))
+    return torch.stack(out).tolist()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from `src` to all ranks (one listing/manifest read per job)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

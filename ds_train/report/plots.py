@@ -165,9 +165,24 @@ def summary(metrics: RunMetrics) -> list[str]:
             "counted since the last (re)start (the allocator freed its cache to fit: near the memory "
             "limit, each costs a stall)"
         )
+    if len(metrics.slowest_forward_ratio):
+        lines.append(_stragglers(metrics))
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
     return lines
+
+
+def _stragglers(metrics: RunMetrics) -> str:
+    """Which rank was slowest most often, and how far behind the others it fell at worst."""
+    ranks = [int(r) for r in metrics.slowest_rank.values]
+    often = max(set(ranks), key=ranks.count)
+    ratios = metrics.slowest_forward_ratio
+    worst = max(range(len(ratios)), key=lambda i: ratios.values[i])
+    return (
+        f"slowest rank: rank {often} in {ranks.count(often)} of {len(ranks)} log lines; its forwards "
+        f"{statistics.median(ratios.values):.2f}x the other ranks' median (median over lines), "
+        f"{ratios.values[worst]:.2f}x at worst (step {ratios.steps[worst]}, rank {ranks[worst]})"
+    )
 
 
 def write_report(

@@ -36,6 +36,8 @@ class RunMetrics:
     alloc_retries: Series
     grad_norm: Series
     lr: Series
+    slowest_rank: Series
+    slowest_forward_ratio: Series
     resumes: list[int]  # steps a resumed attempt restarted from
     world_size: int | None
 
@@ -51,6 +53,8 @@ TRAIN_KEYS = (
     "alloc_retries",
     "grad_norm",
     "lr",
+    "slowest_rank",
+    "slowest_forward_ratio",
 )
 
 

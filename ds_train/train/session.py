@@ -163,6 +163,7 @@ def build_trainer(
         nonfinite=cfg.train.nonfinite,
         max_nonfinite=cfg.train.max_nonfinite,
         collective_timeout_s=cfg.run.collective_timeout_s,
+        straggler_ratio=cfg.train.straggler_ratio,
     )
     trainer = Trainer(
         settings=settings,

@@ -31,6 +31,7 @@ from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
 from ds_train.train.process_clock import process_age_s
+from ds_train.train.stragglers import StragglerWatch
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class TrainerSettings:
     nonfinite: str = "stop"
     max_nonfinite: int = 3
     collective_timeout_s: float = 600.0
+    straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the median rank's (0: never)
 
 
 class Trainer:
@@ -102,6 +104,7 @@ class Trainer:
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
+        self.stragglers = StragglerWatch(ctx.device, ctx.rank, ctx.world_size, settings.straggler_ratio)
 
     # --- public -------------------------------------------------------------------------------
 
@@ -263,7 +266,8 @@ class Trainer:
         losses = torch.zeros(len(micro), device=self.ctx.device)
         for k, batch in enumerate(micro):
             batch = self._to_device(batch)
-            loss_sum = self.objective.loss_sum(self.engine, batch)
+            with self.stragglers.clock:
+                loss_sum = self.objective.loss_sum(self.engine, batch)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()
             losses[k] = loss_sum.detach()
@@ -369,6 +373,8 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_steps,
             "skipped_samples": skipped_samples,
             **memory,
+            # which rank is slowest (ds_train/train/stragglers.py; a collective, so before any rank-0-only work)
+            **self.stragglers.interval(steps, self.step - steps + 1, self.step),
             # time accounting (rank 0's clock; ds_train/report/goodput.py): the interval's steps,
             # evaluation and saves since the previous log line, and this process's wall time so far
             "interval_steps": steps,

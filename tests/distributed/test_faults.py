@@ -18,7 +18,7 @@ from ds_train.checkpoint.integrity import manifest_problems
 from ds_train.checkpoint.layout import STATE_FILE, latest_checkpoint
 from ds_train.data.loader import build_plan, rank_positions
 from ds_train.distributed.deepspeed_config import BatchLayout
-from tests.helpers import base_config, read_metrics, torchrun, train_losses, write_config
+from tests.helpers import base_config, read_metrics, run_cli, torchrun, train_losses, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -149,6 +149,22 @@ def test_nonfinite_losses_are_named_skipped_counted_then_stop(tmp_path, shards):
     assert records[4]["nonfinite_steps"] == 1  # counted (a step late: the check costs no wait)
     assert all(np.isfinite(records[s]["loss"]) for s in (4, 5))  # the NaN update was not applied
     assert latest_checkpoint(run_dir / "checkpoints").step == 4
+
+
+def test_a_straggling_rank_is_named_in_the_metrics_the_log_and_the_report(tmp_path, shards, reference):
+    cfg, run_dir = _config(tmp_path, "run", shards)
+    # from step 3 on, each of rank 1's forwards takes 200 ms longer (the model's own: a few ms)
+    proc = torchrun(["pretrain", cfg], env={"DS_TRAIN_FAULT": "slow@step=3,rank=1,ms=200"})
+    records = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
+    for step in range(3, 9):
+        assert records[step]["slowest_rank"] == 1 and records[step]["slowest_forward_ratio"] > 3, records[
+            step
+        ]
+    warned = [line for line in proc.stderr.splitlines() if "is a straggler" in line]
+    assert len(warned) == 1 and "rank 1 on " in warned[0] and "in steps 3-3" in warned[0], warned
+    assert train_losses(run_dir) == reference  # slower, not different
+    report = run_cli(["report", run_dir, "--output", tmp_path / "report.png"]).stdout
+    assert "slowest rank: rank 1 in " in report, report
 
 
 def test_truncated_shard_is_named_or_skipped_and_counted(tmp_path, shards):

@@ -85,6 +85,7 @@ CASES = [
     ("override-syntax", {}, ["train.max_steps"], "must look like section.key=value"),
     ("negative-log-every", {}, ["train.log_every=0"], "train.log_every must be > 0"),
     ("negative-gc-every", {}, ["train.gc_every=-1"], "train.gc_every must be ≥ 0"),
+    ("straggler-ratio", {}, ["train.straggler_ratio=0.9"], "train.straggler_ratio must be > 1 (or 0"),
     ("profile-start", {}, ["profile.start_step=-1"], "profile.start_step must be ≥ 0"),
     ("profile-steps", {}, ["profile.start_step=3", "profile.steps=0"], "profile.steps must be ≥ 1"),
     (

@@ -395,6 +395,7 @@ def test_fault_spec_parses_points_ranks_and_lists():
         Fault("kill", "save", 8, 1),
         Fault("nan", "step", 3, None),
     ]
+    assert parse("slow@step=2,rank=1,ms=250") == [Fault("slow", "step", 2, 1, 250)]
     assert Fault("enospc", "save", 8, 1).fires("save", 8, 1) and not Fault("enospc", "save", 8, 1).fires(
         "save", 8, 0
     )

@@ -101,3 +101,18 @@ def test_cli_report(resumed_run, tmp_path):
     assert f"wrote {resumed_run / 'report.png'}" in out
     bad = run_cli(["report", tmp_path / "empty"], check=False)
     assert bad.returncode == 2 and "metrics.jsonl" in bad.stderr
+
+
+def test_summary_names_the_rank_most_often_slowest(tmp_path):
+    skew = {1: (1, 1.1), 2: (1, 1.8), 3: (0, 1.02), 4: (1, 1.3)}  # step: (slowest rank, ratio)
+    _write(
+        tmp_path,
+        [{**_train(s, 5.0), "slowest_rank": r, "slowest_forward_ratio": q} for s, (r, q) in skew.items()],
+    )
+    lines = [line for line in summary(load_run_metrics(tmp_path)) if line.startswith("slowest rank")]
+    assert lines == [
+        "slowest rank: rank 1 in 3 of 4 log lines; its forwards 1.20x the other ranks' median (median "
+        "over lines), 1.80x at worst (step 2, rank 1)"
+    ]
+    _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])  # one rank, or an older ds-train: no line
+    assert not any(line.startswith("slowest rank") for line in summary(load_run_metrics(tmp_path)))

@@ -5,6 +5,9 @@
     DS_TRAIN_FAULT="hang@step=7,rank=1"   rank 1 stops taking part (alive, sockets open): the others
                                           must give up after run.collective_timeout_s
     DS_TRAIN_FAULT="nan@step=7,rank=1"    rank 1's loss in step 7 is NaN (train.nonfinite decides)
+    DS_TRAIN_FAULT="slow@step=7,rank=1,ms=200"
+                                          from step 7 on, each of rank 1's forwards takes 200 ms
+                                          longer (a straggler; default 100 ms)
     DS_TRAIN_FAULT="kill@save=8,rank=1"   SIGKILL inside the save of step 8, once this rank's files
                                           are written and before the checkpoint is complete
     DS_TRAIN_FAULT="enospc@save=8,rank=1" that save fails with OSError(ENOSPC) on rank 1
@@ -26,7 +29,13 @@ from pathlib import Path
 from ds_train.train.callbacks.base import Callback
 
 ENV = "DS_TRAIN_FAULT"
-KINDS = {"kill": ("step", "save"), "hang": ("step",), "nan": ("step",), "enospc": ("save",)}
+KINDS = {
+    "kill": ("step", "save"),
+    "hang": ("step",),
+    "nan": ("step",),
+    "slow": ("step",),
+    "enospc": ("save",),
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +44,7 @@ class Fault:
     point: str  # "step" or "save"
     step: int
     rank: int | None
+    delay_ms: int = 100  # slow: added to each forward
 
     def fires(self, point: str, step: int, rank: int) -> bool:
         return self.point == point and self.step == step and self.rank in (None, rank)
@@ -51,19 +61,21 @@ def parse(spec: str) -> list[Fault]:
                 f"{ENV}: cannot parse {item!r} (see ds_train/train/callbacks/fault_injection.py)"
             )
         rank = int(values["rank"]) if "rank" in values else None
-        faults.append(Fault(kind, points[0], int(values[points[0]]), rank))
+        faults.append(Fault(kind, points[0], int(values[points[0]]), rank, int(values.get("ms", 100))))
     return faults
 
 
-class _NanLoss:
-    """The objective, except that the summed loss is NaN while `armed()` says so."""
+class _FaultyLoss:
+    """The objective, except that the summed loss is NaN while `nan()` says so, and each call
+    takes `delay_s()` seconds longer."""
 
-    def __init__(self, objective, armed):
-        self._objective, self._armed = objective, armed
+    def __init__(self, objective, nan, delay_s):
+        self._objective, self._nan, self._delay_s = objective, nan, delay_s
 
     def loss_sum(self, model, batch):
+        time.sleep(self._delay_s())
         loss = self._objective.loss_sum(model, batch)
-        return loss * float("nan") if self._armed() else loss
+        return loss * float("nan") if self._nan() else loss
 
     def __getattr__(self, name):
         return getattr(self._objective, name)
@@ -89,12 +101,20 @@ class FaultInjection(Callback):
         return fired
 
     def on_train_start(self, trainer) -> None:
-        if any(f.kind == "nan" for f in self.faults):
-            # trainer.step counts finished steps: step N is computed while it reads N - 1
-            trainer.objective = _NanLoss(
-                trainer.objective,
-                lambda: trainer.engine.training and self._fired(trainer, "nan", "step", trainer.step + 1),
-            )
+        if not any(f.kind in ("nan", "slow") for f in self.faults):
+            return
+        # trainer.step counts finished steps: step N is computed while it reads N - 1
+        slow = [f for f in self.faults if f.kind == "slow" and f.rank in (None, trainer.ctx.rank)]
+
+        def delay_s() -> float:
+            training = trainer.engine.training
+            return sum(f.delay_ms for f in slow if training and trainer.step + 1 >= f.step) / 1000
+
+        trainer.objective = _FaultyLoss(
+            trainer.objective,
+            lambda: trainer.engine.training and self._fired(trainer, "nan", "step", trainer.step + 1),
+            delay_s,
+        )
 
     def on_step_end(self, trainer) -> None:
         if self._fired(trainer, "kill", "step", trainer.step):

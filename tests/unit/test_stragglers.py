@@ -1,0 +1,162 @@
+"""Straggler detection (ds_train/train/stragglers.py): each rank times its forwards, the log step
+gathers them, metrics.jsonl names the slowest rank and rank 0 warns once while it stays slow."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from ds_train.train import stragglers
+from ds_train.train.stragglers import ForwardClock, StragglerWatch, rank_skew
+from tests.helpers import run_on_gloo_ranks
+from tests.unit.stand_in_trainer import COMPUTE_S, MICRO, ConstantLoss, LogRecords, stand_in_trainer
+
+
+def test_rank_skew_names_the_slowest_rank_against_the_median():
+    skew = rank_skew([0.10, 0.30, 0.10, 0.12])
+    assert (skew.slowest_rank, skew.slowest_s, skew.others_s) == (1, 0.30, 0.10)
+    assert skew.ratio == pytest.approx(3.0)
+    assert rank_skew([0.1, 0.3]).ratio == pytest.approx(3.0)  # two ranks: against the other one
+    assert rank_skew([0.0, 0.0]).ratio == 1.0  # nothing timed: no straggler
+
+
+def test_the_clock_counts_only_time_inside_with_and_resets_at_take():
+    import torch
+
+    clock = ForwardClock(torch.device("cpu"))
+    for _ in range(2):
+        with clock:
+            time.sleep(0.03)
+        time.sleep(0.05)  # outside: not counted
+    seconds = clock.take()
+    assert 0.06 <= seconds < 0.1
+    assert clock.take() == 0.0
+
+
+class _FakeEvent:
+    """torch.cuda.Event's timing surface: recorded at a fake clock, elapsed_time in ms."""
+
+    now = 0.0
+    synchronized: ClassVar[list] = []
+
+    def __init__(self, enable_timing: bool = False):
+        assert enable_timing
+        self.at = None
+
+    def record(self):
+        self.at = _FakeEvent.now
+
+    def synchronize(self):
+        _FakeEvent.synchronized.append(self)
+
+    def elapsed_time(self, end) -> float:
+        return 1000 * (end.at - self.at)
+
+
+def test_on_a_gpu_the_clock_reads_cuda_events_at_take(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    clock = ForwardClock(torch.device("cuda", 0))
+    for start, end in ((1.0, 1.25), (2.0, 2.5)):
+        _FakeEvent.now = start
+        with clock:
+            _FakeEvent.now = end  # the device's time, not the host's
+    assert _FakeEvent.synchronized == []  # nothing waits for the device inside the step
+    assert clock.take() == pytest.approx(0.75)
+    assert len(_FakeEvent.synchronized) == 1  # the last forward's end, once, at the log step
+    assert clock.take() == 0.0
+
+
+def _watch(monkeypatch, gathered: list[list[float]], warn_ratio: float = 1.2) -> tuple[StragglerWatch, list]:
+    import torch
+
+    queue = list(gathered)
+    monkeypatch.setattr(stragglers, "all_gather_floats", lambda value, device: queue.pop(0))
+    monkeypatch.setattr(stragglers, "all_gather_object", lambda obj: ["node-a", "node-b", "node-c"])
+    return StragglerWatch(torch.device("cpu"), 0, 3, warn_ratio), queue
+
+
+def test_rank_0_warns_when_a_rank_starts_straggling_and_says_when_it_recovers(monkeypatch, caplog):
+    watch, _ = _watch(monkeypatch, [[0.2, 0.2, 0.2], [0.2, 0.5, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.21]])
+    caplog.set_level(logging.INFO, logger=stragglers.__name__)
+    fields = [watch.interval(2, 2 * i + 1, 2 * i + 2) for i in range(4)]
+    assert fields[1] == {
+        "forward_s": 0.1,  # ranks 0 and 2
+        "slowest_rank": 1,
+        "slowest_rank_host": "node-b",
+        "slowest_forward_s": 0.25,
+        "slowest_forward_ratio": 2.5,
+    }
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # steps 3-4 and 5-6 are one episode
+    assert warnings[0].startswith(
+        "rank 1 on node-b is a straggler: its forwards took 2.50x the other ranks' median in steps 3-4"
+    )
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert infos == ["rank 1 keeps pace again in steps 7-8 (1.05x)"]
+    assert fields[3]["slowest_rank"] == 2
+
+
+def test_no_warning_with_ratio_0_but_the_fields_are_logged(monkeypatch, caplog):
+    watch, _ = _watch(monkeypatch, [[0.2, 0.9, 0.2]], warn_ratio=0)
+    assert watch.interval(1, 1, 1)["slowest_rank"] == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_one_rank_logs_no_straggler_fields():
+    records = LogRecords()
+    stand_in_trainer([records]).fit()
+    assert records.records and not any("slowest_rank" in r for r in records.records)
+
+
+class _SlowLoss(ConstantLoss):
+    def __init__(self, delay_s: float):
+        self.delay_s = delay_s
+
+    def loss_sum(self, engine, batch):
+        time.sleep(self.delay_s)
+        return super().loss_sum(engine, batch)
+
+
+DELAY_S = 0.04  # rank 1's extra forward time per micro-batch
+
+
+def _rank_main(rank: int, world: int, out: str) -> None:
+    records = LogRecords()
+    trainer = stand_in_trainer([records], rank=rank, world=world)
+    trainer.objective = _SlowLoss(DELAY_S if rank == 1 else 0.0)
+    with_logs = []
+    handler = logging.Handler()
+    handler.emit = lambda record: with_logs.append(record.getMessage())
+    logging.getLogger(stragglers.__name__).addHandler(handler)
+    trainer.fit()
+    (Path(out) / str(rank)).write_text(
+        json.dumps({"records": records.records, "last": trainer.last_record, "logs": with_logs})
+    )
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_rank_with_slow_forwards_is_named_in_the_metrics_and_warned_about(tmp_path):
+    run_on_gloo_ranks(_rank_main, 2, str(tmp_path))
+    zero, one = (json.loads((tmp_path / str(r)).read_text()) for r in (0, 1))
+    assert [r["step"] for r in zero["records"]] == [2, 4, 6]
+    for r in zero["records"]:
+        # rank 1's forwards: its sleep alone is MICRO × DELAY_S per step; rank 0's take almost no
+        # time. Timing the whole step instead would show both ranks alike (they wait for each other).
+        assert r["slowest_rank"] == 1 and r["slowest_forward_ratio"] > 3
+        assert MICRO * DELAY_S <= r["slowest_forward_s"] < MICRO * DELAY_S + COMPUTE_S  # no engine step in it
+        assert r["forward_s"] < COMPUTE_S  # rank 0's
+    # every rank computes the same fields from the same gathered numbers
+    assert {k: one["last"][k] for k in ("slowest_rank", "forward_s")} == {
+        k: zero["last"][k] for k in ("slowest_rank", "forward_s")
+    }
+    warned = [m for m in zero["logs"] if "is a straggler" in m]
+    assert len(warned) == 1 and warned[0].startswith("rank 1 on ") and "steps 1-2" in warned[0]
+    assert not [m for m in one["logs"] if "is a straggler" in m]  # rank 0 speaks for the job
