@@ -3,13 +3,16 @@ be, what does it cost the job, and how often does a healthy run read over train.
 
 Each ZeRO stage: one healthy 2-rank `ds-train pretrain` run (its forward time per micro-batch sets
 the delays), then runs in which rank 1's forwards take a given fraction longer
-(DS_TRAIN_FAULT=slow@step=1,rank=1,ms=…: a sleep inside the timed forward, as a throttled GPU's
-slower kernels would be), alternating with healthy repeats. Per run, over its log lines after the
+(DS_TRAIN_FAULT=slow@step=1,rank=1,ms=…: sleeps inside its linear layers, as a throttled GPU's
+slower kernels would be), alternating with healthy repeats. Stage `3g` is ZeRO-3 gathering every
+parameter layer by layer (prefetch bucket 1, persistence threshold 0), as for a model many times
+its prefetch bucket; plain `3` keeps the defaults, under which this small model is prefetched
+whole at the start of each forward. Per run, over its log lines after the
 first: the share naming rank 1 as the slowest, the median slowest_forward_ratio, whether rank 0
 warned, and tokens/s against the healthy runs' median (what one slow rank costs every rank).
 Also the clock's own cost per forward, timed in this process.
 
-    .venv/bin/python bench/bench_stragglers.py --stages 2 3 --slowdowns 0.1 0.25 0.5 1.0
+    .venv/bin/python bench/bench_stragglers.py --stages 2 3 3g --slowdowns 0.1 0.25 1.0
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from gpu_bench import synthetic_shards  # noqa: E402
 from tests.helpers import read_metrics, torchrun  # noqa: E402
 
 
-def run_config(args, model: Path, shards: Path, run_dir: Path, stage: int) -> dict:
+def run_config(args, model: Path, shards: Path, run_dir: Path, stage: str) -> dict:
+    zero: dict = {"stage": int(stage[0])}
+    if stage == "3g":
+        zero.update(stage3_prefetch_bucket_size=1, stage3_param_persistence_threshold=0)
     return {
         "run": {"output_dir": str(run_dir), "tensorboard": False, "seed": 1},
         "model": {"config": str(model), "tokenizer": str(REPO / "configs/tokenizers/stdlib-bpe-4k")},
@@ -47,7 +53,7 @@ def run_config(args, model: Path, shards: Path, run_dir: Path, stage: int) -> di
             "log_every": args.log_every,
             "save_every": 0,
         },
-        "zero": {"stage": stage},
+        "zero": zero,
     }
 
 
@@ -66,7 +72,7 @@ def launch(cfg: dict, path: Path, fault: str | None) -> dict:
     }
 
 
-def run_once(args, model: Path, shards: Path, run_dir: Path, stage: int, fault: str | None) -> dict:
+def run_once(args, model: Path, shards: Path, run_dir: Path, stage: str, fault: str | None) -> dict:
     run = {
         "name": run_dir.name,
         **launch(run_config(args, model, shards, run_dir, stage), run_dir.with_suffix(".yaml"), fault),
@@ -80,6 +86,7 @@ def run_once(args, model: Path, shards: Path, run_dir: Path, stage: int, fault: 
 
 
 def clock_cost_ns(n: int = 100_000) -> float:
+    """One `with clock:` around a forward (ZeRO 0-2), in ns."""
     import torch
 
     from ds_train.train.stragglers import ForwardClock
@@ -92,9 +99,31 @@ def clock_cost_ns(n: int = 100_000) -> float:
     return (time.perf_counter() - t0) / n * 1e9
 
 
+def layer_hook_cost_ns(layers: int = 100, n: int = 2000) -> float:
+    """What timing by layer (ZeRO-3) adds per linear layer and forward, in ns: forwards of 100
+    1x1 linear layers (next to no compute) with and without the hooks, alternating."""
+    import torch
+
+    from ds_train.train.stragglers import ForwardClock
+
+    plain = torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(layers)))
+    hooked = torch.nn.Sequential(*(torch.nn.Linear(1, 1) for _ in range(layers)))
+    ForwardClock(torch.device("cpu")).time_linear_layers(hooked)
+    x = torch.ones(1, 1)
+    spent = {"plain": [], "hooked": []}
+    with torch.no_grad():
+        for _ in range(5):
+            for name, model in (("plain", plain), ("hooked", hooked)):
+                t0 = time.perf_counter()
+                for _ in range(n // 5):
+                    model(x)
+                spent[name].append((time.perf_counter() - t0) / (n // 5))
+    return (min(spent["hooked"]) - min(spent["plain"])) / layers * 1e9
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--stages", nargs="+", default=["2", "3", "3g"], choices=["0", "1", "2", "3", "3g"])
     ap.add_argument("--slowdowns", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--log-every", type=int, default=2)
@@ -109,10 +138,15 @@ def main() -> None:
     model = model_config(tmp / "model.json", args.hidden, args.layers, args.seq_len)
     shards = synthetic_shards(tmp / "shards", rows=args.global_batch * (args.steps + 4), seq_len=args.seq_len)
     results: dict = {"args": vars(args), "loadavg_start": os.getloadavg(), "clock_ns": clock_cost_ns()}
-    print(f"clock cost: {results['clock_ns']:.0f} ns per forward (CPU)", flush=True)
+    results["layer_hook_ns"] = layer_hook_cost_ns()
+    print(
+        f"clock cost (CPU): {results['clock_ns']:.0f} ns per forward (ZeRO 0-2); timing by layer (ZeRO-3) "
+        f"{results['layer_hook_ns']:.0f} ns per linear layer and forward",
+        flush=True,
+    )
     for stage in args.stages:
 
-        def run_dir(name: str, stage: int = stage) -> Path:
+        def run_dir(name: str, stage: str = stage) -> Path:
             return tmp / f"s{stage}_{name}"
 
         runs = [run_once(args, model, shards, run_dir("healthy_0"), stage, None)]

@@ -179,8 +179,8 @@ def _stragglers(metrics: RunMetrics) -> str:
     ratios = metrics.slowest_forward_ratio
     worst = max(range(len(ratios)), key=lambda i: ratios.values[i])
     return (
-        f"slowest rank: rank {often} in {ranks.count(often)} of {len(ranks)} log lines; its forwards "
-        f"{statistics.median(ratios.values):.2f}x the other ranks' median (median over lines), "
+        f"slowest rank: rank {often} in {ranks.count(often)} of {len(ranks)} log lines; the slowest rank's "
+        f"forwards took {statistics.median(ratios.values):.2f}x the other ranks' median (median over lines), "
         f"{ratios.values[worst]:.2f}x at worst (step {ratios.steps[worst]}, rank {ranks[worst]})"
     )
 

@@ -9,12 +9,15 @@ time; Megatron-LM has a straggler detector for it.
 Why the forward: under ZeRO 0-2 the forward runs no collective, so its duration is the rank's own.
 Backward and the optimizer step hold the gradient reduction and the parameter all-gather, where
 the fast ranks wait for the slow one and every rank looks equally slow. Under ZeRO-3 the forward
-gathers parameters from all ranks too, so there a straggler shows only as much as its compute
-between two gathers outlasts the prefetch (docs/performance.md "Stragglers").
+gathers each layer's parameters from all ranks as it goes, so the whole forward is coupled too
+(measured: a rank made 2x slower read 1.01x); there the clock sums the forwards of the model's
+linear layers instead, timed from hooks that run after DeepSpeed's parameter-fetch hook and
+after its release hook: the matrix products without the waits between them.
 
-On a GPU the forwards are timed with CUDA events (no host sync in the step: they are read at the
-log step, after the log's own all-reduce has waited for the device); on the CPU, where operators
-run synchronously, with the host clock.
+On a GPU the forwards are timed with CUDA events (the clock adds no host sync: they are read at
+the log step, after the log's own all-reduce has waited for the device); on the CPU, where
+operators run synchronously, with the host clock. Timed by layer, the forwards that activation
+checkpointing recomputes in backward count too, alike on every rank.
 """
 
 from __future__ import annotations
@@ -33,28 +36,51 @@ log = logging.getLogger(__name__)
 
 
 class ForwardClock:
-    """Sums this rank's forward time between two `take()`s; `with clock:` around each forward."""
+    """Sums this rank's forward time between two `take()`s: `with clock:` around each forward, or,
+    after `time_linear_layers(model)`, the training forwards of the model's linear layers."""
 
     def __init__(self, device: torch.device):
         self._cuda = device.type == "cuda"
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = 0.0
         self._t0 = 0.0
+        self.by_layer = False
 
-    def __enter__(self) -> ForwardClock:
+    def time_linear_layers(self, model: torch.nn.Module) -> int:
+        """Time each nn.Linear leaf's training forward instead of the `with` blocks; the hooks go
+        after any already registered (DeepSpeed's), so a ZeRO-3 parameter fetch is done before the
+        clock starts. Returns the number of layers timed."""
+        layers = [
+            m for m in model.modules() if isinstance(m, torch.nn.Linear) and next(m.children(), None) is None
+        ]
+        for layer in layers:
+            layer.register_forward_pre_hook(lambda module, args: self._start() if module.training else None)
+            layer.register_forward_hook(lambda module, args, out: self._stop() if module.training else None)
+        self.by_layer = bool(layers)
+        return len(layers)
+
+    def _start(self) -> None:
         if self._cuda:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._events.append((start, torch.cuda.Event(enable_timing=True)))
         else:
             self._t0 = time.perf_counter()
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def _stop(self) -> None:
         if self._cuda:
             self._events[-1][1].record()
         else:
             self._seconds += time.perf_counter() - self._t0
+
+    def __enter__(self) -> ForwardClock:
+        if not self.by_layer:
+            self._start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.by_layer:
+            self._stop()
 
     def take(self) -> float:
         """Seconds of forward since the last take (waits for the last recorded forward's end)."""
@@ -90,14 +116,16 @@ def rank_skew(forward_s: Sequence[float]) -> RankSkew:
 
 class StragglerWatch:
     """Gathers each rank's forward time at a log step (a collective: every rank calls `interval`),
-    returns the metrics.jsonl fields, and has rank 0 warn when a rank's forwards take
-    `warn_ratio` × the other ranks' median or more (once when a rank starts straggling, once when it stops)."""
+    returns the metrics.jsonl fields, and has rank 0 warn when the same rank's forwards took
+    `warn_ratio` × the other ranks' median or more in two log intervals in a row (a single one is
+    as likely a passing burst: a GC pause, a neighbour's job), and say when it keeps pace again."""
 
     def __init__(self, device: torch.device, rank: int, world_size: int, warn_ratio: float):
         self.clock = ForwardClock(device)
         self.device, self.rank, self.world_size, self.warn_ratio = device, rank, world_size, warn_ratio
         self._hosts: list[str] | None = None
-        self._flagged: int | None = None  # the rank last warned about, while it stays over the ratio
+        self._over: tuple[int, int] | None = None  # (rank, since step): over the ratio, not yet warned
+        self._flagged: int | None = None  # the rank warned about, while it stays over the ratio
 
     def host(self, rank: int) -> str:
         if self._hosts is None:  # gathered at the first log step, by every rank alike
@@ -111,7 +139,10 @@ class StragglerWatch:
         seconds = self.clock.take()
         if self.world_size < 2:
             return {}
-        skew = rank_skew([s / steps for s in all_gather_floats(seconds, self.device)])
+        per_rank = all_gather_floats(seconds, self.device)
+        if len(per_rank) < 2:  # no process group (a stand-in context)
+            return {}
+        skew = rank_skew([s / steps for s in per_rank])
         host = self.host(skew.slowest_rank)
         if self.rank == 0:
             self._warn(skew, host, first_step, last_step)
@@ -124,27 +155,34 @@ class StragglerWatch:
         }
 
     def _warn(self, skew: RankSkew, host: str, first_step: int, last_step: int) -> None:
-        straggling = bool(self.warn_ratio) and skew.ratio >= self.warn_ratio
-        if straggling and skew.slowest_rank != self._flagged:
+        rank = skew.slowest_rank
+        if not (self.warn_ratio and skew.ratio >= self.warn_ratio):
+            if self._flagged is not None:
+                log.info(
+                    "rank %d keeps pace again in steps %d-%d (%.2fx)",
+                    self._flagged,
+                    first_step,
+                    last_step,
+                    skew.ratio,
+                )
+            self._over = self._flagged = None
+            return
+        if self._over is None or self._over[0] != rank:
+            self._over = (rank, first_step)  # the first interval over the ratio: wait for a second
+        elif self._flagged != rank:
             log.warning(
                 "rank %d on %s is a straggler: its forwards took %.2fx the other ranks' median in steps %d-%d "
-                "(%.1f vs %.1f ms per step); every rank waits for it at each gradient reduction "
-                "(a throttled or failing GPU, another job on the node? docs/performance.md 'Stragglers')",
-                skew.slowest_rank,
+                "(%.1f vs %.1f ms per step), over %.2gx since step %d; every rank waits for it at each "
+                "gradient reduction (a throttled or failing GPU, another job on the node? "
+                "docs/performance.md 'Stragglers')",
+                rank,
                 host,
                 skew.ratio,
                 first_step,
                 last_step,
                 1e3 * skew.slowest_s,
                 1e3 * skew.others_s,
+                self.warn_ratio,
+                self._over[1],
             )
-            self._flagged = skew.slowest_rank
-        elif not straggling and self._flagged is not None:
-            log.info(
-                "rank %d keeps pace again in steps %d-%d (%.2fx)",
-                self._flagged,
-                first_step,
-                last_step,
-                skew.ratio,
-            )
-            self._flagged = None
+            self._flagged = rank

@@ -105,6 +105,9 @@ class Trainer:
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
         self.stragglers = StragglerWatch(ctx.device, ctx.rank, ctx.world_size, settings.straggler_ratio)
+        if ctx.world_size > 1 and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+            # a ZeRO-3 forward gathers parameters from every rank: time the layers between gathers
+            self.stragglers.clock.time_linear_layers(engine.module)
 
     # --- public -------------------------------------------------------------------------------
 

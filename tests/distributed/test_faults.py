@@ -151,18 +151,28 @@ def test_nonfinite_losses_are_named_skipped_counted_then_stop(tmp_path, shards):
     assert latest_checkpoint(run_dir / "checkpoints").step == 4
 
 
-def test_a_straggling_rank_is_named_in_the_metrics_the_log_and_the_report(tmp_path, shards, reference):
-    cfg, run_dir = _config(tmp_path, "run", shards)
-    # from step 3 on, each of rank 1's forwards takes 200 ms longer (the model's own: a few ms)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_straggling_rank_is_named_in_the_metrics_the_log_and_the_report(tmp_path, shards, reference, stage):
+    # a high warning ratio: two CPU ranks sharing two cores can differ by 20% on their own
+    # ZeRO-3 gathering every parameter layer by layer, as for a model many times the prefetch
+    # bucket (the tiny one would otherwise stay whole, or be gathered all at once before it runs)
+    zero3 = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 1}
+    zero = {"stage": 2} if stage == 2 else zero3
+    cfg, run_dir = _config(tmp_path, "run", shards, train={**TRAIN, "straggler_ratio": 5}, zero=zero)
+    # from step 3 on, each of rank 1's forwards takes 200 ms longer (the model's own: a few ms),
+    # inside its linear layers: under ZeRO-3, where the forward waits for every rank's parameter
+    # gathers, only the layers' own time tells the ranks apart
     proc = torchrun(["pretrain", cfg], env={"DS_TRAIN_FAULT": "slow@step=3,rank=1,ms=200"})
     records = {r["step"]: r for r in read_metrics(run_dir) if "loss" in r}
     for step in range(3, 9):
-        assert records[step]["slowest_rank"] == 1 and records[step]["slowest_forward_ratio"] > 3, records[
+        assert records[step]["slowest_rank"] == 1 and records[step]["slowest_forward_ratio"] > 5, records[
             step
         ]
     warned = [line for line in proc.stderr.splitlines() if "is a straggler" in line]
-    assert len(warned) == 1 and "rank 1 on " in warned[0] and "in steps 3-3" in warned[0], warned
-    assert train_losses(run_dir) == reference  # slower, not different
+    assert len(warned) == 1 and "rank 1 on " in warned[0] and "in steps 4-4" in warned[0], warned
+    assert "since step 3" in warned[0]  # warned at the second log line over the ratio
+    losses = train_losses(run_dir)  # slower, not different
+    assert losses == (reference if stage == 2 else pytest.approx(reference, rel=1e-4))
     report = run_cli(["report", run_dir, "--output", tmp_path / "report.png"]).stdout
     assert "slowest rank: rank 1 in " in report, report
 

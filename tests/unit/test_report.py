@@ -111,8 +111,8 @@ def test_summary_names_the_rank_most_often_slowest(tmp_path):
     )
     lines = [line for line in summary(load_run_metrics(tmp_path)) if line.startswith("slowest rank")]
     assert lines == [
-        "slowest rank: rank 1 in 3 of 4 log lines; its forwards 1.20x the other ranks' median (median "
-        "over lines), 1.80x at worst (step 2, rank 1)"
+        "slowest rank: rank 1 in 3 of 4 log lines; the slowest rank's forwards took 1.20x the other "
+        "ranks' median (median over lines), 1.80x at worst (step 2, rank 1)"
     ]
     _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])  # one rank, or an older ds-train: no line
     assert not any(line.startswith("slowest rank") for line in summary(load_run_metrics(tmp_path)))

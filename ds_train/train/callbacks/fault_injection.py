@@ -6,8 +6,9 @@
                                           must give up after run.collective_timeout_s
     DS_TRAIN_FAULT="nan@step=7,rank=1"    rank 1's loss in step 7 is NaN (train.nonfinite decides)
     DS_TRAIN_FAULT="slow@step=7,rank=1,ms=200"
-                                          from step 7 on, each of rank 1's forwards takes 200 ms
-                                          longer (a straggler; default 100 ms)
+                                          from step 7 on, each of rank 1's training forwards takes
+                                          200 ms longer, inside its linear layers (a straggler;
+                                          default 100 ms)
     DS_TRAIN_FAULT="kill@save=8,rank=1"   SIGKILL inside the save of step 8, once this rank's files
                                           are written and before the checkpoint is complete
     DS_TRAIN_FAULT="enospc@save=8,rank=1" that save fails with OSError(ENOSPC) on rank 1
@@ -25,6 +26,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from ds_train.train.callbacks.base import Callback
 
@@ -60,25 +63,38 @@ def parse(spec: str) -> list[Fault]:
             raise ValueError(
                 f"{ENV}: cannot parse {item!r} (see ds_train/train/callbacks/fault_injection.py)"
             )
+        if int(values.get("ms", 0)) < 0:
+            raise ValueError(f"{ENV}: {item!r}: ms must be ≥ 0")
         rank = int(values["rank"]) if "rank" in values else None
         faults.append(Fault(kind, points[0], int(values[points[0]]), rank, int(values.get("ms", 100))))
     return faults
 
 
-class _FaultyLoss:
-    """The objective, except that the summed loss is NaN while `nan()` says so, and each call
-    takes `delay_s()` seconds longer."""
+class _NanLoss:
+    """The objective, except that the summed loss is NaN while `armed()` says so."""
 
-    def __init__(self, objective, nan, delay_s):
-        self._objective, self._nan, self._delay_s = objective, nan, delay_s
+    def __init__(self, objective, armed):
+        self._objective, self._armed = objective, armed
 
     def loss_sum(self, model, batch):
-        time.sleep(self._delay_s())
         loss = self._objective.loss_sum(model, batch)
-        return loss * float("nan") if self._nan() else loss
+        return loss * float("nan") if self._armed() else loss
 
     def __getattr__(self, name):
         return getattr(self._objective, name)
+
+
+def _slow_down(model: torch.nn.Module, delay_s) -> None:
+    """Each training forward of `model` takes `delay_s()` longer, spread over its linear layers and
+    inside each (a hook that runs before any other), as slower matrix products would be."""
+    layers = [
+        m for m in model.modules() if isinstance(m, torch.nn.Linear) and next(m.children(), None) is None
+    ]
+    for layer in layers:
+        layer.register_forward_hook(
+            lambda module, args, out: time.sleep(delay_s() / len(layers)) if module.training else None,
+            prepend=True,
+        )
 
 
 class FaultInjection(Callback):
@@ -101,20 +117,18 @@ class FaultInjection(Callback):
         return fired
 
     def on_train_start(self, trainer) -> None:
-        if not any(f.kind in ("nan", "slow") for f in self.faults):
-            return
         # trainer.step counts finished steps: step N is computed while it reads N - 1
+        if any(f.kind == "nan" for f in self.faults):
+            trainer.objective = _NanLoss(
+                trainer.objective,
+                lambda: trainer.engine.training and self._fired(trainer, "nan", "step", trainer.step + 1),
+            )
         slow = [f for f in self.faults if f.kind == "slow" and f.rank in (None, trainer.ctx.rank)]
-
-        def delay_s() -> float:
-            training = trainer.engine.training
-            return sum(f.delay_ms for f in slow if training and trainer.step + 1 >= f.step) / 1000
-
-        trainer.objective = _FaultyLoss(
-            trainer.objective,
-            lambda: trainer.engine.training and self._fired(trainer, "nan", "step", trainer.step + 1),
-            delay_s,
-        )
+        if slow:
+            _slow_down(
+                trainer.engine.module,
+                lambda: sum(f.delay_ms for f in slow if trainer.step + 1 >= f.step) / 1000,
+            )
 
     def on_step_end(self, trainer) -> None:
         if self._fired(trainer, "kill", "step", trainer.step):
