@@ -85,6 +85,9 @@ def variants(micro: int, layers: int) -> list[Variant]:
                  f"train.micro_batch_size={micro * 2}"]),
         Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
         Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
+        # DeepSpeed's default, which ds-train turns off: a device sync at every forward and engine.step()
+        Variant("tput_timer_sync", "timer", "DeepSpeed's throughput timer on (its default: 2 device syncs per micro-batch)",
+                ['zero.ds_config_overrides={"timers": {"throughput": {"enabled": true}}}']),
         Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
                 ['zero.ds_config_overrides={"optimizer": {"params": {"fused": false}}}']),
         Variant("buckets_2e8", "buckets", "reduce/allgather buckets 2e8 elements (default 5e8)",

@@ -65,3 +65,11 @@ def test_overrides_are_merged_last():
     )
     assert ds["zero_optimization"]["round_robin_gradients"] is True and ds["zero_optimization"]["stage"] == 2
     assert ds["wall_clock_breakdown"] is True
+
+
+def test_deepspeeds_throughput_timer_and_its_device_syncs_are_off():
+    from deepspeed.utils.config import get_timers_config
+
+    ds = build_deepspeed_config(_cfg(stage=2), 2)
+    assert get_timers_config(ds).enabled is False  # as DeepSpeed reads it
+    assert get_timers_config({}).synchronized is True  # DeepSpeed's default, which this avoids
