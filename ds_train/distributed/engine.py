@@ -111,12 +111,13 @@ def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_gather_floats(value: float, device: torch.device) -> list[float]:
-    """One number from every rank, in rank order."""
+def all_gather_floats(values: Sequence[float], device: torch.device) -> list[list[float]]:
+    """The same number of floats from every rank, as one row per rank in rank order."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [value]
-    out = [torch.zeros((), dtype=torch.float64, device=device) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, torch.tensor(value, dtype=torch.float64, device=device))
+        return [list(values)]
+    mine = torch.tensor(list(values), dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, mine)
     return torch.stack(out).tolist()
 
 

@@ -23,6 +23,7 @@ checkpointing recomputes in backward count too, alike on every rank.
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from ds_train.distributed.engine import all_gather_floats, all_gather_object
+from ds_train.train.gpu_health import gpu_health
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ class ForwardClock:
     """Sums this rank's forward time between two `take()`s: `with clock:` around each forward, or,
     after `time_linear_layers(model)`, the training forwards of the model's linear layers."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled  # off on one rank: nothing to compare it with
         self._cuda = device.type == "cuda"
         self._events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._seconds = 0.0
@@ -74,12 +77,12 @@ class ForwardClock:
             self._seconds += time.perf_counter() - self._t0
 
     def __enter__(self) -> ForwardClock:
-        if not self.by_layer:
+        if self.enabled and not self.by_layer:
             self._start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self.by_layer:
+        if self.enabled and not self.by_layer:
             self._stop()
 
     def take(self) -> float:
@@ -121,7 +124,7 @@ class StragglerWatch:
     as likely a passing burst: a GC pause, a neighbour's job), and say when it keeps pace again."""
 
     def __init__(self, device: torch.device, rank: int, world_size: int, warn_ratio: float):
-        self.clock = ForwardClock(device)
+        self.clock = ForwardClock(device, enabled=world_size > 1)
         self.device, self.rank, self.world_size, self.warn_ratio = device, rank, world_size, warn_ratio
         self._hosts: list[str] | None = None
         self._over: tuple[int, int] | None = None  # (rank, since step): over the ratio, not yet warned
@@ -139,22 +142,24 @@ class StragglerWatch:
         seconds = self.clock.take()
         if self.world_size < 2:
             return {}
-        per_rank = all_gather_floats(seconds, self.device)
-        if len(per_rank) < 2:  # no process group (a stand-in context)
+        rows = all_gather_floats([seconds / steps, *gpu_health(self.device)], self.device)
+        if len(rows) < 2:  # no process group (a stand-in context)
             return {}
-        skew = rank_skew([s / steps for s in per_rank])
+        skew = rank_skew([row[0] for row in rows])
         host = self.host(skew.slowest_rank)
-        if self.rank == 0:
-            self._warn(skew, host, first_step, last_step)
-        return {
+        fields = {
             "forward_s": skew.others_s,  # a typical rank's (the median of all but the slowest)
             "slowest_rank": skew.slowest_rank,
             "slowest_rank_host": host,
             "slowest_forward_s": skew.slowest_s,
             "slowest_forward_ratio": skew.ratio,
+            **_health_fields(rows, skew.slowest_rank),
         }
+        if self.rank == 0:
+            self._warn(skew, host, first_step, last_step, fields)
+        return fields
 
-    def _warn(self, skew: RankSkew, host: str, first_step: int, last_step: int) -> None:
+    def _warn(self, skew: RankSkew, host: str, first_step: int, last_step: int, fields: dict) -> None:
         rank = skew.slowest_rank
         if not (self.warn_ratio and skew.ratio >= self.warn_ratio):
             if self._flagged is not None:
@@ -172,7 +177,7 @@ class StragglerWatch:
         elif self._flagged != rank:
             log.warning(
                 "rank %d on %s is a straggler: its forwards took %.2fx the other ranks' median in steps %d-%d "
-                "(%.1f vs %.1f ms per step), over %.2gx since step %d; every rank waits for it at each "
+                "(%.1f vs %.1f ms per step), over %.2gx since step %d%s; every rank waits for it at each "
                 "gradient reduction (a throttled or failing GPU, another job on the node? "
                 "docs/performance.md 'Stragglers')",
                 rank,
@@ -184,5 +189,32 @@ class StragglerWatch:
                 1e3 * skew.others_s,
                 self.warn_ratio,
                 self._over[1],
+                _describe_gpu(fields),
             )
             self._flagged = rank
+
+
+def _health_fields(rows: list[list[float]], slowest: int) -> dict:
+    """The slowest rank's GPU clock, temperature and power, and the others' median clock (where
+    NVML answered: none on CPU)."""
+    clock, temperature, power = rows[slowest][1:]
+    if math.isnan(clock):
+        return {}
+    others = [row[1] for r, row in enumerate(rows) if r != slowest and not math.isnan(row[1])]
+    return {
+        "slowest_rank_sm_clock_mhz": clock,
+        "sm_clock_mhz": statistics.median(others) if others else None,
+        "slowest_rank_temperature_c": temperature,
+        "slowest_rank_power_w": power,
+    }
+
+
+def _describe_gpu(fields: dict) -> str:
+    if "slowest_rank_sm_clock_mhz" not in fields:
+        return ""
+    others = fields["sm_clock_mhz"]
+    return (
+        f"; its GPU: SM clock {fields['slowest_rank_sm_clock_mhz']:.0f} MHz"
+        + (f" (the others' median {others:.0f})" if others is not None else "")
+        + f", {fields['slowest_rank_temperature_c']:.0f} °C, {fields['slowest_rank_power_w']:.0f} W"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -12,6 +13,7 @@ from typing import ClassVar
 import pytest
 
 from ds_train.train import stragglers
+from ds_train.train.gpu_health import HEALTH_KEYS, gpu_health
 from ds_train.train.stragglers import ForwardClock, StragglerWatch, rank_skew
 from tests.helpers import run_on_gloo_ranks
 from tests.unit.stand_in_trainer import COMPUTE_S, MICRO, ConstantLoss, LogRecords, stand_in_trainer
@@ -73,11 +75,17 @@ def test_on_a_gpu_the_clock_reads_cuda_events_at_take(monkeypatch):
     assert clock.take() == 0.0
 
 
-def _watch(monkeypatch, gathered: list[list[float]], warn_ratio: float = 1.2) -> tuple[StragglerWatch, list]:
+def _watch(monkeypatch, gathered: list[list], warn_ratio: float = 1.2) -> tuple[StragglerWatch, list]:
+    """A watch on rank 0 of 3 whose gathers return `gathered`, one entry per log step: each rank's
+    forward seconds per step, or its whole row [forward, SM clock, temperature, power]."""
     import torch
 
     queue = list(gathered)
-    monkeypatch.setattr(stragglers, "all_gather_floats", lambda value, device: queue.pop(0))
+
+    def rows(values, device):
+        return [r if isinstance(r, list) else [r, math.nan, math.nan, math.nan] for r in queue.pop(0)]
+
+    monkeypatch.setattr(stragglers, "all_gather_floats", rows)
     monkeypatch.setattr(stragglers, "all_gather_object", lambda obj: ["node-a", "node-b", "node-c"])
     return StragglerWatch(torch.device("cpu"), 0, 3, warn_ratio), queue
 
@@ -88,17 +96,17 @@ def test_rank_0_warns_when_a_rank_straggles_twice_in_a_row_and_says_when_it_reco
     caplog.set_level(logging.INFO, logger=stragglers.__name__)
     fields = [watch.interval(2, 2 * i + 1, 2 * i + 2) for i in range(len(gathered))]
     assert fields[1] == {
-        "forward_s": 0.1,  # ranks 0 and 2
+        "forward_s": 0.2,  # ranks 0 and 2
         "slowest_rank": 1,
         "slowest_rank_host": "node-b",
-        "slowest_forward_s": 0.25,
+        "slowest_forward_s": 0.5,
         "slowest_forward_ratio": 2.5,
-    }
+    }  # no GPU clock fields: NVML said nothing
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # at the second interval over the ratio (steps 5-6), and once only
     assert warnings[0].startswith(
         "rank 1 on node-b is a straggler: its forwards took 3.00x the other ranks' median in steps 5-6 "
-        "(300.0 vs 100.0 ms per step), over 1.2x since step 3;"
+        "(600.0 vs 200.0 ms per step), over 1.2x since step 3; every rank waits"
     )
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
     assert infos == ["rank 1 keeps pace again in steps 9-10 (1.05x)"]
@@ -117,6 +125,40 @@ def test_no_warning_with_ratio_0_but_the_fields_are_logged(monkeypatch, caplog):
     watch, _ = _watch(monkeypatch, [[0.2, 0.9, 0.2]], warn_ratio=0)
     assert watch.interval(1, 1, 1)["slowest_rank"] == 1
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_the_slow_ranks_gpu_clock_is_logged_and_shown_in_the_warning(monkeypatch, caplog):
+    fast, slow, other = [0.2, 1980.0, 61.0, 500.0], [0.5, 1410.0, 84.0, 310.0], [0.2, 1975.0, 60.0, 505.0]
+    watch, _ = _watch(monkeypatch, [[fast, slow, other]] * 2)
+    fields = [watch.interval(1, i + 1, i + 1) for i in range(2)][-1]
+    assert {k: v for k, v in fields.items() if "clock" in k or "temperature" in k or "power" in k} == {
+        "slowest_rank_sm_clock_mhz": 1410.0,
+        "sm_clock_mhz": 1977.5,
+        "slowest_rank_temperature_c": 84.0,
+        "slowest_rank_power_w": 310.0,
+    }
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        "since step 1; its GPU: SM clock 1410 MHz (the others' median 1978), 84 °C, 310 W; every" in warning
+    )
+
+
+def test_gpu_health_reads_nvml_through_torch_and_is_nan_where_it_cannot(monkeypatch):
+    import torch
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: 1755)
+    monkeypatch.setattr(torch.cuda, "temperature", lambda device: 71)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda device: 612_000)  # mW
+    assert gpu_health(cuda) == [1755.0, 71.0, 612.0]
+
+    def no_nvml(device):
+        raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    assert all(math.isnan(v) for v in gpu_health(cuda))
+    assert all(math.isnan(v) for v in gpu_health(torch.device("cpu")))
+    assert len(gpu_health(cuda)) == len(HEALTH_KEYS)  # every rank gathers the same shape
 
 
 def test_one_rank_logs_no_straggler_fields():
