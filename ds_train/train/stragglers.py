@@ -37,6 +37,11 @@ from ds_train.train.gpu_health import gpu_health
 log = logging.getLogger(__name__)
 
 
+def linear_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The model's nn.Linear leaves (not a wrapper holding linear layers: their spans would nest)."""
+    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and next(m.children(), None) is None]
+
+
 class ForwardClock:
     """Sums this rank's forward time between two `take()`s: `with clock:` around each forward, or,
     after `time_linear_layers(model)`, the training forwards of the model's linear layers."""
@@ -53,9 +58,7 @@ class ForwardClock:
         """Time each nn.Linear leaf's training forward instead of the `with` blocks; the hooks go
         after any already registered (DeepSpeed's), so a ZeRO-3 parameter fetch is done before the
         clock starts. Returns the number of layers timed."""
-        layers = [
-            m for m in model.modules() if isinstance(m, torch.nn.Linear) and next(m.children(), None) is None
-        ]
+        layers = linear_layers(model)
         for layer in layers:
             layer.register_forward_pre_hook(lambda module, args: self._start() if module.training else None)
             layer.register_forward_hook(lambda module, args, out: self._stop() if module.training else None)

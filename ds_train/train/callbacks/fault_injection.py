@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from ds_train.train.callbacks.base import Callback
+from ds_train.train.stragglers import linear_layers
 
 ENV = "DS_TRAIN_FAULT"
 KINDS = {
@@ -87,9 +88,7 @@ class _NanLoss:
 def _slow_down(model: torch.nn.Module, delay_s) -> None:
     """Each training forward of `model` takes `delay_s()` longer, spread over its linear layers and
     inside each (a hook that runs before any other), as slower matrix products would be."""
-    layers = [
-        m for m in model.modules() if isinstance(m, torch.nn.Linear) and next(m.children(), None) is None
-    ]
+    layers = linear_layers(model)
     for layer in layers:
         layer.register_forward_hook(
             lambda module, args, out: time.sleep(delay_s() / len(layers)) if module.training else None,
