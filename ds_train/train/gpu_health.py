@@ -18,14 +18,18 @@ HEALTH_KEYS = ("sm_clock_mhz", "temperature_c", "power_w")
 
 def gpu_health(device: torch.device) -> list[float]:
     """[SM clock MHz, temperature °C, power W] of `device`, NaN each where unknown."""
-    unknown = [math.nan] * len(HEALTH_KEYS)
     if device.type != "cuda":
-        return unknown
+        return [math.nan] * len(HEALTH_KEYS)
+    # each on its own: a board may report its clock but not its power
+    return [
+        _read(torch.cuda.clock_rate, device),
+        _read(torch.cuda.temperature, device),
+        _read(torch.cuda.power_draw, device) / 1000,  # mW
+    ]
+
+
+def _read(nvml_query, device: torch.device) -> float:
     try:
-        return [
-            float(torch.cuda.clock_rate(device)),
-            float(torch.cuda.temperature(device)),
-            torch.cuda.power_draw(device) / 1000,  # mW
-        ]
-    except Exception:  # no nvidia-ml-py, or NVML unavailable in this container: telemetry only
-        return unknown
+        return float(nvml_query(device))
+    except Exception:  # no nvidia-ml-py, NVML unavailable in this container, not supported: telemetry only
+        return math.nan

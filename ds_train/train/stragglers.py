@@ -37,9 +37,23 @@ from ds_train.train.gpu_health import gpu_health
 log = logging.getLogger(__name__)
 
 
-def linear_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
-    """The model's nn.Linear leaves (not a wrapper holding linear layers: their spans would nest)."""
-    return [m for m in model.modules() if isinstance(m, torch.nn.Linear) and next(m.children(), None) is None]
+def linear_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's matrix-product leaves: nn.Linear, and any other leaf with a 2-D weight (GPT-2's
+    transformers Conv1D) except embeddings. Leaves only: a wrapper's span would nest its layers'."""
+    return [
+        m
+        for m in model.modules()
+        if next(m.children(), None) is None
+        and not isinstance(m, torch.nn.Embedding)
+        and (isinstance(m, torch.nn.Linear) or _weight_dims(m) == 2)
+    ]
+
+
+def _weight_dims(module: torch.nn.Module) -> int:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return 0
+    return len(getattr(weight, "ds_shape", None) or weight.shape)  # ZeRO-3 keeps the full shape in ds_shape
 
 
 class ForwardClock:
@@ -55,24 +69,34 @@ class ForwardClock:
         self.by_layer = False
 
     def time_linear_layers(self, model: torch.nn.Module) -> int:
-        """Time each nn.Linear leaf's training forward instead of the `with` blocks; the hooks go
+        """Time each linear layer's training forward instead of the `with` blocks; the hooks go
         after any already registered (DeepSpeed's), so a ZeRO-3 parameter fetch is done before the
-        clock starts. Returns the number of layers timed."""
+        clock starts. Returns the number of layers timed (0: the `with` blocks stay, and a warning)."""
         layers = linear_layers(model)
         for layer in layers:
             layer.register_forward_pre_hook(lambda module, args: self._start() if module.training else None)
             layer.register_forward_hook(lambda module, args, out: self._stop() if module.training else None)
         self.by_layer = bool(layers)
+        if not layers:
+            log.warning(
+                "no linear layers to time in %s: the straggler clock times whole forwards",
+                type(model).__name__,
+            )
         return len(layers)
 
+    # compiler.disable: under torch.compile the hooks stay outside the graph (as DeepSpeed's own)
+    @torch.compiler.disable
     def _start(self) -> None:
         if self._cuda:
+            if len(self._events) >= 512:  # timed by layer, long intervals pile up events: fold the done ones
+                self._fold_finished()
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self._events.append((start, torch.cuda.Event(enable_timing=True)))
         else:
             self._t0 = time.perf_counter()
 
+    @torch.compiler.disable
     def _stop(self) -> None:
         if self._cuda:
             self._events[-1][1].record()
@@ -87,6 +111,16 @@ class ForwardClock:
     def __exit__(self, *exc) -> None:
         if self.enabled and not self.by_layer:
             self._stop()
+
+    def _fold_finished(self) -> None:
+        """Add up the pairs the device has finished (query() does not wait), oldest first."""
+        done = 0
+        for start, end in self._events:
+            if not end.query():
+                break
+            self._seconds += start.elapsed_time(end) / 1000
+            done += 1
+        del self._events[:done]
 
     def take(self) -> float:
         """Seconds of forward since the last take (waits for the last recorded forward's end)."""
@@ -180,7 +214,7 @@ class StragglerWatch:
         elif self._flagged != rank:
             log.warning(
                 "rank %d on %s is a straggler: its forwards took %.2fx the other ranks' median in steps %d-%d "
-                "(%.1f vs %.1f ms per step), over %.2gx since step %d%s; every rank waits for it at each "
+                "(%.1f vs %.1f ms per step), over %gx since step %d%s; every rank waits for it at each "
                 "gradient reduction (a throttled or failing GPU, another job on the node? "
                 "docs/performance.md 'Stragglers')",
                 rank,

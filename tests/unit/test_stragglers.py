@@ -40,6 +40,31 @@ def test_the_clock_counts_only_time_inside_with_and_resets_at_take():
     assert clock.take() == 0.0
 
 
+def test_by_layer_the_clock_leaves_out_waits_before_a_layer_and_counts_what_runs_inside(caplog):
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from ds_train.train.callbacks.fault_injection import _slow_down
+
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(8, 4), torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), Conv1D(4, 4)
+    )
+    for layer in (model[1], model[3]):  # registered first, as DeepSpeed's ZeRO-3 parameter fetch
+        layer.register_forward_pre_hook(lambda module, args: time.sleep(0.1))  # waiting for other ranks
+    clock = ForwardClock(torch.device("cpu"))
+    assert clock.time_linear_layers(model) == 2  # the Linear and GPT-2's Conv1D, not embedding or norm
+    _slow_down(model, lambda: 0.06)  # the slow fault: 30 ms inside each of the two layers
+    x = torch.tensor([[1, 2]])
+    with clock:  # timed by layer, a `with` block adds nothing
+        model(x)
+    assert 0.06 <= clock.take() < 0.2  # with the two 100 ms waits it would be over 0.26
+    model.eval()
+    model(x)
+    assert clock.take() == 0.0  # evaluation forwards are not timed
+    assert ForwardClock(torch.device("cpu")).time_linear_layers(torch.nn.LayerNorm(4)) == 0
+    assert "no linear layers to time in LayerNorm" in caplog.text
+
+
 class _FakeEvent:
     """torch.cuda.Event's timing surface: recorded at a fake clock, elapsed_time in ms."""
 
@@ -55,6 +80,9 @@ class _FakeEvent:
 
     def synchronize(self):
         _FakeEvent.synchronized.append(self)
+
+    def query(self) -> bool:  # finished: every fake event is, once recorded
+        return self.at is not None
 
     def elapsed_time(self, end) -> float:
         return 1000 * (end.at - self.at)
@@ -73,6 +101,12 @@ def test_on_a_gpu_the_clock_reads_cuda_events_at_take(monkeypatch):
     assert clock.take() == pytest.approx(0.75)
     assert len(_FakeEvent.synchronized) == 1  # the last forward's end, once, at the log step
     assert clock.take() == 0.0
+    for _ in range(600):  # more forwards than the clock keeps events for: the finished are folded
+        _FakeEvent.now = 0.0
+        with clock:
+            _FakeEvent.now = 0.001
+    assert len(clock._events) < 512
+    assert clock.take() == pytest.approx(0.6)
 
 
 def _watch(monkeypatch, gathered: list[list], warn_ratio: float = 1.2) -> tuple[StragglerWatch, list]:
@@ -147,15 +181,20 @@ def test_gpu_health_reads_nvml_through_torch_and_is_nan_where_it_cannot(monkeypa
     import torch
 
     cuda = torch.device("cuda", 0)
-    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: 1755)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda device: asked.append(device) or 1755)
     monkeypatch.setattr(torch.cuda, "temperature", lambda device: 71)
     monkeypatch.setattr(torch.cuda, "power_draw", lambda device: 612_000)  # mW
     assert gpu_health(cuda) == [1755.0, 71.0, 612.0]
+    assert asked == [cuda]  # this rank's device, not the current one
 
     def no_nvml(device):
         raise ModuleNotFoundError("nvidia-ml-py does not seem to be installed")
 
     monkeypatch.setattr(torch.cuda, "clock_rate", no_nvml)
+    assert gpu_health(cuda)[1:] == [71.0, 612.0]  # the others are still read
+    monkeypatch.setattr(torch.cuda, "temperature", no_nvml)
+    monkeypatch.setattr(torch.cuda, "power_draw", no_nvml)
     assert all(math.isnan(v) for v in gpu_health(cuda))
     assert all(math.isnan(v) for v in gpu_health(torch.device("cpu")))
     assert len(gpu_health(cuda)) == len(HEALTH_KEYS)  # every rank gathers the same shape

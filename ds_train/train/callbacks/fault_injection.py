@@ -8,7 +8,8 @@
     DS_TRAIN_FAULT="slow@step=7,rank=1,ms=200"
                                           from step 7 on, each of rank 1's training forwards takes
                                           200 ms longer, inside its linear layers (a straggler;
-                                          default 100 ms)
+                                          default 100 ms; a forward recomputed under activation
+                                          checkpointing again)
     DS_TRAIN_FAULT="kill@save=8,rank=1"   SIGKILL inside the save of step 8, once this rank's files
                                           are written and before the checkpoint is complete
     DS_TRAIN_FAULT="enospc@save=8,rank=1" that save fails with OSError(ENOSPC) on rank 1
