@@ -73,9 +73,12 @@ class ForwardClock:
         after any already registered (DeepSpeed's), so a ZeRO-3 parameter fetch is done before the
         clock starts. Returns the number of layers timed (0: the `with` blocks stay, and a warning)."""
         layers = linear_layers(model)
+        # under torch.compile the hooks stay outside the graph, as DeepSpeed's own (wrapped here, not
+        # at import: torch.compiler imports dynamo, a second of start-up for commands that never train)
+        start, stop = torch.compiler.disable(self._start), torch.compiler.disable(self._stop)
         for layer in layers:
-            layer.register_forward_pre_hook(lambda module, args: self._start() if module.training else None)
-            layer.register_forward_hook(lambda module, args, out: self._stop() if module.training else None)
+            layer.register_forward_pre_hook(lambda module, args: start() if module.training else None)
+            layer.register_forward_hook(lambda module, args, out: stop() if module.training else None)
         self.by_layer = bool(layers)
         if not layers:
             log.warning(
@@ -84,8 +87,6 @@ class ForwardClock:
             )
         return len(layers)
 
-    # compiler.disable: under torch.compile the hooks stay outside the graph (as DeepSpeed's own)
-    @torch.compiler.disable
     def _start(self) -> None:
         if self._cuda:
             if len(self._events) >= 512:  # timed by layer, long intervals pile up events: fold the done ones
@@ -96,7 +97,6 @@ class ForwardClock:
         else:
             self._t0 = time.perf_counter()
 
-    @torch.compiler.disable
     def _stop(self) -> None:
         if self._cuda:
             self._events[-1][1].record()
