@@ -174,12 +174,13 @@ class StragglerWatch:
             self._hosts = all_gather_object(socket.gethostname())
         return self._hosts[rank]
 
-    def interval(self, steps: int, first_step: int, last_step: int) -> dict:
-        """This interval's fields; {} on one rank (nothing to compare)."""
+    def interval(self, steps: int, first_step: int, last_step: int, data_wait_s: float = 0.0) -> dict:
+        """This interval's fields; {} on one rank (nothing to compare). `data_wait_s`: this rank's
+        loader wait in the interval, to name the rank the others wait for when input stalls."""
         seconds = self.clock.take()
         if self.world_size < 2:
             return {}
-        rows = all_gather_floats([seconds / steps, *gpu_health(self.device)], self.device)
+        rows = all_gather_floats([seconds / steps, data_wait_s, *gpu_health(self.device)], self.device)
         if len(rows) < 2:  # no process group (a stand-in context)
             return {}
         skew = rank_skew([row[0] for row in rows])
@@ -191,6 +192,7 @@ class StragglerWatch:
             "slowest_forward_s": skew.slowest_s,
             "slowest_forward_ratio": skew.ratio,
             **_health_fields(rows, skew.slowest_rank),
+            "data_wait_rank": max(range(len(rows)), key=lambda r: rows[r][1]),
         }
         if self.rank == 0:
             self._warn(skew, host, first_step, last_step, fields)
@@ -234,10 +236,10 @@ class StragglerWatch:
 def _health_fields(rows: list[list[float]], slowest: int) -> dict:
     """The slowest rank's GPU clock, temperature and power, and the others' median clock (where
     NVML answered: none on CPU)."""
-    clock, temperature, power = rows[slowest][1:]
+    clock, temperature, power = rows[slowest][2:]
     if math.isnan(clock):
         return {}
-    others = [row[1] for r, row in enumerate(rows) if r != slowest and not math.isnan(row[1])]
+    others = [row[2] for r, row in enumerate(rows) if r != slowest and not math.isnan(row[2])]
     return {
         "slowest_rank_sm_clock_mhz": clock,
         "sm_clock_mhz": statistics.median(others) if others else None,

@@ -377,7 +377,7 @@ class Trainer:
             "skipped_samples": skipped_samples,
             **memory,
             # which rank is slowest (ds_train/train/stragglers.py; a collective, so before any rank-0-only work)
-            **self.stragglers.interval(steps, self.step - steps + 1, self.step),
+            **self.stragglers.interval(steps, self.step - steps + 1, self.step, waited),
             # time accounting (rank 0's clock; ds_train/report/goodput.py): the interval's steps,
             # evaluation and saves since the previous log line, and this process's wall time so far
             "interval_steps": steps,

@@ -16,7 +16,14 @@ from ds_train.train import stragglers
 from ds_train.train.gpu_health import HEALTH_KEYS, gpu_health
 from ds_train.train.stragglers import ForwardClock, StragglerWatch, rank_skew
 from tests.helpers import run_on_gloo_ranks
-from tests.unit.stand_in_trainer import COMPUTE_S, MICRO, ConstantLoss, LogRecords, stand_in_trainer
+from tests.unit.stand_in_trainer import (
+    COMPUTE_S,
+    MICRO,
+    ConstantLoss,
+    LogRecords,
+    stand_in_batches,
+    stand_in_trainer,
+)
 
 
 def test_rank_skew_names_the_slowest_rank_against_the_median():
@@ -111,13 +118,13 @@ def test_on_a_gpu_the_clock_reads_cuda_events_at_take(monkeypatch):
 
 def _watch(monkeypatch, gathered: list[list], warn_ratio: float = 1.2) -> tuple[StragglerWatch, list]:
     """A watch on rank 0 of 3 whose gathers return `gathered`, one entry per log step: each rank's
-    forward seconds per step, or its whole row [forward, SM clock, temperature, power]."""
+    forward seconds per step, or its whole row [forward, loader wait, SM clock, temperature, power]."""
     import torch
 
     queue = list(gathered)
 
     def rows(values, device):
-        return [r if isinstance(r, list) else [r, math.nan, math.nan, math.nan] for r in queue.pop(0)]
+        return [r if isinstance(r, list) else [r, 0.0, math.nan, math.nan, math.nan] for r in queue.pop(0)]
 
     monkeypatch.setattr(stragglers, "all_gather_floats", rows)
     monkeypatch.setattr(stragglers, "all_gather_object", lambda obj: ["node-a", "node-b", "node-c"])
@@ -135,6 +142,7 @@ def test_rank_0_warns_when_a_rank_straggles_twice_in_a_row_and_says_when_it_reco
         "slowest_rank_host": "node-b",
         "slowest_forward_s": 0.5,
         "slowest_forward_ratio": 2.5,
+        "data_wait_rank": 0,  # no rank waited: the first
     }  # no GPU clock fields: NVML said nothing
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # at the second interval over the ratio (steps 5-6), and once only
@@ -162,7 +170,8 @@ def test_no_warning_with_ratio_0_but_the_fields_are_logged(monkeypatch, caplog):
 
 
 def test_the_slow_ranks_gpu_clock_is_logged_and_shown_in_the_warning(monkeypatch, caplog):
-    fast, slow, other = [0.2, 1980.0, 61.0, 500.0], [0.5, 1410.0, 84.0, 310.0], [0.2, 1975.0, 60.0, 505.0]
+    fast, slow = [0.2, 0.0, 1980.0, 61.0, 500.0], [0.5, 0.0, 1410.0, 84.0, 310.0]
+    other = [0.2, 0.3, 1975.0, 60.0, 505.0]  # the rank whose loader the others wait for
     watch, _ = _watch(monkeypatch, [[fast, slow, other]] * 2)
     fields = [watch.interval(1, i + 1, i + 1) for i in range(2)][-1]
     assert {k: v for k, v in fields.items() if "clock" in k or "temperature" in k or "power" in k} == {
@@ -171,6 +180,7 @@ def test_the_slow_ranks_gpu_clock_is_logged_and_shown_in_the_warning(monkeypatch
         "slowest_rank_temperature_c": 84.0,
         "slowest_rank_power_w": 310.0,
     }
+    assert fields["data_wait_rank"] == 2
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert (
         "since step 1; its GPU: SM clock 1410 MHz (the others' median 1978), 84 °C, 310 W; every" in warning
@@ -220,7 +230,10 @@ DELAY_S = 0.04  # rank 1's extra forward time per micro-batch
 
 def _rank_main(rank: int, world: int, out: str) -> None:
     records = LogRecords()
-    trainer = stand_in_trainer([records], rank=rank, world=world)
+    # rank 1 computes slowly, rank 0 reads its batches slowly: each is named for its own stall
+    trainer = stand_in_trainer(
+        [records], stand_in_batches(DELAY_S if rank == 0 else 0.0), rank=rank, world=world
+    )
     trainer.objective = _SlowLoss(DELAY_S if rank == 1 else 0.0)
     with_logs = []
     handler = logging.Handler()
@@ -244,6 +257,7 @@ def test_a_rank_with_slow_forwards_is_named_in_the_metrics_and_warned_about(tmp_
         assert r["slowest_rank"] == 1 and r["slowest_forward_ratio"] > 3
         assert r["slowest_forward_s"] >= MICRO * DELAY_S
         assert r["forward_s"] < COMPUTE_S  # rank 0's: its engine step (COMPUTE_S) is not in it
+        assert r["data_wait_rank"] == 0 and r["data_wait_s"] >= MICRO * DELAY_S
     # every rank computes the same fields from the same gathered numbers
     assert {k: one["last"][k] for k in ("slowest_rank", "forward_s")} == {
         k: zero["last"][k] for k in ("slowest_rank", "forward_s")

@@ -50,5 +50,6 @@ def format_record(record: dict) -> str:
         if record.get("alloc_retries"):  # the allocator is thrashing near the limit: say so
             parts.append(f"alloc retries {record['alloc_retries']}")
     if record.get("data_wait_frac", 0) >= 0.01:  # an input stall is worth a glance; none is noise
-        parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%")
+        rank = f" (rank {record['data_wait_rank']})" if "data_wait_rank" in record else ""
+        parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%{rank}")
     return " ".join(parts)
