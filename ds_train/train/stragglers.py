@@ -243,17 +243,23 @@ def _health_fields(rows: list[list[float]], slowest: int) -> dict:
     return {
         "slowest_rank_sm_clock_mhz": clock,
         "sm_clock_mhz": statistics.median(others) if others else None,
-        "slowest_rank_temperature_c": temperature,
-        "slowest_rank_power_w": power,
+        # None, not NaN, for a reading the board did not give: metrics.jsonl stays strict JSON
+        "slowest_rank_temperature_c": None if math.isnan(temperature) else temperature,
+        "slowest_rank_power_w": None if math.isnan(power) else power,
     }
 
 
 def _describe_gpu(fields: dict) -> str:
     if "slowest_rank_sm_clock_mhz" not in fields:
         return ""
-    others = fields["sm_clock_mhz"]
+    others, temperature, power = (
+        fields["sm_clock_mhz"],
+        fields["slowest_rank_temperature_c"],
+        fields["slowest_rank_power_w"],
+    )
     return (
         f"; its GPU: SM clock {fields['slowest_rank_sm_clock_mhz']:.0f} MHz"
         + (f" (the others' median {others:.0f})" if others is not None else "")
-        + f", {fields['slowest_rank_temperature_c']:.0f} °C, {fields['slowest_rank_power_w']:.0f} W"
+        + (f", {temperature:.0f} °C" if temperature is not None else "")
+        + (f", {power:.0f} W" if power is not None else "")
     )

@@ -185,6 +185,12 @@ def test_the_slow_ranks_gpu_clock_is_logged_and_shown_in_the_warning(monkeypatch
     assert (
         "since step 1; its GPU: SM clock 1410 MHz (the others' median 1978), 84 °C, 310 W; every" in warning
     )
+    # a board that reports its clock but not its power: null in metrics.jsonl, left out of the warning
+    watch, _ = _watch(monkeypatch, [[fast, [0.5, 0.0, 1410.0, 84.0, math.nan], other]] * 2)
+    caplog.clear()
+    fields = [watch.interval(1, i + 1, i + 1) for i in range(2)][-1]
+    assert fields["slowest_rank_power_w"] is None and json.loads(json.dumps(fields, allow_nan=False))
+    assert "84 °C; every rank waits" in caplog.text
 
 
 def test_gpu_health_reads_nvml_through_torch_and_is_nan_where_it_cannot(monkeypatch):
