@@ -61,7 +61,7 @@ class TrainerSettings:
     nonfinite: str = "stop"
     max_nonfinite: int = 3
     collective_timeout_s: float = 600.0
-    straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the median rank's (0: never)
+    straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
 
 
 class Trainer:
