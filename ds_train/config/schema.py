@@ -179,8 +179,9 @@ class TrainSection:
     max_nonfinite: int = doc(3, "With nonfinite=skip: stop after this many consecutive non-finite steps.")
     straggler_ratio: float = doc(
         1.2,
-        "Warn when one rank's forwards take this many times the median rank's over a log interval (a slow "
-        "rank sets every rank's pace); metrics.jsonl logs the slowest rank and its ratio either way. 0: no warning.",
+        "Warn when one rank's forwards take this many times the other ranks' median in two log intervals in a "
+        "row (a slow rank sets every rank's pace); metrics.jsonl logs the slowest rank and its ratio either "
+        "way. 0: no warning.",
     )
 
 

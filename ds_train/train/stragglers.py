@@ -1,4 +1,4 @@
-"""Which rank is slow: each rank times its own forwards; every log step gathers one number per rank.
+"""Which rank is slow: each rank times its own forwards; every log step gathers them from all ranks.
 
 In synchronous data parallelism every rank waits for the slowest at each gradient reduction, so
 one slow rank (a throttled or failing GPU, a node shared with another job, a host too slow to
@@ -160,9 +160,12 @@ class StragglerWatch:
     `warn_ratio` × the other ranks' median or more in two log intervals in a row (a single one is
     as likely a passing burst: a GC pause, a neighbour's job), and say when it keeps pace again."""
 
-    def __init__(self, device: torch.device, rank: int, world_size: int, warn_ratio: float):
+    def __init__(self, device: torch.device, rank: int, world_size: int, warn_ratio: float, engine=None):
         self.clock = ForwardClock(device, enabled=world_size > 1)
         self.device, self.rank, self.world_size, self.warn_ratio = device, rank, world_size, warn_ratio
+        if world_size > 1 and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+            # a ZeRO-3 forward gathers parameters from every rank: time the layers between gathers
+            self.clock.time_linear_layers(engine.module)
         self._hosts: list[str] | None = None
         self._over: tuple[int, int] | None = None  # (rank, since step): over the ratio, not yet warned
         self._flagged: int | None = None  # the rank warned about, while it stays over the ratio

@@ -104,10 +104,9 @@ class Trainer:
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
-        self.stragglers = StragglerWatch(ctx.device, ctx.rank, ctx.world_size, settings.straggler_ratio)
-        if ctx.world_size > 1 and getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
-            # a ZeRO-3 forward gathers parameters from every rank: time the layers between gathers
-            self.stragglers.clock.time_linear_layers(engine.module)
+        self.stragglers = StragglerWatch(
+            ctx.device, ctx.rank, ctx.world_size, settings.straggler_ratio, engine
+        )
 
     # --- public -------------------------------------------------------------------------------
 
