@@ -30,7 +30,11 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import clean_env, free_port  # noqa: E402
 
 
-def probe(args, tmp: Path, stage: int) -> dict:
+def probe(
+    args, tmp: Path, stage: int, script: str = "checkpoint_probe.py", extra: tuple[str, ...] = ()
+) -> dict:
+    """Run `script` (a probe in bench/) on `args.nproc` ranks over a model of `args.hidden` ×
+    `args.layers` at ZeRO `stage`; its JSON line's "probe" object."""
     model = json.loads((REPO / "configs/model/tiny-llama.json").read_text())
     model.update(
         hidden_size=args.hidden,
@@ -64,16 +68,17 @@ def probe(args, tmp: Path, stage: int) -> dict:
         "torch.distributed.run",
         f"--nproc_per_node={args.nproc}",
         f"--master_port={free_port()}",
-        str(REPO / "bench/checkpoint_probe.py"),
+        str(REPO / "bench" / script),
         str(cfg_path),
         str(args.repeats),
         str(out),
-        *(["--drop-caches"] if args.drop_caches else []),
+        *extra,
+        *(["--drop-caches"] if getattr(args, "drop_caches", False) else []),
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
     shutil.rmtree(out, ignore_errors=True)
     if proc.returncode:
-        raise SystemExit(f"checkpoint_probe failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise SystemExit(f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith('{"probe"'))
     return json.loads(line)["probe"]
 

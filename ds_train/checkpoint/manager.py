@@ -11,11 +11,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ds_train.checkpoint.background import BackgroundWriter, host_snapshot
 from ds_train.checkpoint.integrity import digest, manifest_problems
 from ds_train.checkpoint.layout import (
     CONFIG_FILE,
@@ -64,6 +66,11 @@ class CheckpointManager:
         self.root = checkpoints_dir(run_dir)
         self.ctx = ctx
         self.keep_last = keep_last
+        self.pending: _PendingSave | None = None  # a background save not yet completed
+
+    def writing(self) -> bool:
+        """Whether this rank still has background checkpoint writes running."""
+        return self.pending is not None and self.pending.writer is not None and self.pending.writer.busy()
 
     def save(
         self,
@@ -73,8 +80,14 @@ class CheckpointManager:
         config_yaml: str,
         write_extras: Callable[[Path], None] | None = None,
         on_written: Callable[[Path], None] | None = None,
-    ) -> CheckpointRef:
+        *,
+        background: bool = False,
+    ) -> CheckpointRef | None:
         """Write a checkpoint for `step` on all ranks; it becomes `latest` only once complete.
+
+        With `background`, DeepSpeed's files are copied to host memory and written by a thread
+        (background.py); the save returns None at once and `finish()`, called by every rank at the
+        same step once no rank is `writing()`, completes it. A save still pending is finished first.
 
         `write_extras(dir)` runs on rank 0 inside the checkpoint directory before it is completed
         (the HF model config and the tokenizer, so a checkpoint converts without the run config).
@@ -84,6 +97,7 @@ class CheckpointManager:
         rank alike, naming the rank and the error; the previous checkpoint stays `latest`. Only a
         failure inside DeepSpeed's own writer ends that rank alone (its peers then fail at once on
         the closed connection, or at the collective timeout)."""
+        self.finish()
         t0 = time.time()
         tag = tag_for_step(step)
         partial = tag + PARTIAL_SUFFIX
@@ -99,36 +113,65 @@ class CheckpointManager:
                 error = _describe(e)
         self._agree(tag, all_gather_object(error))
         written: dict[Path, tuple[int, str] | None] = {}
+        writer = BackgroundWriter() if background and _is_plain_torch_writer(engine) else None
+        if background and writer is None:
+            log.warning(
+                "train.save_async needs DeepSpeed's default checkpoint writer; saving in the foreground"
+            )
         try:
-            with _hashed_writes(engine, written):
+            with _hashed_writes(engine, written, writer):
                 engine.save_checkpoint(str(self.root), tag=partial, client_state={}, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             if is_collective_failure(e):
                 raise
+            if writer is not None:
+                writer.wait()
             raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e))])) from None
+        self.pending = _PendingSave(
+            tag, step, state, config_yaml, write_extras, on_written, written, writer, _rng_state(), t0
+        )
+        if writer is None:
+            return self.finish()
+        log.info(
+            "checkpoint %s copied to host memory in %.1fs; writing it in the background",
+            tag,
+            time.time() - t0,
+        )
+        return None
+
+    def finish(self) -> CheckpointRef | None:
+        """Complete the pending save, if any (every rank calls this at the same point): wait for this
+        rank's writes, gather every rank's files and errors, and on rank 0 write the manifest, rename
+        the directory and point `latest` at it."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        partial = p.tag + PARTIAL_SUFFIX
         digests, error = {}, None
         try:
-            rng_dir = self.root / partial / "rng"
-            rng_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(_rng_state(), rng_dir / f"rank_{self.ctx.rank:05d}.pt")
-            written[rng_dir / f"rank_{self.ctx.rank:05d}.pt"] = None
-            digests = {str(p.relative_to(self.root / partial)): d or digest(p) for p, d in written.items()}
-            if on_written is not None:
-                on_written(self.root / partial)
+            if p.writer is not None and (failed := p.writer.wait()) is not None:
+                raise failed if isinstance(failed, OSError) else OSError(_describe(failed))
+            rng_file = self.root / partial / "rng" / f"rank_{self.ctx.rank:05d}.pt"
+            rng_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(p.rng, rng_file)  # taken when the save began, as the other files were
+            p.written[rng_file] = None
+            digests = {str(f.relative_to(self.root / partial)): d or digest(f) for f, d in p.written.items()}
+            if p.on_written is not None:
+                p.on_written(self.root / partial)
         except OSError as e:
             error = _describe(e)
         # Every rank reports its files (or its error): the checkpoint is complete only if all wrote.
         reports = all_gather_object((error, digests))
-        self._agree(tag, [e for e, _ in reports])
+        self._agree(p.tag, [e for e, _ in reports])
         error = None
         if self.ctx.is_main:
             try:
-                self._complete(tag, partial, step, state, config_yaml, write_extras, reports)
+                self._complete(p.tag, partial, p.step, p.state, p.config_yaml, p.write_extras, reports)
             except OSError as e:
                 error = _describe(e)
-        self._agree(tag, all_gather_object(error))
-        log.info("checkpoint %s written in %.1fs", self.root / tag, time.time() - t0)
-        return CheckpointRef(self.root, tag)
+        self._agree(p.tag, all_gather_object(error))
+        log.info("checkpoint %s written in %.1fs", self.root / p.tag, time.time() - p.started)
+        return CheckpointRef(self.root, p.tag)
 
     def _complete(self, tag, partial, step, state, config_yaml, write_extras, reports) -> None:
         """Rank 0: the ride-along files, the manifest, then the rename and `latest` (atomic)."""
@@ -272,23 +315,22 @@ def _describe(e: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _hashed_writes(engine: Any, written: dict[Path, tuple[int, str] | None]):
+def _hashed_writes(
+    engine: Any, written: dict[Path, tuple[int, str] | None], background: BackgroundWriter | None = None
+):
     """Note every file DeepSpeed's checkpoint writer saves on this rank, with its (bytes, sha256)
     taken as the bytes go out when the writer is DeepSpeed's default (`torch.save` to a zip file),
     so no file is read back to hash it; files of other writers (DeepSpeed's asynchronous ones,
-    legacy serialization) are noted as None and hashed after they are written."""
+    legacy serialization) are noted as None and hashed after they are written. With `background`
+    (default writer only), each state dict is copied to host memory and written by its thread."""
     writer = getattr(engine, "checkpoint_engine", None)
     if writer is None or not hasattr(writer, "save"):
         yield
         return
     original = writer.save
-    streams = _is_plain_torch_writer(writer)
+    streams = _is_plain_torch_writer(engine)
 
-    def save(state_dict, path, *args, **kwargs):
-        if not streams:
-            result = original(state_dict, path, *args, **kwargs)
-            written[Path(path)] = None
-            return result
+    def write(state_dict, path, *args, **kwargs):
         # torch.save writes a zip to a file object front to back (no seek); the archive's inner
         # folder is then named "archive" instead of after the file, which torch.load ignores.
         with open(path, "wb") as raw, HashingWriter(raw, overlap=True) as sink:
@@ -296,14 +338,42 @@ def _hashed_writes(engine: Any, written: dict[Path, tuple[int, str] | None]):
         written[Path(path)] = (sink.size, sink.hexdigest())
         return result
 
+    def save(state_dict, path, *args, **kwargs):
+        if not streams:
+            result = original(state_dict, path, *args, **kwargs)
+            written[Path(path)] = None
+            return result
+        if background is None:
+            return write(state_dict, path, *args, **kwargs)
+        snapshot = host_snapshot(state_dict)  # the step's state, before training changes it
+        background.submit(lambda: write(snapshot, path, *args, **kwargs))
+        return None
+
     with _patched(writer, "save", save):
         yield
 
 
-def _is_plain_torch_writer(writer: Any) -> bool:
+def _is_plain_torch_writer(engine: Any) -> bool:
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
+    writer = getattr(engine, "checkpoint_engine", None)
     return type(writer) is TorchCheckpointEngine and bool(getattr(writer, "zipfile_serialization", False))
+
+
+@dataclass
+class _PendingSave:
+    """A save whose files are written (or being written) but which is not yet complete."""
+
+    tag: str
+    step: int
+    state: dict
+    config_yaml: str
+    write_extras: Callable[[Path], None] | None
+    on_written: Callable[[Path], None] | None
+    written: dict[Path, tuple[int, str] | None]
+    writer: BackgroundWriter | None
+    rng: dict  # this rank's RNG states at the saved step
+    started: float
 
 
 @contextlib.contextmanager

@@ -154,6 +154,12 @@ class TrainSection:
     keep_last: int = doc(
         3, "Complete checkpoints to keep; older ones are deleted after a new one is complete."
     )
+    save_async: bool = doc(
+        False,
+        "Periodic saves copy the checkpoint to host memory and write it while training goes on (it becomes "
+        "`latest` at the first step after every rank's files are written); the end and preemption saves are "
+        "always written before the run exits. Costs host memory for one copy of each rank's checkpoint files.",
+    )
     eval_every: int = doc(
         0,
         "Validation loss/perplexity every N steps (and at the end) when data.valid is set. 0: only at the end.",

@@ -164,6 +164,7 @@ def build_trainer(
         max_nonfinite=cfg.train.max_nonfinite,
         collective_timeout_s=cfg.run.collective_timeout_s,
         straggler_ratio=cfg.train.straggler_ratio,
+        save_async=cfg.train.save_async,
     )
     trainer = Trainer(
         settings=settings,

@@ -62,6 +62,7 @@ class TrainerSettings:
     max_nonfinite: int = 3
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
+    save_async: bool = False  # periodic saves: copy to host memory, write in the background
 
 
 class Trainer:
@@ -104,6 +105,7 @@ class Trainer:
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
+        self._writes_busy = False  # some rank's background checkpoint writes were running at the last step
         self.stragglers = StragglerWatch(
             ctx.device, ctx.rank, ctx.world_size, settings.straggler_ratio, engine
         )
@@ -168,6 +170,10 @@ class Trainer:
                 raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
             local_targets = torch.stack([b["num_targets"] for b in micro]).sum()
             global_targets, stop = self._agree(local_targets)
+            if self.checkpoints.pending is not None and not self._writes_busy:  # every rank's files written
+                t0 = time.perf_counter()
+                self._finish_save()
+                side["save_s"] += time.perf_counter() - t0
             if stop:  # every rank agreed, so every rank logs the steps since the last log line
                 if pending:
                     self._log(pending, interval_start, waited, side)
@@ -188,16 +194,18 @@ class Trainer:
                     self.evaluate()
                 t1 = time.perf_counter()
                 if self.s.save_every and self.step % self.s.save_every == 0:
-                    self.save()
+                    self.save(background=self.s.save_async)
                 side["eval_s"] += t1 - t0
                 side["save_s"] += time.perf_counter() - t1
         self.evaluate()
+        self._finish_save()
         if self.last_saved_step != self.step:
             self.save()
         self._emit("on_train_end")
         return 0
 
     def _stop_for_requeue(self) -> int:
+        self._finish_save()
         if self.last_saved_step != self.step:
             self.save()
         log.warning(
@@ -209,8 +217,11 @@ class Trainer:
         self._emit("on_train_end")
         return PREEMPTED_EXIT_CODE
 
-    def save(self) -> None:
+    def save(self, background: bool = False) -> None:
+        """Checkpoint this step; with `background` the files are written while training goes on and
+        the checkpoint completes at the first step boundary after every rank's writes are done."""
         self._agree(torch.zeros(()))  # never checkpoint a step whose loss no rank has vetted
+        self._finish_save()
         self._activity = f"while saving the checkpoint of step {self.step}"
         self.checkpoints.save(
             self.engine,
@@ -218,9 +229,21 @@ class Trainer:
             self.state_fn(self.step),
             self.config_yaml,
             self.write_extras,
-            on_written=lambda directory: self._emit("on_checkpoint_written", directory),
+            on_written=lambda directory, step=self.step: self._emit("on_checkpoint_written", directory, step),
+            background=background,
         )
-        self.last_saved_step = self.step
+        if self.checkpoints.pending is None:  # written, not left to the background
+            self.last_saved_step = self.step
+        self._activity = None
+
+    def _finish_save(self) -> None:
+        """Complete a background save (collective: every rank calls it at the same step)."""
+        pending = self.checkpoints.pending
+        if pending is None:
+            return
+        self._activity = f"while completing the checkpoint of step {pending.step}"
+        self.checkpoints.finish()
+        self.last_saved_step = pending.step
         self._activity = None
 
     @torch.no_grad()
@@ -277,9 +300,10 @@ class Trainer:
 
     def _agree(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The step's one collective: the global target-token count, whether any rank wants to stop,
-        and whether any rank saw a non-finite loss in the previous step (checked here, a step late,
+        whether any rank saw a non-finite loss in the previous step (checked here, a step late,
         so the loop never waits on a loss value; DeepSpeed's ZeRO optimizers already discarded
-        that step's update because its gradient norm was not finite)."""
+        that step's update because its gradient norm was not finite), and whether any rank is
+        still writing a background checkpoint (`_writes_busy`)."""
         unchecked, self._unchecked = self._unchecked, None
         bad = (~torch.isfinite(unchecked[1])).any().float() if unchecked is not None else torch.zeros(())
         flags = torch.stack(
@@ -287,10 +311,11 @@ class Trainer:
                 local_targets.float().to(self.ctx.device),
                 torch.tensor(float(self.stop_reason is not None), device=self.ctx.device),
                 bad.to(self.ctx.device),
+                torch.tensor(float(self.checkpoints.writing()), device=self.ctx.device),
             ]
         )
         all_reduce_sum(flags)
-        _, stop, nonfinite = (flags > 0).tolist()
+        _, stop, nonfinite, self._writes_busy = (flags > 0).tolist()
         if nonfinite:
             self._handle_nonfinite(*unchecked)
         elif unchecked is not None:

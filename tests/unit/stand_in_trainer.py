@@ -67,9 +67,17 @@ def stand_in_trainer(
     log_every: int = 2,
     save_every: int = 0,
     save: Callable[..., None] = lambda *a, **k: None,
+    save_async: bool = False,
+    checkpoints: object | None = None,
 ) -> Trainer:
     settings = TrainerSettings(
-        max_steps=max_steps, log_every=log_every, save_every=save_every, eval_every=0, eval_steps=0, seq_len=4
+        max_steps=max_steps,
+        log_every=log_every,
+        save_every=save_every,
+        eval_every=0,
+        eval_steps=0,
+        seq_len=4,
+        save_async=save_async,
     )
     return Trainer(
         settings=settings,
@@ -78,7 +86,8 @@ def stand_in_trainer(
         objective=ConstantLoss(),
         layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO * world),
         train_batches=stand_in_batches() if batches is None else batches,
-        checkpoints=SimpleNamespace(save=save, root=Path("unused")),
+        checkpoints=checkpoints
+        or SimpleNamespace(save=save, root=Path("unused"), pending=None, writing=lambda: False),
         state_fn=lambda step: {},
         config_yaml="",
         callbacks=callbacks,

@@ -37,7 +37,7 @@ def test_collects_only_at_its_steps_and_restores_the_collector():
         cb.on_step_end(trainer)
         assert garbage() is None  # the step's cycles are freed at the step multiple
         late = weakref.ref(_Cycle())
-        cb.on_checkpoint_written(trainer, None)  # a save collects everything
+        cb.on_checkpoint_written(trainer, None, 8)  # a save collects everything
         assert late() is None
     finally:
         cb.on_train_end(trainer)

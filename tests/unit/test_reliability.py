@@ -298,7 +298,7 @@ def _trainer(tmp_path, policy: str, rank: int = 1) -> Trainer:
         objective=None,
         layout=None,
         train_batches=[],
-        checkpoints=SimpleNamespace(root=tmp_path),
+        checkpoints=SimpleNamespace(root=tmp_path, pending=None, writing=lambda: False),
         state_fn=dict,
         config_yaml="",
         start_step=5,

@@ -22,8 +22,9 @@ class Callback:
     def on_log(self, trainer: Trainer, record: dict) -> None:
         """Every train.log_every steps, with the metrics record written to metrics.jsonl."""
 
-    def on_checkpoint_written(self, trainer: Trainer, directory: Path) -> None:
-        """On every rank inside a save, once this rank's files are in `directory` (still partial)."""
+    def on_checkpoint_written(self, trainer: Trainer, directory: Path, step: int) -> None:
+        """On every rank inside a save, once this rank's files are in `directory` (still partial).
+        `step` is the checkpoint's: with train.save_async training has gone on past it."""
 
     def on_eval(self, trainer: Trainer, record: dict) -> None:
         """After each validation pass."""

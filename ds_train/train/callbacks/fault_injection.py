@@ -138,8 +138,8 @@ class FaultInjection(Callback):
             while True:
                 time.sleep(3600)
 
-    def on_checkpoint_written(self, trainer, directory: Path) -> None:
-        if self._fired(trainer, "kill", "save", trainer.step):
+    def on_checkpoint_written(self, trainer, directory: Path, step: int) -> None:
+        if self._fired(trainer, "kill", "save", step):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self._fired(trainer, "enospc", "save", trainer.step):
+        if self._fired(trainer, "enospc", "save", step):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))

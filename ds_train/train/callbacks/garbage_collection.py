@@ -35,7 +35,7 @@ class SyncedGarbageCollection(Callback):
         if trainer.step % self.every == 0:
             gc.collect(1)  # generations 0 and 1: the step's short-lived cycles, sub-millisecond
 
-    def on_checkpoint_written(self, trainer, directory: Path) -> None:
+    def on_checkpoint_written(self, trainer, directory: Path, step: int) -> None:
         gc.collect()
 
     def on_train_end(self, trainer) -> None:

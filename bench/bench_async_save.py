@@ -1,0 +1,68 @@
+"""What a periodic checkpoint costs training: foreground saves vs `train.save_async`.
+
+A foreground save stops every rank until its files are written and hashed; a background one only
+for the copy to host memory, then a thread writes while training goes on (and competes with it
+for the host's cores and memory bandwidth). bench/async_save_probe.py builds one engine (2 ranks,
+ds-train's DeepSpeed JSON) and times STEPS training steps alone, after a foreground save and after
+a background one, order rotated; this prints each save's cost to training (its time minus the
+steps alone), the blocking part, and their ratios.
+
+    .venv/bin/python bench/bench_async_save.py --stages 2 3 --repeats 6 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+from bench_checkpoint import probe
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
+    ap.add_argument("--repeats", type=int, default=6, help="a multiple of 3: each system goes first as often")
+    ap.add_argument("--steps", type=int, default=4, help="training steps timed after each save")
+    ap.add_argument(
+        "--seq", type=int, default=256, help="tokens per sequence (one sequence per rank and step)"
+    )
+    ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--dir", help="where the checkpoints go (default: a temporary directory)")
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_async_save_"))
+    rows = []
+    for stage in args.stages:
+        p = probe(args, tmp, stage, "async_save_probe.py", (str(args.steps), str(args.seq)))
+        t, stalls = p["times"], p["stalls"]
+        base = statistics.median(t["train"])
+        cost = {s: statistics.median(v) - base for s, v in t.items() if s != "train"}
+        stall = {s: statistics.median(v) for s, v in stalls.items()}
+        rows.append(
+            f"| {stage} | {p['psi'] / 1e6:,.0f} M | {p['bytes'] / 1e9:.2f} GB | {base / args.steps:.2f} | "
+            f"{stall['sync']:.2f} | {cost['sync']:.2f} | {stall['async']:.2f} | {cost['async']:.2f} | "
+            f"**{cost['async'] / cost['sync']:.2f}×** | {p['completed_after_steps']} |"
+        )
+        print(
+            rows[-1], "(per repeat, s:", {k: [round(x, 2) for x in v] for k, v in t.items()}, ")", flush=True
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(
+        f"\n{args.nproc} ranks, {args.precision}, seq {args.seq}, {args.steps} steps after each save, medians of "
+        f"{args.repeats} (seconds, barrier to barrier), checkpoints in {args.dir or tempfile.gettempdir()}"
+    )
+    print(
+        "| ZeRO | params | checkpoint | step s | foreground: blocks s | foreground: costs s | "
+        "background: blocks s | background: costs s | cost ratio | background completed after step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""train.save_async: the host snapshot is the step's state and writes the same bytes, the writer
+thread reports its errors, and a background save completes only once its files are written."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+from collections import OrderedDict, defaultdict, namedtuple
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from ds_train.checkpoint.background import BackgroundWriter, host_snapshot
+from ds_train.checkpoint.layout import STATE_FILE, complete_checkpoints, latest_checkpoint
+from ds_train.checkpoint.manager import CheckpointManager, CheckpointWriteError
+from ds_train.checksum import file_sha256
+from ds_train.distributed.launch_env import LaunchEnv
+
+Shape = namedtuple("Shape", "rows cols")
+
+
+def _saved_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _state() -> dict:
+    flat = torch.arange(12.0)  # a DeepSpeed-style flat buffer and views into it
+    flat.ds_id = 5  # DeepSpeed tags its flat partitions; torch.save writes the attribute
+    placeholders = [torch.empty(0), torch.empty(0)]  # ZeRO-3's partitioned parameters: no bytes
+    tied = torch.nn.Parameter(torch.randn(4, 3))
+    betas, steps = (0.9, 0.95), torch.tensor(3.0)  # objects met twice: pickle writes them once
+    return {
+        "param_groups": [{"betas": betas, "step": steps}, {"betas": betas, "step": steps}],
+        "module": OrderedDict(embed=tied.detach(), head=tied.detach(), norm=torch.ones(3)),
+        "partitions": [flat[:6].view(2, 3), flat[6:], flat],
+        "placeholders": placeholders,
+        "param": tied,
+        "state": defaultdict(dict, {0: {"exp_avg": torch.zeros(3), "step": 7}}),
+        "shape": Shape(4, 3),
+        "scaler": SimpleNamespace(cur_scale=[65536.0]),
+        "int8": torch.tensor([1, 2, 3], dtype=torch.int8),
+        "version": "0.19.8",
+    }
+
+
+def test_host_snapshot_writes_the_same_bytes_and_keeps_shared_storage_shared():
+    state = _state()
+    snap = host_snapshot(state)
+    # torch.save of a copy that lost sharing would write the tied weight twice, and each view of
+    # the flat buffer as its own storage: other bytes
+    assert _saved_bytes(snap) == _saved_bytes(state)
+    m = snap["module"]
+    assert m["embed"].untyped_storage().data_ptr() == m["head"].untyped_storage().data_ptr()
+    assert (
+        snap["partitions"][0].untyped_storage().data_ptr()
+        == snap["partitions"][1].untyped_storage().data_ptr()
+    )
+    assert m["embed"].untyped_storage().data_ptr() != state["module"]["embed"].untyped_storage().data_ptr()
+    assert type(snap["module"]) is OrderedDict and type(snap["state"]) is defaultdict
+    assert snap["shape"] == (4, 3) and snap["shape"].cols == 3
+    assert isinstance(snap["param"], torch.nn.Parameter) and snap["param"].requires_grad
+    assert snap["partitions"][2].ds_id == 5
+
+
+def test_host_snapshot_is_not_changed_by_training_that_goes_on():
+    state = _state()
+    before = _saved_bytes(state)
+    snap = host_snapshot(state)
+    with torch.no_grad():  # what the next optimizer steps do: in place
+        state["module"]["embed"].add_(1.0)
+        state["partitions"][1].mul_(3.0)
+        state["state"][0]["exp_avg"].add_(0.5)
+        state["param"].sub_(2.0)
+    state["state"][0]["step"] = 8
+    state["scaler"].cur_scale[0] = 1.0
+    assert _saved_bytes(state) != before
+    assert _saved_bytes(snap) == before
+
+
+def test_background_writer_runs_jobs_in_order_says_when_busy_and_returns_the_first_error():
+    release, order = threading.Event(), []
+    writer = BackgroundWriter()
+    writer.submit(lambda: release.wait(10) and order.append(1))
+    writer.submit(lambda: order.append(2))
+    writer.submit(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    writer.submit(lambda: (_ for _ in ()).throw(RuntimeError("later")))
+    assert writer.busy()
+    release.set()
+    error = writer.wait()
+    assert isinstance(error, OSError) and error.errno == 28
+    assert order == [1, 2] and not writer.busy()
+
+
+class _HeldWriter:
+    """DeepSpeed's default writer (torch.save to a zip), held at each save until `go` is set."""
+
+    zipfile_serialization = True
+
+    def __init__(self, fail: Exception | None = None):
+        self.go, self.fail = threading.Event(), fail
+
+    def save(self, state_dict, path):
+        assert self.go.wait(10)
+        if self.fail is not None:
+            raise self.fail
+        torch.save(state_dict, path)
+
+
+class _Engine:
+    """A one-rank engine whose weights training changes in place after each save."""
+
+    def __init__(self, writer):
+        self.checkpoint_engine = writer
+        self.w = torch.arange(1000.0)
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+        self.checkpoint_engine.save({"w": self.w}, str(Path(root) / tag / "model_states.pt"))
+
+
+@pytest.fixture
+def plain_writer(monkeypatch):
+    """Let _HeldWriter pass for DeepSpeed's TorchCheckpointEngine (the only writer saved async)."""
+    import ds_train.checkpoint.manager as manager_module
+
+    monkeypatch.setattr(
+        manager_module,
+        "_is_plain_torch_writer",
+        lambda engine: isinstance(engine.checkpoint_engine, _HeldWriter),
+    )
+
+
+def _manager(tmp_path: Path) -> CheckpointManager:
+    ctx = SimpleNamespace(rank=0, world_size=1, is_main=True, launch=LaunchEnv("none", 0, 0, 1, 1, "x", 1))
+    return CheckpointManager(tmp_path / "run", ctx, keep_last=3)
+
+
+def test_a_background_save_completes_only_after_its_files_are_written_with_the_saved_steps_state(
+    tmp_path, plain_writer
+):
+    manager, writer = _manager(tmp_path), _HeldWriter()
+    engine = _Engine(writer)
+    written = []
+    assert (
+        manager.save(engine, 4, {"consumed": 32}, "run: {}\n", on_written=written.append, background=True)
+        is None
+    )
+    assert manager.writing() and latest_checkpoint(manager.root) is None and not written
+    assert (manager.root / "step_00000004.partial").is_dir()
+    engine.w.add_(1.0)  # training goes on while the file is written
+    writer.go.set()
+    ref = manager.finish()
+    assert ref is not None and ref.step == 4 and latest_checkpoint(manager.root).step == 4
+    assert written == [manager.root / "step_00000004.partial"] and manager.pending is None
+    ckpt = manager.root / "step_00000004"
+    assert torch.equal(torch.load(ckpt / "model_states.pt", weights_only=True)["w"], torch.arange(1000.0))
+    state = json.loads((ckpt / STATE_FILE).read_text())
+    assert state["consumed"] == 32 and state["step"] == 4
+    for name, sha in state["sha256"].items():  # hashed as written, by the writer thread
+        assert file_sha256(ckpt / name) == sha, name
+    assert manager.finish() is None  # nothing pending
+
+
+def test_a_new_save_first_completes_the_pending_one(tmp_path, plain_writer):
+    manager, writer = _manager(tmp_path), _HeldWriter()
+    writer.go.set()
+    manager.save(_Engine(writer), 2, {}, "run: {}\n", background=True)
+    ref = manager.save(_Engine(writer), 4, {}, "run: {}\n")
+    assert ref.step == 4 and [r.step for r in complete_checkpoints(manager.root)] == [2, 4]
+
+
+def test_a_failed_background_write_is_a_checkpoint_error_and_the_last_checkpoint_stays_latest(
+    tmp_path, plain_writer
+):
+    manager = _manager(tmp_path)
+    ok = _HeldWriter()
+    ok.go.set()
+    manager.save(_Engine(ok), 2, {}, "run: {}\n")
+    failing = _HeldWriter(fail=RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos"))
+    failing.go.set()
+    manager.save(_Engine(failing), 4, {}, "run: {}\n", background=True)
+    with pytest.raises(
+        CheckpointWriteError, match=r"step_00000004 \(rank 0: .*unexpected pos\).*step_00000002 is still"
+    ):
+        manager.finish()
+    assert latest_checkpoint(manager.root).step == 2
+
+
+# --- the trainer: when a background save completes ----------------------------------------------
+
+
+class _SlowWrites:
+    """CheckpointManager's interface; a background save's files take `busy_steps` steps to write."""
+
+    root = Path("unused")
+
+    def __init__(self, busy_steps: int):
+        self.busy_steps, self.pending, self.trainer = busy_steps, None, None
+        self.saves: list[tuple[int, bool]] = []  # (step, background)
+        self.completed: list[tuple[int, int]] = []  # (checkpoint's step, steps done when it completed)
+
+    def save(self, engine, step, state, config_yaml, write_extras=None, on_written=None, *, background=False):
+        assert self.pending is None, "a new save while one is pending"
+        self.saves.append((step, background))
+        self.pending = SimpleNamespace(step=step, until=step + self.busy_steps)
+        if not background:
+            self.finish()
+
+    def writing(self) -> bool:
+        return self.pending is not None and self.trainer.step < self.pending.until
+
+    def finish(self):
+        if self.pending is not None:
+            self.completed.append((self.pending.step, self.trainer.step))
+            self.pending = None
+
+
+def _async_trainer(busy_steps: int, callbacks=(), **kw):
+    from tests.unit.stand_in_trainer import stand_in_trainer
+
+    checkpoints = _SlowWrites(busy_steps)
+    trainer = stand_in_trainer(list(callbacks), save_async=True, checkpoints=checkpoints, **kw)
+    checkpoints.trainer = trainer
+    return trainer, checkpoints
+
+
+def test_the_trainer_completes_a_background_save_at_the_first_step_after_its_writes_and_waits_at_the_end():
+    trainer, ckpts = _async_trainer(busy_steps=1, max_steps=7, save_every=3)
+    assert trainer.fit() == 0
+    # step 3's save: still writing when step 4 began, done when step 5 began; step 6's still
+    # writing at the end: completed there, then the end save of step 7 written in the foreground
+    assert ckpts.saves == [(3, True), (6, True), (7, False)]
+    assert ckpts.completed == [(3, 4), (6, 7), (7, 7)]
+    assert trainer.last_saved_step == 7
+
+
+@pytest.mark.parametrize(
+    "stop_at, saves, completed",
+    [
+        (4, [(3, True), (4, False)], [(3, 4), (4, 4)]),
+        (3, [(3, True)], [(3, 3)]),  # the signal came in the saved step: completing it is enough
+    ],
+)
+def test_a_stop_signal_completes_the_background_save_before_the_requeue_save(stop_at, saves, completed):
+    from ds_train.train.callbacks.base import Callback
+    from ds_train.train.trainer import PREEMPTED_EXIT_CODE
+
+    class Stop(Callback):
+        def on_step_end(self, trainer):
+            if trainer.step == stop_at:
+                trainer.request_stop("SIGUSR1")
+
+    trainer, ckpts = _async_trainer(busy_steps=5, callbacks=[Stop()], max_steps=9, save_every=3)
+    assert trainer.fit() == PREEMPTED_EXIT_CODE
+    assert ckpts.saves == saves and ckpts.completed == completed
+    assert trainer.last_saved_step == stop_at
