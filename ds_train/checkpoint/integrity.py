@@ -13,8 +13,13 @@ import os
 from pathlib import Path
 
 from ds_train.checksum import file_sha256
+from ds_train.errors import RunFailure
 
-__all__ = ["digest", "file_sha256", "manifest_problems"]
+__all__ = ["CheckpointDamaged", "digest", "file_sha256", "manifest_problems"]
+
+
+class CheckpointDamaged(RunFailure):
+    """A checkpoint's files differ from its manifest (missing, truncated, altered)."""
 
 
 def digest(path: str | os.PathLike) -> tuple[int, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import heapq
 import json
@@ -17,8 +16,9 @@ from typing import Any
 
 import torch
 
-from ds_train.checkpoint.background import BackgroundWriter, host_snapshot
-from ds_train.checkpoint.integrity import digest, manifest_problems
+from ds_train.checkpoint.background import BackgroundWriter
+from ds_train.checkpoint.deepspeed_io import hashed_writes, is_plain_torch_writer, safe_loading
+from ds_train.checkpoint.integrity import CheckpointDamaged, digest, manifest_problems
 from ds_train.checkpoint.layout import (
     CONFIG_FILE,
     LATEST,
@@ -32,7 +32,6 @@ from ds_train.checkpoint.layout import (
     tag_for_step,
     write_atomic,
 )
-from ds_train.checksum import HashingWriter
 from ds_train.distributed.engine import DistributedContext, all_gather_object
 from ds_train.distributed.peers import is_collective_failure
 from ds_train.errors import RunFailure
@@ -44,10 +43,6 @@ class CheckpointWriteError(RunFailure):
     """A checkpoint could not be written; the previous one is intact and still `latest`."""
 
     every_rank = True  # raised after the ranks gathered each other's write errors
-
-
-class CheckpointDamaged(RunFailure):
-    """A checkpoint's files differ from its manifest (missing, truncated, altered)."""
 
 
 def damaged_message(ref: CheckpointRef, problems: list[str]) -> str:
@@ -113,13 +108,13 @@ class CheckpointManager:
                 error = _describe(e)
         self._agree(tag, all_gather_object(error))
         written: dict[Path, tuple[int, str] | None] = {}
-        writer = BackgroundWriter() if background and _is_plain_torch_writer(engine) else None
+        writer = BackgroundWriter() if background and is_plain_torch_writer(engine) else None
         if background and writer is None:
             log.warning(
                 "train.save_async needs DeepSpeed's default checkpoint writer; saving in the foreground"
             )
         try:
-            with _hashed_writes(engine, written, writer):
+            with hashed_writes(engine, written, writer):
                 engine.save_checkpoint(str(self.root), tag=partial, client_state={}, save_latest=False)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
             if is_collective_failure(e):
@@ -243,7 +238,7 @@ class CheckpointManager:
         verifies the files first). DeepSpeed's files are unpickled with `weights_only=True` and an
         allow-list of DeepSpeed's few classes, never arbitrary objects."""
         state = ref.state()
-        with _safe_loading(engine):
+        with safe_loading(engine):
             load_path, _ = engine.load_checkpoint(
                 str(ref.root),
                 tag=ref.tag,
@@ -314,52 +309,6 @@ def _describe(e: Exception) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-@contextlib.contextmanager
-def _hashed_writes(
-    engine: Any, written: dict[Path, tuple[int, str] | None], background: BackgroundWriter | None = None
-):
-    """Note every file DeepSpeed's checkpoint writer saves on this rank, with its (bytes, sha256)
-    taken as the bytes go out when the writer is DeepSpeed's default (`torch.save` to a zip file),
-    so no file is read back to hash it; files of other writers (DeepSpeed's asynchronous ones,
-    legacy serialization) are noted as None and hashed after they are written. With `background`
-    (default writer only), each state dict is copied to host memory and written by its thread."""
-    writer = getattr(engine, "checkpoint_engine", None)
-    if writer is None or not hasattr(writer, "save"):
-        yield
-        return
-    original = writer.save
-    streams = _is_plain_torch_writer(engine)
-
-    def write(state_dict, path, *args, **kwargs):
-        # torch.save writes a zip to a file object front to back (no seek); the archive's inner
-        # folder is then named "archive" instead of after the file, which torch.load ignores.
-        with open(path, "wb") as raw, HashingWriter(raw, overlap=True) as sink:
-            result = original(state_dict, sink, *args, **kwargs)
-        written[Path(path)] = (sink.size, sink.hexdigest())
-        return result
-
-    def save(state_dict, path, *args, **kwargs):
-        if not streams:
-            result = original(state_dict, path, *args, **kwargs)
-            written[Path(path)] = None
-            return result
-        if background is None:
-            return write(state_dict, path, *args, **kwargs)
-        snapshot = host_snapshot(state_dict)  # the step's state, before training changes it
-        background.submit(lambda: write(snapshot, path, *args, **kwargs))
-        return None
-
-    with _patched(writer, "save", save):
-        yield
-
-
-def _is_plain_torch_writer(engine: Any) -> bool:
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    writer = getattr(engine, "checkpoint_engine", None)
-    return type(writer) is TorchCheckpointEngine and bool(getattr(writer, "zipfile_serialization", False))
-
-
 @dataclass
 class _PendingSave:
     """A save whose files are written (or being written) but which is not yet complete."""
@@ -374,54 +323,3 @@ class _PendingSave:
     writer: BackgroundWriter | None
     rng: dict  # this rank's RNG states at the saved step
     started: float
-
-
-@contextlib.contextmanager
-def _safe_loading(engine: Any):
-    """DeepSpeed's checkpoint reader, with torch.load(weights_only=True) and an allow-list instead
-    of unrestricted unpickling."""
-    reader = getattr(engine, "checkpoint_engine", None)
-    if reader is None or not hasattr(reader, "load"):
-        yield
-        return
-    allowed = _deepspeed_classes()
-
-    def load(path, map_location=None, *args, **kwargs):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                return torch.load(path, map_location=map_location, weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise CheckpointDamaged(
-                f"{path}: refused to load ({first}); ds_train reads checkpoints with "
-                "torch.load(weights_only=True) and never unpickles other objects"
-            ) from None
-
-    with _patched(reader, "load", load):
-        yield
-
-
-def _deepspeed_classes() -> list:
-    """The only non-tensor classes DeepSpeed pickles into its checkpoint files (training resumes
-    with the real classes; the converter uses inert stand-ins, see convert/safe_load.py)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-@contextlib.contextmanager
-def _patched(obj: Any, name: str, value: Any):
-    own = name in vars(obj)
-    previous = vars(obj).get(name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        if own:
-            setattr(obj, name, previous)
-        else:
-            delattr(obj, name)

@@ -30,18 +30,13 @@ from ds_train.distributed.peers import first_sentence, is_collective_failure, ro
 from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
+from ds_train.train.nonfinite import NonFiniteLosses
 from ds_train.train.process_clock import process_age_s
 from ds_train.train.stragglers import StragglerWatch
 
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch script requeues
-
-
-class NonFiniteLossError(RunFailure):
-    """train.nonfinite=stop, or too many consecutive non-finite steps under skip."""
-
-    every_rank = True  # the non-finite flags are all-reduced: every rank stops at the same step
 
 
 class RankLostError(RunFailure):
@@ -90,8 +85,13 @@ class Trainer:
         self.eval_batches = eval_batches
         self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
         self.write_extras = write_extras
-        self.describe_sample = describe_sample or (
-            lambda src, shard, row: f"source {src} shard {shard} row {row}"
+        self.nonfinite = NonFiniteLosses(
+            settings.nonfinite,
+            settings.max_nonfinite,
+            ctx.rank,
+            ctx.is_main,
+            describe_sample or (lambda src, shard, row: f"source {src} shard {shard} row {row}"),
+            checkpoints.root,
         )
         self.callbacks = callbacks or []
         self.step = start_step
@@ -99,9 +99,7 @@ class Trainer:
         self.stop_reason: str | None = None
         self.last_record: dict = {}
         self._unchecked: tuple[list[dict], torch.Tensor] | None = None  # last step, finiteness not yet agreed
-        self.nonfinite_steps = 0
         self.skipped_samples = 0  # rows the loader could not read and replaced (data.skip_corrupt)
-        self._consecutive_nonfinite = 0
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
@@ -317,47 +315,12 @@ class Trainer:
         all_reduce_sum(flags)
         _, stop, nonfinite, self._writes_busy = (flags > 0).tolist()
         if nonfinite:
-            self._handle_nonfinite(*unchecked)
+            self.nonfinite.seen(self.step, *unchecked)
         elif unchecked is not None:
-            self._consecutive_nonfinite = 0
+            self.nonfinite.finite()
         if stop and self.stop_reason is None:
             self.stop_reason = "another rank received a stop signal"
         return flags[0], stop
-
-    def _handle_nonfinite(self, micro: list[dict], losses: torch.Tensor) -> None:
-        """Name the step and, on the rank(s) that saw it, the micro-batch's samples (shard and row),
-        so the data can be found; then skip (count) or stop as train.nonfinite says."""
-        self.nonfinite_steps += 1
-        self._consecutive_nonfinite += 1
-        bad = [k for k, ok in enumerate(torch.isfinite(losses).tolist()) if not ok]
-        if bad:
-            b = micro[bad[0]]
-            ids = b["sample_ids"].tolist() if "sample_ids" in b else []
-            places = [
-                self.describe_sample(int(src), int(shard), int(row))
-                for src, shard, row in zip(b["source"].tolist(), b["shard"].tolist(), b["row"].tolist())
-            ]
-            shown = ", ".join(places[:4]) + (f", … ({len(places)} samples)" if len(places) > 4 else "")
-            span = f"global samples {ids[0]}..{ids[-1]}: " if ids else ""
-            where = f"on rank {self.ctx.rank}, micro-batch {bad[0]} ({span}{shown})"
-        else:
-            where = "on another rank (its log names the samples)"
-        message = f"non-finite loss in step {self.step} {where}"
-        if self.s.nonfinite == "stop" or self._consecutive_nonfinite >= self.s.max_nonfinite:
-            reason = (
-                "train.nonfinite=stop"
-                if self.s.nonfinite == "stop"
-                else f"{self._consecutive_nonfinite} consecutive non-finite steps (train.max_nonfinite)"
-            )
-            latest = latest_checkpoint(self.checkpoints.root)
-            kept = f"{latest.tag} is intact" if latest else "no checkpoint was written"
-            raise NonFiniteLossError(f"{message}; stopping: {reason}; {kept}")
-        if bad or self.ctx.is_main:
-            log.warning(
-                "%s; update skipped (train.nonfinite=skip; %d non-finite steps so far)",
-                message,
-                self.nonfinite_steps,
-            )
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
         elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
@@ -397,7 +360,7 @@ class Trainer:
             "data_wait_frac": slowest_wait / max(elapsed, 1e-9),
             "mfu": None,
             "world_size": self.ctx.world_size,
-            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_steps": self.nonfinite.steps,
             "skipped_samples": skipped_samples,
             **memory,
             # which rank is slowest (ds_train/train/stragglers.py; a collective, so before any rank-0-only work)

@@ -126,13 +126,14 @@ class _Engine:
 @pytest.fixture
 def plain_writer(monkeypatch):
     """Let _HeldWriter pass for DeepSpeed's TorchCheckpointEngine (the only writer saved async)."""
+    import ds_train.checkpoint.deepspeed_io as deepspeed_io
     import ds_train.checkpoint.manager as manager_module
 
-    monkeypatch.setattr(
-        manager_module,
-        "_is_plain_torch_writer",
-        lambda engine: isinstance(engine.checkpoint_engine, _HeldWriter),
-    )
+    def plain(engine):
+        return isinstance(engine.checkpoint_engine, _HeldWriter)
+
+    monkeypatch.setattr(manager_module, "is_plain_torch_writer", plain)
+    monkeypatch.setattr(deepspeed_io, "is_plain_torch_writer", plain)
 
 
 def _manager(tmp_path: Path) -> CheckpointManager:

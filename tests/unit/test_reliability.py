@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from ds_train.checkpoint.compat import check_data_resume, check_resume
+from ds_train.checkpoint.deepspeed_io import safe_loading
 from ds_train.checkpoint.integrity import manifest_problems
 from ds_train.checkpoint.layout import LATEST, STATE_FILE, latest_checkpoint
 from ds_train.checkpoint.manager import (
     CheckpointDamaged,
     CheckpointManager,
     CheckpointWriteError,
-    _safe_loading,
     share_of_files,
 )
 from ds_train.cli import main
@@ -35,7 +35,8 @@ from ds_train.data.shard_format import write_shard
 from ds_train.data.shard_set import DataError
 from ds_train.distributed.launch_env import LaunchEnv
 from ds_train.train.callbacks.fault_injection import Fault, parse
-from ds_train.train.trainer import NonFiniteLossError, Trainer, TrainerSettings
+from ds_train.train.nonfinite import NonFiniteLossError
+from ds_train.train.trainer import Trainer, TrainerSettings
 from tests.helpers import base_config, write_config
 
 
@@ -245,7 +246,7 @@ def test_checkpoint_files_are_never_unpickled_beyond_the_allow_list(tmp_path):
     engine = _Engine()
     torch.save({"module": {"w": torch.ones(3)}, "scaler": LossScaler(1.0)}, tmp_path / "good.pt")
     torch.save({"module": {"w": torch.ones(3)}, "payload": Boom()}, tmp_path / "evil.pt")
-    with _safe_loading(engine):
+    with safe_loading(engine):
         good = engine.checkpoint_engine.load(str(tmp_path / "good.pt"), map_location="cpu")
         assert isinstance(good["scaler"], LossScaler) and torch.equal(good["module"]["w"], torch.ones(3))
         with pytest.raises(CheckpointDamaged, match=r"evil.pt: refused to load .*weights_only=True"):
@@ -319,7 +320,7 @@ def test_nonfinite_loss_names_step_rank_micro_batch_and_samples(tmp_path, caplog
     micro = [_micro(40), _micro(42)]
     t = _trainer(tmp_path, "stop")
     with pytest.raises(NonFiniteLossError) as info:
-        t._handle_nonfinite(micro, torch.tensor([1.0, float("inf")]))
+        t.nonfinite.seen(t.step, micro, torch.tensor([1.0, float("inf")]))
     assert str(info.value) == (
         "non-finite loss in step 5 on rank 1, micro-batch 1 (global samples 42..43: "
         "shards/train-000003.tar row 17, shards/train-000001.tar row 250); stopping: "
@@ -327,15 +328,15 @@ def test_nonfinite_loss_names_step_rank_micro_batch_and_samples(tmp_path, caplog
     )
     t = _trainer(tmp_path, "skip")
     with caplog.at_level("WARNING"):
-        t._handle_nonfinite(micro, torch.tensor([float("nan"), 1.0]))
+        t.nonfinite.seen(t.step, micro, torch.tensor([float("nan"), 1.0]))
     assert "micro-batch 0 (global samples 40..41" in caplog.text and "update skipped" in caplog.text
-    assert t.nonfinite_steps == 1
+    assert t.nonfinite.steps == 1
     with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite steps"):
-        t._handle_nonfinite(micro, torch.tensor([float("nan"), 1.0]))
+        t.nonfinite.seen(t.step, micro, torch.tensor([float("nan"), 1.0]))
     # a rank whose own losses were finite says so rather than naming its (innocent) samples
     t = _trainer(tmp_path, "stop", rank=0)
     with pytest.raises(NonFiniteLossError, match="in step 5 on another rank"):
-        t._handle_nonfinite(micro, torch.tensor([1.0, 2.0]))
+        t.nonfinite.seen(t.step, micro, torch.tensor([1.0, 2.0]))
 
 
 # --- resume mismatches -------------------------------------------------------------------------
