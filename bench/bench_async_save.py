@@ -5,7 +5,9 @@ for the copy to host memory, then a thread writes while training goes on (and co
 for the host's cores and memory bandwidth). bench/async_save_probe.py builds one engine (2 ranks,
 ds-train's DeepSpeed JSON) and times STEPS training steps alone, after a foreground save and after
 a background one, order rotated; this prints each save's cost to training (its time minus the
-steps alone), the blocking part, and their ratios.
+steps alone in the same repeat), the blocking part, and their ratios. With one rank per two
+cores (`--nproc 1`, one thread per rank) the writer has a core of its own, as on a GPU node whose
+host cores mostly wait; with two ranks on two cores it competes with training for them.
 
     .venv/bin/python bench/bench_async_save.py --stages 2 3 --repeats 6 --steps 4
 """
@@ -41,7 +43,13 @@ def main() -> None:
         p = probe(args, tmp, stage, "async_save_probe.py", (str(args.steps), str(args.seq)))
         t, stalls = p["times"], p["stalls"]
         base = statistics.median(t["train"])
-        cost = {s: statistics.median(v) - base for s, v in t.items() if s != "train"}
+        # each repeat's save against the steps alone in the same repeat (minutes apart at most):
+        # the machine's drift over the run cancels
+        cost = {
+            s: statistics.median(x - y for x, y in zip(v, t["train"], strict=True))
+            for s, v in t.items()
+            if s != "train"
+        }
         stall = {s: statistics.median(v) for s, v in stalls.items()}
         rows.append(
             f"| {stage} | {p['psi'] / 1e6:,.0f} M | {p['bytes'] / 1e9:.2f} GB | {base / args.steps:.2f} | "
