@@ -13,7 +13,7 @@ from tests.helpers import REPO, clean_env
 
 sys.path.insert(0, str(REPO / "bench"))
 
-from gpu_bench import Budget, variants
+from gpu_bench import Budget, tuned_choice, variants
 
 
 def test_budget_skips_a_run_that_would_not_fit(monkeypatch):
@@ -38,6 +38,22 @@ def test_variants_run_baseline_first_and_once_each():
     assert names[1:7] == ["no_doc_mask", "full_logits", "compile", "micro_8", "act_ckpt", "act_ckpt_half"]
     half = next(v for v in variants(4, 16) if v.name == "act_ckpt_half")
     assert "model.activation_checkpointing_layers=8" in half.overrides and half.knob == "micro"
+
+
+def test_the_tuned_run_takes_each_knobs_best_gain_and_never_a_measuring_or_math_changing_variant():
+    all_variants = variants(4, 16)
+    tps = {
+        "baseline": 100.0,
+        "micro_8": 110.0,
+        "act_ckpt": 104.0,  # the same knob as micro_8, less gain
+        "zero1": 100.5,  # under 1%: noise
+        "overlap_comm": 97.0,
+        "no_doc_mask": 130.0,  # trains something else
+        "tput_timer_sync": 125.0,  # puts back syncs ds-train removed: a noisy win must not be kept
+        "buckets_2e8": 103.0,
+    }
+    best = tuned_choice(all_variants, {name: {"tokens_per_s": t} for name, t in tps.items()})
+    assert {knob: v.name for knob, v in best.items()} == {"micro": "micro_8", "buckets": "buckets_2e8"}
 
 
 def test_gpu_sh_refuses_to_run_without_a_gpu():
