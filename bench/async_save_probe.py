@@ -8,12 +8,11 @@ STEPS training steps (barrier to barrier, the slowest rank's time) three ways:
   async   `save(background=True)` (copied to host memory), then the steps while a thread writes;
           the save completes at the first step whose flag all-reduce says no rank is writing,
           as in the trainer (or after the last step, waiting, if the writes outlast them)
-  async0  (with SYSTEMS naming it) the same with the writer thread at the loop's priority
 
 Every step all-reduces one flag in all three, as the trainer's step does. A save's cost to
 training is its system's time minus `train`'s. Prints one JSON line on rank 0.
 
-    python -m torch.distributed.run --nproc_per_node 2 bench/async_save_probe.py RUN.yaml REPEATS DIR STEPS SEQ [SYSTEMS]
+    python -m torch.distributed.run --nproc_per_node 2 bench/async_save_probe.py RUN.yaml REPEATS DIR STEPS SEQ
 """
 
 from __future__ import annotations
@@ -34,13 +33,10 @@ def main() -> None:
     import torch.distributed as dist
     from probe_engine import build_probe_engine
 
-    from ds_train.checkpoint import background
     from ds_train.checkpoint.manager import CheckpointManager
 
     cfg_path, repeats, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
     steps, seq = int(sys.argv[4]), int(sys.argv[5])
-    order = sys.argv[6].split(",") if len(sys.argv) > 6 else ["train", "sync", "async"]
-    nice = background.WRITER_NICE
     built = build_probe_engine(cfg_path)
     ctx, ds_config, engine = built.ctx, built.ds_config, built.engine
     batch = torch.randint(0, built.hf_config.vocab_size, (ds_config["train_micro_batch_size_per_gpu"], seq))
@@ -66,8 +62,7 @@ def main() -> None:
         t0 = time.perf_counter()
         if system != "train":
             step_no += 1
-            background.WRITER_NICE = 0 if system == "async0" else nice
-            manager.save(engine, step_no, {}, "", background=system.startswith("async"))
+            manager.save(engine, step_no, {}, "", background=system == "async")
             dist.barrier()
             stalls[system].append(time.perf_counter() - t0)
         for k in range(steps):
@@ -80,10 +75,11 @@ def main() -> None:
 
     completed_after: list = []  # async: the step after which each save completed, or 'waited'
     train_step(0)  # Adam's moments exist, the files have their real size
-    times: dict[str, list[float]] = {s: [] for s in order}
-    stalls: dict[str, list[float]] = {s: [] for s in order if s != "train"}
+    times: dict[str, list[float]] = {"train": [], "sync": [], "async": []}
+    stalls: dict[str, list[float]] = {"sync": [], "async": []}
+    order = list(times)
     for r in range(repeats):
-        for system in order[r % len(order) :] + order[: r % len(order)]:
+        for system in order[r % 3 :] + order[: r % 3]:
             times[system].append(run(system))
     if ctx.rank == 0:
         size = sum(p.stat().st_size for p in manager.root.rglob("*") if p.is_file())

@@ -36,17 +36,11 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--dir", help="where the checkpoints go (default: a temporary directory)")
-    ap.add_argument(
-        "--compare-nice",
-        action="store_true",
-        help="also run background saves with the writer at the training loop's priority (async0)",
-    )
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_async_save_"))
     rows = []
     for stage in args.stages:
-        systems = "train,sync,async" + (",async0" if args.compare_nice else "")
-        p = probe(args, tmp, stage, "async_save_probe.py", (str(args.steps), str(args.seq), systems))
+        p = probe(args, tmp, stage, "async_save_probe.py", (str(args.steps), str(args.seq)))
         t, stalls = p["times"], p["stalls"]
         base = statistics.median(t["train"])
         # each repeat's save against the steps alone in the same repeat (minutes apart at most):
@@ -61,11 +55,6 @@ def main() -> None:
             f"| {stage} | {p['psi'] / 1e6:,.0f} M | {p['bytes'] / 1e9:.2f} GB | {base / args.steps:.2f} | "
             f"{stall['sync']:.2f} | {cost['sync']:.2f} | {stall['async']:.2f} | {cost['async']:.2f} | "
             f"**{cost['async'] / cost['sync']:.2f}×** | {p['completed_after_steps']} |"
-            + (
-                f" {cost['async0']:.2f} | {cost['async'] / cost['async0']:.2f}× |"
-                if args.compare_nice
-                else ""
-            )
         )
         print(
             rows[-1], "(per repeat, s:", {k: [round(x, 2) for x in v] for k, v in t.items()}, ")", flush=True
@@ -78,9 +67,8 @@ def main() -> None:
     print(
         "| ZeRO | params | checkpoint | step s | foreground: blocks s | foreground: costs s | "
         "background: blocks s | background: costs s | cost ratio | background completed after step |"
-        + (" writer at the loop's priority: costs s | niced / not |" if args.compare_nice else "")
     )
-    print("|---" * (12 if args.compare_nice else 10) + "|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -17,11 +17,8 @@ DeepSpeed's default `torch.save` writer, which ds-train hashes as it writes.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -87,26 +84,12 @@ def _tensor_snapshot(t: torch.Tensor, memo: dict) -> torch.Tensor:
     return out
 
 
-WRITER_NICE = 10  # the writer thread's niceness above the training loop's (lower priority)
-
-
-def _lower_priority() -> None:
-    """Run this thread (and the sha256 helper it starts, which inherits it) at a lower priority, so
-    that where training keeps every core busy the writes take what it leaves instead of slowing its
-    steps (Linux schedules threads one by one; elsewhere this does nothing)."""
-    with contextlib.suppress(AttributeError, OSError):
-        me = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, me, min(19, os.getpriority(os.PRIO_PROCESS, me) + WRITER_NICE))
-
-
 class BackgroundWriter:
     """One thread that runs a rank's checkpoint writes in order; `busy()` says whether any is left,
     `wait()` blocks until none is and returns the first write's error, if any (as a message)."""
 
-    def __init__(self, nice: bool = True) -> None:
-        self._pool = ThreadPoolExecutor(
-            1, thread_name_prefix="checkpoint-writer", initializer=_lower_priority if nice else None
-        )
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
         self._jobs: list[Future] = []
 
     def submit(self, write: Callable[[], None]) -> None:

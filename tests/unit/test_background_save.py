@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 from collections import OrderedDict, defaultdict, namedtuple
 from pathlib import Path
@@ -95,22 +94,6 @@ def test_background_writer_runs_jobs_in_order_says_when_busy_and_returns_the_fir
     error = writer.wait()
     assert isinstance(error, OSError) and error.errno == 28
     assert order == [1, 2] and not writer.busy()
-
-
-@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="no per-thread priorities")
-def test_the_writer_runs_below_the_training_loops_priority():
-    from ds_train.checkpoint.background import WRITER_NICE
-
-    def priority() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    seen: dict[str, int] = {}
-    for nice in (True, False):
-        writer = BackgroundWriter(nice=nice)
-        writer.submit(lambda nice=nice: seen.__setitem__(str(nice), priority()))
-        assert writer.wait() is None
-    loop = priority()
-    assert seen == {"True": loop + WRITER_NICE, "False": loop} and WRITER_NICE > 0
 
 
 class _HeldWriter:
