@@ -34,7 +34,8 @@ def host_snapshot(obj: Any, memo: dict | None = None) -> Any:
     """A copy of a (nested) state dict that training can no longer change: every tensor copied to
     host memory. Tensors that share a storage (tied weights, views of DeepSpeed's flat buffers)
     share it in the copy too, each storage copied once, so `torch.save` writes exactly the bytes
-    it would have written from the original."""
+    it would have written from the original (on a GPU, apart from each storage's device tag:
+    `cpu` where the original says `cuda:N`)."""
     if isinstance(obj, _IMMUTABLE):
         return obj
     memo = {} if memo is None else memo
@@ -94,6 +95,13 @@ class BackgroundWriter:
 
     def submit(self, write: Callable[[], None]) -> None:
         self._jobs.append(self._pool.submit(write))
+
+    def fail(self, error: BaseException) -> None:
+        """Record an error met before a write could be queued (the host copy ran out of memory):
+        reported by `wait()` like a failed write, so every rank learns of it when the save completes."""
+        failed: Future = Future()
+        failed.set_exception(error)
+        self._jobs.append(failed)
 
     def busy(self) -> bool:
         return any(not job.done() for job in self._jobs)

@@ -50,7 +50,11 @@ def hashed_writes(
             return result
         if background is None:
             return write(state_dict, path, *args, **kwargs)
-        snapshot = host_snapshot(state_dict)  # the step's state, before training changes it
+        try:
+            snapshot = host_snapshot(state_dict)  # the step's state, before training changes it
+        except (RuntimeError, MemoryError) as e:  # host memory: failed on every rank at completion,
+            background.fail(e)  # not on this rank alone inside DeepSpeed's save (its peers go on)
+            return None
         background.submit(lambda: write(snapshot, path, *args, **kwargs))
         return None
 

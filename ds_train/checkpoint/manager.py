@@ -62,6 +62,7 @@ class CheckpointManager:
         self.ctx = ctx
         self.keep_last = keep_last
         self.pending: _PendingSave | None = None  # a background save not yet completed
+        self._warned_foreground = False  # save_async asked for with a writer it cannot use
 
     def writing(self) -> bool:
         """Whether this rank still has background checkpoint writes running."""
@@ -109,7 +110,8 @@ class CheckpointManager:
         self._agree(tag, all_gather_object(error))
         written: dict[Path, tuple[int, str] | None] = {}
         writer = BackgroundWriter() if background and is_plain_torch_writer(engine) else None
-        if background and writer is None:
+        if background and writer is None and not self._warned_foreground:
+            self._warned_foreground = True
             log.warning(
                 "train.save_async needs DeepSpeed's default checkpoint writer; saving in the foreground"
             )
@@ -153,7 +155,9 @@ class CheckpointManager:
             digests = {str(f.relative_to(self.root / partial)): d or digest(f) for f, d in p.written.items()}
             if p.on_written is not None:
                 p.on_written(self.root / partial)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            if is_collective_failure(e):
+                raise
             error = _describe(e)
         # Every rank reports its files (or its error): the checkpoint is complete only if all wrote.
         reports = all_gather_object((error, digests))
@@ -165,7 +169,9 @@ class CheckpointManager:
             except OSError as e:
                 error = _describe(e)
         self._agree(p.tag, all_gather_object(error))
-        log.info("checkpoint %s written in %.1fs", self.root / p.tag, time.time() - p.started)
+        log.info(
+            "checkpoint %s complete %.1fs after its save began", self.root / p.tag, time.time() - p.started
+        )
         return CheckpointRef(self.root, p.tag)
 
     def _complete(self, tag, partial, step, state, config_yaml, write_extras, reports) -> None:

@@ -315,6 +315,9 @@ class Trainer:
         all_reduce_sum(flags)
         _, stop, nonfinite, self._writes_busy = (flags > 0).tolist()
         if nonfinite:
+            # every rank is here (the flag is all-reduced): a pending checkpoint of a vetted step
+            # is completed first, in case train.nonfinite stops the run
+            self._finish_save()
             self.nonfinite.seen(self.step, *unchecked)
         elif unchecked is not None:
             self.nonfinite.finite()

@@ -51,7 +51,7 @@ def test_a_run_killed_while_training_on_from_a_background_save_resumes_exactly(t
         tmp_path, shards, "killed", 3, True, env={"DS_TRAIN_FAULT": "kill@step=7"}, check=False
     )
     assert killed.returncode != 0
-    # step 6's save completes at the first step boundary after both ranks wrote it: by step 7's end
+    # step 6's save completes at the first step boundary after both ranks wrote it: by the start of step 7
     # on this tiny model, else step 4's is the latest; never a partial one
     assert latest_checkpoint(run_dir / "checkpoints").step in (4, 6)
     _run(tmp_path, shards, "killed", 3, True)

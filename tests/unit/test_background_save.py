@@ -260,3 +260,53 @@ def test_a_stop_signal_completes_the_background_save_before_the_requeue_save(sto
     assert trainer.fit() == PREEMPTED_EXIT_CODE
     assert ckpts.saves == saves and ckpts.completed == completed
     assert trainer.last_saved_step == stop_at
+
+
+def test_a_nonfinite_stop_completes_the_pending_background_save_first():
+    from ds_train.train.nonfinite import NonFiniteLossError
+
+    def batches():  # stand-in batches that say where their samples come from, as the loader's do
+        from tests.unit.stand_in_trainer import stand_in_batches
+
+        for b in stand_in_batches():
+            yield {**b, "source": torch.tensor([0]), "shard": torch.tensor([2]), "row": torch.tensor([7])}
+
+    trainer, ckpts = _async_trainer(busy_steps=5, batches=batches(), max_steps=9, save_every=3)
+
+    class NanInStep5:
+        def loss_sum(self, engine, batch):
+            return torch.tensor(float("nan") if trainer.step + 1 == 5 else 2.0)
+
+    trainer.objective = NanInStep5()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss in step 5"):
+        trainer.fit()
+    # found at the start of step 6, still writing step 3's files: completed (waiting) before the stop
+    assert ckpts.saves == [(3, True)] and ckpts.completed == [(3, 5)]
+
+
+def test_the_rng_state_saved_is_the_saved_steps_not_the_completions(tmp_path, plain_writer):
+    manager, writer = _manager(tmp_path), _HeldWriter()
+    at_save = torch.get_rng_state()
+    manager.save(_Engine(writer), 4, {}, "run: {}\n", background=True)
+    torch.rand(8)  # training goes on, drawing random numbers
+    writer.go.set()
+    manager.finish()
+    saved = torch.load(manager.root / "step_00000004" / "rng" / "rank_00000.pt", weights_only=True)
+    assert torch.equal(saved["torch"], at_save) and not torch.equal(saved["torch"], torch.get_rng_state())
+
+
+def test_a_host_copy_that_fails_is_reported_when_the_save_completes(tmp_path, plain_writer, monkeypatch):
+    import ds_train.checkpoint.deepspeed_io as deepspeed_io
+
+    def out_of_memory(state):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17 GB")
+
+    monkeypatch.setattr(deepspeed_io, "host_snapshot", out_of_memory)
+    manager, writer = _manager(tmp_path), _HeldWriter()
+    writer.go.set()
+    # DeepSpeed's save returns on this rank as on the others (no rank leaves its barrier alone) ...
+    assert manager.save(_Engine(writer), 4, {}, "run: {}\n", background=True) is None
+    # ... and every rank learns of the failure when the save completes
+    with pytest.raises(CheckpointWriteError, match=r"step_00000004 \(rank 0: .*can't allocate memory"):
+        manager.finish()
+    assert latest_checkpoint(manager.root) is None
