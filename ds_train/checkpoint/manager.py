@@ -145,20 +145,24 @@ class CheckpointManager:
             return None
         partial = p.tag + PARTIAL_SUFFIX
         digests, error = {}, None
-        try:
-            if p.writer is not None and (failed := p.writer.wait()) is not None:
-                raise failed if isinstance(failed, OSError) else OSError(_describe(failed))
-            rng_file = self.root / partial / "rng" / f"rank_{self.ctx.rank:05d}.pt"
-            rng_file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(p.rng, rng_file)  # taken when the save began, as the other files were
-            p.written[rng_file] = None
-            digests = {str(f.relative_to(self.root / partial)): d or digest(f) for f, d in p.written.items()}
-            if p.on_written is not None:
-                p.on_written(self.root / partial)
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-            if is_collective_failure(e):
-                raise
-            error = _describe(e)
+        failed = p.writer.wait() if p.writer is not None else None  # a background write, or the copy
+        if failed is not None:
+            error = _describe(failed)
+        else:
+            try:
+                rng_file = self.root / partial / "rng" / f"rank_{self.ctx.rank:05d}.pt"
+                rng_file.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(p.rng, rng_file)  # taken when the save began, as the other files were
+                p.written[rng_file] = None
+                digests = {
+                    str(f.relative_to(self.root / partial)): d or digest(f) for f, d in p.written.items()
+                }
+                if p.on_written is not None:
+                    p.on_written(self.root / partial)
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+                if is_collective_failure(e):
+                    raise
+                error = _describe(e)
         # Every rank reports its files (or its error): the checkpoint is complete only if all wrote.
         reports = all_gather_object((error, digests))
         self._agree(p.tag, [e for e, _ in reports])
