@@ -5,9 +5,11 @@ STEPS training steps (barrier to barrier, the slowest rank's time) three ways:
 
   train   the steps alone
   sync    `CheckpointManager.save` (written and hashed before it returns), then the steps
-  async   `save(background=True)` (copied to host memory), then the steps while a thread writes;
-          the save completes at the first step whose flag all-reduce says no rank is writing,
-          as in the trainer (or after the last step, waiting, if the writes outlast them)
+  async   `save(background=True)` (copied to host memory kept from the previous save, as by
+          default), then the steps while a thread writes; the save completes at the first step
+          whose flag all-reduce says no rank is writing, as in the trainer (or after the last
+          step, waiting, if the writes outlast them)
+  async_fresh  the same with `train.save_async_keep_memory=false`: each copy into new memory
 
 Every step all-reduces one flag in all three, as the trainer's step does. A save's cost to
 training is its system's time minus `train`'s. Prints one JSON line on rank 0.
@@ -41,9 +43,10 @@ def main() -> None:
     ctx, ds_config, engine = built.ctx, built.ds_config, built.engine
     batch = torch.randint(0, built.hf_config.vocab_size, (ds_config["train_micro_batch_size_per_gpu"], seq))
     manager = CheckpointManager(out, ctx, keep_last=1)
+    fresh = CheckpointManager(out / "fresh", ctx, keep_last=1, keep_host_memory=False)
     step_no = 0
 
-    def train_step(k: int) -> None:
+    def train_step(k: int, manager: CheckpointManager = manager) -> None:
         for _ in range(ds_config["gradient_accumulation_steps"]):
             engine.backward(engine(input_ids=batch, labels=batch).loss)
             engine.step()
@@ -60,29 +63,34 @@ def main() -> None:
             os.sync()  # the previous system's dirty pages out first
         dist.barrier()
         t0 = time.perf_counter()
+        m = fresh if system == "async_fresh" else manager
         if system != "train":
             step_no += 1
-            manager.save(engine, step_no, {}, "", background=system == "async")
+            m.save(engine, step_no, {}, "", background=system != "sync")
             dist.barrier()
             stalls[system].append(time.perf_counter() - t0)
         for k in range(steps):
-            train_step(k)
-        if manager.pending is not None:  # the writes outlasted the steps: wait for them
-            manager.finish()
+            train_step(k, m)
+        if m.pending is not None:  # the writes outlasted the steps: wait for them
+            m.finish()
             completed_after.append("waited")
         dist.barrier()
         return time.perf_counter() - t0
 
     completed_after: list = []  # async: the step after which each save completed, or 'waited'
     train_step(0)  # Adam's moments exist, the files have their real size
-    times: dict[str, list[float]] = {"train": [], "sync": [], "async": []}
-    stalls: dict[str, list[float]] = {"sync": [], "async": []}
+    manager.save(engine, 0, {}, "", background=True)  # the kept memory exists, as after a run's first save
+    manager.finish()
+    times: dict[str, list[float]] = {"train": [], "sync": [], "async": [], "async_fresh": []}
+    stalls: dict[str, list[float]] = {"sync": [], "async": [], "async_fresh": []}
     order = list(times)
     for r in range(repeats):
-        for system in order[r % 3 :] + order[: r % 3]:
+        for system in order[r % len(order) :] + order[: r % len(order)]:
             times[system].append(run(system))
     if ctx.rank == 0:
-        size = sum(p.stat().st_size for p in manager.root.rglob("*") if p.is_file())
+        size = sum(
+            p.stat().st_size for p in manager.root.rglob("*") if p.is_file() and "fresh" not in p.parts
+        )
         print(
             json.dumps(
                 {

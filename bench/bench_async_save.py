@@ -3,13 +3,15 @@
 A foreground save stops every rank until its files are written and hashed; a background one only
 for the copy to host memory, then a thread writes while training goes on (and competes with it
 for the host's cores and memory bandwidth). bench/async_save_probe.py builds one engine (2 ranks,
-ds-train's DeepSpeed JSON) and times STEPS training steps alone, after a foreground save and after
-a background one, order rotated; this prints each save's cost to training (its time minus the
-steps alone in the same repeat), the blocking part, and their ratios. With one rank per two
+ds-train's DeepSpeed JSON) and times STEPS training steps alone, after a foreground save, after a
+background one copying into the host memory kept from the previous save (the default) and after
+one copying into new memory (`train.save_async_keep_memory=false`), order rotated; this prints
+each save's cost to training (its time minus the steps alone in the same repeat), the blocking
+part, and their ratios. With one rank per two
 cores (`--nproc 1`, one thread per rank) the writer has a core of its own, as on a GPU node whose
 host cores mostly wait; with two ranks on two cores it competes with training for them.
 
-    .venv/bin/python bench/bench_async_save.py --stages 2 3 --repeats 6 --steps 4
+    .venv/bin/python bench/bench_async_save.py --stages 2 3 --repeats 8 --steps 4
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from bench_checkpoint import probe
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", type=int, nargs="+", default=[2, 3])
-    ap.add_argument("--repeats", type=int, default=6, help="a multiple of 3: each system goes first as often")
+    ap.add_argument("--repeats", type=int, default=8, help="a multiple of 4: each system goes first as often")
     ap.add_argument("--steps", type=int, default=4, help="training steps timed after each save")
     ap.add_argument(
         "--seq", type=int, default=256, help="tokens per sequence (one sequence per rank and step)"
@@ -54,7 +56,8 @@ def main() -> None:
         rows.append(
             f"| {stage} | {p['psi'] / 1e6:,.0f} M | {p['bytes'] / 1e9:.2f} GB | {base / args.steps:.2f} | "
             f"{stall['sync']:.2f} | {cost['sync']:.2f} | {stall['async']:.2f} | {cost['async']:.2f} | "
-            f"**{cost['async'] / cost['sync']:.2f}×** | {p['completed_after_steps']} |"
+            f"**{cost['async'] / cost['sync']:.2f}×** | {stall['async_fresh']:.2f} | {cost['async_fresh']:.2f} | "
+            f"**{stall['async_fresh'] / stall['async']:.2f}×** | {p['completed_after_steps']} |"
         )
         print(
             rows[-1], "(per repeat, s:", {k: [round(x, 2) for x in v] for k, v in t.items()}, ")", flush=True
@@ -66,9 +69,10 @@ def main() -> None:
     )
     print(
         "| ZeRO | params | checkpoint | step s | foreground: blocks s | foreground: costs s | "
-        "background: blocks s | background: costs s | cost ratio | background completed after step |"
+        "background: blocks s | background: costs s | cost ratio | new memory: blocks s | new memory: costs s | "
+        "blocks, new / kept memory | background completed after step |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -51,7 +51,7 @@ def hashed_writes(
         if background is None:
             return write(state_dict, path, *args, **kwargs)
         try:
-            snapshot = host_snapshot(state_dict)  # the step's state, before training changes it
+            snapshot = host_snapshot(state_dict, memory=background.memory)  # before training changes it
         except (RuntimeError, MemoryError) as e:  # host memory: failed on every rank at completion,
             background.fail(e)  # not on this rank alone inside DeepSpeed's save (its peers go on)
             return None

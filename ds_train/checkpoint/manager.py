@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ds_train.checkpoint.background import BackgroundWriter
+from ds_train.checkpoint.background import BackgroundWriter, HostMemory
 from ds_train.checkpoint.deepspeed_io import hashed_writes, is_plain_torch_writer, safe_loading
 from ds_train.checkpoint.integrity import CheckpointDamaged, digest, manifest_problems
 from ds_train.checkpoint.layout import (
@@ -57,10 +57,18 @@ def damaged_message(ref: CheckpointRef, problems: list[str]) -> str:
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | os.PathLike, ctx: DistributedContext, keep_last: int):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        ctx: DistributedContext,
+        keep_last: int,
+        keep_host_memory: bool = True,
+    ):
         self.root = checkpoints_dir(run_dir)
         self.ctx = ctx
         self.keep_last = keep_last
+        # background saves' host copies, kept from one save to the next unless keep_host_memory=False
+        self.host_memory = HostMemory(keep=keep_host_memory)
         self.pending: _PendingSave | None = None  # a background save not yet completed
         self._warned_foreground = False  # save_async asked for with a writer it cannot use
 
@@ -109,7 +117,7 @@ class CheckpointManager:
                 error = _describe(e)
         self._agree(tag, all_gather_object(error))
         written: dict[Path, tuple[int, str] | None] = {}
-        writer = BackgroundWriter() if background and is_plain_torch_writer(engine) else None
+        writer = BackgroundWriter(self.host_memory) if background and is_plain_torch_writer(engine) else None
         if background and writer is None and not self._warned_foreground:
             self._warned_foreground = True
             log.warning(

@@ -88,7 +88,9 @@ def build_trainer(
     n_params, n_embed = count_params(model)
     fpt = flops_per_token(model, parts.seq_len)
     resume_from = pre.resume_from
-    checkpoints = CheckpointManager(cfg.run.output_dir, ctx, cfg.train.keep_last)
+    checkpoints = CheckpointManager(
+        cfg.run.output_dir, ctx, cfg.train.keep_last, keep_host_memory=cfg.train.save_async_keep_memory
+    )
     if resume_from is not None:
         # every file against the manifest's sha256 before anything reads it; then, on another
         # world size, resume through DeepSpeed's universal format

@@ -13,7 +13,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ds_train.checkpoint.background import BackgroundWriter, host_snapshot
+from ds_train.checkpoint import background
+from ds_train.checkpoint.background import BackgroundWriter, HostMemory, host_snapshot
 from ds_train.checkpoint.layout import STATE_FILE, complete_checkpoints, latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager, CheckpointWriteError
 from ds_train.checksum import file_sha256
@@ -80,6 +81,64 @@ def test_host_snapshot_is_not_changed_by_training_that_goes_on():
     state["scaler"].cur_scale[0] = 1.0
     assert _saved_bytes(state) != before
     assert _saved_bytes(snap) == before
+
+
+def _storage_ptrs(obj) -> set[int]:
+    """The host addresses of every tensor's storage in a snapshot (empty ones have none)."""
+    if isinstance(obj, torch.Tensor):
+        return {obj.untyped_storage().data_ptr()} - {0}
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list | tuple) else []
+    return set().union(*(_storage_ptrs(v) for v in values))
+
+
+def test_kept_host_memory_is_reused_by_the_next_snapshot_only_after_release():
+    memory, state = HostMemory(), _state()
+    first = host_snapshot(state, memory=memory)
+    first_bytes = _saved_bytes(first)
+    assert first_bytes == _saved_bytes(state)
+    with torch.no_grad():
+        state["module"]["embed"].add_(1.0)
+        state["partitions"][2].mul_(3.0)
+    # the first copy is still being written: the next snapshot must not take its memory
+    second = host_snapshot(state, memory=memory)
+    assert not _storage_ptrs(first) & _storage_ptrs(second)
+    assert _saved_bytes(first) == first_bytes and _saved_bytes(second) == _saved_bytes(state)
+    memory.release()  # both copies' writes are done
+    with torch.no_grad():
+        state["param"].sub_(2.0)
+        state["state"][0]["exp_avg"].add_(0.5)
+    third = host_snapshot(state, memory=memory)
+    # kept memory, holding the new values: the bytes torch.save writes of the state now
+    assert _storage_ptrs(third) <= _storage_ptrs(first) | _storage_ptrs(second)
+    assert _saved_bytes(third) == _saved_bytes(state)
+    memory.release()  # what the third copy did not take is freed
+    one_copy = HostMemory()
+    host_snapshot(state, memory=one_copy)
+    one_copy.release()
+    assert memory.kept_bytes() == one_copy.kept_bytes() > 0
+
+
+def test_host_memory_not_kept_is_freed_at_release():
+    memory = HostMemory(keep=False)
+    host_snapshot(_state(), memory=memory)
+    memory.release()
+    assert memory.kept_bytes() == 0
+
+
+def test_host_memory_copies_to_pageable_memory_when_pinning_fails(monkeypatch, caplog):
+    gpu_storage = SimpleNamespace(device=torch.device("cuda", 0), nbytes=lambda: 64)
+    calls = []
+
+    def no_pinning(owner):
+        calls.append(owner.nbytes)
+        raise RuntimeError("cudaHostRegister failed")
+
+    monkeypatch.setattr(background, "_pin", no_pinning)
+    memory = HostMemory()
+    a, b = memory._allocate(gpu_storage), memory._allocate(gpu_storage)
+    assert a.nbytes() == b.nbytes() == 64 and a.device.type == "cpu"
+    assert calls == [64]  # tried once, then not again
+    assert sum("page-lock" in r.message for r in caplog.records) == 1
 
 
 def test_background_writer_runs_jobs_in_order_says_when_busy_and_returns_the_first_error():
@@ -298,7 +357,7 @@ def test_the_rng_state_saved_is_the_saved_steps_not_the_completions(tmp_path, pl
 def test_a_host_copy_that_fails_is_reported_when_the_save_completes(tmp_path, plain_writer, monkeypatch):
     import ds_train.checkpoint.deepspeed_io as deepspeed_io
 
-    def out_of_memory(state):
+    def out_of_memory(state, memory=None):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 17 GB")
 
     monkeypatch.setattr(deepspeed_io, "host_snapshot", out_of_memory)
