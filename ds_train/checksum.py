@@ -11,8 +11,10 @@ release the GIL), so the hash costs no time on top of a write that is slower tha
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -32,13 +34,16 @@ class HashingWriter:
 
     Give it to a writer that takes a file object (`torch.save`, `webdataset.TarWriter`); it has no
     `seek`, so a writer that needs one fails loudly instead of producing a wrong hash. Use it as a
-    context manager when `overlap` is on (the helper thread ends with it)."""
+    context manager when `overlap` is on (the helper thread ends with it). Once `stop` is set, the
+    next write raises OSError(ECANCELED): a background checkpoint write abandoned by a failing run."""
 
-    def __init__(self, fh: BinaryIO, *, overlap: bool = False):
-        self.fh, self.sha, self.size = fh, hashlib.sha256(), 0
+    def __init__(self, fh: BinaryIO, *, overlap: bool = False, stop: threading.Event | None = None):
+        self.fh, self.sha, self.size, self.stop = fh, hashlib.sha256(), 0, stop
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if overlap else None
 
     def write(self, data) -> int:
+        if self.stop is not None and self.stop.is_set():
+            raise OSError(errno.ECANCELED, "write abandoned")
         view = memoryview(data).cast("B")
         if self._pool is not None and view.nbytes >= OVERLAP_MIN_BYTES:
             # The buffer may be reused once write() returns, so the hash must finish before that.

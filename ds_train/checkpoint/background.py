@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -156,10 +157,12 @@ def _tensor_snapshot(t: torch.Tensor, memo: dict, memory: HostMemory | None) -> 
 class BackgroundWriter:
     """One thread that runs a rank's checkpoint writes in order; `busy()` says whether any is left,
     `wait()` blocks until none is and returns the first write's error, if any (as a message).
-    `memory` holds the host copies the writes read; it is released for the next save by `wait()`."""
+    `memory` holds the host copies the writes read; it is released for the next save by `wait()`.
+    `abandon()` ends the writes early, for a run that fails with a save pending."""
 
     def __init__(self, memory: HostMemory | None = None) -> None:
         self.memory = memory if memory is not None else HostMemory(keep=False)
+        self.abandoned = threading.Event()  # the writes' files raise at their next write once set
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
         self._jobs: list[Future] = []
 
@@ -172,6 +175,13 @@ class BackgroundWriter:
         failed: Future = Future()
         failed.set_exception(error)
         self._jobs.append(failed)
+
+    def abandon(self) -> None:
+        """Stop writing: files not begun are never begun, the one being written stops at its next
+        write call (a storage written whole is one call). Without it a failing run's process would
+        wait for the writes at exit: the executor's thread is joined then."""
+        self.abandoned.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def busy(self) -> bool:
         return any(not job.done() for job in self._jobs)

@@ -35,10 +35,12 @@ def hashed_writes(
     original = writer.save
     streams = is_plain_torch_writer(engine)
 
+    stop = background.abandoned if background is not None else None
+
     def write(state_dict, path, *args, **kwargs):
         # torch.save writes a zip to a file object front to back (no seek); the archive's inner
         # folder is then named "archive" instead of after the file, which torch.load ignores.
-        with open(path, "wb") as raw, HashingWriter(raw, overlap=True) as sink:
+        with open(path, "wb") as raw, HashingWriter(raw, overlap=True, stop=stop) as sink:
             result = original(state_dict, sink, *args, **kwargs)
         written[Path(path)] = (sink.size, sink.hexdigest())
         return result

@@ -144,6 +144,14 @@ class CheckpointManager:
         )
         return None
 
+    def abandon(self) -> None:
+        """A failing run gives up its pending background save: the writes stop early and the
+        checkpoint stays `.partial`, never loaded (this rank alone, no collective)."""
+        p, self.pending = self.pending, None
+        if p is not None and p.writer is not None and p.writer.busy():
+            p.writer.abandon()
+            log.warning("checkpoint %s abandoned while being written: left partial", p.tag)
+
     def finish(self) -> CheckpointRef | None:
         """Complete the pending save, if any (every rank calls this at the same point): wait for this
         rank's writes, gather every rank's files and errors, and on rank 0 write the manifest, rename

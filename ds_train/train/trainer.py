@@ -122,6 +122,7 @@ class Trainer:
         try:
             return self._fit()
         except BaseException as e:
+            self.checkpoints.abandon()  # a pending background save: its writes would delay the exit
             if isinstance(e, RunFailure) or not isinstance(e, RuntimeError) or not is_collective_failure(e):
                 self._emit_error(e)
                 raise

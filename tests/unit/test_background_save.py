@@ -263,6 +263,7 @@ class _SlowWrites:
         self.busy_steps, self.pending, self.trainer = busy_steps, None, None
         self.saves: list[tuple[int, bool]] = []  # (step, background)
         self.completed: list[tuple[int, int]] = []  # (checkpoint's step, steps done when it completed)
+        self.abandoned: list[int] = []
 
     def save(self, engine, step, state, config_yaml, write_extras=None, on_written=None, *, background=False):
         assert self.pending is None, "a new save while one is pending"
@@ -277,6 +278,11 @@ class _SlowWrites:
     def finish(self):
         if self.pending is not None:
             self.completed.append((self.pending.step, self.trainer.step))
+            self.pending = None
+
+    def abandon(self):
+        if self.pending is not None:
+            self.abandoned.append(self.pending.step)
             self.pending = None
 
 
@@ -341,6 +347,34 @@ def test_a_nonfinite_stop_completes_the_pending_background_save_first():
         trainer.fit()
     # found at the start of step 6, still writing step 3's files: completed (waiting) before the stop
     assert ckpts.saves == [(3, True)] and ckpts.completed == [(3, 5)]
+
+
+def test_a_run_that_fails_abandons_its_pending_background_save_instead_of_waiting_for_it():
+    from ds_train.train.callbacks.base import Callback
+
+    class FailInStep5(Callback):
+        def on_step_start(self, trainer):
+            if trainer.step + 1 == 5:
+                raise RuntimeError("a callback failed")
+
+    trainer, ckpts = _async_trainer(busy_steps=5, callbacks=[FailInStep5()], max_steps=9, save_every=3)
+    with pytest.raises(RuntimeError, match="a callback failed"):
+        trainer.fit()
+    assert ckpts.saves == [(3, True)] and ckpts.completed == [] and ckpts.abandoned == [3]
+
+
+def test_an_abandoned_background_save_stops_writing_and_is_never_latest(tmp_path, plain_writer):
+    manager, writer = _manager(tmp_path), _HeldWriter()
+    manager.save(_Engine(writer), 4, {}, "run: {}\n", background=True)
+    background = manager.pending.writer
+    manager.abandon()
+    writer.go.set()  # the write begins after it was abandoned: its first bytes raise
+    error = background.wait()
+    assert error is not None and "abandoned" in str(error)
+    assert manager.pending is None and latest_checkpoint(manager.root) is None
+    partial = manager.root / "step_00000004.partial" / "model_states.pt"
+    assert not partial.exists() or partial.stat().st_size < 4000  # 1000 float32 were not written
+    manager.abandon()  # nothing pending: nothing to do
 
 
 def test_the_rng_state_saved_is_the_saved_steps_not_the_completions(tmp_path, plain_writer):
