@@ -305,6 +305,23 @@ def test_the_trainer_completes_a_background_save_at_the_first_step_after_its_wri
     assert trainer.last_saved_step == 7
 
 
+def test_a_background_save_completes_only_when_no_rank_is_still_writing(monkeypatch):
+    import ds_train.train.trainer as trainer_module
+
+    trainer, ckpts = _async_trainer(busy_steps=1, max_steps=7, save_every=3)
+
+    def with_a_slower_peer(flags):  # the step's all-reduce, with a rank whose writes take 3 steps
+        if flags.numel() == 4 and ckpts.pending is not None and trainer.step < ckpts.pending.step + 3:
+            flags[3] += 1.0
+        return flags
+
+    monkeypatch.setattr(trainer_module, "all_reduce_sum", with_a_slower_peer)
+    assert trainer.fit() == 0
+    # this rank's files of step 3 were written by step 4, the peer's only by step 6: completing
+    # at step 4 would gather from a rank still writing (on real ranks, a hang)
+    assert ckpts.completed == [(3, 6), (6, 7), (7, 7)]
+
+
 @pytest.mark.parametrize(
     "stop_at, saves, completed",
     [
