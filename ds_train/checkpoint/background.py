@@ -46,7 +46,7 @@ class HostMemory:
     Copies of GPU tensors go to page-locked memory, pinned with `cudaHostRegister` as torch's
     distributed checkpoint and sglang do, not `pin_memory()`: torch's pinned allocator rounds
     every block up to a power of two (a 9 GB flat partition would lock 16 GB). If pinning fails the
-    copy goes to pageable memory."""
+    copy goes to pageable memory. Memory not kept is not pinned."""
 
     def __init__(self, keep: bool = True) -> None:
         self.keep = keep
@@ -75,7 +75,8 @@ class HostMemory:
 
     def _allocate(self, like: torch.UntypedStorage) -> torch.UntypedStorage:
         owner = torch.empty(like.nbytes(), dtype=torch.uint8)
-        if like.device.type == "cuda" and like.nbytes() and not self._pin_failed:
+        # locking pages costs about what touching them does: worth it only for memory kept
+        if self.keep and like.device.type == "cuda" and like.nbytes() and not self._pin_failed:
             try:
                 _pin(owner)
             except Exception as e:  # any failure: pinning only speeds the copy up
