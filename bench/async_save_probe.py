@@ -41,7 +41,8 @@ def main() -> None:
     steps, seq = int(sys.argv[4]), int(sys.argv[5])
     built = build_probe_engine(cfg_path)
     ctx, ds_config, engine = built.ctx, built.ds_config, built.engine
-    batch = torch.randint(0, built.hf_config.vocab_size, (ds_config["train_micro_batch_size_per_gpu"], seq))
+    shape = (ds_config["train_micro_batch_size_per_gpu"], seq)
+    batch = torch.randint(0, built.hf_config.vocab_size, shape).to(ctx.device)
     manager = CheckpointManager(out, ctx, keep_last=1)
     fresh = CheckpointManager(out / "fresh", ctx, keep_last=1, keep_host_memory=False)
     step_no = 0

@@ -7,6 +7,7 @@
 #   GPU_BENCH_TOY=1 bench/gpu.sh                   # CPU smoke test: tiny model, seq 128, fp32 (MFU vs 989 too)
 #   STEPS=30 WARMUP=5 MICRO=4 GLOBAL_BATCH=64 SEQ_LEN=4096 bench/gpu.sh
 #   MODE=anchors bench/gpu.sh                      # ds-train vs bare DeepSpeed vs the HF Trainer on this GPU
+#   MODE=save bench/gpu.sh                         # background checkpoints checked and timed on this GPU
 #   GPU_BENCH_TOY=1 MODE=anchors bench/gpu.sh      # the same at toy size on CPU
 #   BUDGET_S=300 bench/gpu.sh                      # the variants that fit in 300 s, likeliest first
 #
@@ -18,6 +19,11 @@
 # the repo's 4k vocabulary), bf16, seq 2048, micro 4 × accumulation 4, synthetic shards, ZeRO-0 and
 # ZeRO-2, each system REPEATS times (default 2, ≈ 8 min) in rotated order: the trainer
 # goals (≥ 0.98× bare DeepSpeed, ≥ 1.05× the Trainer) measured where the CPU VM's noise is absent.
+#
+# MODE=save (a second call, if the lease has ~4 minutes left): background checkpoints on the GPU
+# (bench/bench_async_save.py --check): their contents and the state they load equal a foreground
+# save's, through page-locked host memory kept between saves, then the blocking time of a
+# foreground save, a background one into kept memory and one into new memory (~450 M Llama, bf16).
 #
 # Results also go to $OUT/gpu_bench.json (or ./gpu_bench.json) for docs/benchmarks.md.
 set -euo pipefail
@@ -62,6 +68,15 @@ fi
 
 # One thread per rank for the CPU side (the data loader has its own workers); no hub access.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [[ ${MODE:-variants} == save ]]; then
+  if [[ ${GPU_BENCH_TOY:-0} == 1 ]]; then
+    size=(--precision fp32 --hidden 256 --layers 2 --seq 128 --steps 2)
+  else
+    size=(--precision bf16 --hidden 2048 --layers 8 --seq "${SEQ_LEN:-2048}" --steps "${STEPS:-10}")
+  fi
+  exec "$PY" bench/bench_async_save.py --check --nproc 1 --stages 2 --repeats "${REPEATS:-4}" "${size[@]}" \
+    --json "${OUT:-.}/gpu_async_save.json"
+fi
 if [[ ${MODE:-variants} == anchors ]]; then
   if [[ ${GPU_BENCH_TOY:-0} == 1 ]]; then
     size=(--precision fp32 --hidden 256 --layers 2 --synthetic-seq-len 128 --workers 0 --steps 10 --warmup 5)

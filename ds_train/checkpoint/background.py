@@ -36,9 +36,9 @@ _IMMUTABLE = (str, bytes, int, float, bool, type(None), torch.dtype, torch.devic
 class HostMemory:
     """Host storages for the copies of background saves, kept from one save to the next.
 
-    A fresh allocation is paid again at every copy as page faults on first touch: here a copy into
-    new memory runs at ~4.4 GB/s, into memory already touched at ~15.6 GB/s (bench/bench_async_save.py
-    measures the save's blocking time both ways). A checkpoint's storages have the same sizes at
+    A fresh allocation is paid again at every copy as page faults on first touch: on the CI VM a
+    copy into new memory runs at 3.3 GB/s, into memory already touched at 15.7 GB/s
+    (bench/bench_async_save.py measures that and the save's blocking time both ways). A checkpoint's storages have the same sizes at
     every save, so each copy takes a kept storage of its exact size (`torch.save` writes a storage
     whole: the size must match) and `release()`, once the writes that read them are done, keeps
     this save's storages for the next. With `keep=False` each save allocates and frees its own.

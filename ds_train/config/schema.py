@@ -163,7 +163,7 @@ class TrainSection:
     save_async_keep_memory: bool = doc(
         True,
         "With save_async, keep the host memory of one save's copy for the next (page-locked on a GPU), so "
-        "later copies skip allocating it (3.4x faster copies on CPU, docs/benchmarks.md); false frees it "
+        "later copies skip allocating it (4.8x faster copies on CPU, docs/benchmarks.md); false frees it "
         "after each save's writes, for hosts short of memory between saves.",
     )
     eval_every: int = doc(
