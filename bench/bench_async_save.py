@@ -13,7 +13,7 @@ host cores mostly wait; with two ranks on two cores it competes with training fo
 
 With `--check`, each stage first runs bench/save_check_probe.py: on this machine's device, the
 background checkpoints hold what the foreground ones do and load the same engine state (on a GPU,
-through page-locked memory kept between saves: what the CPU tests cannot reach).
+through host memory kept between saves: what the CPU tests cannot reach).
 
     .venv/bin/python bench/bench_async_save.py --stages 2 3 --repeats 8 --steps 4
 """

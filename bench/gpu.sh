@@ -22,7 +22,7 @@
 #
 # MODE=save (a second call, if the lease has ~4 minutes left): background checkpoints on the GPU
 # (bench/bench_async_save.py --check): their contents and the state they load equal a foreground
-# save's, through page-locked host memory kept between saves, then the blocking time of a
+# save's, through host memory kept between saves, then the blocking time of a
 # foreground save, a background one into kept memory and one into new memory (~450 M Llama, bf16).
 #
 # Results also go to $OUT/gpu_bench.json (or ./gpu_bench.json) for docs/benchmarks.md.

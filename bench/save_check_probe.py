@@ -2,7 +2,7 @@
 foreground save's, and they resume the same state. Exact checks, no timing.
 
 On CPU the distributed tests compare the files byte for byte; on a GPU the copy goes through
-page-locked host memory kept between saves and each storage's device tag differs (`cpu` against
+host memory kept between saves and each storage's device tag differs (`cpu` against
 `cuda:0`), so this compares what the files hold instead, then loads each into the engine:
 
   1. train 2 steps; save step 2 in the foreground (run F) and in the background (run B); every

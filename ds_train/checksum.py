@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 OVERLAP_MIN_BYTES = 1 << 20  # below this a thread hand-off costs more than it hides
+STOP_CHECK_BYTES = 64 << 20  # a stoppable writer checks its stop flag between pieces this size
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -42,9 +43,18 @@ class HashingWriter:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256") if overlap else None
 
     def write(self, data) -> int:
-        if self.stop is not None and self.stop.is_set():
-            raise OSError(errno.ECANCELED, "write abandoned")
         view = memoryview(data).cast("B")
+        if self.stop is None:
+            self._write(view)
+            return view.nbytes
+        # in pieces, so that a stop ends a write within one piece, not one whole storage (GBs)
+        for start in range(0, max(view.nbytes, 1), STOP_CHECK_BYTES):
+            if self.stop.is_set():
+                raise OSError(errno.ECANCELED, "write abandoned")
+            self._write(view[start : start + STOP_CHECK_BYTES])
+        return view.nbytes
+
+    def _write(self, view: memoryview) -> None:
         if self._pool is not None and view.nbytes >= OVERLAP_MIN_BYTES:
             # The buffer may be reused once write() returns, so the hash must finish before that.
             hashed = self._pool.submit(self.sha.update, view)
@@ -54,7 +64,6 @@ class HashingWriter:
             self.sha.update(view)
             self.fh.write(view)
         self.size += view.nbytes
-        return view.nbytes
 
     def flush(self) -> None:
         self.fh.flush()

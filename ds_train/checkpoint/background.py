@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,25 +37,25 @@ class HostMemory:
 
     A fresh allocation is paid again at every copy as page faults on first touch: on the CI VM a
     copy into new memory runs at 3.3 GB/s, into memory already touched at 15.7 GB/s
-    (bench/bench_async_save.py measures that and the save's blocking time both ways). A checkpoint's storages have the same sizes at
-    every save, so each copy takes a kept storage of its exact size (`torch.save` writes a storage
-    whole: the size must match) and `release()`, once the writes that read them are done, keeps
-    this save's storages for the next. With `keep=False` each save allocates and frees its own.
+    (bench/bench_async_save.py measures that and the save's blocking time both ways). A
+    checkpoint's storages have the same sizes at every save, so each copy takes a kept storage of
+    its exact size (`torch.save` writes a storage whole: the size must match) and `release()`, once
+    the writes that read them are done, keeps this save's storages for the next; `forget()` drops
+    an abandoned save's. With `keep=False` each save allocates and frees its own.
 
-    Copies of GPU tensors go to page-locked memory, pinned with `cudaHostRegister` as torch's
-    distributed checkpoint and sglang do, not `pin_memory()`: torch's pinned allocator rounds
-    every block up to a power of two (a 9 GB flat partition would lock 16 GB). If pinning fails the
-    copy goes to pageable memory. Memory not kept is not pinned."""
+    The memory is pageable. Page-locking it (`cudaHostRegister`, as torch's distributed checkpoint
+    does; not `pin_memory()`, whose allocator rounds each block up to a power of two) would speed up
+    a GPU's device-to-host copy, but torch's binding leaves a failed registration as CUDA's last
+    error, raised by the next kernel launch: not done until a GPU run can test it."""
 
     def __init__(self, keep: bool = True) -> None:
         self.keep = keep
         self._free: dict[int, list[torch.UntypedStorage]] = {}
         self._taken: list[torch.UntypedStorage] = []
-        self._pin_failed = False
 
     def copy(self, storage: torch.UntypedStorage) -> torch.UntypedStorage:
         kept = self._free.get(storage.nbytes())
-        out = kept.pop() if kept else self._allocate(storage)
+        out = kept.pop() if kept else torch.UntypedStorage(storage.nbytes())
         out.copy_(storage)
         self._taken.append(out)
         return out
@@ -70,31 +69,13 @@ class HostMemory:
                 self._free.setdefault(s.nbytes(), []).append(s)
         self._taken = []
 
+    def forget(self) -> None:
+        """The copies taken since the last release may still be read by an abandoned write: never
+        hand them out again (they are freed when that write lets go of them)."""
+        self._taken = []
+
     def kept_bytes(self) -> int:
         return sum(s.nbytes() for kept in self._free.values() for s in kept)
-
-    def _allocate(self, like: torch.UntypedStorage) -> torch.UntypedStorage:
-        owner = torch.empty(like.nbytes(), dtype=torch.uint8)
-        # locking pages costs about what touching them does: worth it only for memory kept
-        if self.keep and like.device.type == "cuda" and like.nbytes() and not self._pin_failed:
-            try:
-                _pin(owner)
-            except Exception as e:  # any failure: pinning only speeds the copy up
-                self._pin_failed = True
-                log.warning(
-                    "could not page-lock host memory for background saves (%s); copying to pageable memory", e
-                )
-        return owner.untyped_storage()
-
-
-def _pin(owner: torch.Tensor) -> None:
-    from torch.cuda import _pin_memory_utils  # torch.distributed.checkpoint's own helper
-
-    ptr = owner.data_ptr()
-    _pin_memory_utils.pin_memory(ptr, owner.nbytes)
-    # unlocked when the memory is freed: the storage holds the tensor's allocation, and the
-    # finalizer runs when the last of the two goes
-    weakref.finalize(owner.untyped_storage(), _pin_memory_utils.unpin_memory, ptr)
 
 
 def host_snapshot(obj: Any, memo: dict | None = None, memory: HostMemory | None = None) -> Any:
@@ -178,22 +159,24 @@ class BackgroundWriter:
         self._jobs.append(failed)
 
     def abandon(self) -> None:
-        """Stop writing: files not begun are never begun, the one being written stops at its next
-        write call (a storage written whole is one call). Without it a failing run's process would
-        wait for the writes at exit: the executor's thread is joined then."""
+        """Stop writing: files not begun are never begun, the one being written stops within 64 MB
+        (HashingWriter checks between pieces). Without it a failing run's process would wait for
+        the writes at exit: the executor's thread is joined then."""
         self.abandoned.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._jobs = []
+        self.memory.forget()
 
     def busy(self) -> bool:
         return any(not job.done() for job in self._jobs)
 
     def wait(self) -> BaseException | None:
         try:
-            for job in self._jobs:
-                if (e := job.exception()) is not None:
-                    return e
-            return None
-        finally:
-            self._pool.shutdown(wait=True)
-            self._jobs = []
-            self.memory.release()  # no write reads the copies any more
+            errors = [job.exception() for job in self._jobs]  # each blocks until its job is done
+        except BaseException:  # interrupted (Ctrl-C): stop the writes instead of waiting on
+            self.abandon()
+            raise
+        self._pool.shutdown(wait=True)
+        self._jobs = []
+        self.memory.release()  # no write reads the copies any more
+        return next((e for e in errors if e is not None), None)

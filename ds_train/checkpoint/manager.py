@@ -126,12 +126,14 @@ class CheckpointManager:
         try:
             with hashed_writes(engine, written, writer):
                 engine.save_checkpoint(str(self.root), tag=partial, client_state={}, save_latest=False)
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-            if is_collective_failure(e):
-                raise
-            if writer is not None:
-                writer.wait()
-            raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e))])) from None
+        except BaseException as e:
+            # torch.save reports a failed write as RuntimeError: this rank's, told to every rank
+            local = isinstance(e, OSError | RuntimeError) and not is_collective_failure(e)
+            if writer is not None:  # nothing else will wait for its writes or stop them
+                writer.wait() if local else writer.abandon()
+            if local:
+                raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e))])) from None
+            raise
         self.pending = _PendingSave(
             tag, step, state, config_yaml, write_extras, on_written, written, writer, _rng_state(), t0
         )

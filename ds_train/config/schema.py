@@ -162,7 +162,7 @@ class TrainSection:
     )
     save_async_keep_memory: bool = doc(
         True,
-        "With save_async, keep the host memory of one save's copy for the next (page-locked on a GPU), so "
+        "With save_async, keep the host memory of one save's copy for the next, so "
         "later copies skip allocating it (4.8x faster copies on CPU, docs/benchmarks.md); false frees it "
         "after each save's writes, for hosts short of memory between saves.",
     )
