@@ -87,7 +87,9 @@ def stand_in_trainer(
         layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO * world),
         train_batches=stand_in_batches() if batches is None else batches,
         checkpoints=checkpoints
-        or SimpleNamespace(save=save, root=Path("unused"), pending=None, writing=lambda: False),
+        or SimpleNamespace(
+            save=save, root=Path("unused"), pending=None, writing=lambda: False, abandon=lambda: None
+        ),
         state_fn=lambda step: {},
         config_yaml="",
         callbacks=callbacks,
