@@ -150,9 +150,10 @@ class CheckpointManager:
         """A failing run gives up its pending background save: the writes stop early and the
         checkpoint stays `.partial`, never loaded (this rank alone, no collective)."""
         p, self.pending = self.pending, None
-        if p is not None and p.writer is not None and p.writer.busy():
-            p.writer.abandon()
-            log.warning("checkpoint %s abandoned while being written: left partial", p.tag)
+        if p is not None and p.writer is not None:
+            if p.writer.busy():
+                log.warning("checkpoint %s abandoned while being written: left partial", p.tag)
+            p.writer.abandon()  # its copies are not handed to a later save either way
 
     def finish(self) -> CheckpointRef | None:
         """Complete the pending save, if any (every rank calls this at the same point): wait for this
