@@ -89,9 +89,7 @@ def main() -> None:
         for system in order[r % len(order) :] + order[: r % len(order)]:
             times[system].append(run(system))
     if ctx.rank == 0:
-        size = sum(
-            p.stat().st_size for p in manager.root.rglob("*") if p.is_file() and "fresh" not in p.parts
-        )
+        size = sum(p.stat().st_size for p in manager.root.rglob("*") if p.is_file())
         print(
             json.dumps(
                 {

@@ -87,6 +87,7 @@ def host_snapshot(obj: Any, memo: dict | None = None, memory: HostMemory | None 
     if isinstance(obj, _IMMUTABLE):
         return obj
     memo = {} if memo is None else memo
+    memory = HostMemory(keep=False) if memory is None else memory  # new storages, freed with the copy
     # An object met twice (the betas tuple of every param group) is copied once, as pickle writes
     # it once: the same bytes. The state dict keeps every object alive, so ids are not reused.
     if id(obj) in memo:
@@ -108,7 +109,7 @@ def host_snapshot(obj: Any, memo: dict | None = None, memory: HostMemory | None 
     return out
 
 
-def _tensor_snapshot(t: torch.Tensor, memo: dict, memory: HostMemory | None) -> torch.Tensor:
+def _tensor_snapshot(t: torch.Tensor, memo: dict, memory: HostMemory) -> torch.Tensor:
     if t.layout != torch.strided:  # sparse and the like: a plain copy, sharing not kept
         return t.detach().to("cpu", copy=True)
     storage = t.untyped_storage()
@@ -117,10 +118,7 @@ def _tensor_snapshot(t: torch.Tensor, memo: dict, memory: HostMemory | None) -> 
     key = ("storage", storage._cdata)
     copied = memo.get(key)
     if copied is None:
-        if memory is not None:
-            copied = memory.copy(storage)
-        else:
-            copied = storage.cpu() if storage.device.type != "cpu" else storage.clone()
+        copied = memory.copy(storage)
         memo[key] = copied
     out = torch.empty(0, dtype=t.dtype).set_(copied, t.storage_offset(), t.size(), t.stride())
     if isinstance(t, torch.nn.Parameter):

@@ -129,8 +129,10 @@ class CheckpointManager:
         except BaseException as e:
             # torch.save reports a failed write as RuntimeError: this rank's, told to every rank
             local = isinstance(e, OSError | RuntimeError) and not is_collective_failure(e)
-            if writer is not None:  # nothing else will wait for its writes or stop them
-                writer.wait() if local else writer.abandon()
+            if writer is not None and local:  # the error is reported once its queued writes end
+                writer.wait()
+            elif writer is not None:  # nothing else will wait for its writes or stop them
+                writer.abandon()
             if local:
                 raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e))])) from None
             raise
