@@ -29,7 +29,8 @@ def main() -> None:
 
     from ds_train.config import load_config
     from ds_train.distributed.deepspeed_config import build_deepspeed_config
-    from ds_train.model.build import enable_activation_checkpointing, load_hf_config, load_tokenizer
+    from ds_train.model.blocks import enable_activation_checkpointing
+    from ds_train.model.build import load_hf_config, load_tokenizer
 
     cfg = load_config(sys.argv[1])
     steps, warmup = int(sys.argv[2]), int(sys.argv[3])

@@ -8,7 +8,8 @@ changes one thing from the baseline and runs as its own process (fresh CUDA cont
 the wall clock over the steps after warm-up, MFU = FLOPs/token × tokens/s / 989 TFLOP/s (PaLM
 FLOPs per token, attention term not halved: ds_train/model/flops.py). At the end, the knobs that
 beat the baseline by more than 1% without changing what is trained (document masking off does)
-are combined into a "tuned" run.
+are combined into a "tuned" run, whose config overrides are printed: every tunable variant is a
+`ds-train pretrain` option, so the tuned run is one a user can reproduce.
 
 Every run also records a torch.profiler trace of one step inside its untimed warm-up (step
 WARMUP-1; `profile.*` of the run config), the same for all so that any cost the profiler leaves
@@ -27,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -70,9 +72,8 @@ def variants(micro: int, layers: int) -> list[Variant]:
                 ["model.document_masking=false"], same_math=False),
         Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
                 ["model.loss_chunk_tokens=0"]),
-        # a compiled model computes the loss from full logits (ds_train/objectives/head_loss.py):
-        # compare it with full_logits as well as with the baseline
-        Variant("compile", "compile", "torch.compile via DeepSpeed engine.compile() (full logits)", compile=True),
+        Variant("compile", "compile", "model.compile=true (torch.compile per block; chunked head loss kept)",
+                ["model.compile=true"]),
         Variant(f"micro_{micro * 2}", "micro", f"train.micro_batch_size={micro * 2}",
                 [f"train.micro_batch_size={micro * 2}"]),
         # Checkpointing pays off only through the bigger micro-batch it makes room for, so it
@@ -102,6 +103,11 @@ def variants(micro: int, layers: int) -> list[Variant]:
                 ["model.loss_chunk_tokens=4096"]),
         Variant(f"micro_{micro // 2}", "micro", f"train.micro_batch_size={micro // 2}",
                 [f"train.micro_batch_size={micro // 2}"]),
+        # The whole model compiled, as DeepSpeed's engine.compile() does: not a ds-train option (its
+        # forward cannot take the chunked head loss, so it computes full logits: compare it with
+        # full_logits too), measured against per-block compile and never tuned in.
+        Variant("compile_model", "compile", "whole model via DeepSpeed engine.compile() (full logits)",
+                compile=True, tunable=False),
         Variant("flash_attn2", "attn", "attn_implementation=flash_attention_2 (varlen packing)",
                 ["model.attn_implementation=flash_attention_2"], needs="flash_attn"),
     ]  # fmt: skip
@@ -349,11 +355,12 @@ def main() -> None:
         elif best:
             chosen = list(best.values())
             overrides = [o for v in chosen for o in v.overrides]
-            tuned = Variant("tuned", "-", " + ".join(v.name for v in chosen), overrides,
-                            compile=any(v.compile for v in chosen))  # fmt: skip
+            # tunable variants are config overrides only (engine.compile() is never tuned in)
+            tuned = Variant("tuned", "-", " + ".join(v.name for v in chosen), overrides)
             r = run_profiled(tuned, overrides)
-            results["tuned"] = {**r, "what": tuned.what, "overrides": overrides, "compile": tuned.compile}
+            results["tuned"] = {**r, "what": tuned.what, "overrides": overrides}
             print(f"{'tuned':<20} {describe(r, base)}   {tuned.what}", flush=True)
+            print(f"{'':<20} as a run: ds-train pretrain RUN.yaml {' '.join(map(shlex.quote, overrides))}")
             show_profile("tuned", r)
     note = " (toy run on CPU: the MFU only shows the arithmetic runs)" if toy else ""
     print(

@@ -84,6 +84,13 @@ class ModelSection:
         "their activations (Megatron's 'block' method). 0: all blocks. Fewer blocks recompute less "
         "and keep more; `ds-train plan --device-memory` finds the fewest that fit.",
     )
+    compile: bool = doc(
+        False,
+        "torch.compile each transformer block in place (as torchtitan does): the blocks share one "
+        "graph, so compile time does not grow with depth; the output head keeps its chunked loss; "
+        "parameter names are unchanged. The first step pays the compile. Under ZeRO-3 DeepSpeed's "
+        "parameter fetches split each block at every layer, leaving little to fuse.",
+    )
     document_masking: bool = doc(
         True,
         "Reset position ids at each document boundary of a packed row; causal models then get a block-diagonal attention mask.",

@@ -25,7 +25,8 @@ from transformers import (
 
 from ds_train.config.schema import ModelSection
 from ds_train.distributed.engine import gathered, is_partitioned
-from ds_train.model.build import enable_activation_checkpointing, load_hf_config, model_without_init
+from ds_train.model.blocks import apply_block_options
+from ds_train.model.build import load_hf_config, model_without_init
 from ds_train.model.init import initialize_weights, module_seed
 
 TASK_MODELS = {
@@ -75,8 +76,7 @@ def build_task_model(
         model = model_without_init(cls, config, **kwargs)
         initialize_weights(model, seed, rank)
     model.config.use_cache = False
-    if section.activation_checkpointing:
-        enable_activation_checkpointing(model, section.activation_checkpointing_layers)
+    apply_block_options(model, section)
     return model
 
 

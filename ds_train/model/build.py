@@ -27,6 +27,7 @@ from transformers import (
 
 from ds_train.config.loader import ConfigError
 from ds_train.config.schema import ModelSection
+from ds_train.model.blocks import apply_block_options
 from ds_train.model.init import initialize_weights, parameter_checksums
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,7 @@ def build_model(
         if fresh_weights:
             initialize_weights(model, seed, rank)
     model.config.use_cache = False
-    if section.activation_checkpointing:
-        enable_activation_checkpointing(model, section.activation_checkpointing_layers)
+    apply_block_options(model, section)
     return model
 
 
@@ -122,33 +122,6 @@ def _no_init_weights_context():
         except (ImportError, AttributeError):
             continue
     return contextlib.nullcontext
-
-
-def enable_activation_checkpointing(model: torch.nn.Module, layers: int = 0) -> None:
-    """Recompute the activations of the first `layers` transformer blocks (0: all) in the backward
-    (non-reentrant: works with ZeRO-3 and frozen inputs).
-
-    The first blocks rather than every n-th (transformers' `every_n_layers`, which not every
-    release has): the backward reaches them last, when the later blocks have freed what they kept,
-    so their recomputation does not add to the peak (ds_train/plan/memory_estimate.py). transformers
-    5.x renamed the enabling method and deprecated the old name; older releases only have the old one."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not layers:
-        return
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if layers > len(blocks):
-        raise ConfigError(
-            f"model.activation_checkpointing_layers={layers} but {type(model).__name__} has "
-            f"{len(blocks)} checkpointable blocks"
-            + ("" if blocks else " (this architecture checkpoints all its layers or none: set it to 0)")
-        )
-    for index, block in enumerate(blocks):  # in module order: the first blocks of the forward
-        block.gradient_checkpointing = index < layers
 
 
 def verify_loaded_weights(model: torch.nn.Module, source_dir: str) -> None:

@@ -1,5 +1,6 @@
-"""Training options that must not change the maths (activation checkpointing), that change it only
-by rounding (bf16), and the run directory's bookkeeping (keep_last, eval, metrics, TensorBoard)."""
+"""Training options that must not change the maths (activation checkpointing, compiled blocks), that
+change it only by rounding (bf16), and the run directory's bookkeeping (keep_last, eval, metrics,
+TensorBoard)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 
 from ds_train.checkpoint.layout import complete_checkpoints
-from tests.helpers import base_config, read_metrics, run_cli, train_losses, write_config
+from tests.helpers import base_config, read_metrics, run_cli, torchrun, train_losses, write_config
 
 pytestmark = [pytest.mark.slow]
 
@@ -29,6 +30,40 @@ def test_activation_checkpointing_is_exact_and_bf16_is_close(tmp_path, shards):
     for step in plain:
         assert ckpt[step] == pytest.approx(plain[step], rel=1e-5)
         assert bf16[step] == pytest.approx(plain[step], rel=2e-2)
+
+
+def test_compiled_blocks_train_like_eager_and_resume_without_compile(tmp_path, shards):
+    """model.compile on 2 ranks at ZeRO-3 (DeepSpeed's fetch hooks inside each block), with the first
+    block checkpointed and an eval (a no-grad recompile), gives the eager run's losses; killed after
+    step 5, its step-4 checkpoint resumes without compile (parameter names unchanged) onto the same losses."""
+    common = {
+        "train": {"max_steps": 6, "eval_every": 2, "save_every": 2},
+        "data": {"valid": str(shards / "valid")},
+    }
+    want = read_metrics(_train(tmp_path, shards, "eager", **common))
+    run = tmp_path / "compiled"
+    model = {"compile": True, "activation_checkpointing": True, "activation_checkpointing_layers": 1}
+    cfg = base_config(run, shards, model=model, zero={"stage": 3}, **common)
+    killed = torchrun(
+        ["pretrain", write_config(tmp_path / "compiled.yaml", cfg)],
+        env={"TORCH_LOGS": "dynamo", "DS_TRAIN_FAULT": "kill@step=5"},
+        check=False,
+    )
+    assert (
+        killed.returncode != 0 and "torchdynamo done tracing forward" in killed.stderr
+    )  # compiled, not eager
+    assert 4 in train_losses(run)  # killed after step 5: resumed from the step-4 checkpoint
+    cfg["model"]["compile"] = False
+    torchrun(["pretrain", write_config(tmp_path / "resumed.yaml", cfg)])
+    losses = {r["step"]: r["loss"] for r in want if "loss" in r}
+    assert sorted(train_losses(run)) == sorted(losses)  # steps 1-4 compiled, 5-6 resumed eager
+    for step, loss in train_losses(run).items():
+        assert loss == pytest.approx(losses[step], rel=1e-5), step
+    valid = {r["step"]: r["valid_loss"] for r in want if "valid_loss" in r}
+    evals = [r for r in read_metrics(run) if "valid_loss" in r]
+    assert {r["step"] for r in evals} == set(valid)
+    for r in evals:
+        assert r["valid_loss"] == pytest.approx(valid[r["step"]], rel=1e-5)
 
 
 def test_run_dir_bookkeeping(tmp_path, shards):

@@ -51,9 +51,17 @@ def test_the_tuned_run_takes_each_knobs_best_gain_and_never_a_measuring_or_math_
         "no_doc_mask": 130.0,  # trains something else
         "tput_timer_sync": 125.0,  # puts back syncs ds-train removed: a noisy win must not be kept
         "buckets_2e8": 103.0,
+        "compile": 108.0,
+        "compile_model": 115.0,  # engine.compile(): not a ds-train option, so not reproducible by config
     }
     best = tuned_choice(all_variants, {name: {"tokens_per_s": t} for name, t in tps.items()})
-    assert {knob: v.name for knob, v in best.items()} == {"micro": "micro_8", "buckets": "buckets_2e8"}
+    assert {knob: v.name for knob, v in best.items()} == {
+        "micro": "micro_8",
+        "buckets": "buckets_2e8",
+        "compile": "compile",
+    }
+    # what the tuned run combines is a set of `ds-train pretrain` overrides, nothing else
+    assert all(not v.compile and v.overrides for v in best.values())
 
 
 def test_gpu_sh_refuses_to_run_without_a_gpu():

@@ -61,7 +61,7 @@ def test_checkpointing_the_first_blocks_recomputes_only_them_and_keeps_the_gradi
     """model.activation_checkpointing_layers=K: blocks 0..K-1 run their MLP twice (once more in
     backward), the rest once, and the gradients are those of the model without checkpointing."""
     from ds_train.config import ConfigError
-    from ds_train.model.build import enable_activation_checkpointing
+    from ds_train.model.blocks import enable_activation_checkpointing
 
     def grads_and_forwards(layers):
         m = _model(0)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from ds_train.model.build import enable_activation_checkpointing
+from ds_train.model.blocks import enable_activation_checkpointing
 from ds_train.plan.choices import CHOICES, make_plan, overrides_for
 from ds_train.plan.memory_estimate import (
     PRECISIONS,
