@@ -117,14 +117,16 @@ def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
 
 
 def test_lora_classification_losses_equal_under_zero_0_and_3(tmp_path, tiny_bert):
+    """...and with model.compile (BERT's blocks compiled with peft's LoRA layers inside them)."""
     from ds_train.demo.finetune_data import write_classification_data
 
     write_classification_data(tmp_path / "data", num_classes=3, per_class=30)
     losses = {}
-    for stage in (0, 3):
+    for stage, compiled in ((0, False), (3, False), (0, True)):
+        name = f"s{stage}" + ("_compiled" if compiled else "")
         cfg = {
-            "run": {"output_dir": str(tmp_path / f"s{stage}"), "seed": 5, "tensorboard": False},
-            "model": {"init_from": str(tiny_bert)},
+            "run": {"output_dir": str(tmp_path / name), "seed": 5, "tensorboard": False},
+            "model": {"init_from": str(tiny_bert), "compile": compiled},
             "data": {"num_workers": 0},
             "finetune": {
                 "task": "classification",
@@ -144,8 +146,11 @@ def test_lora_classification_losses_equal_under_zero_0_and_3(tmp_path, tiny_bert
             },
             "zero": {"stage": stage},
         }
-        run_cli(["finetune", write_config(tmp_path / f"s{stage}.yaml", cfg)])
-        losses[stage] = train_losses(tmp_path / f"s{stage}")
-    assert losses[0][3] != losses[0][1], "the model did not train"
+        env = {"TORCH_LOGS": "dynamo"} if compiled else None
+        proc = run_cli(["finetune", write_config(tmp_path / f"{name}.yaml", cfg)], env=env)
+        losses[name] = train_losses(tmp_path / name)
+    assert losses["s0"][3] != losses["s0"][1], "the model did not train"
+    assert "torchdynamo done tracing forward" in proc.stderr  # the last run's blocks were compiled
     for step in (1, 2, 3):
-        assert losses[3][step] == pytest.approx(losses[0][step], rel=1e-5), step
+        assert losses["s3"][step] == pytest.approx(losses["s0"][step], rel=1e-5), step
+        assert losses["s0_compiled"][step] == pytest.approx(losses["s0"][step], rel=1e-5), step
