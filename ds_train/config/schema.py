@@ -86,10 +86,10 @@ class ModelSection:
     )
     compile: bool = doc(
         False,
-        "torch.compile each transformer block in place (as torchtitan does): the blocks share one "
-        "graph, so compile time does not grow with depth; the output head keeps its chunked loss; "
-        "parameter names are unchanged. The first step pays the compile. Under ZeRO-3 DeepSpeed's "
-        "parameter fetches split each block at every layer, leaving little to fuse.",
+        "torch.compile each transformer block in place (as torchtitan does): blocks of one class "
+        "usually share one graph, so compile time does not grow with depth; the output head keeps its chunked loss; "
+        "parameter names are unchanged. The first step pays the compile. ZeRO stages 0-2 only: "
+        "ZeRO-3's parameter fetches split each block at every layer, leaving little to fuse.",
     )
     document_masking: bool = doc(
         True,

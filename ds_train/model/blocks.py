@@ -57,43 +57,64 @@ def enable_activation_checkpointing(model: torch.nn.Module, layers: int = 0) -> 
         block.gradient_checkpointing = index < layers
 
 
+# Graphs one block function may compile before dynamo gives up and runs it eager (torch's default
+# is 8). Every block of every class runs through one function in recent transformers, and each
+# situation compiles its own graph: train/eval × mask/no mask × checkpointed/plain blocks
+# (checkpointing also makes the first block's input require grad in eval) made 8 on a Llama with
+# its first blocks checkpointed, and some architectures need one graph per layer (GPT-2 with
+# scale_attn_by_inverse_layer_idx) or two per situation (sliding-window attention).
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """`torch.compile` each transformer block in place (`Module.compile`), as torchtitan does,
     instead of the whole model (DeepSpeed's `engine.compile()`). Returns the number of blocks.
 
     - Compile time does not grow with depth: blocks of one class share one graph (dynamo lifts
-      module parameters to graph inputs), so 16 blocks cost one block's compile.
+      module parameters to graph inputs), so 16 Llama blocks cost one block's compile.
     - The model's own forward stays eager: the output head keeps its chunked loss
       (ds_train/objectives/head_loss.py), which a compiled whole model cannot swap in.
     - In place: parameter and state-dict names are unchanged (no `_orig_mod.` prefix), so
       checkpoints, resumption and `ds-train convert` see the same model.
-    - A checkpointed block is compiled with its checkpoint (see `_trace_through_checkpoints`).
-    Under ZeRO-3, DeepSpeed's parameter fetches run as hooks on every layer and are kept out of
-    the graph, so each block breaks into per-layer pieces and little is fused."""
+    - Dynamo settings the blocks need (`_dynamo_settings`) apply while a block runs, not to the
+      rest of the process."""
     blocks = transformer_blocks(model)
     if not blocks:
         raise ConfigError(
             f"model.compile: {type(model).__name__} has no transformer blocks ds_train can find "
             "(transformers' GradientCheckpointingLayer): set model.compile=false"
         )
-    if any(getattr(b, "gradient_checkpointing", False) for b in blocks):
-        _trace_through_checkpoints()
+    settings = torch._dynamo.config.patch(**_dynamo_settings())
     for block in blocks:
         block.compile(backend=backend)
+        # the settings must hold when dynamo traces, which happens inside a call, at the first one
+        # and at each recompile: they wrap the compiled call (what Module.compile installed)
+        block._compiled_call_impl = settings(block._compiled_call_impl)
     log.info(
         "model.compile: %d blocks compiled with torch.compile; the first step compiles them", len(blocks)
     )
     return len(blocks)
 
 
-def _trace_through_checkpoints() -> None:
-    """Let dynamo compile a checkpointed block whole. transformers ≥ 5.2x checkpoints inside the
-    block's `forward`, so the checkpoint is traced with it, and dynamo refuses a checkpoint whose
-    forward mutates Python state: transformers' output-capturing hooks read a context variable
-    there, so each checkpointed block fell back to eager (a graph break, no error). What the flag
-    skips is replaying that mutation in the recompute, where it does nothing in training (no
-    hidden states or attentions are collected). It is torch's process-wide dynamo setting, set
-    only when a run compiles checkpointed blocks; releases without it leave those blocks eager."""
+def _dynamo_settings() -> dict:
+    """- A recompile limit that fits the situations a run meets (RECOMPILE_LIMIT).
+    - Checkpointed blocks compiled whole. transformers 5.25 checkpoints inside the block's
+      `forward` (5.17, in `__call__`, outside the compiled call), so dynamo traces the checkpoint,
+      and it refuses one whose forward mutates Python state: the `kernels` package's
+      `use_kernelized_func` wrapper on the attention sets and resets a context variable there, so
+      each checkpointed block fell back to eager (a graph break, no error). The flag skips
+      replaying such mutations in the backward's recompute: that set/reset pair cancels out, and
+      transformers' output-capturing hooks only append when hidden states or attentions are
+      collected, which training never asks for. Hooks that must run (DeepSpeed's, ds_train's
+      own) are kept out of graphs (`torch.compiler.disable`), so they are never skipped.
+    Names differ between torch releases; those this one lacks are left out."""
     config = torch._dynamo.config
-    if hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-        config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    wanted = {
+        "recompile_limit": RECOMPILE_LIMIT,
+        "cache_size_limit": RECOMPILE_LIMIT,  # the same limit's name before torch 2.6
+        "skip_fwd_side_effects_in_bwd_under_checkpoint": True,
+    }
+    names = [n for n in wanted if hasattr(config, n)]
+    if "recompile_limit" in names and "cache_size_limit" in names:
+        names.remove("cache_size_limit")  # an alias of recompile_limit: set one of the two
+    return {n: wanted[n] for n in names}

@@ -8,7 +8,8 @@ trace files of all ranks in one place):
 - wall time of each recorded step (torch.profiler's `ProfilerStep#N` annotations on the host);
 - on a GPU, the share of the recorded window in which any kernel ran ("busy": the rest is the GPU
   waiting for the CPU, the loader or a host sync), kernel time by kind (matmul, attention,
-  communication, memory copies, optimizer, other), the heaviest kernels, and the communication no
+  communication, memory copies, optimizer, torch.compile's fused kernels, other), the heaviest
+  kernels, and the communication no
   compute kernel overlapped ("exposed": what overlap_comm and bucket sizes can still win).
 
 Kernels count by when they ran, inside the wall-clock span of the recorded steps: the GPU runs
@@ -39,6 +40,9 @@ KERNEL_KINDS: tuple[tuple[str, re.Pattern], ...] = (
     ),
     # multi-tensor kernels: the Adam update, but also the gradient norm and zeroing around it
     ("optimizer", re.compile(r"multi_tensor|adam", re.I)),
+    # torch.compile's (model.compile) Triton pointwise / reduction / persistent-reduction kernels:
+    # the norms, activations and residual adds it fused, apart from eager's elementwise "other"
+    ("fused", re.compile(r"^triton_(poi|red|per)_", re.I)),
 )
 DEVICE_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset"}
 _STEP = re.compile(r"^ProfilerStep#(\d+)$")

@@ -106,6 +106,14 @@ def test_partial_checkpointing_is_checked(cfg_file, overrides, expected):
     )
 
 
+def test_compile_is_refused_under_zero3_only(cfg_file):
+    with pytest.raises(ConfigError, match="model.compile with zero.stage=3"):
+        validate(load_config(cfg_file, ["model.compile=true", "zero.stage=3"]))
+    for stage in (0, 1, 2):
+        validate(load_config(cfg_file, ["model.compile=true", f"zero.stage={stage}"]))
+    validate(load_config(cfg_file, ["zero.stage=3"]))
+
+
 def test_batch_arithmetic_error_shows_the_numbers(cfg_file):
     cfg = load_config(cfg_file, ["train.global_batch_size=12", "train.micro_batch_size=2"])
     with pytest.raises(ConfigError) as e:

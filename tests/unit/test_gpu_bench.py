@@ -28,6 +28,16 @@ def test_budget_skips_a_run_that_would_not_fit(monkeypatch):
         now[0] += 11
     assert not budget.fits()  # 36 s used: another 25 s run would end at 61 s
     assert Budget(None).fits()
+    budget = Budget(60)
+    with budget.timing():
+        now[0] += 10
+    with budget.timing(typical=False):  # a run that compiled first: not how long the next will be
+        now[0] += 30
+    assert budget.fits()  # 40 s used, the next expected to take 10 s
+
+
+def test_the_compiling_variants_are_the_ones_that_say_so():
+    assert {v.name for v in variants(4, 16) if v.compiles} == {"compile", "compile_model"}
 
 
 def test_variants_run_baseline_first_and_once_each():

@@ -31,7 +31,8 @@ def _kernel(name: str, ts: float, dur: float, cat: str = "kernel") -> dict:
         ),
         ("nvjet_tst_192x192_64x4_2x1_v_bz_coopA_TNT", "kernel", "matmul"),
         ("triton_tem_fused_addmm_3", "kernel", "matmul"),
-        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "kernel", "other"),
+        ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "kernel", "fused"),
+        ("triton_poi_fused_add_mul_silu_2", "kernel", "fused"),
         ("void flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>>", "kernel", "attention"),
         ("fmha_cutlassF_bf16_aligned_64x128_rf_sm80", "kernel", "attention"),  # cutlass, yet attention
         (

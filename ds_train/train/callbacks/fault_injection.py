@@ -90,11 +90,16 @@ def _slow_down(model: torch.nn.Module, delay_s) -> None:
     """Each training forward of `model` takes `delay_s()` longer, spread over its linear layers and
     inside each (a hook that runs before any other), as slower matrix products would be."""
     layers = linear_layers(model)
+
+    # kept out of compiled blocks (model.compile), as the straggler clock's hooks are: traced, the
+    # hook would guard on the step its delay reads and recompile at every step
+    @torch.compiler.disable
+    def sleep(module, args, out) -> None:
+        if module.training:
+            time.sleep(delay_s() / len(layers))
+
     for layer in layers:
-        layer.register_forward_hook(
-            lambda module, args, out: time.sleep(delay_s() / len(layers)) if module.training else None,
-            prepend=True,
-        )
+        layer.register_forward_hook(sleep, prepend=True)
 
 
 class FaultInjection(Callback):
