@@ -194,11 +194,6 @@ def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> Tr
             "epoch": consumed / train_set.num_rows,
         }
 
-    def write_extras(directory: Path) -> None:
-        """The task model's HF config and the tokenizer ride along, as in pretraining checkpoints."""
-        pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
-        pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-
     return TrainingParts(
         model=model,
         objective=objective,
@@ -206,11 +201,17 @@ def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> Tr
         seq_len=cfg.finetune.seq_len,
         train_batches=train_batches,
         data_state=data_state,
-        write_extras=write_extras,
+        write_extras=functools.partial(_write_extras, pre),
         eval_batches=eval_batches,
         describe_sample=lambda source, shard, row: train_set.describe(row),
         extra_state={"finetune": pre.finetune_state(cfg)},
     )
+
+
+def _write_extras(pre, directory: Path) -> None:
+    """The task model's HF config and the tokenizer ride along, as in pretraining checkpoints."""
+    pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
+    pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
 
 
 def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
@@ -241,10 +242,6 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
                 num_micro_batches=cfg.train.eval_steps * layout.grad_accum,
             )
 
-    def write_extras(directory: Path) -> None:
-        pre.hf_config.save_pretrained(str(directory / HF_CONFIG_DIR))
-        pre.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
-
     return TrainingParts(
         model=model,
         objective=objective,
@@ -252,7 +249,7 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
         seq_len=cfg.finetune.seq_len,
         train_batches=train_batches,
         data_state=plan.state,
-        write_extras=write_extras,
+        write_extras=functools.partial(_write_extras, pre),
         eval_batches=eval_batches,
         describe_sample=plan.describe,
         extra_state={"finetune": pre.finetune_state(cfg)},
