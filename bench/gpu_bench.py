@@ -403,11 +403,18 @@ def _importable(module: str) -> bool:
 
 
 def _device() -> str:
+    """The device and the releases that decide what compiles how (transformers moved its
+    activation checkpointing from a block's __call__ into its forward between 5.17 and 5.25)."""
+    from importlib.metadata import version
+
     import torch
 
+    releases = (
+        f"torch {torch.__version__}, transformers {version('transformers')}, deepspeed {version('deepspeed')}"
+    )
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
-    return f"CPU, {os.cpu_count()} cores (torch {torch.__version__})"
+        return f"{torch.cuda.get_device_name()} ({releases}, CUDA {torch.version.cuda})"
+    return f"CPU, {os.cpu_count()} cores ({releases})"
 
 
 if __name__ == "__main__":
