@@ -2,7 +2,8 @@
 
 Both act on the same units, the model's repeated blocks (transformers' `GradientCheckpointingLayer`
 subclasses: LlamaDecoderLayer, GPT2Block, BertLayer, ...), and both are applied right after the
-model is built, checkpointing first: a block's checkpoint wraps its (compiled) call.
+model is built, checkpointing first (a checkpointed block is compiled checkpoint and all; see
+`_dynamo_settings` for how that differs between transformers releases).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def enable_activation_checkpointing(model: torch.nn.Module, layers: int = 0) -> 
 # Graphs one block function may compile before dynamo gives up and runs it eager (torch's default
 # is 8). Every block of every class runs through one function in recent transformers, and each
 # situation compiles its own graph: train/eval × mask/no mask × checkpointed/plain blocks
-# (checkpointing also makes the first block's input require grad in eval) made 8 on a Llama with
-# its first blocks checkpointed, and some architectures need one graph per layer (GPT-2 with
-# scale_attn_by_inverse_layer_idx) or two per situation (sliding-window attention).
+# (checkpointing also makes the first block's input require grad in eval) made 10 on a 16-block
+# Llama with its first 8 checkpointed (tests/unit/test_compile_blocks.py), and some architectures
+# need one graph per layer (GPT-2 with scale_attn_by_inverse_layer_idx) or two per situation
+# (sliding-window attention).
 RECOMPILE_LIMIT = 64
 
 
@@ -70,8 +72,8 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     """`torch.compile` each transformer block in place (`Module.compile`), as torchtitan does,
     instead of the whole model (DeepSpeed's `engine.compile()`). Returns the number of blocks.
 
-    - Compile time does not grow with depth: blocks of one class share one graph (dynamo lifts
-      module parameters to graph inputs), so 16 Llama blocks cost one block's compile.
+    - Compile time does not grow with depth: blocks of one class usually share their graphs
+      (dynamo lifts module parameters to graph inputs), so 16 Llama blocks cost one block's compile.
     - The model's own forward stays eager: the output head keeps its chunked loss
       (ds_train/objectives/head_loss.py), which a compiled whole model cannot swap in.
     - In place: parameter and state-dict names are unchanged (no `_orig_mod.` prefix), so
@@ -88,8 +90,12 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> int:
     for block in blocks:
         block.compile(backend=backend)
         # the settings must hold when dynamo traces, which happens inside a call, at the first one
-        # and at each recompile: they wrap the compiled call (what Module.compile installed)
-        block._compiled_call_impl = settings(block._compiled_call_impl)
+        # and at each recompile: they wrap the compiled call Module.compile installed (a private
+        # attribute nn.Module calls instead of _call_impl; checked, so a rename cannot go unseen)
+        compiled = getattr(block, "_compiled_call_impl", None)
+        if compiled is None:
+            raise RuntimeError(f"torch {torch.__version__}: Module.compile left no _compiled_call_impl")
+        block._compiled_call_impl = settings(compiled)
     log.info(
         "model.compile: %d blocks compiled with torch.compile; the first step compiles them", len(blocks)
     )
