@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,11 +28,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_trainer import model_config  # noqa: E402
-from gpu_bench import TOKENIZER, synthetic_shards  # noqa: E402
+from gpu_bench import TOKENIZER, Variant, run_variant, synthetic_shards  # noqa: E402
 
-from tests.helpers import clean_env, free_port  # noqa: E402
-
-MODES = {"eager": [], "blocks": ["model.compile=true"], "whole_model": ["--compile"]}
+MODES = {
+    "eager": Variant("eager", "-", "eager"),
+    "blocks": Variant("blocks", "-", "model.compile", ["model.compile=true"]),
+    "whole_model": Variant("whole_model", "-", "engine.compile()", compile=True),
+}
 
 
 def run(args, shards: Path, model: Path, mode: str, cache: Path, out: Path) -> dict:
@@ -47,13 +48,10 @@ def run(args, shards: Path, model: Path, mode: str, cache: Path, out: Path) -> d
     }  # fmt: skip
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
-           str(REPO / "bench/ds_train_loop.py"), str(path), str(args.steps), str(args.warmup), *MODES[mode]]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env({"TORCHINDUCTOR_CACHE_DIR": str(cache)}),
-                          capture_output=True, text=True)  # fmt: skip
-    if proc.returncode:
-        raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
-    r = json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"system"')))
+    v = MODES[mode]
+    r = run_variant(args, path, v, v.overrides, out, inductor_cache=cache)
+    if "error" in r:
+        raise SystemExit(f"{mode} failed: {r['error']}")
     return {
         "first_step_s": r["first_step_s"],
         "step_s": statistics.median(r["step_times"]),

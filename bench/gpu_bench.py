@@ -198,13 +198,17 @@ def base_config(args, tmp: Path, shards: Path) -> dict:
     }
 
 
-def run_variant(args, cfg_path: Path, v: Variant, extra: list[str], run_dir: Path) -> dict:
+def run_variant(
+    args, cfg_path: Path, v: Variant, extra: list[str], run_dir: Path, inductor_cache: Path | None = None
+) -> dict:
+    """One `ds-train pretrain` run through bench/ds_train_loop.py: its result line, or {"error"}.
+    Its inductor cache is `inductor_cache`, by default one of its own in `run_dir`."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
            str(REPO / "bench/ds_train_loop.py"), str(cfg_path), str(args.steps), str(args.warmup),
            *(["--compile"] if v.compile else []), f"run.output_dir={run_dir}", *extra]  # fmt: skip
     # each run its own inductor cache: every compiled run's first step is a cold compile (the
     # tuned run's would otherwise reuse the compile variant's kernels and look cheap to start)
-    env = clean_env({"TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor_cache")})
+    env = clean_env({"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache or run_dir / "inductor_cache")})
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         tail = "\n".join(proc.stderr.strip().splitlines()[-6:])

@@ -44,14 +44,13 @@ class HashingWriter:
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
-        if self.stop is None:
-            self._write(view)
-            return view.nbytes
-        # in pieces, so that a stop ends a write within one piece, not one whole storage (GBs)
-        for start in range(0, max(view.nbytes, 1), STOP_CHECK_BYTES):
-            if self.stop.is_set():
+        # a stoppable writer writes in pieces, so that a stop ends a write within one piece, not
+        # one whole storage (GBs); any other writes the buffer in one piece
+        piece = STOP_CHECK_BYTES if self.stop is not None else max(view.nbytes, 1)
+        for start in range(0, max(view.nbytes, 1), piece):
+            if self.stop is not None and self.stop.is_set():
                 raise OSError(errno.ECANCELED, "write abandoned")
-            self._write(view[start : start + STOP_CHECK_BYTES])
+            self._write(view[start : start + piece])
         return view.nbytes
 
     def _write(self, view: memoryview) -> None:
