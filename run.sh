@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # ds_train quick start. Every command first does all set-up it needs (idempotent):
 #   ./run.sh demo          set up, then run the embedded demo (corpus → shards → 2-rank ZeRO-3 pretraining → HF export)
-#   ./run.sh test [ARGS]   set up (incl. the local Slurm cluster's packages), then run the test suite (pytest ARGS)
+#   ./run.sh test [ARGS]   set up (incl. the system packages of the Slurm and NVMe-offload tests), then run the test suite (pytest ARGS)
 #   ./run.sh setup         set up only: .venv/ with torch, DeepSpeed and ds_train
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -48,7 +48,7 @@ case "${1:-}" in
   test)
     shift
     setup
-    bash tests/system/setup_slurm.sh || echo "run.sh: Slurm could not be set up; Slurm tests will be skipped" >&2
+    bash tests/setup_system_packages.sh || echo "run.sh: system packages could not be installed; the tests needing them (Slurm, NVMe offload) will be skipped" >&2
     exec "$PY" -m pytest "$@"
     ;;
   *)

@@ -21,6 +21,7 @@ import torch
 
 from ds_train.checkpoint.integrity import manifest_problems
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, STATE_FILE
+from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.hf_dir import load_config, model_class
 from ds_train.convert.safe_load import load_checkpoint_file
 from ds_train.convert.to_hf import resolve_tag_dir
@@ -75,6 +76,23 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _with_swapped(tag_dir: Path, rank: int, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A rank's flat groups, the ones NVMe offload swapped out read from their swap files (the
+    optimizer file holds an empty tensor for them; ds_train recorded their files and sizes)."""
+    state_file = tag_dir / STATE_FILE
+    layout = json.loads(state_file.read_text()).get(SWAP_LAYOUT_KEY) if state_file.is_file() else None
+    if not layout:
+        return flats
+    out = []
+    for t, entry in zip(flats, layout, strict=True):
+        if entry["swap_file"] is None:
+            out.append(t)
+            continue
+        raw = (tag_dir / "offloaded_tensors" / f"rank{rank:02d}" / entry["swap_file"]).read_bytes()
+        out.append(torch.frombuffer(bytearray(raw), dtype=t.dtype)[: entry["numel"]])
+    return out
+
+
 def reference_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's fp32 master weights (plus frozen params and buffers), consolidated in memory."""
     model_files = rank_sorted(glob.glob(str(tag_dir / "*model_states.pt")))
@@ -87,7 +105,7 @@ def reference_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     optims = [load_checkpoint_file(f, mmap=False)["optimizer_state_dict"] for f in optim_files]
     world = len(optims)
     if optims and "fp32_flat_groups" in optims[0]:  # ZeRO-3
-        flats = [torch.cat(o["fp32_flat_groups"]) for o in optims]
+        flats = [torch.cat(_with_swapped(tag_dir, r, o["fp32_flat_groups"])) for r, o in enumerate(optims)]
         offset = 0
         for group in m0["param_shapes"]:
             for name, shape in group.items():

@@ -11,6 +11,7 @@ Layouts (as in DeepSpeed's own zero_to_fp32.py, which reads them into memory ins
   other in `param_shapes` order, separated by optional alignment paddings.
 - ZeRO-3: each rank's flat fp32 groups, concatenated, hold `ceil(numel / W)` elements of every
   parameter in order; a parameter is the concatenation of its slice from every rank, trimmed.
+  With the optimizer offloaded to NVMe, a group may instead be a raw swap file beside them.
 - ZeRO-0 in fp32: the model-states file holds the full weights (they are the master copy).
 Frozen parameters (their fragments) and persistent buffers live in the model-states files in
 their own dtypes; tied parameters are listed in `shared_params` and written once.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.safe_load import CheckpointError, FileOffsets, load_checkpoint_file
 
 __all__ = ["CheckpointError", "ZeroCheckpoint", "read_zero_checkpoint"]
@@ -90,7 +92,7 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
     if stage == 3:
         _expect_rank_files(tag_dir, model_files, world, "model_states")
         _expect_rank_files(tag_dir, optim_files, world, "optim_states")
-        tensors = _plan_zero3(model_files, optim_files, world)
+        tensors = _plan_zero3(model_files, optim_files, world, tag_dir)
     elif optim_files and _has_fp32_partitions(optim_files[0]):
         _expect_rank_files(tag_dir, optim_files, world, "optim_states")
         tensors = _plan_zero12(model_files[0], optim_files)
@@ -99,12 +101,15 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
     return ZeroCheckpoint(path=tag_dir, stage=stage, world_size=world, tensors=tensors, tied=tied)
 
 
+def _recorded(tag_dir: Path) -> dict:
+    """What ds_train recorded about the checkpoint (ds_train_state.json; empty for plain DeepSpeed)."""
+    state = tag_dir / "ds_train_state.json"
+    return json.loads(state.read_text()) if state.is_file() else {}
+
+
 def _check_recorded_sizes(tag_dir: Path, files: list[str]) -> None:
     """ds_train records every file's size when a checkpoint completes; a shorter file is truncated."""
-    state = tag_dir / "ds_train_state.json"
-    if not state.is_file():
-        return
-    recorded = json.loads(state.read_text()).get("files", {})
+    recorded = _recorded(tag_dir).get("files", {})
     for name, size in recorded.items():
         path = tag_dir / name
         if not name.endswith(".pt") or "rng/" in name:
@@ -205,33 +210,39 @@ def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:
     return plans + _extras(model_file, model, m_off, frozen)
 
 
-def _plan_zero3(model_files: list[str], optim_files: list[str], world: int) -> list[TensorPlan]:
+def _plan_zero3(
+    model_files: list[str], optim_files: list[str], world: int, tag_dir: Path
+) -> list[TensorPlan]:
     models = [_open(f) for f in model_files]
     model0, m_off0 = models[0]
     shapes: dict[str, torch.Size] = {}
     for group in model0["param_shapes"]:
         shapes.update(group)
-    ranks = []
-    for f in optim_files:
+    swapped = _recorded(tag_dir).get(SWAP_LAYOUT_KEY)
+    ranks, dtype = [], torch.float32
+    for r, f in enumerate(optim_files):
         sd, off = _open(f)
         flats = sd["optimizer_state_dict"]["fp32_flat_groups"]
-        starts = [0]
-        for t in flats:
-            starts.append(starts[-1] + t.numel())
-        ranks.append((flats, starts, off))
-    total = ranks[0][1][-1]
+        ranks.append(_segments(flats, off, swapped, tag_dir / "offloaded_tensors" / f"rank{r:02d}"))
+        dtype = flats[0].dtype
+    total = sum(seg.numel for seg in ranks[0])
     plans, cursor = [], 0
     for name, shape in shapes.items():
         numel = math.prod(shape)
         per_rank = math.ceil(numel / world)
         pieces = []
-        for flats, starts, off in ranks:
-            pieces.extend(_flat_range(flats, starts, off, cursor, per_rank))
-        plans.append(TensorPlan(name, tuple(shape), ranks[0][0][0].dtype, pieces, "trainable"))
+        for segments in ranks:
+            pieces.extend(_flat_range(segments, cursor, per_rank))
+        plans.append(TensorPlan(name, tuple(shape), dtype, pieces, "trainable"))
         cursor += per_rank
     if cursor != total:
+        hint = (
+            ""
+            if swapped
+            else " (an optimizer swapped to NVMe by plain DeepSpeed? ds-train records where the swapped parts are)"
+        )
         raise CheckpointError(
-            f"{optim_files[0]}: parameters need {cursor} elements per rank, the file holds {total}"
+            f"{optim_files[0]}: parameters need {cursor} elements per rank, the file holds {total}{hint}"
         )
 
     def frozen(name: str):
@@ -241,11 +252,52 @@ def _plan_zero3(model_files: list[str], optim_files: list[str], world: int) -> l
     return plans + _extras(model_files[0], model0, m_off0, frozen)
 
 
-def _flat_range(flats, starts, offsets: FileOffsets, lo: int, count: int) -> list[Piece]:
-    """Pieces covering [lo, lo + count) of one rank's concatenated flat groups."""
-    pieces, hi = [], lo + count
+@dataclass(frozen=True)
+class _Segment:
+    """One flat fp32 group of a rank: a tensor inside its optimizer file, or a raw swap file."""
+
+    file: str
+    offset: int  # bytes
+    numel: int
+    itemsize: int
+
+    def piece(self, start: int, count: int) -> Piece:
+        return Piece(self.file, self.offset + start * self.itemsize, count)
+
+
+def _segments(
+    flats: list[torch.Tensor], offsets: FileOffsets, swapped: list | None, swap_dir: Path
+) -> list[_Segment]:
+    """A rank's flat groups in order. With NVMe optimizer offload, a swapped group's tensor in the
+    optimizer file is empty; its master weights are a raw fp32 file DeepSpeed copied into the
+    checkpoint (`offloaded_tensors/rankNN/<ds_id>.tensor.swp`, padded for direct I/O), whose name and
+    size ds-train recorded at save (checkpoint/nvme_optimizer.py)."""
+    if swapped is not None and len(swapped) != len(flats):
+        raise CheckpointError(
+            f"{offsets.path}: {len(flats)} optimizer sub-groups, the checkpoint recorded {len(swapped)}"
+        )
+    out = []
     for g, t in enumerate(flats):
-        a, b = max(lo, starts[g]), min(hi, starts[g + 1])
+        entry = swapped[g] if swapped is not None else None
+        if entry is None or entry["swap_file"] is None:
+            out.append(_Segment(offsets.path, offsets.offset(t), t.numel(), t.element_size()))
+            continue
+        path = swap_dir / entry["swap_file"]
+        need = entry["numel"] * t.element_size()
+        if not path.is_file() or path.stat().st_size < need:
+            raise CheckpointError(
+                f"{path}: missing or shorter than the {need} bytes of optimizer sub-group {g}"
+            )
+        out.append(_Segment(str(path), 0, entry["numel"], t.element_size()))
+    return out
+
+
+def _flat_range(segments: list[_Segment], lo: int, count: int) -> list[Piece]:
+    """Pieces covering [lo, lo + count) of one rank's concatenated flat groups."""
+    pieces, hi, start = [], lo + count, 0
+    for seg in segments:
+        a, b = max(lo, start), min(hi, start + seg.numel)
         if a < b:
-            pieces.append(_piece(offsets, t, a - starts[g], b - a))
+            pieces.append(seg.piece(a - start, b - a))
+        start += seg.numel
     return pieces

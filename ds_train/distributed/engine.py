@@ -202,6 +202,28 @@ def build_engine(
     return engine
 
 
+def offload_op_problem(offload_optimizer: str, offload_param: str) -> str | None:
+    """Why DeepSpeed could not swap to NVMe on this machine, or None (no NVMe offload, or it can).
+
+    DeepSpeed builds its async_io op (Linux AIO, libaio) on first use, inside `deepspeed.initialize`
+    on every rank, and a missing libaio surfaces there as a traceback ending in "Unable to JIT load
+    the async_io op ... None". Checked before the process group exists, it is one line saying what
+    to install. (CPU offload needs only the CPU Adam op, which any machine with a C++ compiler builds.)
+    """
+    if "nvme" not in (offload_optimizer, offload_param):
+        return None
+    from deepspeed.git_version_info import installed_ops
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if installed_ops.get("async_io") or AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return (
+        "NVMe offload (zero.offload_optimizer/offload_param=nvme) needs DeepSpeed's async_io op, which "
+        "cannot be built here: libaio's headers are missing (Debian/Ubuntu: apt-get install libaio-dev; "
+        "RHEL: dnf install libaio-devel); DeepSpeed compiles the op on first use"
+    )
+
+
 def quiet_deepspeed() -> None:
     """Before deepspeed is imported: pick its CPU accelerator without the 'unable to detect' warning
     on GPU-less machines, and hide torch.distributed's deprecation notices that DeepSpeed triggers."""

@@ -19,7 +19,8 @@ import torch
 from ds_train import __version__
 from ds_train.checkpoint.compat import fingerprint, model_signature
 from ds_train.checkpoint.manager import CheckpointManager
-from ds_train.config import Config, dump_yaml
+from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
+from ds_train.config import Config, ConfigError, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
 from ds_train.distributed.engine import (
@@ -27,6 +28,7 @@ from ds_train.distributed.engine import (
     build_engine,
     configure_logging,
     init_distributed,
+    offload_op_problem,
     shutdown,
     shutdown_after_error,
 )
@@ -50,6 +52,13 @@ def run_on_this_rank(
     ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context)."""
     preemption = PreemptionHandler().install()
     pre = preflight(cfg)
+    problem = offload_op_problem(cfg.zero.offload_optimizer, cfg.zero.offload_param)
+    if problem is None and pre.resume_from is not None:
+        problem = elastic_resume_problem(
+            pre.resume_from.state(), pre.launch.world_size, cfg.zero.offload_optimizer
+        )
+    if problem:
+        raise ConfigError(problem)
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
     try:
@@ -114,7 +123,7 @@ def build_trainer(
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(
-            "ds_train %s | %s launch, %d rank(s) | %s params (%s non-embedding) | ZeRO-%d %s | "
+            "ds_train %s | %s launch, %d rank(s) | %s params (%s non-embedding) | ZeRO-%d%s %s | "
             "global batch %d = %d micro × %d accum × %d ranks | seq_len %d | %s",
             __version__,
             pre.launch.launcher,
@@ -122,6 +131,7 @@ def build_trainer(
             f"{n_params:,}",
             f"{n_params - n_embed:,}",
             cfg.zero.stage,
+            _offload_note(cfg.zero.offload_optimizer, cfg.zero.offload_param),
             precision,
             pre.layout.global_batch_size,
             pre.layout.micro_batch_size,
@@ -133,6 +143,7 @@ def build_trainer(
 
     model_sig = model_signature(pre.hf_config)
     tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
+    swap_files = swap_layout(engine)  # where a converter finds what NVMe offload swapped out
     trainer: Trainer | None = None
 
     def state_fn(step: int) -> dict:
@@ -151,6 +162,7 @@ def build_trainer(
             "ds_train_version": __version__,
             "metrics": trainer.last_record,
             **parts.extra_state,
+            **swap_files,
         }
 
     settings = TrainerSettings(
@@ -199,3 +211,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _offload_note(optimizer: str, param: str) -> str:
+    """' (optimizer on nvme, parameters on cpu)' for the start-up line; '' without offload."""
+    parts = [
+        f"{what} on {where}"
+        for what, where in (("optimizer", optimizer), ("parameters", param))
+        if where != "none"
+    ]
+    return f" ({', '.join(parts)})" if parts else ""

@@ -45,7 +45,7 @@ def unavailable() -> str | None:
     """Why a local cluster cannot be started here, or None when it can."""
     missing = [d for d in DAEMONS if shutil.which(d) is None and not Path("/usr/sbin", d).exists()]
     if missing:
-        return f"Slurm/munge not installed ({', '.join(missing)} missing; tests/system/setup_slurm.sh installs them)"
+        return f"Slurm/munge not installed ({', '.join(missing)} missing; tests/setup_system_packages.sh installs them)"
     if os.geteuid() != 0:
         return "starting slurmd needs root (it runs job steps as the submitting user)"
     return None
