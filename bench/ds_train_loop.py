@@ -110,6 +110,8 @@ def main() -> None:
         # start-up as a requeued job pays it: imports, process group, model build and init,
         # DeepSpeed engine, data plan, first batch and the first step (compilation included)
         "first_step_s": clock.first_step - launched,
+        # the fullest rank's peak resident host memory (where CPU offload keeps what it moves)
+        "host_peak_rss_gib": max(r["host_peak_rss_gib"] for r in logged),
     }
     if torch.cuda.is_available():  # the trainer resets the peaks at each log step: max of them all
         last = {

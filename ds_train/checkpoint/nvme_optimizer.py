@@ -49,6 +49,12 @@ def restore_in_memory_optimizer_state(engine: Any, root: Path, tag: str) -> int:
             f"checkpoint has {len(saved_flat)} optimizer sub-groups, the engine {len(current)}"
         )
 
+    # fp16's dynamic loss scale and its counters, and the last step's overflow flag
+    opt.loss_scaler, opt.dynamic_loss_scale, opt.overflow = (
+        saved["loss_scaler"],
+        saved["dynamic_loss_scale"],
+        saved["overflow"],
+    )
     inner = opt.optimizer  # DeepSpeedCPUAdam: its state is keyed by the sub-groups' fp32 tensors
     opt._set_fp32_optimizer_param_groups()
     try:
@@ -67,8 +73,12 @@ def restore_in_memory_optimizer_state(engine: Any, root: Path, tag: str) -> int:
     restored = 0
     for sub_group, (fp32, saved_fp32) in enumerate(zip(current, saved_flat, strict=True)):
         position = next(k for k, p in enumerate(params) if p is fp32)
-        state, saved_state = inner.state[fp32], saved_inner["state"][ids[position]]
-        state["step"] = saved_state["step"]
+        # no saved state: saved before Adam's first step (a preemption at step 0, or fp16 steps all
+        # skipped on overflow); the master weights are restored, the moments do not exist yet
+        saved_state = saved_inner["state"].get(ids[position], {})
+        state = inner.state[fp32]
+        if "step" in saved_state:
+            state["step"] = saved_state["step"]
         if opt._swappable_optimizer_subgroup(sub_group):
             _register_swapped_moments(opt, sub_group, fp32, state, saved_state)
             continue
@@ -142,6 +152,12 @@ def elastic_resume_problem(state: dict, world_size: int, offload_optimizer: str)
     optimizer files: a checkpoint whose optimizer was swapped to NVMe holds its swapped parts
     elsewhere, and DeepSpeed does not load universal checkpoints into an NVMe-offloaded optimizer."""
     saved_world = state.get("world_size")
+    if state.get("universal") and offload_optimizer == "nvme":  # `convert reshard`'s, any world size
+        return (
+            "this checkpoint is in DeepSpeed's universal format (from `ds-train convert reshard` or an elastic "
+            "resume), which DeepSpeed does not load into an optimizer offloaded to NVMe: resume it with "
+            "zero.offload_optimizer=cpu, or from the checkpoint it was made from"
+        )
     if saved_world in (None, world_size):
         return None
     if LAYOUT_KEY in state or offload_optimizer == "nvme":

@@ -29,6 +29,7 @@ from ds_train.checkpoint.layout import (
     CheckpointRef,
     write_atomic,
 )
+from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.to_hf import resolve_tag_dir
 from ds_train.convert.zero_layout import CheckpointError
 
@@ -37,6 +38,12 @@ log = logging.getLogger(__name__)
 
 def to_universal(tag_dir: Path, out_tag_dir: Path) -> None:
     """DeepSpeed's ds_to_universal on one checkpoint, plus ds_train's own files."""
+    if (tag_dir / STATE_FILE).is_file() and SWAP_LAYOUT_KEY in json.loads((tag_dir / STATE_FILE).read_text()):
+        raise CheckpointError(
+            f"{tag_dir} was saved with the optimizer offloaded to NVMe: DeepSpeed's universal format cannot be "
+            "made from it (the optimizer files hold empty tensors for the swapped state); resume it on the world "
+            "size that saved it, or export the weights with `ds-train convert to-hf`"
+        )
     tmp = out_tag_dir.parent / f".{out_tag_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [

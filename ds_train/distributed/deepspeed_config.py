@@ -9,6 +9,7 @@ the run config through `build_deepspeed_config`; `zero.ds_config_overrides` is m
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,8 +51,9 @@ def resolve_precision(precision: str) -> str:
     return "fp32"
 
 
-def build_deepspeed_config(cfg: Config, data_parallel_size: int) -> dict:
-    """The complete DeepSpeed config for this run on `data_parallel_size` ranks."""
+def build_deepspeed_config(cfg: Config, data_parallel_size: int, largest_param: int | None = None) -> dict:
+    """The complete DeepSpeed config for this run on `data_parallel_size` ranks. `largest_param`
+    (elements of the model's biggest parameter) sizes the swap buffers of parameter NVMe offload."""
     layout = batch_layout(cfg.train, data_parallel_size)
     precision = resolve_precision(cfg.train.precision)
     on_gpu = torch.cuda.is_available()
@@ -80,6 +82,8 @@ def build_deepspeed_config(cfg: Config, data_parallel_size: int) -> dict:
         zero["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path, on_gpu)
     if z.offload_param != "none":
         zero["offload_param"] = _offload(z.offload_param, z.nvme_path, on_gpu)
+        if z.offload_param == "nvme" and largest_param:
+            zero["offload_param"].update(_param_swap_buffers(largest_param, data_parallel_size))
 
     optimizer_params: dict = {
         "lr": cfg.train.lr,
@@ -142,3 +146,23 @@ def _offload(device: str, nvme_path: str | None, on_gpu: bool) -> dict:
     if device == "cpu":
         return {"device": "cpu", "pin_memory": on_gpu}
     return {"device": "nvme", "nvme_path": nvme_path, "pin_memory": on_gpu}
+
+
+def _param_swap_buffers(largest_param: int, data_parallel_size: int) -> dict:
+    """Parameter NVMe offload swaps each rank's partition of a parameter through one of
+    `buffer_count` host buffers of `buffer_size` elements, allocated (pinned on a GPU) at start-up.
+    DeepSpeed's default size, 1e8 elements, costs 5 × 1e8 elements of host memory per rank whatever
+    the model (1.9 GiB in fp32 for a model of a few MB, docs/benchmarks.md "Offload"), and fails with
+    "More elements ... than buffer size" once a partition is bigger (a 128k-vocabulary embedding of
+    width 4096 on fewer than 6 ranks). One partition of the largest parameter is what a buffer must
+    hold: sized so, the buffers cost what the model needs in both cases."""
+    return {"buffer_size": math.ceil(largest_param / data_parallel_size)}
+
+
+def largest_param_to_swap(cfg: Config, hf_config) -> int | None:
+    """For `build_deepspeed_config`: the model's biggest parameter, where parameters go to NVMe."""
+    if cfg.zero.offload_param != "nvme":
+        return None
+    from ds_train.plan.model_shape import shape_from_config
+
+    return shape_from_config(hf_config, cfg.model.objective).largest_param

@@ -16,7 +16,11 @@ from pathlib import Path
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from ds_train.config import Config, dump_yaml
 from ds_train.data.loader import build_plan, make_loader
-from ds_train.distributed.deepspeed_config import build_deepspeed_config, resolve_precision
+from ds_train.distributed.deepspeed_config import (
+    build_deepspeed_config,
+    largest_param_to_swap,
+    resolve_precision,
+)
 from ds_train.distributed.engine import (
     DistributedContext,
     HfZeroContext,
@@ -86,7 +90,7 @@ def _run(
     seed_everything(cfg.run.seed, ctx.rank)
     f = cfg.finetune
     run_dir = Path(cfg.run.output_dir)
-    ds_config = build_deepspeed_config(cfg, ctx.world_size)
+    ds_config = build_deepspeed_config(cfg, ctx.world_size, largest_param_to_swap(cfg, pre.hf_config))
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))

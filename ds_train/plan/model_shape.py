@@ -24,6 +24,7 @@ class ModelShape:
     gated_mlp: bool  # SwiGLU-style MLP (gate and up projections): 4 saved tensors of width f, not 2
     largest_layer_params: int  # a transformer block, or the embedding if larger (ZeRO-3 gathers it whole)
     head_bias: bool = False  # the output head has a bias (BERT's decoder)
+    largest_param: int = 0  # elements of the biggest single parameter (usually the embedding)
 
 
 def _get(cfg, *names: str, default=None):
@@ -66,6 +67,7 @@ def shape_from_config(hf_config, objective: str = "causal_lm") -> ModelShape:
         gated_mlp=_has_gate(model),
         largest_layer_params=max(block, embed),
         head_bias=getattr(head, "bias", None) is not None,
+        largest_param=max(p.numel() for p in model.parameters()),
     )
 
 

@@ -34,6 +34,7 @@ from ds_train.distributed.deepspeed_config import (
     BatchLayout,
     batch_layout,
     build_deepspeed_config,
+    largest_param_to_swap,
 )
 from ds_train.distributed.engine import (
     DistributedContext,
@@ -120,7 +121,7 @@ def _run(
 ) -> int:
     seed_everything(cfg.run.seed, ctx.rank)
     run_dir = Path(cfg.run.output_dir)
-    ds_config = build_deepspeed_config(cfg, ctx.world_size)
+    ds_config = build_deepspeed_config(cfg, ctx.world_size, largest_param_to_swap(cfg, pre.hf_config))
     tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
 
     plan = _plan_on_rank0(cfg.data.train, cfg, shuffle=cfg.data.shuffle)

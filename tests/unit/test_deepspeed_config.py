@@ -16,6 +16,26 @@ def _cfg(**zero):
     )
 
 
+def test_parameter_swap_buffers_hold_one_partition_of_the_largest_parameter(tmp_path):
+    """DeepSpeed's default (5 buffers of 1e8 elements) is set aside whatever the model, and too small
+    for a big embedding's partition on few ranks; ds-train sizes the buffers from the model."""
+    from transformers import AutoConfig
+
+    from ds_train.distributed.deepspeed_config import largest_param_to_swap
+    from tests.helpers import REPO
+
+    (tmp_path / "nvme").mkdir()
+    nvme = _cfg(stage=3, offload_param="nvme", nvme_path=str(tmp_path / "nvme"))
+    hf = AutoConfig.from_pretrained(REPO / "configs" / "model" / "tiny-llama.json")
+    largest = largest_param_to_swap(nvme, hf)
+    assert largest == hf.vocab_size * hf.hidden_size  # the embedding (and the untied head)
+    z = build_deepspeed_config(nvme, 4, largest)["zero_optimization"]
+    assert z["offload_param"]["buffer_size"] == -(-largest // 4)
+    # no NVMe parameter offload, or no model given: DeepSpeed's own defaults, untouched
+    assert largest_param_to_swap(_cfg(stage=3, offload_param="cpu"), hf) is None
+    assert "buffer_size" not in build_deepspeed_config(nvme, 4)["zero_optimization"]["offload_param"]
+
+
 def test_batch_is_derived_once():
     ds = build_deepspeed_config(_cfg(stage=2), data_parallel_size=4)
     assert (

@@ -59,6 +59,21 @@ def test_nvme_optimizer_checkpoint_is_not_resumed_on_another_world_size():
     assert "Resume on 2 ranks" in elastic_resume_problem(nvme_saved, 1, "cpu")  # saved with NVMe
     assert "Resume on 2 ranks" in elastic_resume_problem({"world_size": 2}, 1, "nvme")  # resumed into NVMe
     assert elastic_resume_problem({"world_size": 2}, 1, "cpu") is None  # universal resume handles the rest
+    universal = {"world_size": 2, "universal": True}  # `convert reshard`'s: loads on any world size...
+    assert elastic_resume_problem(universal, 4, "cpu") is None
+    assert "universal format" in elastic_resume_problem(universal, 2, "nvme")  # ...but not into NVMe
+
+
+def test_no_universal_checkpoint_is_made_from_an_nvme_optimizer_checkpoint(tmp_path):
+    from ds_train.convert.reshard import to_universal
+    from ds_train.convert.zero_layout import CheckpointError
+
+    tag = tmp_path / "step_00000004"
+    tag.mkdir()
+    (tag / "ds_train_state.json").write_text(json.dumps({"world_size": 2, LAYOUT_KEY: []}))
+    with pytest.raises(CheckpointError, match="offloaded to NVMe"):
+        to_universal(tag, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_elastic_refusal_reaches_the_user_as_one_line(tmp_path, shards, capsys, monkeypatch):
