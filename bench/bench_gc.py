@@ -16,15 +16,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trainer import REPO, launch, model_config, run_config
-from gpu_bench import synthetic_shards
+from bench_trainer import REPO, add_loop_args, launch_loop, loop_workspace, run_config
 
 MODES = {"automatic": 0, "every 50 steps, frozen": 50}
 
@@ -50,30 +46,15 @@ def full_collection_cost() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--json", help="write all measurements here")
+    add_loop_args(ap, steps=200, seq_len=256)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_gc_"))
-    model = model_config(tmp / "model.json", args.hidden, args.layers, args.seq_len)
-    synthetic_shards(tmp / "shards/train", rows=16 * (args.steps + 4), seq_len=args.seq_len)
-    # bench_trainer's run config: 2 ranks, ZeRO-2, global batch 16 of micro 4, fp32, no loader workers
-    opts = argparse.Namespace(
-        shards=str(tmp / "shards"), workers=0, steps=args.steps, global_batch=16, micro_batch=4,
-        precision="fp32", warmup=args.warmup, activation_checkpointing=False,
-    )  # fmt: skip
+    tmp, model, opts = loop_workspace(args, "bench_gc_")
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     for r in range(args.repeats):
         for mode in list(MODES)[r % 2 :] + list(MODES)[: r % 2]:
             cfg = run_config(opts, model, tmp / f"r{r}_{MODES[mode]}", 2, "ds_train")
             cfg["train"]["gc_every"] = MODES[mode]
-            path = tmp / f"r{r}_{MODES[mode]}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            res = launch("bench/ds_train_loop.py", path, args.steps, args.warmup, 2)
+            res = launch_loop(cfg, tmp / f"r{r}_{MODES[mode]}.yaml", args)
             runs[mode].append(res)
             print(f"repeat {r} {mode}: {res['tokens_per_s']:,.0f} tok/s, collections {res['gc_collections']}, "
                   f"pause {1e3 * res['gc_pause_s']:.1f} ms (longest {1e3 * res['gc_pause_max_s']:.1f})", flush=True)  # fmt: skip

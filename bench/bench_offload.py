@@ -18,15 +18,11 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_trainer import launch, model_config, run_config
-from gpu_bench import synthetic_shards
+from bench_trainer import add_loop_args, launch_loop, loop_workspace, run_config
 
 # mode → zero section; the first of each stage is the reference its offloads are compared with
 MODES = {
@@ -41,23 +37,11 @@ MODES = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seq-len", type=int, default=128)
+    add_loop_args(ap, steps=30, seq_len=128)
     ap.add_argument("--nvme-dir", help="directory for the swap files (default: under the temp dir)")
     ap.add_argument("--modes", nargs="*", default=list(MODES), help="a subset of: " + "; ".join(MODES))
-    ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="bench_offload_"))
-    model = model_config(tmp / "model.json", args.hidden, args.layers, args.seq_len)
-    synthetic_shards(tmp / "shards/train", rows=16 * (args.steps + 4), seq_len=args.seq_len)
-    opts = argparse.Namespace(
-        shards=str(tmp / "shards"), workers=0, steps=args.steps, global_batch=16, micro_batch=4,
-        precision="fp32", warmup=args.warmup, activation_checkpointing=False,
-    )  # fmt: skip
+    tmp, model, opts = loop_workspace(args, "bench_offload_")
     runs: dict[str, list[dict]] = {m: [] for m in args.modes}
     for r in range(args.repeats):
         order = args.modes[r % len(args.modes) :] + args.modes[: r % len(args.modes)]
@@ -69,9 +53,7 @@ def main() -> None:
                 nvme = Path(args.nvme_dir or tmp) / f"{name}_swap"
                 nvme.mkdir(parents=True)
                 cfg["zero"]["nvme_path"] = str(nvme)
-            path = tmp / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            res = launch("bench/ds_train_loop.py", path, args.steps, args.warmup, 2)
+            res = launch_loop(cfg, tmp / f"{name}.yaml", args)
             runs[mode].append(res)
             print(f"repeat {r} {mode}: {res['tokens_per_s']:,.0f} tok/s, peak RSS {res['host_peak_rss_gib']:.2f} GiB, "
                   f"loss {res['loss']:.4f}", flush=True)  # fmt: skip

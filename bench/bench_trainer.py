@@ -73,6 +73,39 @@ def model_config(path: Path, hidden: int, layers: int, seq_len: int = 0) -> Path
     return path
 
 
+def add_loop_args(ap: argparse.ArgumentParser, *, steps: int, seq_len: int) -> None:
+    """The options of a benchmark that runs ds_train_loop.py on bench_trainer's model."""
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=seq_len)
+    ap.add_argument("--json", help="write all measurements here")
+
+
+def loop_workspace(args, prefix: str) -> tuple[Path, Path, argparse.Namespace]:
+    """(temp dir, model config, run_config's options) for `add_loop_args`' arguments: the model,
+    synthetic shards for the steps, and the run bench_trainer times (2 ranks, global batch 16 of
+    micro 4, fp32, no loader workers)."""
+    from gpu_bench import synthetic_shards
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    model = model_config(tmp / "model.json", args.hidden, args.layers, args.seq_len)
+    synthetic_shards(tmp / "shards/train", rows=16 * (args.steps + 4), seq_len=args.seq_len)
+    opts = argparse.Namespace(
+        shards=str(tmp / "shards"), workers=0, steps=args.steps, global_batch=16, micro_batch=4,
+        precision="fp32", warmup=args.warmup, activation_checkpointing=False,
+    )  # fmt: skip
+    return tmp, model, opts
+
+
+def launch_loop(cfg: dict, path: Path, args) -> dict:
+    """Write `cfg` to `path` and time it with ds_train_loop.py on 2 ranks (`add_loop_args`' steps)."""
+    path.write_text(yaml.safe_dump(cfg))
+    return launch("bench/ds_train_loop.py", path, args.steps, args.warmup, 2)
+
+
 def run_config(args, model: Path, run_dir: Path, stage: int, system: str) -> dict:
     return {
         "run": {"output_dir": str(run_dir), "tensorboard": False, "seed": 1},
