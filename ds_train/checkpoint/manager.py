@@ -32,7 +32,7 @@ from ds_train.checkpoint.layout import (
     tag_for_step,
     write_atomic,
 )
-from ds_train.checkpoint.nvme_optimizer import offloads_optimizer_to_nvme, restore_in_memory_optimizer_state
+from ds_train.checkpoint.nvme_optimizer import offloads_optimizer_to_nvme, restore_skipped_optimizer_state
 from ds_train.distributed.engine import DistributedContext, all_gather_object
 from ds_train.distributed.peers import is_collective_failure
 from ds_train.errors import RunFailure
@@ -279,7 +279,7 @@ class CheckpointManager:
                 load_lr_scheduler_states=True,
             )
             if load_path is not None and offloads_optimizer_to_nvme(engine):
-                restore_in_memory_optimizer_state(engine, ref.root, ref.tag)
+                restore_skipped_optimizer_state(engine, ref.root, ref.tag)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint {ref.path}")
         rng_file = ref.path / "rng" / f"rank_{self.ctx.rank:05d}.pt"

@@ -35,7 +35,7 @@ def offloads_optimizer_to_nvme(engine: Any) -> bool:
     return bool(getattr(engine.optimizer, "swap_optimizer", False))
 
 
-def restore_in_memory_optimizer_state(engine: Any, root: Path, tag: str) -> int:
+def restore_skipped_optimizer_state(engine: Any, root: Path, tag: str) -> int:
     """After `engine.load_checkpoint(root, tag)` with the optimizer on NVMe (same world size):
     load this rank's optimizer file and restore what DeepSpeed skipped. Returns how many
     sub-groups were held in memory and restored whole. Call inside `safe_loading(engine)`."""
