@@ -53,6 +53,13 @@ class CheckpointRef:
         return json.loads((self.path / STATE_FILE).read_text())
 
 
+def recorded_state(tag_dir: str | os.PathLike) -> dict:
+    """What ds_train recorded about a checkpoint (its ds_train_state.json), or {} for one saved by
+    plain DeepSpeed. Conversion reads it once and passes it down."""
+    state = Path(tag_dir) / STATE_FILE
+    return json.loads(state.read_text()) if state.is_file() else {}
+
+
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / CHECKPOINTS
 

@@ -27,6 +27,7 @@ from ds_train.checkpoint.layout import (
     TOKENIZER_DIR,
     UNIVERSAL_SUFFIX,
     CheckpointRef,
+    recorded_state,
     write_atomic,
 )
 from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 
 def to_universal(tag_dir: Path, out_tag_dir: Path) -> None:
     """DeepSpeed's ds_to_universal on one checkpoint, plus ds_train's own files."""
-    if (tag_dir / STATE_FILE).is_file() and SWAP_LAYOUT_KEY in json.loads((tag_dir / STATE_FILE).read_text()):
+    recorded = recorded_state(tag_dir)
+    if SWAP_LAYOUT_KEY in recorded:
         raise CheckpointError(
             f"{tag_dir} was saved with the optimizer offloaded to NVMe: DeepSpeed's universal format cannot be "
             "made from it (the optimizer files hold empty tensors for the swapped state); resume it on the world "
@@ -72,9 +74,8 @@ def to_universal(tag_dir: Path, out_tag_dir: Path) -> None:
             shutil.copytree(src, tmp / name)
         elif src.is_file():
             shutil.copy2(src, tmp / name)
-    if (tag_dir / STATE_FILE).is_file():
-        state = json.loads((tag_dir / STATE_FILE).read_text())
-        state.update(universal=True, source_world_size=state.get("world_size"))
+    if recorded:
+        state = {**recorded, "universal": True, "source_world_size": recorded.get("world_size")}
         state.pop("files", None)  # the universal layout has other files
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
     shutil.rmtree(out_tag_dir, ignore_errors=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ds_train.checkpoint.layout import HF_CONFIG_DIR, STATE_FILE, TOKENIZER_DIR, resolve_checkpoint
+from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR, recorded_state, resolve_checkpoint
 from ds_train.convert.hf_dir import copy_tokenizer, load_config, model_class, write_configs
 from ds_train.convert.safetensors_stream import OutputTensor, PieceReader, write_sharded
 from ds_train.convert.zero_layout import CheckpointError, ZeroCheckpoint, read_zero_checkpoint
@@ -132,18 +132,15 @@ def convert_checkpoint(
     if dtype not in DTYPES:
         raise CheckpointError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tag_dir = resolve_tag_dir(ckpt, tag)
-    objective = None
-    if (tag_dir / STATE_FILE).is_file():
-        import json
-
-        objective = json.loads((tag_dir / STATE_FILE).read_text()).get("objective")
+    recorded = recorded_state(tag_dir)
+    objective = recorded.get("objective")
     config_src = Path(model_config) if model_config else tag_dir / HF_CONFIG_DIR
     if not (config_src.is_file() or (config_src / "config.json").is_file()):
         raise CheckpointError(
             f"{tag_dir} has no {HF_CONFIG_DIR}/config.json: pass --model-config with the HF config "
             "the checkpoint was trained with"
         )
-    zero = read_zero_checkpoint(tag_dir)
+    zero = read_zero_checkpoint(tag_dir, recorded)
     tensors = plan_output(zero, DTYPES[dtype])
 
     out = Path(out_dir).absolute()

@@ -11,7 +11,6 @@ plain in-memory implementation, independent of the streaming converter's byte of
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ds_train.checkpoint.integrity import manifest_problems
-from ds_train.checkpoint.layout import HF_CONFIG_DIR, STATE_FILE
+from ds_train.checkpoint.layout import HF_CONFIG_DIR, recorded_state
 from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.hf_dir import load_config, model_class
 from ds_train.convert.safe_load import load_checkpoint_file
@@ -76,11 +75,11 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _with_swapped(tag_dir: Path, rank: int, flats: list[torch.Tensor]) -> list[torch.Tensor]:
+def _with_swapped(
+    tag_dir: Path, rank: int, flats: list[torch.Tensor], layout: list[dict] | None
+) -> list[torch.Tensor]:
     """A rank's flat groups, the ones NVMe offload swapped out read from their swap files (the
     optimizer file holds an empty tensor for them; ds_train recorded their files and sizes)."""
-    state_file = tag_dir / STATE_FILE
-    layout = json.loads(state_file.read_text()).get(SWAP_LAYOUT_KEY) if state_file.is_file() else None
     if not layout:
         return flats
     out = []
@@ -93,8 +92,9 @@ def _with_swapped(tag_dir: Path, rank: int, flats: list[torch.Tensor]) -> list[t
     return out
 
 
-def reference_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's fp32 master weights (plus frozen params and buffers), consolidated in memory."""
+def reference_state_dict(tag_dir: Path, recorded: dict) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 master weights (plus frozen params and buffers), consolidated in memory.
+    `recorded`: the checkpoint's ds_train_state.json ({} for plain DeepSpeed)."""
     model_files = rank_sorted(glob.glob(str(tag_dir / "*model_states.pt")))
     optim_files = rank_sorted(glob.glob(str(tag_dir / "*optim_states.pt")))
     models = [load_checkpoint_file(f, mmap=False) for f in model_files]
@@ -105,7 +105,10 @@ def reference_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     optims = [load_checkpoint_file(f, mmap=False)["optimizer_state_dict"] for f in optim_files]
     world = len(optims)
     if optims and "fp32_flat_groups" in optims[0]:  # ZeRO-3
-        flats = [torch.cat(_with_swapped(tag_dir, r, o["fp32_flat_groups"])) for r, o in enumerate(optims)]
+        swapped = recorded.get(SWAP_LAYOUT_KEY)
+        flats = [
+            torch.cat(_with_swapped(tag_dir, r, o["fp32_flat_groups"], swapped)) for r, o in enumerate(optims)
+        ]
         offset = 0
         for group in m0["param_shapes"]:
             for name, shape in group.items():
@@ -154,13 +157,13 @@ def verify_conversion(
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: not a Hugging Face directory (no config.json)")
     report = VerifyReport()
-    if (tag_dir / STATE_FILE).is_file():  # ds_train checkpoints carry a manifest; plain DeepSpeed ones do not
-        state = json.loads((tag_dir / STATE_FILE).read_text())
-        report.files_checked = len(state.get("files") or {})
-        report.file_problems = manifest_problems(tag_dir, state)
+    recorded = recorded_state(tag_dir)
+    if recorded:  # ds_train checkpoints carry a manifest; plain DeepSpeed ones do not
+        report.files_checked = len(recorded.get("files") or {})
+        report.file_problems = manifest_problems(tag_dir, recorded)
         if report.file_problems:
             return report  # the reference itself is damaged: comparing against it means nothing
-    reference = reference_state_dict(tag_dir)
+    reference = reference_state_dict(tag_dir, recorded)
     exported = _hf_tensors(hf_dir)
     for name, tensor in exported.items():
         ref = reference.get(name)
@@ -168,9 +171,7 @@ def verify_conversion(
         if ref is None or ref.shape != tensor.shape or not torch.equal(ref.to(tensor.dtype), tensor):
             report.mismatched.append(name)
 
-    objective = None
-    if (tag_dir / STATE_FILE).is_file():
-        objective = json.loads((tag_dir / STATE_FILE).read_text()).get("objective")
+    objective = recorded.get("objective")
     config = load_config(Path(model_config) if model_config else tag_dir / HF_CONFIG_DIR)
     cls = model_class(config, objective)
     loaded = cls.from_pretrained(str(hf_dir), dtype=torch.float32, local_files_only=True).eval()

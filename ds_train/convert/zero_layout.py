@@ -20,7 +20,6 @@ their own dtypes; tied parameters are listed in `shared_params` and written once
 from __future__ import annotations
 
 import glob
-import json
 import math
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from ds_train.checkpoint.layout import recorded_state
 from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.safe_load import CheckpointError, FileOffsets, load_checkpoint_file
 
@@ -71,8 +71,9 @@ def rank_sorted(paths: list[str]) -> list[str]:
     return sorted(paths, key=key)
 
 
-def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
-    """Plan the consolidation of the checkpoint in `tag_dir` (the directory holding the rank files)."""
+def read_zero_checkpoint(tag_dir: str | os.PathLike, recorded: dict | None = None) -> ZeroCheckpoint:
+    """Plan the consolidation of the checkpoint in `tag_dir` (the directory holding the rank files).
+    `recorded`: its ds_train_state.json if the caller has read it already (read here otherwise)."""
     tag_dir = Path(tag_dir)
     if not tag_dir.is_dir():
         raise CheckpointError(f"checkpoint directory not found: {tag_dir}")
@@ -80,7 +81,8 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
     optim_files = rank_sorted(glob.glob(str(tag_dir / "*optim_states.pt")))
     if not model_files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt file (not a DeepSpeed checkpoint?)")
-    _check_recorded_sizes(tag_dir, model_files + optim_files)
+    recorded = recorded_state(tag_dir) if recorded is None else recorded
+    _check_recorded_sizes(tag_dir, recorded)
 
     model0 = load_checkpoint_file(model_files[0])
     if "buffer_names" not in model0 or "module" not in model0:
@@ -92,7 +94,7 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
     if stage == 3:
         _expect_rank_files(tag_dir, model_files, world, "model_states")
         _expect_rank_files(tag_dir, optim_files, world, "optim_states")
-        tensors = _plan_zero3(model_files, optim_files, world, tag_dir)
+        tensors = _plan_zero3(model_files, optim_files, world, tag_dir, recorded.get(SWAP_LAYOUT_KEY))
     elif optim_files and _has_fp32_partitions(optim_files[0]):
         _expect_rank_files(tag_dir, optim_files, world, "optim_states")
         tensors = _plan_zero12(model_files[0], optim_files)
@@ -101,16 +103,9 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike) -> ZeroCheckpoint:
     return ZeroCheckpoint(path=tag_dir, stage=stage, world_size=world, tensors=tensors, tied=tied)
 
 
-def _recorded(tag_dir: Path) -> dict:
-    """What ds_train recorded about the checkpoint (ds_train_state.json; empty for plain DeepSpeed)."""
-    state = tag_dir / "ds_train_state.json"
-    return json.loads(state.read_text()) if state.is_file() else {}
-
-
-def _check_recorded_sizes(tag_dir: Path, files: list[str]) -> None:
+def _check_recorded_sizes(tag_dir: Path, recorded: dict) -> None:
     """ds_train records every file's size when a checkpoint completes; a shorter file is truncated."""
-    recorded = _recorded(tag_dir).get("files", {})
-    for name, size in recorded.items():
+    for name, size in recorded.get("files", {}).items():
         path = tag_dir / name
         if not name.endswith(".pt") or "rng/" in name:
             continue
@@ -211,14 +206,13 @@ def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:
 
 
 def _plan_zero3(
-    model_files: list[str], optim_files: list[str], world: int, tag_dir: Path
+    model_files: list[str], optim_files: list[str], world: int, tag_dir: Path, swapped: list[dict] | None
 ) -> list[TensorPlan]:
     models = [_open(f) for f in model_files]
     model0, m_off0 = models[0]
     shapes: dict[str, torch.Size] = {}
     for group in model0["param_shapes"]:
         shapes.update(group)
-    swapped = _recorded(tag_dir).get(SWAP_LAYOUT_KEY)
     ranks, dtype = [], torch.float32
     for r, f in enumerate(optim_files):
         sd, off = _open(f)
