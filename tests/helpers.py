@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -77,19 +78,16 @@ def run_cli(
     return proc
 
 
+def torchrun_command(module: str, args: list, nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` of `python -m module args` on `nproc` local ranks."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    return [*launcher, f"--master_port={free_port()}", "-m", module, *map(str, args)]
+
+
 def torchrun(
     args: list[str], *, nproc: int = 2, env: dict | None = None, timeout: int = 600, check: bool = True
 ) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        f"--master_port={free_port()}",
-        "-m",
-        "ds_train",
-        *map(str, args),
-    ]
+    cmd = torchrun_command("ds_train", args, nproc)
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -97,6 +95,26 @@ def torchrun(
             f"--- stderr ---\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def kill_job(launcher: subprocess.Popen) -> None:
+    """SIGKILL a launcher started with `start_new_session=True` and everything it started, as Slurm
+    does at the end of KillWait. torchrun gives each rank a session of its own, so each process
+    group is killed whole: the rank, and the ninja and compilers of an op it was building."""
+    import signal
+
+    import psutil
+
+    procs = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    groups = set()
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            groups.add(os.getpgid(proc.pid))
+    for group in groups - {os.getpgrp()}:  # never the test's own group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    launcher.wait()
 
 
 def write_config(path: Path, cfg: dict) -> Path:

@@ -1,8 +1,9 @@
 """The one door to DeepSpeed: process group, engine construction, ZeRO-3 helpers, collectives.
 
-Nothing else in ds_train imports deepspeed for training (conversion reads checkpoint files
-directly). Keeping it here means the model code stays free of distributed code and a DeepSpeed
-upgrade touches one file.
+Nothing else in ds_train imports deepspeed for training, apart from the loading of its compiled ops
+(op_builds.py, called from `build_engine`) and checkpoint I/O (checkpoint/deepspeed_io.py);
+conversion reads checkpoint files directly. Keeping it here means the model code stays free of
+distributed code and a DeepSpeed upgrade touches few files.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class DistributedContext:
 def init_distributed(launch: LaunchEnv, timeout_s: int) -> DistributedContext:
     """Start the process group (gloo on CPU, NCCL on GPU) through DeepSpeed."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    from ds_train.distributed.op_builds import comm_ops, load_ops
 
     launch.export()
     if torch.cuda.is_available():
@@ -56,6 +60,7 @@ def init_distributed(launch: LaunchEnv, timeout_s: int) -> DistributedContext:
         device, backend = torch.device("cpu"), "gloo"
     os.environ.setdefault("DEEPSPEED_TIMEOUT", str(max(1, timeout_s // 60)))
     if not dist.is_initialized():
+        load_ops(comm_ops(get_accelerator().device_name()))  # as build_engine does, for the same reason
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,
@@ -193,6 +198,9 @@ def build_engine(
     import deepspeed
     from torch.optim.lr_scheduler import LambdaLR
 
+    from ds_train.distributed.op_builds import load_ops, ops_for
+
+    load_ops(ops_for(ds_config))  # its compiled ops, first, so that a killed earlier build cannot hang it
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=param_groups,
@@ -200,28 +208,6 @@ def build_engine(
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lr_lambda),
     )
     return engine
-
-
-def offload_op_problem(offload_optimizer: str, offload_param: str) -> str | None:
-    """Why DeepSpeed could not swap to NVMe on this machine, or None (no NVMe offload, or it can).
-
-    DeepSpeed builds its async_io op (Linux AIO, libaio) on first use, inside `deepspeed.initialize`
-    on every rank, and a missing libaio surfaces there as a traceback ending in "Unable to JIT load
-    the async_io op ... None". Checked before the process group exists, it is one line saying what
-    to install. (CPU offload needs only the CPU Adam op, which any machine with a C++ compiler builds.)
-    """
-    if "nvme" not in (offload_optimizer, offload_param):
-        return None
-    from deepspeed.git_version_info import installed_ops
-    from deepspeed.ops.op_builder import AsyncIOBuilder
-
-    if installed_ops.get("async_io") or AsyncIOBuilder().is_compatible(verbose=False):
-        return None
-    return (
-        "NVMe offload (zero.offload_optimizer/offload_param=nvme) needs DeepSpeed's async_io op, which "
-        "cannot be built here: libaio's headers are missing (Debian/Ubuntu: apt-get install libaio-dev; "
-        "RHEL: dnf install libaio-devel); DeepSpeed compiles the op on first use"
-    )
 
 
 def quiet_deepspeed() -> None:

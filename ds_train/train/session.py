@@ -28,10 +28,10 @@ from ds_train.distributed.engine import (
     build_engine,
     configure_logging,
     init_distributed,
-    offload_op_problem,
     shutdown,
     shutdown_after_error,
 )
+from ds_train.distributed.op_builds import offload_op_problem
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,9 +19,9 @@ from tests.helpers import (
     TOKENIZER,
     base_config,
     clean_env,
-    free_port,
     run_cli,
     torchrun,
+    torchrun_command,
     train_losses,
     write_config,
 )
@@ -184,17 +183,7 @@ def test_plain_deepspeed_checkpoint_with_a_frozen_parameter(tmp_path, stage):
     from transformers import AutoModelForCausalLM
 
     ckpt = tmp_path / "ds"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={free_port()}",
-        "-m",
-        "tests.distributed.plain_deepspeed_checkpoint",
-        str(ckpt),
-        str(stage),
-    ]
+    cmd = torchrun_command("tests.distributed.plain_deepspeed_checkpoint", [ckpt, stage])
     proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = tmp_path / "hf"

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ds_train.checkpoint.layout import complete_checkpoints
-from ds_train.distributed.engine import offload_op_problem
+from ds_train.distributed.op_builds import offload_op_problem
 from tests.helpers import REPO, base_config, run_cli, torchrun, train_losses, write_config
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]

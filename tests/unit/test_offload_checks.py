@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY, elastic_resume_problem
 from ds_train.cli import main
-from ds_train.distributed.engine import offload_op_problem
+from ds_train.distributed.op_builds import offload_op_problem
 from tests.helpers import base_config, write_config
 
 
