@@ -132,19 +132,21 @@ def guarded_load(
     with contextlib.ExitStack() as held:
         try:
             directory = directory or build_directory(op_name)
-            if (directory / f"{op_name}.so").exists() and not (directory / "lock").exists():
-                # Built, and nobody building: loaded as DeepSpeed would, alongside the other ranks.
-                # torch still hashes the sources and asks ninja (2.3 s here); taking turns on the
-                # flock for that would add up over every rank of every node sharing the cache.
-                return load()
-            held.enter_context(_flock(directory / FLOCK_FILE, op_name))
-            _clear_stale_lock(directory, op_name, stale_after_s)
-            owner = directory / OWNER_FILE
-            owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+            # Built, and nobody building: loaded as DeepSpeed would, alongside the other ranks.
+            # torch still hashes the sources and asks ninja (2.3 s here); taking turns on the flock
+            # for that would add up over every rank of every node sharing the cache.
+            unguarded = (directory / f"{op_name}.so").exists() and not (directory / "lock").exists()
+            if not unguarded:
+                held.enter_context(_flock(directory / FLOCK_FILE, op_name))
+                _clear_stale_lock(directory, op_name, stale_after_s)
+                owner = directory / OWNER_FILE
+                owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+                held.callback(owner.unlink, missing_ok=True)
         except OSError as e:  # a read-only or full cache: torch says so if it has to build there
             log.warning("loading DeepSpeed's %s op without ds_train's guard: %s", op_name, e)
+            unguarded = True
+        if unguarded:
             return load()
-        held.callback(owner.unlink, missing_ok=True)
         t0 = time.monotonic()
         module = load()
         if time.monotonic() - t0 > 5:

@@ -251,6 +251,14 @@ def test_a_built_op_is_loaded_without_taking_turns(tmp_path):
             _within(1.5, lambda: guarded_load("fake_op", lambda: "module", directory=tmp_path))
 
 
+def test_a_cache_the_guard_cannot_write_falls_back_to_deepspeeds_own_load(tmp_path, caplog):
+    not_a_directory = tmp_path / "cpu_adam"
+    not_a_directory.write_text("")  # as a read-only cache would, the guard's files cannot be made
+    with caplog.at_level(logging.WARNING, logger="ds_train.distributed.op_builds"):
+        assert guarded_load("fake_op", lambda: "module", directory=not_a_directory) == "module"
+    assert "without ds_train's guard" in caplog.text
+
+
 def test_a_failed_build_leaves_no_owner_and_the_next_load_goes_ahead(tmp_path):
     def broken():
         raise RuntimeError("compiler error")
