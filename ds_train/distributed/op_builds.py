@@ -9,7 +9,9 @@ op waits for it forever, silently: the job sits at "Loading extension module" un
 (pytorch/pytorch#189245; torch 2.13 still waits without a timeout).
 
 So ds_train loads the ops a run needs itself, before DeepSpeed would (DeepSpeed keeps loaded ops
-per process and reuses them). Each is loaded holding an `fcntl.flock` on a file beside torch's lock:
+per process and reuses them). An op already built, with no lock, is loaded as DeepSpeed would, by
+every rank at once (`guarded_load` says why). Any other is loaded holding an `fcntl.flock` on a file
+beside torch's lock:
 the kernel drops a flock when its holder dies, so ranks and jobs sharing the cache take turns and a
 dead holder blocks nobody. The loader writes its host and pid beside torch's lock. Holding the
 flock, a torch lock is taken as a killed build's, removed with a warning naming it, when:
