@@ -58,7 +58,7 @@ class Variant:
     what: str
     overrides: list[str] = field(default_factory=list)
     compile: bool = False
-    needs: str | None = None  # an importable module the variant needs (else skipped)
+    needs: str | None = None  # an importable module the variant needs, or "cuda" (else skipped)
     same_math: bool = True  # False: changes what is trained (kept out of the tuned combination)
     tunable: bool = True  # False: puts back a cost ds-train removed, to measure it (never tuned)
 
@@ -75,6 +75,10 @@ def variants(micro: int, layers: int) -> list[Variant]:
         Variant("baseline", "-", f"ds-train defaults: ZeRO-2, sdpa, document masking, micro {micro}"),
         Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
                 ["model.document_masking=false"], same_math=False),
+        # the document mask as FlexAttention's block mask: blocks between documents are skipped
+        # (sdpa with a dense mask runs its memory-efficient kernel, not flash); the image has no flash_attn
+        Variant("flex_attention", "attn", "attn_implementation=flex_attention (block-sparse document mask)",
+                ["model.attn_implementation=flex_attention"], needs="cuda"),
         Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
                 ["model.loss_chunk_tokens=0"]),
         Variant("compile", "compile", "model.compile=true (torch.compile per block; chunked head loss kept)",
@@ -342,7 +346,10 @@ def main() -> None:
         if not clock.fits():
             skip(v.name, "over --budget-s")
             continue
-        if v.needs and not _importable(v.needs):
+        if v.needs == "cuda" and not _has_cuda():
+            skip(v.name, "needs a CUDA GPU")
+            continue
+        if v.needs not in (None, "cuda") and not _importable(v.needs):
             skip(v.name, f"{v.needs} is not installed")
             continue
         # a compiling run is longer by its compile: it does not stand for the variants after it
@@ -404,6 +411,12 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _device() -> str:

@@ -72,8 +72,12 @@ class ModelSection:
     objective: Literal["causal_lm", "masked_lm"] = doc(
         "causal_lm", "causal_lm: next-token prediction (GPT/Llama). masked_lm: BERT-style masked tokens."
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = doc(
-        "sdpa", "Attention kernel passed to transformers."
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
+        "sdpa",
+        "Attention kernel passed to transformers. With document masking, sdpa gets a dense "
+        "block-diagonal mask (which rules out its flash kernel); flex_attention (PyTorch FlexAttention, "
+        "GPU only: torch has no CPU backward) skips the blocks between documents; flash_attention_2 "
+        "needs the flash_attn package.",
     )
     activation_checkpointing: bool = doc(
         False, "Recompute each transformer block's activations in backward (HF gradient checkpointing)."

@@ -100,6 +100,18 @@ def build_model(
     return model
 
 
+def attention_problem(attn_implementation: str) -> str | None:
+    """Why this process cannot train with `attn_implementation`, or None. Asked before the
+    process group and the model exist, so a CPU run stops at once rather than at its first
+    backward (FlexAttention's forward runs on a CPU, its backward does not)."""
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        return (
+            "model.attn_implementation=flex_attention needs a CUDA GPU: torch "
+            f"{torch.__version__} has no FlexAttention backward on CPU. Use sdpa on CPU"
+        )
+    return None
+
+
 def model_without_init(cls, config: PretrainedConfig, **kwargs) -> torch.nn.Module:
     """`cls.from_config` without drawing any weight. transformers draws each one twice while
     building (torch's default init in every layer's constructor, then its `_init_weights`), and

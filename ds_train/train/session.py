@@ -32,6 +32,7 @@ from ds_train.distributed.engine import (
     shutdown_after_error,
 )
 from ds_train.distributed.op_builds import offload_op_problem
+from ds_train.model.build import attention_problem
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
@@ -52,7 +53,9 @@ def run_on_this_rank(
     ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context)."""
     preemption = PreemptionHandler().install()
     pre = preflight(cfg)
-    problem = offload_op_problem(cfg.zero.offload_optimizer, cfg.zero.offload_param)
+    problem = attention_problem(cfg.model.attn_implementation) or offload_op_problem(
+        cfg.zero.offload_optimizer, cfg.zero.offload_param
+    )
     if problem is None and pre.resume_from is not None:
         problem = elastic_resume_problem(
             pre.resume_from.state(), pre.launch.world_size, cfg.zero.offload_optimizer

@@ -45,7 +45,9 @@ def test_variants_run_baseline_first_and_once_each():
     assert names[0] == "baseline"
     assert len(names) == len(set(names))
     # the knobs a short lease must not lose come right after the baseline
-    assert names[1:7] == ["no_doc_mask", "full_logits", "compile", "micro_8", "act_ckpt", "act_ckpt_half"]
+    assert names[1:8] == [
+        "no_doc_mask", "flex_attention", "full_logits", "compile", "micro_8", "act_ckpt", "act_ckpt_half"
+    ]  # fmt: skip
     half = next(v for v in variants(4, 16) if v.name == "act_ckpt_half")
     assert "model.activation_checkpointing_layers=8" in half.overrides and half.knob == "micro"
 
