@@ -46,7 +46,8 @@ class RunSection:
     tensorboard: bool = doc(True, "Write TensorBoard event files under <output_dir>/tensorboard.")
     wandb: bool = doc(
         False,
-        "Log to Weights & Biases (needs `pip install wandb`; offline mode unless WANDB_MODE says otherwise).",
+        "Log to Weights & Biases (needs `pip install wandb`; offline mode unless WANDB_MODE says otherwise). "
+        "The run id is kept in <output_dir>/wandb_run_id: every attempt of the run logs to one W&B run.",
     )
     wandb_project: str | None = doc(None, "W&B project name.")
     collective_timeout_s: int = doc(

@@ -8,6 +8,7 @@ group ds_train already set up.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from ds_train.train.callbacks.base import Callback
@@ -55,18 +56,31 @@ class WandB(Callback):
         self.run.finish()
 
 
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: every attempt of a run logs to one W&B run
+
+
 def wandb_callback(run_name: str, project: str | None, config: dict, run_dir: str | Path) -> WandB | None:
-    """A W&B sink, or None (with a warning) when wandb is missing or cannot start: never fail a run over it."""
+    """A W&B sink, or None (with a warning) when wandb is missing or cannot start: never fail a run over it.
+
+    Offline unless WANDB_MODE says otherwise: compute nodes often have no route out, and a run's
+    config and metrics leave the cluster only when the user asks (`WANDB_MODE=online`, or
+    `wandb sync` on the offline directory afterwards). The run id is drawn once and kept in the
+    run directory, so a requeued or resumed job continues the same W&B run and two run
+    directories never share one (their names alone may: runs/a/pretrain, runs/b/pretrain)."""
     try:
         import wandb
 
+        id_file = Path(run_dir) / WANDB_ID_FILE
+        if not id_file.is_file():
+            id_file.write_text(wandb.util.generate_id() + "\n")
         run = wandb.init(
             project=project or "ds_train",
             name=run_name,
             config=config,
             dir=str(run_dir),
             resume="allow",
-            id=Path(run_dir).name,
+            id=id_file.read_text().strip(),
+            mode=None if os.environ.get("WANDB_MODE") else "offline",
         )
     except Exception as e:
         log.warning("Weights & Biases disabled: %s", e)
