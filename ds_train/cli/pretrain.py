@@ -35,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     if args.check:
-        pre = pretrain.preflight(cfg)
+        pre = pretrain.check(cfg)
         print(
             f"ok: {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × {pre.layout.grad_accum} "
             f"accum × {pre.layout.data_parallel_size} ranks"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,11 @@ from ds_train.finetune.chat import ChatFormat
 from ds_train.finetune.dataset import data_fingerprint
 from ds_train.finetune.model import task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
+from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import load_tokenizer
+from ds_train.train.session import startup_problem
+
+log = logging.getLogger(__name__)
 
 # What a checkpoint must agree on besides the model, tokenizer and data (see check_resume).
 RESUME_KEYS = ("task", "class_names", "adapter")
@@ -123,10 +128,21 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     hf_config = task_hf_config(
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
     )
+    check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
     pre = FinetunePreflight(
         launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
     )
     pre.resume_from = _resume_point(cfg, pre, tok_sha)
+    return pre
+
+
+def check(cfg: Config) -> FinetunePreflight:
+    """What `ds-train finetune --check` runs: the preflight and what this machine must offer
+    (train.session.startup_problem), with no process group."""
+    pre = preflight(cfg)
+    problem = startup_problem(cfg, pre)
+    if problem:
+        raise ConfigError(problem)
     return pre
 
 
@@ -149,6 +165,7 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         tokenizer_sha=tok_sha,
         objective=cfg.finetune.task,
         global_batch_size=cfg.train.global_batch_size,
+        force=cfg.run.force_resume,
     )
     saved, now = state.get("finetune") or {}, pre.finetune_state(cfg)
     for key in RESUME_KEYS:
@@ -160,17 +177,24 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
     # Another world size is fine: the example order depends on the global batch only, and the
     # session resumes such a checkpoint through DeepSpeed's universal format (convert/reshard.py).
     data = state.get("data") or {}
+    problems = []
     if data.get("seed") not in (None, cfg.run.seed):
-        raise ConfigError(
-            f"{ref.path} was trained with run.seed={data['seed']} (now {cfg.run.seed}), which fixes the "
-            "example order; resuming would not continue the same stream"
-        )
+        problems.append(f"run.seed={data['seed']} (now {cfg.run.seed}), which fixes the example order")
     if data.get("fingerprint") not in (None, pre.data_fingerprint):
+        problems.append(
+            "other data: the contents of finetune.train_file/valid_file (or the data.train shards), "
+            "the tokenizer or an option that shapes the examples (seq_len, packing, fields, template, "
+            "labels) changed"
+        )
+    if problems and cfg.run.force_resume:
+        log.warning(
+            "run.force_resume: resuming %s on another example stream (%s)", ref.path, "; ".join(problems)
+        )
+    elif problems:
         raise ConfigError(
-            f"{ref.path} was trained on other data: the contents of finetune.train_file/valid_file "
-            "(or the data.train shards), the "
-            "tokenizer or an option that shapes the examples (seq_len, packing, fields, template, labels) "
-            "changed; restore them or start a new run.output_dir"
+            f"{ref.path} was trained with {'; '.join(problems)}: resuming would not continue the same "
+            "stream; restore them or start a new run.output_dir (or run.force_resume=true to continue "
+            "from its step on this data)"
         )
     return ref
 

@@ -33,6 +33,18 @@ def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def check_checkpointing_layers(layers: int, hf_config) -> None:
+    """Refuse more checkpointed blocks than the config has, before any model or process group
+    exists (`--check` included); `enable_activation_checkpointing` checks the built model too, for
+    architectures whose blocks are not one per `num_hidden_layers`."""
+    blocks = getattr(hf_config, "num_hidden_layers", None)
+    if layers and isinstance(blocks, int) and layers > blocks:
+        raise ConfigError(
+            f"model.activation_checkpointing_layers={layers} but the model config has "
+            f"{blocks} layers (num_hidden_layers)"
+        )
+
+
 def enable_activation_checkpointing(model: torch.nn.Module, layers: int = 0) -> None:
     """Recompute the activations of the first `layers` transformer blocks (0: all) in the backward
     (non-reentrant: works with ZeRO-3 and frozen inputs).

@@ -42,6 +42,7 @@ from ds_train.distributed.engine import (
     broadcast_object,
 )
 from ds_train.distributed.launch_env import LaunchEnv, detect
+from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import build_model, load_hf_config, load_tokenizer, verify_loaded_weights
 from ds_train.objectives import build_objective
 from ds_train.train.callbacks.base import Callback
@@ -53,7 +54,7 @@ from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler, window_notes
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
 from ds_train.train.hf_export import PeriodicHfExport, export_final
-from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank
+from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank, startup_problem
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     layout = batch_layout(cfg.train, launch.world_size)
     tokenizer = load_tokenizer(cfg.model)
     hf_config = load_hf_config(cfg.model, tokenizer)
+    check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
     run_dir = Path(cfg.run.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
@@ -116,21 +118,30 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     return code
 
 
-def _run(
-    cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks, preemption: PreemptionHandler
-) -> int:
-    seed_everything(cfg.run.seed, ctx.rank)
-    run_dir = Path(cfg.run.output_dir)
-    ds_config = build_deepspeed_config(cfg, ctx.world_size, largest_param_to_swap(cfg, pre.hf_config))
-    tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
+def check(cfg: Config) -> Preflight:
+    """What `ds-train pretrain --check` runs: every check a start makes before it trains (config,
+    paths, batch arithmetic, the checkpoint, this machine, the shards and their resume), in this
+    process, with no process group."""
+    pre = preflight(cfg)
+    problem = startup_problem(cfg, pre)
+    if problem:
+        raise ConfigError(problem)
+    data_plans(cfg, pre)
+    return pre
 
+
+def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
+    """The train and valid data plans (manifests read by rank 0), checked against the model's
+    tokenizer and, on resume, against the checkpoint's data stream."""
+    tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
     plan = _plan_on_rank0(cfg.data.train, cfg, shuffle=cfg.data.shuffle)
-    if plan.tokenizer_sha256 != tok_sha:
-        raise DataError(
-            f"data.train was tokenized with another tokenizer ({plan.sources[0].tokenizer.get('name_or_path')}) "
-            f"than model.tokenizer ({cfg.model.tokenizer or cfg.model.init_from})"
-        )
     valid_plan = _plan_on_rank0(cfg.data.valid, cfg, shuffle=False) if cfg.data.valid else None
+    for key, p in (("data.train", plan), ("data.valid", valid_plan)):
+        if p is not None and p.tokenizer_sha256 != tok_sha:
+            raise DataError(
+                f"{key} was tokenized with another tokenizer ({p.sources[0].tokenizer.get('name_or_path')}) "
+                f"than model.tokenizer ({cfg.model.tokenizer or cfg.model.init_from})"
+            )
     if pre.resume_from is not None:
         check_data_resume(
             pre.resume_from.state(),
@@ -140,6 +151,16 @@ def _run(
             seed=cfg.run.seed,
             force=cfg.run.force_resume,
         )
+    return plan, valid_plan
+
+
+def _run(
+    cfg: Config, ctx: DistributedContext, pre: Preflight, extra_callbacks, preemption: PreemptionHandler
+) -> int:
+    seed_everything(cfg.run.seed, ctx.rank)
+    run_dir = Path(cfg.run.output_dir)
+    ds_config = build_deepspeed_config(cfg, ctx.world_size, largest_param_to_swap(cfg, pre.hf_config))
+    plan, valid_plan = data_plans(cfg, pre)
 
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

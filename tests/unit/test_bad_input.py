@@ -115,6 +115,12 @@ CASES = [
         "train.nonfinite=skip needs zero.stage ≥ 1",
     ),
     ("force-resume-type", {}, ["run.force_resume=sometimes"], "run.force_resume: expected true or false"),
+    (
+        "checkpointing-more-layers-than-the-model",
+        {},
+        ["model.activation_checkpointing=true", "model.activation_checkpointing_layers=3"],
+        "model.activation_checkpointing_layers=3 but the model config has 2 layers",
+    ),
 ]
 
 
@@ -210,3 +216,52 @@ def test_check_flag_reports_the_batch_layout(tmp_path, shards, capsys):
     assert main(["pretrain", str(cfg), "--check"]) == 0
     assert "8 = 2 micro × 4 accum × 1 ranks" in capsys.readouterr().out
     assert not (tmp_path / "run").exists()
+
+
+def _with_tokenizer_sha(shard_dir: Path, into: Path, sha: str) -> Path:
+    """A copy of a shard set whose manifest says it was tokenized by another tokenizer."""
+    import shutil
+
+    shutil.copytree(shard_dir, into)
+    index = json.loads((into / "index.json").read_text())
+    index["tokenizer"]["sha256"] = sha
+    (into / "index.json").write_text(json.dumps(index))
+    return into
+
+
+def test_check_flag_runs_the_checks_a_start_makes_after_its_preflight(tmp_path, shards, capsys, monkeypatch):
+    """`--check` reads the shard manifests and asks what this machine offers, as a start does
+    before training: each problem is the start's one line, exit 2, nothing written."""
+    import torch
+
+    raw = base_config(tmp_path / "run", shards)
+    cfg = str(write_config(tmp_path / "run.yaml", raw))
+    other_tok = _with_tokenizer_sha(shards / "valid", tmp_path / "valid_other", "0" * 64)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for overrides, expected in (
+        ([f"data.valid={other_tok}"], "data.valid was tokenized with another tokenizer"),
+        (["model.attn_implementation=flex_attention"], "flex_attention needs a CUDA GPU"),
+    ):
+        assert main(["pretrain", cfg, *overrides, "--check"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+    # a checkpoint of this model trained on another data stream: refused by --check, let through
+    # by run.force_resume
+    from ds_train.checkpoint.compat import model_signature
+    from ds_train.config import load_config
+    from ds_train.model.build import load_hf_config, load_tokenizer
+
+    loaded = load_config(cfg)
+    sig = model_signature(load_hf_config(loaded.model, load_tokenizer(loaded.model)))
+    ckpt = _fake_checkpoint(tmp_path / "run", sig)
+    state = json.loads((ckpt / "ds_train_state.json").read_text())
+    state["data"] = {"fingerprint": "0" * 64, "seq_len": 32, "seed": raw["run"].get("seed", 0)}
+    (ckpt / "ds_train_state.json").write_text(json.dumps(state))
+    before = _snapshot(tmp_path / "run")
+    assert main(["pretrain", cfg, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "a different shard set" in err and "run.force_resume=true" in err, err
+    assert main(["pretrain", cfg, "run.force_resume=true", "--check"]) == 0
+    assert f"resumes from {ckpt}" in capsys.readouterr().out
+    assert _snapshot(tmp_path / "run") == before and not dist.is_initialized()

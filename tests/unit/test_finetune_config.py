@@ -124,7 +124,28 @@ def test_resume_refuses_changed_data(tmp_path, hf_dir):
     _fake_checkpoint(
         tmp_path / "run", {"world_size": 1, "data": {"fingerprint": "0" * 64, "seq_len": 512, "seed": 1234}}
     )
-    with pytest.raises(ConfigError, match="was trained on other data: the contents of finetune.train_file"):
+    with pytest.raises(ConfigError, match="was trained with other data: the contents of finetune.train_file"):
+        _check(raw)
+
+
+def test_force_resume_continues_a_finetune_on_other_data_and_batch_but_never_another_task(
+    tmp_path, hf_dir, caplog
+):
+    raw = _config(tmp_path, hf_dir)
+    saved = {"world_size": 1, "global_batch_size": 8, "data": {"fingerprint": "0" * 64, "seed": 1234}}
+    _fake_checkpoint(tmp_path / "run", saved)
+    with pytest.raises(ConfigError, match="train.global_batch_size=8 .*run.force_resume=true"):
+        _check(raw)
+    raw["run"]["force_resume"] = True
+    assert _check(raw).resume_from.step == 2
+    assert (
+        "resuming" in caplog.text and "another example stream" in caplog.text and "other data" in caplog.text
+    )
+    raw["finetune"]["adapter"] = "lora"  # a different model is never forced through
+    (tmp_path / "run" / "checkpoints" / "step_00000002" / "ds_train_state.json").write_text(
+        json.dumps({"step": 2, **saved, "finetune": {"adapter": None}})
+    )
+    with pytest.raises(ConfigError, match="trained with finetune adapter None"):
         _check(raw)
 
 
