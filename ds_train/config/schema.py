@@ -189,8 +189,10 @@ class TrainSection:
     export_hf: bool = doc(False, "Write a Hugging Face directory to <output_dir>/hf at the end of training.")
     export_hf_every: int = doc(
         0,
-        "Also convert every N-th checkpoint to <output_dir>/exports/<tag>, in a background process (log in "
-        "<output_dir>/logs/). 0: off. Keep train.keep_last >= 2 so pruning cannot remove one being read.",
+        "Also convert the checkpoint of every N-th scheduled save (steps that are multiples of N × save_every) "
+        "and the final one to <output_dir>/exports/<tag>, in a background process (log in <output_dir>/logs/); "
+        "1: every checkpoint, preemption saves included. Decided by step, so requeued runs export the same ones. "
+        "0: off. Keep train.keep_last >= 2 so pruning cannot remove one being read.",
     )
     gc_every: int = doc(
         50,

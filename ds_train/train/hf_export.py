@@ -39,14 +39,31 @@ def export_final(run_dir: str | Path) -> Path:
 
 
 class PeriodicHfExport(Callback):
-    """Rank 0: every `every`-th checkpoint → `<run_dir>/exports/<tag>`, in a background process."""
+    """Rank 0: the checkpoints of every `every`-th scheduled save, and the final one, →
+    `<run_dir>/exports/<tag>`, in a background process.
 
-    def __init__(self, run_dir: str | Path, every: int):
+    Which checkpoints is decided by their step (a multiple of `every × save_every`, or the last
+    step), not counted per attempt, so a requeued or resumed run exports the same ones as an
+    uninterrupted run would. `every` = 1 exports every checkpoint, preemption saves included. The
+    checkpoint an attempt resumes from is exported at its start if it was due and its export is
+    missing (the attempt that wrote it was killed first; an export appears whole or not at all)."""
+
+    def __init__(self, run_dir: str | Path, every: int, *, save_every: int, max_steps: int):
         self.run_dir = Path(run_dir)
-        self.every = every
+        self.every, self.save_every, self.max_steps = every, save_every, max_steps
         self.last_step = 0  # the step of the newest checkpoint seen
-        self.seen = 0
         self.running: list[subprocess.Popen] = []
+
+    def due(self, step: int) -> bool:
+        """Whether the checkpoint of `step` is exported."""
+        period = self.every * self.save_every
+        return self.every == 1 or step == self.max_steps or bool(period and step % period == 0)
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.last_step = trainer.step  # the checkpoint resumed from, if any: its attempt exported it…
+        tag = tag_for_step(trainer.step)
+        if trainer.step and self.due(trainer.step) and not (self.run_dir / EXPORTS_DIR / tag).exists():
+            self._export(trainer.step)  # …unless it was killed first
 
     def on_step_end(self, trainer: Trainer) -> None:
         self._export_if_new(trainer)
@@ -62,9 +79,10 @@ class PeriodicHfExport(Callback):
         if step <= self.last_step:
             return
         self.last_step = step
-        self.seen += 1
-        if self.seen % self.every:
-            return
+        if self.due(step):
+            self._export(step)
+
+    def _export(self, step: int) -> None:
         tag = tag_for_step(step)
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)

@@ -298,7 +298,14 @@ def standard_callbacks(
             log.warning(note)
         callbacks += [MetricsFile(cfg.run.output_dir), Progress(cfg.train.max_steps)]
         if cfg.train.export_hf_every:
-            callbacks.append(PeriodicHfExport(cfg.run.output_dir, cfg.train.export_hf_every))
+            callbacks.append(
+                PeriodicHfExport(
+                    cfg.run.output_dir,
+                    cfg.train.export_hf_every,
+                    save_every=cfg.train.save_every,
+                    max_steps=cfg.train.max_steps,
+                )
+            )
         if cfg.run.tensorboard:
             callbacks.append(TensorBoard(cfg.run.output_dir))
         if cfg.run.wandb:
