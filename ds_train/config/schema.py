@@ -98,7 +98,8 @@ class ModelSection:
     )
     document_masking: bool = doc(
         True,
-        "Reset position ids at each document boundary of a packed row; causal models then get a block-diagonal attention mask.",
+        "Reset position ids at each document boundary of a packed row; causal models then get a block-diagonal attention mask. "
+        "causal_lm only: masked_lm attends across the whole packed row, as BERT's pretraining did.",
     )
     pad_vocab_multiple: int = doc(
         1, "Round the embedding size up to a multiple of this (64 or 128 helps GPU matmuls)."
@@ -186,7 +187,11 @@ class TrainSection:
     peak_flops: float | None = doc(
         None, "Peak FLOP/s of one device for MFU. Default: known GPUs (H100/H200 bf16: 989e12); none on CPU."
     )
-    export_hf: bool = doc(False, "Write a Hugging Face directory to <output_dir>/hf at the end of training.")
+    export_hf: bool = doc(
+        False,
+        "Write a Hugging Face directory to <output_dir>/hf at the end of pretraining "
+        "(ds-train finetune writes it through finetune.export_hf).",
+    )
     export_hf_every: int = doc(
         0,
         "Also convert the checkpoint of every N-th scheduled save (steps that are multiples of N × save_every) "

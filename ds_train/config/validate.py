@@ -233,6 +233,11 @@ def validate_finetune(cfg: Config) -> None:
             raise ConfigError(f"finetune.lora_alpha must be > 0, got {f.lora_alpha}")
         if not 0 <= f.lora_dropout < 1:
             raise ConfigError(f"finetune.lora_dropout must be within [0, 1), got {f.lora_dropout}")
+        if cfg.train.export_hf_every:
+            raise ConfigError(
+                "train.export_hf_every converts checkpoints of whole models; a LoRA run's hold adapters on a "
+                "frozen base: leave it at 0 and use finetune.export_hf (adapter/ and the merged hf/ at the end)"
+            )
         targets = f.lora_target_modules
         if not (
             targets == "all-linear"

@@ -42,11 +42,15 @@ class ExampleBatches(Dataset):
         seed: int,
         start_step: int = 0,
         evaluation: bool = False,
+        shuffle: bool = True,
     ):
         self.examples, self.layout, self.rank, self.collate = examples, layout, rank, collate
         self.start_step, self.evaluation = start_step, evaluation
-        # One shard of all rows; window 1 = a full permutation of the rows per epoch.
-        self.order = SampleOrder(np.asarray([examples.num_rows]), seed, shuffle=not evaluation, window=1)
+        # One shard of all rows; window 1 = a full permutation of the rows per epoch (data.shuffle;
+        # false: the file's order, every epoch).
+        self.order = SampleOrder(
+            np.asarray([examples.num_rows]), seed, shuffle=shuffle and not evaluation, window=1
+        )
 
     def eval_micro_batches(self) -> int:
         """Micro-batches per rank that cover the split once."""

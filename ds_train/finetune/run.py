@@ -172,7 +172,9 @@ def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> Tr
     layout, seed, collate = pre.layout, cfg.run.seed, collate_fn(objective)
 
     def train_batches(start_step: int):
-        dataset = ExampleBatches(train_set, layout, ctx.rank, collate, seed=seed, start_step=start_step)
+        dataset = ExampleBatches(
+            train_set, layout, ctx.rank, collate, seed=seed, start_step=start_step, shuffle=cfg.data.shuffle
+        )
         return make_loader(
             dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
         )
@@ -228,7 +230,9 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
     cache_dir = d.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")
 
     def train_batches(start_step: int):
-        dataset = SftShardBatches(plan, layout, ctx.rank, start_step, objective, cache_dir)
+        dataset = SftShardBatches(
+            plan, layout, ctx.rank, start_step, objective, cache_dir, skip_corrupt=d.skip_corrupt
+        )
         return make_loader(dataset, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
 
     eval_batches = None
@@ -236,7 +240,9 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
         valid_plan = build_plan(
             d.valid, seed=cfg.run.seed, shuffle=False, window=d.shuffle_window, shard_sets=sets["valid"]
         )
-        valid_ds = SftShardBatches(valid_plan, layout, ctx.rank, 0, objective, cache_dir)
+        valid_ds = SftShardBatches(
+            valid_plan, layout, ctx.rank, 0, objective, cache_dir, skip_corrupt=d.skip_corrupt
+        )
 
         def eval_batches():
             return make_loader(

@@ -34,16 +34,30 @@ class ShardMasks:
         self.rows = rows  # its shard cache locates (and fetches) remote shards
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, list[list[int]]]] = OrderedDict()
 
-    def read(self, source: np.ndarray, shard: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(masks uint8 [n, seq_len + 1], positions int64 [n, seq_len + 1]) of the given rows."""
+    def read(
+        self, source: np.ndarray, shard: np.ndarray, row: np.ndarray, *, skip: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(masks uint8 [n, seq_len + 1], positions int64 [n, seq_len + 1], lost bool [n]) of the
+        given rows. Rows flagged in `skip` (the tokens were lost) are not read. With `skip` given
+        (data.skip_corrupt), a shard whose masks cannot be read loses all its rows here: they come
+        back with no targets and flagged in `lost`; without it, that is a DataError naming it."""
         width = self.rows.sources[0].seq_len + 1
         masks = np.zeros((len(row), width), dtype=np.uint8)
-        positions = np.zeros((len(row), width), dtype=np.int64)
+        positions = np.tile(np.arange(width, dtype=np.int64), (len(row), 1))
+        lost = np.zeros(len(row), dtype=bool) if skip is None else skip.copy()
         for j, (s, i, r) in enumerate(zip(source.tolist(), shard.tolist(), row.tolist())):
-            mask, starts = self._shard(s, i)
+            if lost[j]:
+                continue
+            try:
+                mask, starts = self._shard(s, i)
+            except DataError:
+                if skip is None:
+                    raise
+                lost[j] = True
+                continue
             masks[j] = mask[r]
             positions[j] = row_positions(starts[r], width)
-        return masks, positions
+        return masks, positions, lost
 
     def _shard(self, s: int, i: int):
         key = (s, i)
@@ -77,8 +91,11 @@ class ShardMasks:
                     f"shard {uri}: member {key} has no {MASK_MEMBER_SUFFIX} loss mask: not an SFT shard "
                     "(make SFT shards with `ds-train shard --sft`)"
                 )
-            masks.append(np.load(io.BytesIO(entry[MASK_MEMBER_SUFFIX]), allow_pickle=False))
-            starts.extend(json.loads(entry[META_MEMBER_SUFFIX])["doc_starts"])
+            try:  # a member cut short or rewritten: numpy's and json's errors, named
+                masks.append(np.load(io.BytesIO(entry[MASK_MEMBER_SUFFIX]), allow_pickle=False))
+                starts.extend(json.loads(entry[META_MEMBER_SUFFIX])["doc_starts"])
+            except (ValueError, KeyError, EOFError) as e:
+                raise DataError(f"shard {uri}: member {key}: unreadable SFT mask or metadata ({e})") from None
         mask = np.concatenate(masks) if masks else np.zeros((0, shard_set.seq_len + 1), dtype=np.uint8)
         if len(mask) != int(shard_set.rows[i]) or len(starts) != len(mask):
             raise DataError(f"shard {uri}: {len(mask)} mask rows, the manifest says {int(shard_set.rows[i])}")
@@ -102,12 +119,16 @@ class SftShardBatches(MicroBatches):
 
     def batch_at(self, positions: np.ndarray, step: int) -> dict:
         if self._reader is None:  # opened in the worker process, after fork
-            self._reader = RowReader(self.plan.sources, self.cache_dir)
+            self._reader = RowReader(self.plan.sources, self.cache_dir, skip_corrupt=self.skip_corrupt)
             self._masks = ShardMasks(self._reader)
         source, shard, row = self.plan.locate(positions)
-        tokens, _ = self._reader.read(source, shard, row)
-        targets, pos = self._masks.read(source, shard, row)
+        tokens, lost = self._reader.read(source, shard, row)
+        # data.skip_corrupt: rows whose tokens or masks are unreadable become filler with no targets
+        skip = lost if self.skip_corrupt else None
+        targets, pos, lost = self._masks.read(source, shard, row, skip=skip)
+        tokens[lost] = self.plan.filler_token
         batch = self.objective.collate({"tokens": tokens, "targets": targets, "positions": pos}, positions)
+        batch["skipped"] = _tensor(int(np.count_nonzero(lost)))
         batch["step"] = _tensor(step)
         batch["source"], batch["shard"], batch["row"] = (_tensor(a) for a in (source, shard, row))
         return batch

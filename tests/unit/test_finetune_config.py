@@ -70,6 +70,10 @@ def _check(raw):
         ({"finetune": {"task": "masked_lm"}}, "needs a tokenizer with a mask token"),
         ({"finetune": {"adapter": "lora", "lora_r": 0}}, "finetune.lora_r must be > 0"),
         ({"finetune": {"adapter": "lora", "lora_target_modules": 5}}, "finetune.lora_target_modules must be"),
+        (
+            {"finetune": {"adapter": "lora"}, "train": {"export_hf_every": 1}},
+            "train.export_hf_every converts checkpoints of whole models",
+        ),
         ({"finetune": {"labels": ["a", "a"]}}, "finetune.labels has duplicates"),
         ({"finetune": {"labels": ["x", "y"], "task": "sft"}}, "only applies to task classification"),
         ({"finetune": {"labels": ["x", "y"]}}, "label 'a' is not one of the classes ['x', 'y']"),

@@ -189,6 +189,19 @@ def test_training_order_is_independent_of_world_size_and_resume(tmp_path, tokeni
     assert len(set(r for batch in one[:2] for r in batch)) == 16  # no row twice within an epoch
 
 
+def test_data_shuffle_false_trains_in_the_files_order(tmp_path, tokenizer):
+    _, names, splits = _prepared(tmp_path, tokenizer)
+    train, collate = splits["train"], SequenceClassification(names).collate
+    layout = BatchLayout(global_batch_size=8, micro_batch_size=8, grad_accum=1, data_parallel_size=1)
+    rows = lambda shuffle: [  # noqa: E731
+        ExampleBatches(train, layout, 0, collate, seed=3, start_step=s, shuffle=shuffle)[0]["row"].tolist()
+        for s in range(4)
+    ]
+    n = train.num_rows
+    assert rows(False) == [[(8 * s + i) % n for i in range(8)] for s in range(4)]
+    assert rows(True) != rows(False)
+
+
 def test_evaluation_covers_each_example_once_across_ranks(tmp_path, tokenizer):
     _, names, splits = _prepared(tmp_path, tokenizer)
     objective = SequenceClassification(names)

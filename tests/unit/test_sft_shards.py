@@ -138,7 +138,8 @@ def test_finetune_reader_gives_the_jsonl_batches(tmp_path, tokenizer):
     source = np.zeros(n, dtype=np.int64)
     reader = RowReader([shard_set], None)
     tokens, _ = reader.read(source, shard, row)
-    targets, positions = ShardMasks(reader).read(source, shard, row)
+    targets, positions, lost = ShardMasks(reader).read(source, shard, row)
+    assert not lost.any()
     sft = SupervisedFineTuning()
     got = sft.collate({"tokens": tokens, "targets": targets, "positions": positions}, np.arange(n))
     want = sft.collate(ref, np.arange(n))
@@ -166,3 +167,32 @@ def test_sft_valid_split_and_bad_example_names_the_line(tmp_path, tokenizer):
     bad.write_text(json.dumps(EXAMPLES[0]) + "\n" + json.dumps({"question": "?"}) + "\n")
     with pytest.raises(CorpusError, match=r"bad.jsonl:2: no 'messages' and no 'prompt' field"):
         shard_sft([str(bad)], tmp_path / "out2", tokenizer, ShardOptions(seq_len=SEQ_LEN, progress=False))
+
+
+def test_a_corrupt_sft_shard_is_named_or_skipped_with_data_skip_corrupt(tmp_path, tokenizer):
+    import torch
+
+    from ds_train.data.loader import build_plan
+    from ds_train.data.shard_set import DataError
+    from ds_train.distributed.deepspeed_config import BatchLayout
+    from ds_train.finetune.shard_examples import SftShardBatches
+
+    opts = ShardOptions(seq_len=SEQ_LEN, rows_per_shard=4, progress=False)
+    shard_sft([str(_jsonl(tmp_path))], tmp_path / "out", tokenizer, opts)
+    plan = build_plan(str(tmp_path / "out" / "train"), seed=0, shuffle=False, window=1)
+    rows = plan.sources[0].rows
+    assert len(rows) >= 2
+    broken = tmp_path / "out" / "train" / plan.sources[0].names[1]
+    broken.write_bytes(broken.read_bytes()[:700])  # cut short inside its first member
+    n = int(rows[0]) + int(rows[1])  # shard 0 whole, then shard 1
+    layout = BatchLayout(n, n, 1, 1)
+    objective = SupervisedFineTuning()
+    with pytest.raises(DataError, match=plan.sources[0].names[1]):
+        SftShardBatches(plan, layout, 0, 0, objective, None).batch_at(np.arange(n), 0)
+    batch = SftShardBatches(plan, layout, 0, 0, objective, None, skip_corrupt=True).batch_at(np.arange(n), 0)
+    assert int(batch["skipped"]) == int(rows[1])  # shard 1's rows, counted
+    has_targets = (batch["labels"] != -100).any(dim=1)
+    assert has_targets[: int(rows[0])].all() and not has_targets[int(rows[0]) :].any()
+    assert batch["num_targets"] == (batch["labels"] != -100).sum()
+    intact = SftShardBatches(plan, layout, 0, 0, objective, None).batch_at(np.arange(int(rows[0])), 0)
+    assert torch.equal(intact["labels"], batch["labels"][: int(rows[0])])  # shard 0 as without the fault
