@@ -136,7 +136,7 @@ def _tensor_snapshot(t: torch.Tensor, memo: dict, memory: HostMemory) -> torch.T
 
 class BackgroundWriter:
     """One thread that runs a rank's checkpoint writes in order; `busy()` says whether any is left,
-    `wait()` blocks until none is and returns the first write's error, if any (as a message).
+    `wait()` blocks until none is and returns the first write's error, if any (the exception).
     `memory` holds the host copies the writes read; it is released for the next save by `wait()`.
     `abandon()` ends the writes early, for a run that fails with a save pending."""
 

@@ -194,6 +194,9 @@ class CheckpointManager:
                 self._complete(p.tag, partial, p.step, p.state, p.config_yaml, p.write_extras, reports)
             except OSError as e:
                 error = _describe(e)
+            except Exception as e:  # e.g. a tokenizer's save_pretrained: every rank must hear of it
+                log.exception("completing checkpoint %s failed", p.tag)  # rather than time out waiting
+                error = _describe(e)
         self._agree(p.tag, all_gather_object(error))
         log.info(
             "checkpoint %s complete %.1fs after its save began", self.root / p.tag, time.time() - p.started

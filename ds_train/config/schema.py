@@ -220,13 +220,13 @@ class TrainSection:
 class ZeroSection:
     preset: str | None = doc(
         None,
-        "Name of a preset in configs/zero/ (stage0..stage3, stage2-offload-optimizer, stage3-offload-all, stage3-nvme) or a path to one. Its values are defaults for this section.",
+        "Name of a preset in configs/zero/ (stage0..stage3, stage2-offload-optimizer, stage3-offload-optimizer, stage3-offload-all, stage3-nvme) or a path to one. Its values are defaults for this section.",
     )
     stage: Literal[0, 1, 2, 3] = doc(
         2, "ZeRO stage: 0 plain data parallel, 1 shard optimizer, 2 + gradients, 3 + parameters."
     )
     offload_optimizer: Literal["none", "cpu", "nvme"] = doc(
-        "none", "Keep optimizer state (and the step) on CPU or NVMe. Stage ≥ 1."
+        "none", "Keep optimizer state (and the step) on CPU (stage ≥ 1) or NVMe (stage 3)."
     )
     offload_param: Literal["none", "cpu", "nvme"] = doc(
         "none", "Keep parameters on CPU or NVMe between uses. Stage 3 only."

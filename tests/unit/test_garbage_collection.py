@@ -44,6 +44,17 @@ def test_collects_only_at_its_steps_and_restores_the_collector():
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
+def test_a_failed_run_gives_the_collector_back_too():
+    cb, trainer = SyncedGarbageCollection(every=5), SimpleNamespace(step=0)
+    cb.on_train_start(trainer)
+    try:
+        cb.on_train_error(trainer, RuntimeError("a step failed"))
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.unfreeze()
+        gc.enable()
+
+
 def test_a_process_that_had_the_collector_off_keeps_it_off():
     gc.disable()
     try:

@@ -139,6 +139,20 @@ def _saved(tmp_path: Path) -> tuple[CheckpointManager, Path]:
     return manager, manager.root / "step_00000004"
 
 
+def test_a_ride_along_file_failing_fails_the_save_like_a_write_error(tmp_path):
+    """Rank 0 completes a checkpoint alone (ride-along files, manifest, rename): any error there is
+    shared with every rank through the save's last all-gather, as a write error is, instead of
+    leaving the other ranks waiting for it until the collective timeout."""
+    manager = CheckpointManager(tmp_path / "run", _ctx(), keep_last=3)
+
+    def failing_extras(directory):
+        raise ValueError("tokenizer cannot be saved")
+
+    with pytest.raises(CheckpointWriteError, match="rank 0: tokenizer cannot be saved"):
+        manager.save(_Engine(), 4, {}, CONFIG_YAML, failing_extras)
+    assert latest_checkpoint(manager.root) is None
+
+
 def test_save_records_size_and_sha256_of_every_file_and_damage_is_named(tmp_path):
     manager, ckpt = _saved(tmp_path)
     state = json.loads((ckpt / STATE_FILE).read_text())

@@ -42,3 +42,6 @@ class SyncedGarbageCollection(Callback):
         gc.unfreeze()
         if self.was_enabled:
             gc.enable()
+
+    def on_train_error(self, trainer, error: BaseException) -> None:
+        self.on_train_end(trainer)  # a caller that goes on in this process (tests, notebooks) gets gc back

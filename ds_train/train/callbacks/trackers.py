@@ -41,6 +41,9 @@ class TensorBoard(Callback):
     def on_train_end(self, trainer) -> None:
         self.writer.close()
 
+    def on_train_error(self, trainer, error: BaseException) -> None:
+        self.writer.close()  # flushes the events up to the failure
+
 
 class WandB(Callback):
     def __init__(self, run):
@@ -54,6 +57,9 @@ class WandB(Callback):
 
     def on_train_end(self, trainer) -> None:
         self.run.finish()
+
+    def on_train_error(self, trainer, error: BaseException) -> None:
+        self.run.finish(exit_code=1)  # marked failed, not left running
 
 
 WANDB_ID_FILE = "wandb_run_id"  # in the run directory: every attempt of a run logs to one W&B run
