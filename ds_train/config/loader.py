@@ -108,7 +108,10 @@ def describe() -> str:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            shown = "REQUIRED" if f"{sname}.{f.name}" in REQUIRED_KEYS else repr(default)
+            key = f"{sname}.{f.name}"
+            shown = "REQUIRED" if key in REQUIRED_KEYS else repr(default)
+            if key == "data.train":  # finetune reads finetune.train_file instead
+                shown = "REQUIRED for pretrain"
             lines.append(f"  {f.name}: {_type_name(hints[f.name])} = {shown}")
             lines.append(f"      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
