@@ -178,25 +178,36 @@ def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:
     plans = []
     for g, shapes in enumerate(param_shapes):
         parts = [(sd["optimizer_state_dict"]["single_partition_of_fp32_groups"][g], off) for sd, off in ranks]
-        size = parts[0][0].numel()
-        if any(p.numel() != size for p, _ in parts):
+        # DeepSpeed pads each group to a multiple of (alignment × ranks), partitions it evenly and
+        # saves each partition without its padding (`group_paddings`, per rank): the rank(s) at
+        # the end hold fewer elements. Rank r's partition starts at r × the padded size.
+        padded = {
+            p.numel() + (sd["optimizer_state_dict"].get("group_paddings") or [0] * (g + 1))[g]
+            for (p, _), (sd, _) in zip(parts, ranks)
+        }
+        if len(padded) != 1:
             raise CheckpointError(f"{optim_files[0]}: ranks hold partitions of different sizes for group {g}")
+        size = padded.pop()
         cursor = 0
         for i, (name, shape) in enumerate(shapes.items()):
             numel = math.prod(shape)
             pieces = []
             lo, hi = cursor, cursor + numel
             for r in range(lo // size, (hi - 1) // size + 1 if numel else lo // size):
+                if r >= len(parts):
+                    raise CheckpointError(
+                        f"{optim_files[0]}: parameter group {g} needs {hi} elements, "
+                        f"the ranks hold {sum(p.numel() for p, _ in parts)}"
+                    )
                 tensor, off = parts[r]
                 a, b = max(lo, r * size), min(hi, (r + 1) * size)
+                if b - r * size > tensor.numel():
+                    raise CheckpointError(
+                        f"{optim_files[0]}: {name} reaches into rank {r}'s padding of group {g}"
+                    )
                 pieces.append(_piece(off, tensor, a - r * size, b - a))
             plans.append(TensorPlan(name, tuple(shape), parts[0][0].dtype, pieces, "trainable"))
             cursor = hi + (paddings[g][i] if paddings is not None else 0)
-        if cursor > size * len(parts):
-            raise CheckpointError(
-                f"{optim_files[0]}: parameter group {g} needs {cursor} elements, "
-                f"the ranks hold {size * len(parts)}"
-            )
 
     def frozen(name: str):
         t = model["frozen_param_fragments"][name]

@@ -92,10 +92,10 @@ def materialize_base(source: InitSource | None, run_dir: str | os.PathLike, *, i
         try:
             _convert_if_stale(source.checkpoint, out)
         except Exception as e:  # the other ranks must hear about it, not time out
-            result = ("error", f"converting {source.checkpoint.path} failed: {e}")
+            result = ("error", f"model.init_from: converting {source.checkpoint.path} failed: {e}")
     status, message = broadcast_object(result)
-    if status == "error":
-        raise RuntimeError(message)
+    if status == "error":  # one line on every rank, as a bad config is
+        raise ConfigError(message)
     return str(out)
 
 

@@ -87,14 +87,26 @@ def zero3_run(work, shards) -> Path:
     return _pretrain(work, shards, "zero3", stage=3, train=train)
 
 
+# hidden 30: the norms' group (5 × 30 = 150 elements) is padded to 152 for 2 ranks, and DeepSpeed
+# saves rank 1's partition without its 2 padding elements (as BERT's vocabulary-sized MLM bias is)
+ODD_LLAMA = {
+    "model_type": "llama", "hidden_size": 30, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 3, "num_key_value_heads": 1, "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "initializer_range": 0.02,
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("model", "stage"),
-    [("micro-llama", 0), ("micro-llama", 1), ("micro-llama", 2), ("tiny-gpt2", 3)],
+    [("micro-llama", 0), ("micro-llama", 1), ("micro-llama", 2), ("odd-llama", 2), ("tiny-gpt2", 3)],
 )
 def test_to_hf_equals_deepspeed_consolidation_and_loads_cleanly(tmp_path, shards, model, stage):
     from transformers import AutoModelForCausalLM
 
     sections = {"model": {"config": str(TINY_GPT2)}} if model == "tiny-gpt2" else {}
+    if model == "odd-llama":
+        (tmp_path / "odd-llama.json").write_text(json.dumps(ODD_LLAMA))
+        sections = {"model": {"config": str(tmp_path / "odd-llama.json")}}
     run = _pretrain(tmp_path, shards, "run", stage=stage, **sections)
     out = tmp_path / "hf"
     # a small shard limit: several files and an index, as a large model gets
