@@ -44,6 +44,7 @@ def register(sub) -> None:
     m.add_argument("out_dir")
     m.add_argument("--base", help="base model HF dir (default: the adapter config's base_model_name_or_path)")
     m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    m.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
     m.set_defaults(func=merge_lora)
 
 
@@ -56,8 +57,7 @@ def to_hf(args: argparse.Namespace) -> int:
     from ds_train.convert.zero_layout import CheckpointError
 
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.force:
-        raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")
+    _refuse_to_replace(out, args.force)
     try:
         convert_checkpoint(
             args.checkpoint,
@@ -109,9 +109,21 @@ def merge_lora(args: argparse.Namespace) -> int:
     from ds_train.convert.lora import merge_lora_adapters
     from ds_train.convert.zero_layout import CheckpointError
 
+    _refuse_to_replace(args.out_dir, args.force)
     try:
         out = merge_lora_adapters(args.adapter_dir, args.out_dir, base=args.base, dtype=args.dtype)
     except CheckpointError as e:
         raise ConfigError(str(e)) from None
     print(f"wrote {out}")
     return 0
+
+
+def _refuse_to_replace(out_dir, force: bool) -> None:
+    """An existing, non-empty output directory is replaced only with --force."""
+    from pathlib import Path
+
+    from ds_train.config.loader import ConfigError
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise ConfigError(f"{out} exists and is not empty (use --force to replace it)")

@@ -15,6 +15,9 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -187,11 +190,44 @@ class _Finite(Sampler):
 
 
 def _worker_start(worker_id: int) -> None:
-    """A worker forked during training inherits the trainer's collector switched off
-    (train.gc_every, callbacks/garbage_collection.py); it joins no collective, so it gets the
-    automatic collector back. The objects frozen before the fork stay frozen: a collection never
-    touches (and so never copies) the parent's pages."""
+    """A DataLoader worker's set-up, in the worker.
+
+    - The collector: a worker forked during training inherits the trainer's collector switched
+      off (train.gc_every, callbacks/garbage_collection.py); it joins no collective, so it gets the
+      automatic collector back. The objects frozen before the fork stay frozen: a collection never
+      touches (and so never copies) the parent's pages.
+    - Preemption signals: Slurm signals every process of a job step, torchrun a rank's whole
+      process group. The rank answers SIGTERM/SIGUSR1 by finishing its step and checkpointing
+      (callbacks/preemption.py), which may need more micro-batches; a worker killed by the signal
+      instead makes torch raise in the rank ("DataLoader worker is killed by signal"), and the
+      checkpoint is lost. So a worker ignores SIGUSR1, and SIGTERM unless its own rank sends it
+      (torch and multiprocessing stop workers with SIGTERM: obeyed as before). The sender is only
+      known to `sigwaitinfo`, so SIGTERM is blocked and a thread waits for it. Slurm's final SIGKILL
+      reaches the workers either way.
+    - A rank killed outright (OOM killer, SIGKILL): torch's worker notices and leaves its loop, but
+      then waits at exit for its queue's feeder thread, blocked for ever writing a batch into a pipe
+      nobody reads (the worker holds the read end too): an orphan holding its memory. A thread
+      ends the worker as soon as it has been handed to another parent.
+    """
     gc.enable()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid()
+    # blocked before any other thread exists: every thread of the worker inherits the mask
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    for watch in (_sigterm_from_rank_only, _exit_when_orphaned):
+        threading.Thread(target=watch, args=(parent,), daemon=True, name=watch.__name__).start()
+
+
+def _sigterm_from_rank_only(parent: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent:
+            os._exit(128 + signal.SIGTERM)  # as dying of it would; the rank asked for it
+
+
+def _exit_when_orphaned(parent: int, poll_s: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(poll_s)
+    os._exit(0)
 
 
 def make_loader(

@@ -298,6 +298,8 @@ def _export(cfg: Config, pre: FinetunePreflight, state, splits, trainer, report:
     if pre.chat is not None:
         pre.tokenizer.chat_template = pre.chat.export_template()
     model = save_merged_model(state, f, pre.hf_config, pre.tokenizer, out)
+    if f.adapter == "lora":  # the adapters travel with the tokenizer they were trained with (its
+        pre.tokenizer.save_pretrained(str(Path(cfg.run.output_dir) / ADAPTER_DIR))  # chat template)
     card = render_model_card(
         name=f"{cfg.run.name or Path(cfg.run.output_dir).name}",
         task=f.task,

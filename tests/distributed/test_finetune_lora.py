@@ -105,9 +105,20 @@ def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
     assert [exported.config.id2label[i] for i in range(len(classes))] == classes
 
     merged_dir = tmp_path / "merged"
-    run_cli(["convert", "merge-lora", run / "adapter", merged_dir, "--base", tiny_bert])
+    merged_dir.mkdir()
+    (merged_dir / "notes.txt").write_text("kept")  # not replaced without --force
+    refused = run_cli(
+        ["convert", "merge-lora", run / "adapter", merged_dir, "--base", tiny_bert], check=False
+    )
+    assert refused.returncode == 2 and "use --force" in refused.stderr
+    assert (merged_dir / "notes.txt").read_text() == "kept"
+    run_cli(["convert", "merge-lora", run / "adapter", merged_dir, "--base", tiny_bert, "--force"])
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir)).eval()
     torch.testing.assert_close(_logits(merged, tokenizer, texts), reference, atol=1e-5, rtol=1e-5)
+    # the adapters carry the run's tokenizer (its chat template, for SFT), and the merge keeps it
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (run / "adapter" / name).read_bytes() == (run / "hf" / name).read_bytes(), name
+        assert (merged_dir / name).read_bytes() == (run / "hf" / name).read_bytes(), name
 
     final = [r for r in read_metrics(run) if "valid_accuracy" in r][-1]
     assert final["step"] == 4 and final["valid_examples"] == sum(1 for _ in (data / "valid.jsonl").open())

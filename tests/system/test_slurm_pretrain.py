@@ -22,9 +22,10 @@ SCRIPT = REPO / "slurm" / "pretrain.sbatch"
 JOB_TIMEOUT = 400
 
 
-def _config(tmp: Path, shards: Path, name: str, **train) -> tuple[Path, Path]:
+def _config(tmp: Path, shards: Path, name: str, *, data: dict | None = None, **train) -> tuple[Path, Path]:
     run = tmp / name
     cfg = base_config(run, shards, train={"max_steps": STEPS, **train}, zero={"stage": 3})
+    cfg["data"].update(data or {})
     return run, write_config(tmp / f"{name}.yaml", cfg)
 
 
@@ -98,36 +99,43 @@ def test_pretrain_two_nodes_zero3(reference, slurm_cluster):
 
 
 @pytest.mark.parametrize(
-    "launcher,scope",
+    "launcher,scope,sig",
     [
         # only the batch shell (`scancel --signal=USR1 --batch`): it must pass the signal on
-        ("srun", "--batch"),
+        ("srun", "--batch", "USR1"),
         # only the step's processes, the batch shell not: what `--signal=USR1@grace` does before
         # the time limit; torchrun turns the workers' 75 into 1, so progress decides the requeue
-        ("torchrun", "--steps-only"),
+        ("torchrun", "--steps-only", "USR1"),
+        # SIGTERM to every process of the step, as preemption sends it (then SIGKILL after
+        # KillWait): torchrun, the ranks and their DataLoader workers, which must keep serving the
+        # ranks finishing their step to checkpoint (torch's workers die of SIGTERM by default)
+        ("torchrun", "--steps-only", "TERM"),
     ],
 )
 def test_preemption_checkpoints_requeues_and_resumes_exactly(
-    reference, slurm_cluster, slurm_env, shards, tmp_path, launcher, scope
+    reference, slurm_cluster, slurm_env, shards, tmp_path, launcher, scope, sig
 ):
     _, ref_run, _ = reference
-    run, cfg = _config(tmp_path, shards, "preempted")
+    # DataLoader workers (the default) where the signal reaches every process; the reference reads
+    # in-process, which must not change what is trained
+    workers = {"num_workers": 1} if scope == "--steps-only" else None
+    run, cfg = _config(tmp_path, shards, "preempted", data=workers)
     job = slurm_cluster.sbatch(
         ["-N", "2", SCRIPT, cfg], env=slurm_env(DS_TRAIN_LAUNCHER=launcher), cwd=tmp_path
     )
     _wait_for_step(slurm_cluster, job, run, 3)
-    slurm_cluster.scancel("--signal=USR1", *([scope] if scope != "--steps-only" else []), job)
+    slurm_cluster.scancel(f"--signal={sig}", *([scope] if scope != "--steps-only" else []), job)
 
     # The first attempt checkpoints where it stopped and the batch script requeues the job.
     slurm_cluster.wait_until(job, lambda j: j.get("Restarts") == "1", JOB_TIMEOUT, "a requeue")
     first = _ends(run)[0]
     stop_step = first["step"]
-    assert first["requeue"] and first["signal"] == ("USR1" if scope == "--batch" else None), first
+    assert first["requeue"] and first["signal"] == (sig if scope == "--batch" else None), first
     assert 3 <= stop_step < STEPS, first
     # the trainer's status passes through srun; torchrun reports its workers' failure as 1
     assert first["exit_code"] == (75 if launcher == "srun" else 1), first
     assert latest_checkpoint(run / "checkpoints").step == stop_step
-    assert f"stopped at step {stop_step} (SIGUSR1) after checkpointing" in _log(run, job, 0)
+    assert f"stopped at step {stop_step} (SIG{sig}) after checkpointing" in _log(run, job, 0)
 
     info = slurm_cluster.wait_finished(job, JOB_TIMEOUT)
     assert (info["JobState"], info["Restarts"]) == ("COMPLETED", "1"), (info, _tail(run, slurm_cluster))
