@@ -9,7 +9,8 @@ config=${1:?usage: launch/accelerate.sh RUN_CONFIG [section.key=value ...]}
 shift
 here=$(cd "$(dirname "$0")/.." && pwd)
 acc=${ACCELERATE:-$here/.venv/bin/accelerate}
-gpus=${GPUS_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+# `|| true`: with pipefail, a machine without nvidia-smi would end the script here (exit 127)
+gpus=${GPUS_PER_NODE:-$( (nvidia-smi -L 2>/dev/null || true) | wc -l)}
 [ "$gpus" -gt 0 ] || gpus=2
 nnodes=${NNODES:-1}
 if [ "$nnodes" -gt 1 ]; then
