@@ -29,7 +29,7 @@ from ds_train.finetune.dataset import data_fingerprint
 from ds_train.finetune.model import task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
 from ds_train.model.blocks import check_checkpointing_layers
-from ds_train.model.build import load_tokenizer
+from ds_train.model.build import check_positions, load_tokenizer
 from ds_train.train.session import startup_problem
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
     )
     check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
+    check_positions(hf_config, f.seq_len, "finetune.seq_len")
     pre = FinetunePreflight(
         launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
     )

@@ -100,6 +100,31 @@ def build_model(
     return model
 
 
+def check_positions(hf_config: PretrainedConfig, seq_len: int, where: str) -> None:
+    """Refuse rows longer than a model's learned position embeddings (GPT-2's `n_positions`, BERT's
+    and OPT's `max_position_embeddings`): the first forward would index past the table, a bare
+    IndexError deep in the model. Rotary models (a `rope_*` setting) extrapolate past
+    `max_position_embeddings`: allowed, with a warning. ALiBi models (BLOOM, MPT) have neither."""
+    rotary = any(getattr(hf_config, a, None) for a in ("rope_parameters", "rope_scaling", "rope_theta"))
+    learned = getattr(hf_config, "n_positions", None)
+    if learned is None and not rotary:
+        learned = getattr(hf_config, "max_position_embeddings", None)
+    if isinstance(learned, int) and seq_len > learned:
+        raise ConfigError(
+            f"{where} is {seq_len} tokens but the model has {learned} learned positions: "
+            f"use rows of at most {learned} tokens, or a model config with more positions"
+        )
+    most = getattr(hf_config, "max_position_embeddings", None)
+    if learned is None and isinstance(most, int) and seq_len > most:
+        log.warning(
+            "%s is %d tokens, past the model's max_position_embeddings=%d: its positions are "
+            "extrapolated beyond what it was configured for",
+            where,
+            seq_len,
+            most,
+        )
+
+
 def attention_problem(attn_implementation: str) -> str | None:
     """Why this process cannot train with `attn_implementation`, or None. Asked before the
     process group and the model exist, so a CPU run stops at once rather than at its first

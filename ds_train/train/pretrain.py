@@ -43,7 +43,13 @@ from ds_train.distributed.engine import (
 )
 from ds_train.distributed.launch_env import LaunchEnv, detect
 from ds_train.model.blocks import check_checkpointing_layers
-from ds_train.model.build import build_model, load_hf_config, load_tokenizer, verify_loaded_weights
+from ds_train.model.build import (
+    build_model,
+    check_positions,
+    load_hf_config,
+    load_tokenizer,
+    verify_loaded_weights,
+)
 from ds_train.objectives import build_objective
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.fault_injection import FaultInjection
@@ -142,6 +148,7 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
                 f"{key} was tokenized with another tokenizer ({p.sources[0].tokenizer.get('name_or_path')}) "
                 f"than model.tokenizer ({cfg.model.tokenizer or cfg.model.init_from})"
             )
+    check_positions(pre.hf_config, plan.seq_len, f"a row of data.train ({plan.sources[0].location})")
     if pre.resume_from is not None:
         check_data_resume(
             pre.resume_from.state(),

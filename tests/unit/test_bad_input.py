@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from ds_train.cli import main
-from tests.helpers import REPO, base_config, write_config
+from tests.helpers import MICRO_LLAMA, REPO, base_config, write_config
 
 
 def _set(raw: dict, dotted: str, value) -> None:
@@ -245,6 +245,18 @@ def test_check_flag_runs_the_checks_a_start_makes_after_its_preflight(tmp_path, 
         assert main(["pretrain", cfg, *overrides, "--check"]) == 2
         err = capsys.readouterr().err.strip()
         assert expected in err and "\n" not in err, err
+    # rows longer than a model's learned positions (GPT-2's n_positions) are refused; a rotary
+    # model's max_position_embeddings is only warned about
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(
+        json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 16})
+    )
+    assert main(["pretrain", cfg, f"model.config={gpt2}", "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "is 32 tokens but the model has 16 learned positions" in err, err
+    llama = tmp_path / "llama.json"
+    llama.write_text(json.dumps({**json.loads(MICRO_LLAMA.read_text()), "max_position_embeddings": 16}))
+    assert main(["pretrain", cfg, f"model.config={llama}", "--check"]) == 0
     assert not (tmp_path / "run").exists()
     # a checkpoint of this model trained on another data stream: refused by --check, let through
     # by run.force_resume

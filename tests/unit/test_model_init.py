@@ -164,3 +164,25 @@ def test_a_resumed_run_builds_its_model_without_drawing(monkeypatch):
     assert drawn == []
     build.build_model(section, _hf_config("micro-llama.json"), seed=1, rank=0)
     assert drawn == [1]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "limit", "refused"),
+    [("gpt2", {"n_positions": 64}, True), ("bert", {"max_position_embeddings": 64}, True),
+     ("opt", {"max_position_embeddings": 64}, True), ("llama", {"max_position_embeddings": 64}, False),
+     ("bloom", {}, False)],
+)  # fmt: skip
+def test_rows_longer_than_learned_positions_are_refused_rotary_ones_warned(
+    model_type, limit, refused, caplog
+):
+    from ds_train.config import ConfigError
+    from ds_train.model.build import check_positions
+
+    config = AutoConfig.for_model(model_type, **limit)
+    check_positions(config, 64, "finetune.seq_len")  # at the limit: fine
+    if refused:
+        with pytest.raises(ConfigError, match="finetune.seq_len is 65 tokens but the model has 64 learned"):
+            check_positions(config, 65, "finetune.seq_len")
+    else:
+        check_positions(config, 65, "finetune.seq_len")
+        assert ("extrapolated" in caplog.text) == (model_type == "llama")
