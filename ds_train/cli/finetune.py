@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     if args.check:
-        pre = preflight.check(cfg)
+        pre = preflight.check(cfg, world_size=args.world_size)
         splits = ", ".join(f"{name}: {', '.join(spec.files)}" for name, spec in pre.specs.items())
         if pre.shard_sets is not None:  # SFT shards
             splits = ", ".join(

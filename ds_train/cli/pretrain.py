@@ -24,6 +24,12 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run every check (config, paths, batch arithmetic, resume) and exit",
     )
+    p.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="with --check: check the batch arithmetic and resume for N ranks (default: this launch's)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -35,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     if args.check:
-        pre = pretrain.check(cfg)
+        pre = pretrain.check(cfg, world_size=args.world_size)
         print(
             f"ok: {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × {pre.layout.grad_accum} "
             f"accum × {pre.layout.data_parallel_size} ranks"

@@ -73,6 +73,12 @@ def check_against_model(ckpt: ZeroCheckpoint, names: list[str], cls, config) -> 
         model = cls(config)
     expected = list(model.state_dict().keys())
     written = set(names)
+    if any(".lora_A." in n or n.startswith("base_model.model.") for n in written):
+        raise CheckpointError(
+            f"{ckpt.path} is a LoRA fine-tuning checkpoint (adapters on a frozen base): its run "
+            "directory's hf/ holds the merged model and adapter/ the adapters; "
+            "`ds-train convert merge-lora RUN/adapter OUT` merges them again"
+        )
     droppable = set(_tied_names(model)) | set(ckpt.tied)
     missing = [
         k for k in expected if k not in written and k not in droppable and not _is_nonpersistent(model, k)

@@ -10,11 +10,14 @@ One per-rank entry point serves every launcher:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ds_train.config.loader import ConfigError
 
 
 @dataclass(frozen=True)
@@ -135,3 +138,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def launch_for_check(world_size: int | None) -> LaunchEnv:
+    """This process's launch, or (`--check --world-size N`) rank 0 of an N-rank one: what a
+    login node checks a job's config against before submitting it."""
+    launch = detect()
+    if world_size is None:
+        return launch
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be ≥ 1, got {world_size}")
+    return dataclasses.replace(launch, rank=0, local_rank=0, world_size=world_size)

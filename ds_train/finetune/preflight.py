@@ -22,7 +22,7 @@ from ds_train.data.loader import build_plan, load_shard_sets
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError, ShardSet
 from ds_train.distributed.deepspeed_config import BatchLayout, batch_layout
-from ds_train.distributed.launch_env import LaunchEnv, detect
+from ds_train.distributed.launch_env import LaunchEnv, detect, launch_for_check
 from ds_train.finetune.base_model import InitSource, resolve_init_source
 from ds_train.finetune.chat import ChatFormat
 from ds_train.finetune.dataset import data_fingerprint
@@ -137,10 +137,10 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     return pre
 
 
-def check(cfg: Config) -> FinetunePreflight:
+def check(cfg: Config, *, world_size: int | None = None) -> FinetunePreflight:
     """What `ds-train finetune --check` runs: the preflight and what this machine must offer
-    (train.session.startup_problem), with no process group."""
-    pre = preflight(cfg)
+    (train.session.startup_problem), with no process group; `world_size` as in pretrain.check."""
+    pre = preflight(cfg, launch_for_check(world_size))
     problem = startup_problem(cfg, pre)
     if problem:
         raise ConfigError(problem)

@@ -41,7 +41,7 @@ from ds_train.distributed.engine import (
     HfZeroContext,
     broadcast_object,
 )
-from ds_train.distributed.launch_env import LaunchEnv, detect
+from ds_train.distributed.launch_env import LaunchEnv, detect, launch_for_check
 from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import (
     build_model,
@@ -124,11 +124,11 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     return code
 
 
-def check(cfg: Config) -> Preflight:
+def check(cfg: Config, *, world_size: int | None = None) -> Preflight:
     """What `ds-train pretrain --check` runs: every check a start makes before it trains (config,
     paths, batch arithmetic, the checkpoint, this machine, the shards and their resume), in this
-    process, with no process group."""
-    pre = preflight(cfg)
+    process, with no process group; `world_size`: as a launch of that many ranks would see it."""
+    pre = preflight(cfg, launch_for_check(world_size))
     problem = startup_problem(cfg, pre)
     if problem:
         raise ConfigError(problem)

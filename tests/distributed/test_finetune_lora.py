@@ -115,6 +115,11 @@ def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
     run_cli(["convert", "merge-lora", run / "adapter", merged_dir, "--base", tiny_bert, "--force"])
     merged = AutoModelForSequenceClassification.from_pretrained(str(merged_dir)).eval()
     torch.testing.assert_close(_logits(merged, tokenizer, texts), reference, atol=1e-5, rtol=1e-5)
+    # to-hf on the run's checkpoint says where the merged model is, instead of listing tensors
+    lora_ckpt = run_cli(["convert", "to-hf", run, tmp_path / "from_ckpt"], check=False)
+    assert lora_ckpt.returncode == 2 and "is a LoRA fine-tuning checkpoint" in lora_ckpt.stderr, (
+        lora_ckpt.stderr
+    )
     # the adapters carry the run's tokenizer (its chat template, for SFT), and the merge keeps it
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (run / "adapter" / name).read_bytes() == (run / "hf" / name).read_bytes(), name

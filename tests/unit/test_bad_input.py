@@ -215,6 +215,11 @@ def test_check_flag_reports_the_batch_layout(tmp_path, shards, capsys):
     cfg = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
     assert main(["pretrain", str(cfg), "--check"]) == 0
     assert "8 = 2 micro × 4 accum × 1 ranks" in capsys.readouterr().out
+    # from a login node, for the job's world size
+    assert main(["pretrain", str(cfg), "--check", "--world-size", "2"]) == 0
+    assert "8 = 2 micro × 2 accum × 2 ranks" in capsys.readouterr().out
+    assert main(["pretrain", str(cfg), "--check", "--world-size", "3"]) == 2
+    assert "8 / (2 × 3)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
