@@ -101,8 +101,13 @@ def check_data_resume(
     if problems and force:
         log.warning("run.force_resume: resuming %s on another data stream (%s)", where, "; ".join(problems))
     elif problems:
+        restore = []
+        if data.get("seed") not in (None, seed):
+            restore.append(f"set run.seed={data['seed']}")
+        if len(problems) > len(restore):
+            restore.append("point data.train at the original shards")
         raise ConfigError(
             f"{where} was trained with {'; '.join(problems)}: resuming would not continue the "
-            "same data stream; point data.train at the original shards or start a new run.output_dir "
+            f"same data stream; {' and '.join(restore)}, or start a new run.output_dir "
             "(or run.force_resume=true to continue on this data)"
         )

@@ -8,6 +8,8 @@ command with `--task-index i --num-tasks n` (tokenize only), then one `ds-train 
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 
 
 def parse_size(text: str) -> int:
@@ -90,6 +92,9 @@ def main(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ConfigError("--workers must be ≥ 1")
+    # a one-process run that made --output and then met bad input takes it away again (array tasks
+    # share the directory, and --merge reads what they left: theirs stays)
+    made_here = not args.merge and args.task_index is None and not Path(args.output).exists()
     try:
         if args.merge:
             if args.sft:
@@ -103,7 +108,11 @@ def main(args: argparse.Namespace) -> int:
             manifests = _tokenize(args)
             if manifests is None:
                 return 0
-    except CorpusError as e:
+    except (CorpusError, ConfigError) as e:
+        if made_here:
+            shutil.rmtree(args.output, ignore_errors=True)
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(str(e)) from None
     for split, m in manifests.items():
         print(

@@ -40,6 +40,31 @@ def apply_lora(model: torch.nn.Module, section: FinetuneSection, seed: int) -> t
         return get_peft_model(model, lora_config(section))
 
 
+def check_lora_targets(model_cls, hf_config, section: FinetuneSection) -> None:
+    """Refuse `finetune.lora_target_modules` that match nothing in the model, before anything
+    starts (`--check` included): peft's own matching, on the model built on the meta device (no
+    memory, no weights), so the rule is the one the run would meet."""
+    from ds_train.config.loader import ConfigError
+
+    if section.adapter != "lora" or section.lora_target_modules == "all-linear":
+        return
+    from peft import get_peft_model
+
+    with torch.device("meta"):
+        model = model_cls.from_config(hf_config)
+    try:
+        get_peft_model(model, lora_config(section))
+    except ValueError as e:  # peft's words vary by release; name what the model does have
+        linear = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        )
+        raise ConfigError(
+            f"finetune.lora_target_modules={section.lora_target_modules} matches no layer of "
+            f"{type(model).__name__} (its linear layers: {', '.join(linear)}; or use all-linear). "
+            f"peft: {str(e).strip().splitlines()[0][:120]}"
+        ) from None
+
+
 def trainable_summary(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts, over full (not partitioned) shapes."""
     trainable = total = 0

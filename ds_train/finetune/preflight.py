@@ -26,7 +26,8 @@ from ds_train.distributed.launch_env import LaunchEnv, detect, launch_for_check
 from ds_train.finetune.base_model import InitSource, resolve_init_source
 from ds_train.finetune.chat import ChatFormat
 from ds_train.finetune.dataset import data_fingerprint
-from ds_train.finetune.model import task_hf_config
+from ds_train.finetune.lora import check_lora_targets
+from ds_train.finetune.model import TASK_MODELS, task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
 from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import check_positions, load_tokenizer
@@ -130,6 +131,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     )
     check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
     check_positions(hf_config, f.seq_len, "finetune.seq_len")
+    check_lora_targets(TASK_MODELS[f.task], hf_config, f)
     pre = FinetunePreflight(
         launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
     )

@@ -113,3 +113,18 @@ def test_order_of_a_weighted_mixture_names_the_source(tmp_path, shards, capsys):
     sources = [x.split(":")[0] for x in ids]
     assert len(ids) == 40 and sources.count("1") == 10 and sources.count("0") == 30
     assert all(x.split(":")[1].startswith("valid-") for x in ids if x.startswith("1:"))
+
+
+def test_shard_meeting_bad_input_leaves_no_output_behind(tmp_path, capsys):
+    from tests.helpers import TOKENIZER
+
+    (tmp_path / "c.jsonl").write_text('{"body": "a document under another field"}\n')
+    out = tmp_path / "out"
+    argv = ["shard", tmp_path / "c.jsonl", "--output", out, "--tokenizer", TOKENIZER, "--seq-len", "32"]
+    assert main([*map(str, argv), "--no-progress"]) == 2
+    assert "no 'text' field (found ['body']); pass --text-field" in capsys.readouterr().err
+    assert not out.exists()  # a re-run with --text-field body is not refused for an existing output
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")  # an output directory that was there before is left alone
+    assert main([*map(str, argv), "--no-progress"]) == 2
+    assert (out / "mine.txt").read_text() == "kept"

@@ -71,6 +71,12 @@ def _check(raw):
         ({"finetune": {"adapter": "lora", "lora_r": 0}}, "finetune.lora_r must be > 0"),
         ({"finetune": {"adapter": "lora", "lora_target_modules": 5}}, "finetune.lora_target_modules must be"),
         (
+            {
+                "finetune": {"adapter": "lora", "lora_target_modules": ["query", "value"]}
+            },  # BERT's, on a Llama
+            "matches no layer of LlamaForSequenceClassification (its linear layers: down_proj, gate_proj,",
+        ),
+        (
             {"finetune": {"adapter": "lora"}, "train": {"export_hf_every": 1}},
             "train.export_hf_every converts checkpoints of whole models",
         ),
