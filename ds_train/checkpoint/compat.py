@@ -87,11 +87,22 @@ def check_resume(
 
 
 def check_data_resume(
-    state: dict, *, where: str, fingerprint_now: str, seq_len: int, seed: int, force: bool = False
+    state: dict,
+    *,
+    where: str,
+    fingerprint_now: str,
+    seq_len: int,
+    seed: int,
+    order: dict | None = None,
+    force: bool = False,
 ) -> None:
-    """Raise ConfigError unless this run's data continues the checkpoint's stream (or `force`)."""
+    """Raise ConfigError unless this run's data continues the checkpoint's stream (or `force`).
+    `order`: data.shuffle/shuffle_window as `data.loader.order_settings` records them (checkpoints
+    from before they were recorded are not compared)."""
     data = state.get("data") or {}
     problems = []
+    if order is not None and data.get("order") not in (None, order):
+        problems.append(order_problem(data["order"], order))
     if data.get("seq_len") not in (None, seq_len):
         problems.append(f"seq_len {data['seq_len']} (shards now: {seq_len})")
     if data.get("seed") not in (None, seed):
@@ -111,3 +122,12 @@ def check_data_resume(
             f"same data stream; {' and '.join(restore)}, or start a new run.output_dir "
             "(or run.force_resume=true to continue on this data)"
         )
+
+
+def order_problem(saved: dict, now: dict) -> str:
+    def shown(o: dict) -> str:
+        return f"data.shuffle={str(o['shuffle']).lower()}" + (
+            f", data.shuffle_window={o['window']}" if o["shuffle"] and o["window"] != 1 else ""
+        )
+
+    return f"{shown(saved)} (now {shown(now)}), which fix the data order"

@@ -73,16 +73,28 @@ class DataPlan:
     def describe(self, source: int, shard: int, row: int) -> str:
         return f"{self.sources[source].shard_uri(shard)} row {row}"
 
+    @property
+    def order_settings(self) -> dict:
+        """What, besides the seed and the sources, decides the order (a resume must keep it)."""
+        first = self.order.orders[0]
+        return order_settings(first.shuffle, first.window)
+
     def state(self, consumed_samples: int) -> dict:
         """The data position as saved in checkpoints: global terms only, no rank count."""
         return {
             "consumed_samples": int(consumed_samples),
             "seed": self.seed,
+            "order": self.order_settings,
             "fingerprint": self.fingerprint,
             "seq_len": self.seq_len,
             "tokenizer_sha256": self.tokenizer_sha256,
             "epoch": consumed_samples / max(1, self.epoch_size),
         }
+
+
+def order_settings(shuffle: bool, window: int) -> dict:
+    """data.shuffle and data.shuffle_window as recorded in checkpoints (window 1 unless shuffled)."""
+    return {"shuffle": bool(shuffle), "window": int(window) if shuffle else 1}
 
 
 def build_plan(

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ds_train.checkpoint.compat import check_resume, model_signature
+from ds_train.checkpoint.compat import check_resume, model_signature, order_problem
 from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
 from ds_train.config import Config, ConfigError, validate
 from ds_train.config.validate import validate_finetune
-from ds_train.data.loader import build_plan, load_shard_sets
+from ds_train.data.loader import build_plan, load_shard_sets, order_settings
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError, ShardSet
 from ds_train.distributed.deepspeed_config import BatchLayout, batch_layout
@@ -183,6 +183,10 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
     problems = []
     if data.get("seed") not in (None, cfg.run.seed):
         problems.append(f"run.seed={data['seed']} (now {cfg.run.seed}), which fixes the example order")
+    window = cfg.data.shuffle_window if cfg.data.train else 1  # shards, or JSON lines (one permutation)
+    order = order_settings(cfg.data.shuffle, window)
+    if data.get("order") not in (None, order):
+        problems.append(order_problem(data["order"], order))
     if data.get("fingerprint") not in (None, pre.data_fingerprint):
         problems.append(
             "other data: the contents of finetune.train_file/valid_file (or the data.train shards), "

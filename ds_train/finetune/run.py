@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from ds_train.config import Config, dump_yaml
-from ds_train.data.loader import build_plan, make_loader
+from ds_train.data.loader import build_plan, make_loader, order_settings
 from ds_train.distributed.deepspeed_config import (
     build_deepspeed_config,
     largest_param_to_swap,
@@ -195,6 +195,7 @@ def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> Tr
         return {
             "consumed_samples": int(consumed),
             "seed": seed,
+            "order": order_settings(cfg.data.shuffle, 1),
             "fingerprint": pre.data_fingerprint,
             "seq_len": cfg.finetune.seq_len,
             "epoch": consumed / train_set.num_rows,

@@ -156,6 +156,7 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
             fingerprint_now=plan.fingerprint,
             seq_len=plan.seq_len,
             seed=cfg.run.seed,
+            order=plan.order_settings,
             force=cfg.run.force_resume,
         )
     return plan, valid_plan

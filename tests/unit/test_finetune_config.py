@@ -159,6 +159,15 @@ def test_force_resume_continues_a_finetune_on_other_data_and_batch_but_never_ano
         _check(raw)
 
 
+def test_resume_refuses_another_example_order(tmp_path, hf_dir):
+    raw = _config(tmp_path, hf_dir)
+    _fake_checkpoint(tmp_path / "run", {"world_size": 1, "data": {"order": {"shuffle": False, "window": 1}}})
+    with pytest.raises(ConfigError, match="data.shuffle=false \\(now data.shuffle=true\\)"):
+        _check(raw)
+    raw["data"] = {"shuffle": False}
+    assert _check(raw).resume_from.step == 2
+
+
 def test_cli_check_and_exit_status(tmp_path, hf_dir):
     good = write_config(tmp_path / "good.yaml", _config(tmp_path, hf_dir))
     out = run_cli(["finetune", good, "--check"])

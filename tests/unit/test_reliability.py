@@ -362,7 +362,7 @@ STATE = {
     "tokenizer_sha256": "aaa",
     "objective": "causal_lm",
     "global_batch_size": 8,
-    "data": {"seq_len": 32, "seed": 7, "fingerprint": "f1"},
+    "data": {"seq_len": 32, "seed": 7, "fingerprint": "f1", "order": {"shuffle": True, "window": 16}},
 }
 
 
@@ -370,7 +370,7 @@ def _resume(force=False, **now):
     args = {"model_sig": {"hidden_size": 32}, "tokenizer_sha": "aaa", "objective": "causal_lm"}
     args.update({k: v for k, v in now.items() if k in args})
     check_resume(STATE, where="run", global_batch_size=now.get("gbs", 8), force=force, **args)
-    data = {"fingerprint_now": "f1", "seq_len": 32, "seed": 7}
+    data = {"fingerprint_now": "f1", "seq_len": 32, "seed": 7, "order": {"shuffle": True, "window": 16}}
     data.update({k: v for k, v in now.items() if k in data})
     check_data_resume(STATE, where="run", force=force, **data)
 
@@ -385,8 +385,28 @@ def _resume(force=False, **now):
         ({"seq_len": 64}, "seq_len 32 (shards now: 64)", True),
         ({"seed": 8}, "run.seed=7 (now 8), which fixes the data order", True),
         ({"fingerprint_now": "f2"}, "a different shard set", True),
+        (
+            {"order": {"shuffle": True, "window": 4}},
+            "data.shuffle=true, data.shuffle_window=16 (now data.shuffle=true, data.shuffle_window=4)",
+            True,
+        ),
+        (
+            {"order": {"shuffle": False, "window": 1}},
+            "(now data.shuffle=false), which fix the data order",
+            True,
+        ),
     ],
-    ids=["model", "tokenizer", "objective", "global-batch", "seq-len", "seed", "shard-set"],
+    ids=[
+        "model",
+        "tokenizer",
+        "objective",
+        "global-batch",
+        "seq-len",
+        "seed",
+        "shard-set",
+        "window",
+        "shuffle",
+    ],
 )
 def test_resume_mismatch_says_what_differs_and_force_only_waives_the_data(now, expected, forceable):
     _resume()  # the same run resumes
@@ -436,3 +456,14 @@ def test_a_data_error_in_a_loader_worker_is_one_line_naming_the_shard(shards, tm
     with pytest.raises(DataError) as info:
         next(iter(loader))
     assert "\n" not in str(info.value) and str(info.value).startswith(f"shard {spec / name}: member ")
+
+
+def test_checkpoints_record_what_decides_the_order(shards):
+    """data.shuffle and data.shuffle_window decide the stream as much as the seed does: recorded,
+    so a resume that changes them is refused (the table above) instead of repeating or skipping rows."""
+    assert build_plan(str(shards / "train"), seed=1, shuffle=True, window=4).state(0)["order"] == {
+        "shuffle": True,
+        "window": 4,
+    }
+    unshuffled = build_plan(str(shards / "train"), seed=1, shuffle=False, window=4)
+    assert unshuffled.state(0)["order"] == {"shuffle": False, "window": 1}  # the window then does nothing
