@@ -86,48 +86,56 @@ def check_resume(
         log.warning("run.force_resume: resuming %s despite %s", where, "; ".join(forceable))
 
 
+SHARDS_CHANGED = "a different shard set (shard names, row counts or checksums differ)"
+
+
 def check_data_resume(
     state: dict,
     *,
     where: str,
     fingerprint_now: str,
-    seq_len: int,
+    seq_len: int | None,
     seed: int,
     order: dict | None = None,
     force: bool = False,
+    changed: str = SHARDS_CHANGED,
+    stream: str = "data",
 ) -> None:
     """Raise ConfigError unless this run's data continues the checkpoint's stream (or `force`).
+
     `order`: data.shuffle/shuffle_window as `data.loader.order_settings` records them (checkpoints
-    from before they were recorded are not compared)."""
+    from before they were recorded are not compared). `seq_len` None: not compared (fine-tuning's
+    fingerprint covers it). `changed` says what a different fingerprint means, `stream` what the
+    stream is made of (pretraining's data, fine-tuning's examples). Each difference names its own
+    way back."""
     data = state.get("data") or {}
-    problems = []
+    problems: list[tuple[str, str]] = []  # (what differs, how to restore it)
     if order is not None and data.get("order") not in (None, order):
-        problems.append(order_problem(data["order"], order))
-    if data.get("seq_len") not in (None, seq_len):
-        problems.append(f"seq_len {data['seq_len']} (shards now: {seq_len})")
+        problems.append((f"{_order_keys(data['order'])} (now {_order_keys(order)}), which fix the {stream} order",
+                         f"set {_order_keys(data['order'])}"))  # fmt: skip
+    if seq_len is not None and data.get("seq_len") not in (None, seq_len):
+        problems.append(
+            (f"seq_len {data['seq_len']} (shards now: {seq_len})", "point data.train at the original shards")
+        )
     if data.get("seed") not in (None, seed):
-        problems.append(f"run.seed={data['seed']} (now {seed}), which fixes the data order")
+        problems.append((f"run.seed={data['seed']} (now {seed}), which fixes the {stream} order",
+                         f"set run.seed={data['seed']}"))  # fmt: skip
     if data.get("fingerprint") not in (None, fingerprint_now):
-        problems.append("a different shard set (shard names, row counts or checksums differ)")
+        restore = "point data.train at the original shards" if changed == SHARDS_CHANGED else "restore them"
+        problems.append((changed, restore))
+    what = "; ".join(p for p, _ in problems)
     if problems and force:
-        log.warning("run.force_resume: resuming %s on another data stream (%s)", where, "; ".join(problems))
+        log.warning("run.force_resume: resuming %s on another %s stream (%s)", where, stream, what)
     elif problems:
-        restore = []
-        if data.get("seed") not in (None, seed):
-            restore.append(f"set run.seed={data['seed']}")
-        if len(problems) > len(restore):
-            restore.append("point data.train at the original shards")
+        restore = " and ".join(dict.fromkeys(r for _, r in problems))  # each way back once, in order
         raise ConfigError(
-            f"{where} was trained with {'; '.join(problems)}: resuming would not continue the "
-            f"same data stream; {' and '.join(restore)}, or start a new run.output_dir "
-            "(or run.force_resume=true to continue on this data)"
+            f"{where} was trained with {what}: resuming would not continue the same {stream} stream; "
+            f"{restore}, or start a new run.output_dir (or run.force_resume=true to continue on this data)"
         )
 
 
-def order_problem(saved: dict, now: dict) -> str:
-    def shown(o: dict) -> str:
-        return f"data.shuffle={str(o['shuffle']).lower()}" + (
-            f", data.shuffle_window={o['window']}" if o["shuffle"] and o["window"] != 1 else ""
-        )
-
-    return f"{shown(saved)} (now {shown(now)}), which fix the data order"
+def _order_keys(order: dict) -> str:
+    """Recorded order settings as the config keys that give them."""
+    return f"data.shuffle={str(order['shuffle']).lower()}" + (
+        f", data.shuffle_window={order['window']}" if order["shuffle"] and order["window"] != 1 else ""
+    )

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ds_train.checkpoint.compat import check_resume, model_signature, order_problem
+from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
 from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
 from ds_train.config import Config, ConfigError, validate
 from ds_train.config.validate import validate_finetune
@@ -31,9 +30,7 @@ from ds_train.finetune.model import TASK_MODELS, task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
 from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import check_positions, load_tokenizer
-from ds_train.train.session import startup_problem
-
-log = logging.getLogger(__name__)
+from ds_train.train.session import check_startup
 
 # What a checkpoint must agree on besides the model, tokenizer and data (see check_resume).
 RESUME_KEYS = ("task", "class_names", "adapter")
@@ -141,11 +138,9 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
 
 def check(cfg: Config, *, world_size: int | None = None) -> FinetunePreflight:
     """What `ds-train finetune --check` runs: the preflight and what this machine must offer
-    (train.session.startup_problem), with no process group; `world_size` as in pretrain.check."""
+    (train.session.check_startup), with no process group; `world_size` as in pretrain.check."""
     pre = preflight(cfg, launch_for_check(world_size))
-    problem = startup_problem(cfg, pre)
-    if problem:
-        raise ConfigError(problem)
+    check_startup(cfg, pre)
     return pre
 
 
@@ -179,30 +174,20 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
             )
     # Another world size is fine: the example order depends on the global batch only, and the
     # session resumes such a checkpoint through DeepSpeed's universal format (convert/reshard.py).
-    data = state.get("data") or {}
-    problems = []
-    if data.get("seed") not in (None, cfg.run.seed):
-        problems.append(f"run.seed={data['seed']} (now {cfg.run.seed}), which fixes the example order")
-    window = cfg.data.shuffle_window if cfg.data.train else 1  # shards, or JSON lines (one permutation)
-    order = order_settings(cfg.data.shuffle, window)
-    if data.get("order") not in (None, order):
-        problems.append(order_problem(data["order"], order))
-    if data.get("fingerprint") not in (None, pre.data_fingerprint):
-        problems.append(
-            "other data: the contents of finetune.train_file/valid_file (or the data.train shards), "
-            "the tokenizer or an option that shapes the examples (seq_len, packing, fields, template, "
-            "labels) changed"
-        )
-    if problems and cfg.run.force_resume:
-        log.warning(
-            "run.force_resume: resuming %s on another example stream (%s)", ref.path, "; ".join(problems)
-        )
-    elif problems:
-        raise ConfigError(
-            f"{ref.path} was trained with {'; '.join(problems)}: resuming would not continue the same "
-            "stream; restore them or start a new run.output_dir (or run.force_resume=true to continue "
-            "from its step on this data)"
-        )
+    check_data_resume(
+        state,
+        where=str(ref.path),
+        fingerprint_now=pre.data_fingerprint,
+        seq_len=None,
+        seed=cfg.run.seed,
+        # shards: pretraining's loader and window; JSON lines: one permutation of all rows
+        order=order_settings(cfg.data.shuffle, cfg.data.shuffle_window if cfg.data.train else 1),
+        force=cfg.run.force_resume,
+        changed="other data: the contents of finetune.train_file/valid_file (or the data.train shards), "
+        "the tokenizer or an option that shapes the examples (seq_len, packing, fields, template, "
+        "labels) changed",
+        stream="example",
+    )
     return ref
 
 

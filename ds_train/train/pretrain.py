@@ -60,7 +60,7 @@ from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler, window_notes
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
 from ds_train.train.hf_export import PeriodicHfExport, export_final
-from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank, startup_problem
+from ds_train.train.session import TrainingParts, build_trainer, check_startup, run_on_this_rank
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,7 @@ def check(cfg: Config, *, world_size: int | None = None) -> Preflight:
     paths, batch arithmetic, the checkpoint, this machine, the shards and their resume), in this
     process, with no process group; `world_size`: as a launch of that many ranks would see it."""
     pre = preflight(cfg, launch_for_check(world_size))
-    problem = startup_problem(cfg, pre)
-    if problem:
-        raise ConfigError(problem)
+    check_startup(cfg, pre)
     data_plans(cfg, pre)
     return pre
 

@@ -53,9 +53,7 @@ def run_on_this_rank(
     ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context)."""
     preemption = PreemptionHandler().install()
     pre = preflight(cfg)
-    problem = startup_problem(cfg, pre)
-    if problem:
-        raise ConfigError(problem)
+    check_startup(cfg, pre)
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
     try:
@@ -67,10 +65,10 @@ def run_on_this_rank(
     return code, ctx
 
 
-def startup_problem(cfg: Config, pre: Any) -> str | None:
-    """Why this machine cannot start this run, or None: what the config alone cannot tell (the
-    attention kernel on this device, DeepSpeed's ops for offload, resuming an NVMe-offloaded
-    optimizer on this world size). Asked by every start and by `--check`."""
+def check_startup(cfg: Config, pre: Any) -> None:
+    """Raise ConfigError (one line) when this machine cannot start this run: what the config alone
+    cannot tell (the attention kernel on this device, DeepSpeed's ops for offload, resuming an
+    NVMe-offloaded optimizer on this world size). Asked by every start and by `--check`."""
     problem = attention_problem(cfg.model.attn_implementation) or offload_op_problem(
         cfg.zero.offload_optimizer, cfg.zero.offload_param
     )
@@ -78,7 +76,8 @@ def startup_problem(cfg: Config, pre: Any) -> str | None:
         problem = elastic_resume_problem(
             pre.resume_from.state(), pre.launch.world_size, cfg.zero.offload_optimizer
         )
-    return problem
+    if problem:
+        raise ConfigError(problem)
 
 
 @dataclass

@@ -416,6 +416,8 @@ def test_resume_mismatch_says_what_differs_and_force_only_waives_the_data(now, e
     assert ("run.force_resume=true" in str(info.value)) == forceable
     if "seed" in now:  # the way back named: the seed, not other shards
         assert "set run.seed=7, or start" in str(info.value) and "original shards" not in str(info.value)
+    if "order" in now:  # ...and for the order, the settings
+        assert "; set data.shuffle=true, data.shuffle_window=16, or start" in str(info.value), str(info.value)
     if forceable:
         _resume(force=True, **now)
     else:
