@@ -30,6 +30,11 @@ def _formatter(fn):
     return FuncFormatter(lambda value, _pos: fn(value))
 
 
+def _ranks_label(world_sizes: list[int]) -> str:
+    """'2 ranks', or '2 → 1 ranks' for a run resumed on another number of ranks."""
+    return f"{' → '.join(map(str, world_sizes))} rank{'s' if world_sizes != [1] else ''}"
+
+
 def _mark_resumes(ax, metrics: RunMetrics) -> None:
     for i, step in enumerate(metrics.resumes):
         ax.axvline(step, color="0.6", linestyle=":", linewidth=1, label="resumed" if i == 0 else None)
@@ -80,8 +85,8 @@ def build_figure(metrics: RunMetrics, title: str):
         ax_tps.set_ylabel("tokens / s")
         ax_tps.set_ylim(0, 1.15 * max(metrics.tokens_per_s.values))
         ax_tps.yaxis.set_major_formatter(_formatter(lambda v: f"{v:,.0f}"))
-        if metrics.world_size:
-            ax_tps.set_title(f"throughput ({metrics.world_size} rank{'s' if metrics.world_size > 1 else ''})")
+        if metrics.world_sizes:
+            ax_tps.set_title(f"throughput ({_ranks_label(metrics.world_sizes)})")
         _mark_resumes(ax_tps, metrics)
         ax_tps.legend(loc="lower right")
     else:

@@ -38,8 +38,8 @@ class RunMetrics:
     lr: Series
     slowest_rank: Series
     slowest_forward_ratio: Series
-    resumes: list[int]  # steps a resumed attempt restarted from
-    world_size: int | None
+    resumes: list[int]  # checkpoint steps a resumed attempt restarted from
+    world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
 
 
 TRAIN_KEYS = (
@@ -71,7 +71,8 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
             # a resumed attempt goes back in steps, or (stopped right after a log line) opens with
             # its start-up time
             if step <= last_step or ("startup_s" in r and last_step >= 0):
-                resumes.append(step)
+                # the attempt's first interval began at the checkpoint it resumed from
+                resumes.append(step - int(r.get("interval_steps", 0)))
             last_step = step
             train[step] = r
         elif "valid_loss" in r:
@@ -87,5 +88,6 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
     for step in sorted(valid):
         valid_loss.steps.append(step)
         valid_loss.values.append(float(valid[step]["valid_loss"]))
-    world = next((train[s].get("world_size") for s in sorted(train, reverse=True)), None)
-    return RunMetrics(valid_loss=valid_loss, resumes=sorted(set(resumes)), world_size=world, **out)
+    worlds = [int(train[s]["world_size"]) for s in sorted(train) if train[s].get("world_size")]
+    world_sizes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
+    return RunMetrics(valid_loss=valid_loss, resumes=sorted(set(resumes)), world_sizes=world_sizes, **out)

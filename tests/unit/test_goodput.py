@@ -74,9 +74,9 @@ def test_report_prints_goodput_and_marks_a_resume_that_starts_after_the_last_log
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert load_run_metrics(run).resumes == [30]
+    assert load_run_metrics(run).resumes == [20]  # the checkpoint it resumed from, not its first log line
     out = run_cli(["report", run]).stdout
-    assert "resumed at step(s) 30" in out
+    assert "resumed at step(s) 20" in out
     assert (
         "goodput: 46.2% of 1.1 min (2 attempts) went to training steps that were kept; start-up 38.5%" in out
     )

@@ -12,11 +12,11 @@ from ds_train.report.series import load_run_metrics
 from tests.helpers import run_cli
 
 
-def _train(step: int, loss: float, *, mfu: float | None = 0.4, tps: float = 1000.0) -> dict:
+def _train(step: int, loss: float, *, mfu: float | None = 0.4, tps: float = 1000.0, world: int = 2) -> dict:
     return {"step": step, "loss": loss, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": tps,
-            "tokens_per_s_per_device": tps / 2, "step_time_s": 0.5, "mfu": mfu, "world_size": 2,
+            "tokens_per_s_per_device": tps / world, "step_time_s": 0.5, "mfu": mfu, "world_size": world,
             "data_wait_frac": 0.9 if step == 1 else 0.1, "peak_reserved_gib": 4.0 + step / 8,
-            "alloc_retries": step // 4}  # fmt: skip
+            "alloc_retries": step // 4, "interval_steps": 1}  # fmt: skip
 
 
 def _write(run_dir, records) -> None:
@@ -29,6 +29,7 @@ def resumed_run(tmp_path):
     """Steps 1-6 logged, a crash, a resume from the step-4 checkpoint that re-logs 5-6 and goes on."""
     first = [_train(s, 10.0 - s) for s in range(1, 7)] + [{"step": 4, "valid_loss": 6.5, "valid_ppl": 665.0}]
     second = [_train(s, 9.0 - s, tps=2000.0) for s in range(5, 9)] + [{"step": 8, "valid_loss": 1.5}]
+    first[0]["startup_s"] = second[0]["startup_s"] = 3.0
     _write(tmp_path / "run", first + second)
     return tmp_path / "run"
 
@@ -39,8 +40,23 @@ def test_series_keep_the_resumed_attempt_and_mark_the_resume(resumed_run):
     assert m.loss.values[4:] == [4.0, 3.0, 2.0, 1.0]  # steps 5-6 from the resumed attempt
     assert m.tokens_per_s.values == [1000.0] * 4 + [2000.0] * 4
     assert m.valid_loss.steps == [4, 8] and m.valid_loss.values == [6.5, 1.5]
-    assert m.resumes == [5]
-    assert m.world_size == 2
+    assert m.resumes == [4]  # the checkpoint's step, where the resumed attempt's first interval began
+    assert m.world_sizes == [2]
+
+
+def test_resume_on_other_ranks_and_after_a_whole_interval(tmp_path):
+    """A 2-rank attempt logging every 2 steps stops after its step-4 log line (and checkpoint); a
+    1-rank attempt resumes there: the file never goes back in steps, the start-up time marks it."""
+    first = [{**_train(s, 5.0), "interval_steps": 2} for s in (2, 4)]
+    second = [{**_train(s, 4.0, world=1), "interval_steps": 2} for s in (6, 8)]
+    first[0]["startup_s"] = second[0]["startup_s"] = 3.0
+    _write(tmp_path, first + second)
+    m = load_run_metrics(tmp_path)
+    assert m.resumes == [4] and m.world_sizes == [2, 1]
+    fig = build_figure(m, "elastic")
+    assert (
+        next(ax for ax in fig.axes if ax.get_gid() == "throughput").get_title() == "throughput (2 → 1 ranks)"
+    )
 
 
 def test_figure_has_every_panel_with_the_logged_values(resumed_run):
