@@ -105,6 +105,14 @@ def reshard_checkpoint(
     return CheckpointRef(out_root, tag_dir.name)
 
 
+def needs_universal(state: dict, world_size: int) -> bool:
+    """Whether resuming this checkpoint (its ds_train_state.json) on `world_size` ranks needs a
+    conversion to the universal format first."""
+    if state.get("universal") or state.get("zero_stage", 0) == 0:
+        return False  # world-size free already, or full tensors on every rank
+    return state.get("world_size") not in (None, world_size)
+
+
 def elastic_resume(ref: CheckpointRef, world_size: int, *, is_main: bool) -> tuple[CheckpointRef, bool]:
     """(checkpoint to load, whether DeepSpeed must load it as universal) for resuming on `world_size`.
 
@@ -117,7 +125,7 @@ def elastic_resume(ref: CheckpointRef, world_size: int, *, is_main: bool) -> tup
     state = ref.state()
     if state.get("universal"):
         return ref, True
-    if state.get("world_size") in (None, world_size) or state.get("zero_stage", 0) == 0:
+    if not needs_universal(state, world_size):
         return ref, False
     target = CheckpointRef(ref.root, ref.tag + UNIVERSAL_SUFFIX)
     result = ("ok", "")

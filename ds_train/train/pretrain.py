@@ -119,7 +119,7 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     code, ctx = run_on_this_rank(
         cfg, preflight, lambda ctx, pre, preemption: _run(cfg, ctx, pre, extra_callbacks, preemption)
     )
-    if code == 0 and cfg.train.export_hf and ctx.is_main:
+    if code == 0 and cfg.train.export_hf and ctx is not None and ctx.is_main:
         export_final(cfg.run.output_dir)  # after the process group is gone: no rank waits on it
     return code
 

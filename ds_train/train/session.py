@@ -46,13 +46,19 @@ def run_on_this_rank(
     cfg: Config,
     preflight: Callable[[Config], Any],
     body: Callable[[DistributedContext, Any, PreemptionHandler], int],
-) -> tuple[int, DistributedContext]:
+) -> tuple[int, DistributedContext | None]:
     """The frame of `ds-train pretrain` and `finetune` on one rank: the preemption handler goes in
     before the slow start-up (a signal is then held, not fatal), the checks that need no process
     group run before one exists, and the process group is always torn down: after a clean run the
-    ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context)."""
+    ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context), the context None when
+    there was nothing to do (`finished_elsewhere`)."""
     preemption = PreemptionHandler().install()
     pre = preflight(cfg)
+    done = finished_elsewhere(cfg, pre)
+    if done:
+        configure_logging(pre.launch.rank == 0)
+        log.warning(done)
+        return 0, None
     check_startup(cfg, pre)
     ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
     configure_logging(ctx.is_main)
@@ -63,6 +69,27 @@ def run_on_this_rank(
         raise
     shutdown(wait_for_peers=True)
     return code, ctx
+
+
+def finished_elsewhere(cfg: Config, pre: Any) -> str | None:
+    """A note when the run is already at train.max_steps and its checkpoint comes from another
+    number of ranks: loading it here would convert it to the universal format (fp32 weights and
+    Adam moments, 12 bytes a parameter, kept on disk) only to repeat the final evaluation, so the
+    start stops at once instead. On the run's own number of ranks a finished run still loads (to
+    complete what a killed attempt left after its last checkpoint)."""
+    ref = pre.resume_from
+    if ref is None or ref.step < cfg.train.max_steps:
+        return None
+    from ds_train.convert.reshard import needs_universal
+
+    state = ref.state()
+    if not needs_universal(state, pre.launch.world_size):
+        return None
+    return (
+        f"{cfg.run.output_dir} is finished: its checkpoint {ref.tag} is at train.max_steps="
+        f"{cfg.train.max_steps} (written by {state.get('world_size')} ranks); nothing to train on "
+        f"{pre.launch.world_size} rank(s). Raise train.max_steps to train further."
+    )
 
 
 def check_startup(cfg: Config, pre: Any) -> None:

@@ -270,6 +270,13 @@ def test_elastic_resume_two_to_one_rank_zero3_automatic(tmp_path, shards):
     _assert_same_losses(reference, resumed, range(5, 9))
     # the converted copy is cleaned up once the run has its own checkpoint
     assert not list((resumed / "checkpoints").glob("*.universal"))
+    # the finished 2-rank reference started again on 1 rank: nothing to train, nothing converted
+    before = (reference / "metrics.jsonl").read_text()
+    again = base_config(reference, shards, train=train, zero={"stage": 3})
+    proc = torchrun(["pretrain", write_config(tmp_path / "again.yaml", again)], nproc=1)
+    assert "is finished" in proc.stderr
+    assert (reference / "metrics.jsonl").read_text() == before
+    assert not list((reference / "checkpoints").glob("*.universal"))
 
 
 def test_elastic_resume_one_to_two_ranks_by_convert_reshard(tmp_path, shards):
