@@ -218,7 +218,9 @@ def read_members(path: str | os.PathLike, seq_len: int, dtype: np.dtype) -> list
                 head = fh.read(min(info.size, 4096))
                 try:
                     hlen, dt, shape = parse_npy_header(head)
-                except ValueError as e:
+                # numpy parses the header dict with Python's tokenizer and literal_eval: damaged
+                # bytes raise ValueError, SyntaxError, tokenize.TokenError, TypeError, ...
+                except Exception as e:
                     raise ShardReadError(
                         f"{path}: member {info.name} at byte {info.offset_data} is not a valid .npy array ({e})",
                         info.offset,

@@ -94,7 +94,9 @@ class ShardMasks:
             try:  # a member cut short or rewritten: numpy's and json's errors, named
                 masks.append(np.load(io.BytesIO(entry[MASK_MEMBER_SUFFIX]), allow_pickle=False))
                 starts.extend(json.loads(entry[META_MEMBER_SUFFIX])["doc_starts"])
-            except (ValueError, KeyError, EOFError) as e:
+            # numpy parses a damaged header with Python's tokenizer (SyntaxError, TokenError, ...);
+            # damaged metadata may hold the wrong types (TypeError): all mean an unreadable member
+            except Exception as e:
                 raise DataError(f"shard {uri}: member {key}: unreadable SFT mask or metadata ({e})") from None
         mask = np.concatenate(masks) if masks else np.zeros((0, shard_set.seq_len + 1), dtype=np.uint8)
         if len(mask) != int(shard_set.rows[i]) or len(starts) != len(mask):

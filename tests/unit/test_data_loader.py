@@ -238,6 +238,22 @@ def test_truncated_shard_error_names_shard_and_offset(broken_shards):
         RowReader(plan.sources, None).read(*_all_rows_of(plan, 1))
 
 
+def test_a_damaged_array_header_is_named_not_a_traceback(small_members, tmp_path):
+    """numpy parses .npy headers with Python's tokenizer: one damaged byte there raised
+    tokenize.TokenError, which escaped the reader (found by flipping random bytes of a shard)."""
+    out = tmp_path / "train"
+    shutil.copytree(small_members, out)
+    plan = build_plan(str(out), seed=3, shuffle=False, window=1)
+    path = out / plan.sources[0].names[1]
+    data = path.read_bytes()
+    header = data.index(b"{'descr'")
+    path.write_bytes(data[:header] + data[header:].replace(b"}", b"(", 1))  # the dict left open
+    with pytest.raises(DataError, match=rf"{path.name}: member .* at byte \d+ is not a valid .npy array"):
+        RowReader(plan.sources, None).read(*_all_rows_of(plan, 1))
+    _, lost = RowReader(plan.sources, None, skip_corrupt=True).read(*_all_rows_of(plan, 1))
+    assert lost.all()  # its first member: nothing readable before it
+
+
 def test_skip_corrupt_replaces_lost_rows_with_ignored_padding_and_counts_them(broken_shards):
     plan = build_plan(str(broken_shards), seed=3, shuffle=False, window=1)
     reader = RowReader(plan.sources, None, skip_corrupt=True)

@@ -196,3 +196,10 @@ def test_a_corrupt_sft_shard_is_named_or_skipped_with_data_skip_corrupt(tmp_path
     assert batch["num_targets"] == (batch["labels"] != -100).sum()
     intact = SftShardBatches(plan, layout, 0, 0, objective, None).batch_at(np.arange(int(rows[0])), 0)
     assert torch.equal(intact["labels"], batch["labels"][: int(rows[0])])  # shard 0 as without the fault
+    # a damaged byte in a loss mask's .npy header (numpy's tokenizer raised TokenError before)
+    first = tmp_path / "out" / "train" / plan.sources[0].names[0]
+    data = first.read_bytes()
+    mask_header = data.index(b"{'descr'", data.index(b".mask.npy"))
+    first.write_bytes(data[:mask_header] + data[mask_header:].replace(b"}", b"(", 1))
+    with pytest.raises(DataError, match=rf"{first.name}: member .* unreadable SFT mask or metadata"):
+        SftShardBatches(plan, layout, 0, 0, objective, None).batch_at(np.arange(int(rows[0])), 0)
