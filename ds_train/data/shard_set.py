@@ -87,7 +87,15 @@ def load_shard_set(spec: str) -> ShardSet:
         manifest = json.loads(raw)
     except json.JSONDecodeError as e:
         raise DataError(f"{manifest_uri}: not valid JSON ({e})") from None
-    return shard_set_from_manifest(location, manifest, selected, manifest_uri)
+    try:
+        return shard_set_from_manifest(location, manifest, selected, manifest_uri)
+    except DataError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing or of the wrong type
+        raise DataError(
+            f"{manifest_uri}: not a shard manifest ds-train can read ({type(e).__name__}: {e}); "
+            "re-create the shards with `ds-train shard`, or check the file was not edited"
+        ) from None
 
 
 def shard_set_from_manifest(
@@ -151,7 +159,11 @@ def _split_spec(spec: str) -> tuple[str, list[str] | None]:
 def read_text(uri: str) -> str:
     from ds_train.data.remote import read_bytes
 
-    return read_bytes(uri).decode()
+    data = read_bytes(uri)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{uri}: not UTF-8 text ({e})") from None
 
 
 def parse_sources(value) -> list[tuple[str, float]]:

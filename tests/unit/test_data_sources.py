@@ -190,3 +190,25 @@ def test_weighted_mixture_of_two_shard_sets(shards):
     for bad in ([{"path": "x", "weight": 0}], [{"path": "x", "wieght": 1}], 42):
         with pytest.raises(DataError):
             parse_sources(bad)
+
+
+def test_a_damaged_manifest_is_one_named_error(shards, tmp_path):
+    """A manifest with a field missing, of the wrong type, or not UTF-8 (hand-edited, or damaged
+    on disk) used to raise KeyError / TypeError / UnicodeDecodeError from deep in the loader."""
+    import json
+    import shutil
+
+    copy = tmp_path / "train"
+    shutil.copytree(shards / "train", copy)
+    manifest = json.loads((copy / "index.json").read_text())
+    for damaged in (
+        {k: v for k, v in manifest.items() if k != "dtype"},
+        {**manifest, "dtype": "u5nt16"},
+        {**manifest, "shards": [{"rows": 3}]},
+    ):
+        (copy / "index.json").write_text(json.dumps(damaged))
+        with pytest.raises(DataError, match=r"index.json: not a shard manifest ds-train can read"):
+            load_shard_set(str(copy))
+    (copy / "index.json").write_bytes(json.dumps(manifest).encode().replace(b'"seq_len"', b'"seq\xff_len"'))
+    with pytest.raises(DataError, match=r"index.json: not UTF-8 text"):
+        load_shard_set(str(copy))
