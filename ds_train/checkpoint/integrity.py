@@ -12,14 +12,26 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ds_train.checkpoint.layout import LATEST, CheckpointRef, complete_checkpoints
 from ds_train.checksum import file_sha256
 from ds_train.errors import RunFailure
 
-__all__ = ["CheckpointDamaged", "digest", "file_sha256", "manifest_problems"]
+__all__ = ["CheckpointDamaged", "damaged_message", "digest", "file_sha256", "manifest_problems"]
 
 
 class CheckpointDamaged(RunFailure):
     """A checkpoint's files differ from its manifest (missing, truncated, altered)."""
+
+
+def damaged_message(ref: CheckpointRef, problems: list[str]) -> str:
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+    older = [r for r in complete_checkpoints(ref.root) if r.step < ref.step]
+    hint = (
+        f"to resume from the one before, write {older[-1].tag} into {ref.root / LATEST}"
+        if older
+        else "no earlier checkpoint is left"
+    )
+    return f"checkpoint {ref.path} is damaged ({shown}): refusing to load it; {hint}"
 
 
 def digest(path: str | os.PathLike) -> tuple[int, str]:

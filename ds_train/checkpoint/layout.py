@@ -50,14 +50,33 @@ class CheckpointRef:
         return int(m.group(1)) if m else -1
 
     def state(self) -> dict:
-        return json.loads((self.path / STATE_FILE).read_text())
+        return read_state(self)
+
+
+def read_state(ref: CheckpointRef) -> dict:
+    """The checkpoint's ds_train_state.json. One that does not parse, or has no integer step (a
+    damaged disk, a copy cut short), makes the checkpoint damaged (CheckpointDamaged, one line
+    naming it and the one before), never a JSON traceback."""
+    try:
+        state = json.loads((ref.path / STATE_FILE).read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        problem = f"{STATE_FILE} is not readable JSON: {e}"
+    else:
+        if isinstance(state, dict) and isinstance(state.get("step"), int):
+            return state
+        problem = f"{STATE_FILE} holds no step"
+    from ds_train.checkpoint.integrity import CheckpointDamaged, damaged_message  # it imports this module
+
+    raise CheckpointDamaged(damaged_message(ref, [problem]))
 
 
 def recorded_state(tag_dir: str | os.PathLike) -> dict:
     """What ds_train recorded about a checkpoint (its ds_train_state.json), or {} for one saved by
     plain DeepSpeed. Conversion reads it once and passes it down."""
-    state = Path(tag_dir) / STATE_FILE
-    return json.loads(state.read_text()) if state.is_file() else {}
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / STATE_FILE).is_file():
+        return {}
+    return read_state(CheckpointRef(tag_dir.parent, tag_dir.name))
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:

@@ -18,7 +18,7 @@ import torch
 
 from ds_train.checkpoint.background import BackgroundWriter, HostMemory
 from ds_train.checkpoint.deepspeed_io import hashed_writes, is_plain_torch_writer, safe_loading
-from ds_train.checkpoint.integrity import CheckpointDamaged, digest, manifest_problems
+from ds_train.checkpoint.integrity import CheckpointDamaged, damaged_message, digest, manifest_problems
 from ds_train.checkpoint.layout import (
     CONFIG_FILE,
     LATEST,
@@ -44,17 +44,6 @@ class CheckpointWriteError(RunFailure):
     """A checkpoint could not be written; the previous one is intact and still `latest`."""
 
     every_rank = True  # raised after the ranks gathered each other's write errors
-
-
-def damaged_message(ref: CheckpointRef, problems: list[str]) -> str:
-    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
-    older = [r for r in complete_checkpoints(ref.root) if r.step < ref.step]
-    hint = (
-        f"to resume from the one before, write {older[-1].tag} into {ref.root / LATEST}"
-        if older
-        else "no earlier checkpoint is left"
-    )
-    return f"checkpoint {ref.path} is damaged ({shown}): refusing to load it; {hint}"
 
 
 class CheckpointManager:

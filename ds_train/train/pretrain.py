@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
-from ds_train.checkpoint.integrity import manifest_problems
+from ds_train.checkpoint.integrity import CheckpointDamaged, damaged_message, manifest_problems
 from ds_train.checkpoint.layout import (
     HF_CONFIG_DIR,
     TOKENIZER_DIR,
@@ -25,7 +25,6 @@ from ds_train.checkpoint.layout import (
     checkpoints_dir,
     latest_checkpoint,
 )
-from ds_train.checkpoint.manager import CheckpointDamaged, damaged_message
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
 from ds_train.data.loader import DataPlan, MicroBatches, build_plan, load_shard_sets, make_loader
 from ds_train.data.shard_format import tokenizer_fingerprint

@@ -70,7 +70,7 @@ def test_no_universal_checkpoint_is_made_from_an_nvme_optimizer_checkpoint(tmp_p
 
     tag = tmp_path / "step_00000004"
     tag.mkdir()
-    (tag / "ds_train_state.json").write_text(json.dumps({"world_size": 2, LAYOUT_KEY: []}))
+    (tag / "ds_train_state.json").write_text(json.dumps({"step": 4, "world_size": 2, LAYOUT_KEY: []}))
     with pytest.raises(CheckpointError, match="offloaded to NVMe"):
         to_universal(tag, tmp_path / "out")
     assert not (tmp_path / "out").exists()
