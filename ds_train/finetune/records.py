@@ -159,10 +159,16 @@ def class_names(section: FinetuneSection, train_values: set) -> list[str]:
 
 
 def label_id(value: str | int, names: list[str]) -> int:
-    """Class id of a label: a name from `names`, or an integer id below len(names)."""
+    """Class id of a label: a name from `names`, or an integer id below len(names).
+
+    An integer is read as an id only when the class names are not integers themselves: with
+    classes "0", "1", "3" (integer labels, named by themselves) a label 2 is no class, not the
+    third one."""
     if isinstance(value, int):
         if str(value) in names:  # integer labels named by themselves ("0", "1", ...)
             return names.index(str(value))
+        if all(n.lstrip("-").isdigit() for n in names):
+            raise ExampleError(f"label {value} is not one of the classes {names[:10]}")
         if 0 <= value < len(names):
             return value
         raise ExampleError(f"label {value} is not a class id (0..{len(names) - 1})")

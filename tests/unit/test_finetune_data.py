@@ -14,7 +14,7 @@ from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.finetune.batches import ExampleBatches
 from ds_train.finetune.classification import SequenceClassification
 from ds_train.finetune.dataset import ExampleSet, data_fingerprint, prepare_splits
-from ds_train.finetune.records import check_examples, label_id, split_specs
+from ds_train.finetune.records import ExampleError, check_examples, label_id, split_specs
 from ds_train.objectives.base import IGNORE_INDEX
 from tests.helpers import TOKENIZER
 
@@ -97,6 +97,21 @@ def test_class_names_sorted_or_configured_and_integer_ids(tmp_path):
     assert check_examples(section, split_specs(section)) == ["b", "a"]
     assert label_id(1, ["neg", "pos"]) == 1 and label_id("pos", ["neg", "pos"]) == 1
     assert label_id(3, ["0", "3", "7"]) == 1  # integer labels named by themselves
+
+
+def test_an_integer_label_missing_from_train_is_refused_not_read_as_an_index(tmp_path):
+    """Train labels 0, 1, 3 make the classes "0", "1", "3": a validation label 2 used to be read as
+    class id 2, i.e. class "3", and scored as such (accuracy 1.0 on examples of another class)."""
+    section = FinetuneSection(
+        task="classification",
+        train_file=_jsonl(tmp_path / "t.jsonl", _texts(6, (0, 1, 3))),
+        valid_file=_jsonl(tmp_path / "v.jsonl", _texts(2, (2,))),
+    )
+    with pytest.raises(DataError, match=r"valid split .*label 2 is not one of the classes \['0', '1', '3'\]"):
+        check_examples(section, split_specs(section))
+    for value, names in ((0, ["1", "2", "3"]), (1, ["5", "7"])):  # ids not 0..K-1 in train
+        with pytest.raises(ExampleError, match=f"label {value} is not one of the classes"):
+            label_id(value, names)
 
 
 def test_valid_fraction_split_is_disjoint_and_stable(tmp_path):
