@@ -64,7 +64,7 @@ def register(sub) -> None:
 def prepare(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError, load_config
     from ds_train.config.loader import repo_configs_dir
-    from ds_train.distributed.requeue import AttemptLog, job_alive
+    from ds_train.distributed.requeue import AttemptLog, job_alive, max_failures_from_env
     from ds_train.distributed.slurm_launch import (
         Allocation,
         SlurmLaunchError,
@@ -74,6 +74,7 @@ def prepare(args: argparse.Namespace) -> int:
     )
 
     cfg = load_config(args.config, args.overrides)
+    max_failures_from_env()  # a bad DS_TRAIN_MAX_FAILURES fails here, not at the requeue decision
     try:
         alloc = Allocation.from_env(os.environ)
         python = split_words(os.environ.get("DS_TRAIN_TASK_PYTHON")) or split_words(

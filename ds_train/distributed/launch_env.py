@@ -88,10 +88,15 @@ def _which_launcher(env: Mapping[str, str]) -> str:
     return "env"
 
 
+PORT_BASE, PORT_SPAN = 15000, 17768  # 15000-32767: below Linux's ephemeral ports (32768-60999),
+# which outgoing connections take at random and could hold the rendezvous port
+
+
 def port_for_job(job_id: str | int) -> int:
-    """A port every task of a Slurm job derives alike: 15000 + job id mod 20000."""
+    """A port every task of a Slurm job derives alike: 15000 + job id mod 17768 (consecutive jobs,
+    the likeliest to share a node, get different ports)."""
     digits = re.sub(r"\D", "", str(job_id)) or "0"
-    return 15000 + int(digits) % 20000
+    return PORT_BASE + int(digits) % PORT_SPAN
 
 
 def expand_hostlist(hostlist: str) -> list[str]:

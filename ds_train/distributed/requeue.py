@@ -147,12 +147,13 @@ class AttemptLog:
         return record
 
     def running_job(self) -> str | None:
-        """The job id of the newest attempt that has a start and no end (None if all ended)."""
+        """The job id of the newest attempt that has a start and no end, or whose end requeued it
+        (it is pending again; the caller asks Slurm whether it still is). None if all ended."""
         open_job = None
         for r in self.records():
             if r.get("event") == "start":
                 open_job = r.get("job_id")
-            elif r.get("event") == "end" and r.get("job_id") == open_job:
+            elif r.get("event") == "end" and r.get("job_id") == open_job and not r.get("requeue"):
                 open_job = None
         return open_job
 

@@ -122,8 +122,14 @@ def submit_merge_once(shard_args: Sequence[str], task: ArrayTask, env: Mapping[s
         cmd.append(f"--cpus-per-task={env['SLURM_CPUS_PER_TASK']}")
     cmd += split_words(env.get("DS_TRAIN_SHARD_MERGE_ARGS"))
     cmd += [script, *shard_args]
-    # The merge job must not inherit this task's array identity (sbatch exports the environment).
-    child_env = {k: v for k, v in env.items() if not k.startswith(("SLURM_ARRAY_", "SLURM_JOB_", "SBATCH_"))}
+    # The merge job must not inherit this task's array identity (sbatch exports the environment):
+    # the job's own SLURM_* go, and an --array given as SBATCH_ARRAY_INX. The user's other SBATCH_*
+    # defaults (QoS, time limit, reservation, constraint, ...) stay: sites may require them.
+    child_env = {
+        k: v
+        for k, v in env.items()
+        if not k.startswith(("SLURM_ARRAY_", "SLURM_JOB_")) and k != "SBATCH_ARRAY_INX"
+    }
     out = subprocess.run(cmd, capture_output=True, text=True, env=child_env, timeout=120)
     if out.returncode != 0:
         raise ValueError(f"submitting the merge job failed: {out.stderr.strip()}")

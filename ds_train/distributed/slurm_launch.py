@@ -21,7 +21,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ds_train.distributed.launch_env import expand_hostlist, port_for_job
+from ds_train.distributed.launch_env import PORT_BASE, PORT_SPAN, expand_hostlist, port_for_job
 
 STYLES = ("srun", "torchrun", "accelerate")
 
@@ -71,7 +71,8 @@ class Allocation:
 
 def ranks_per_node(env: Mapping[str, str]) -> int:
     """Training processes per node: DS_TRAIN_GPUS_PER_NODE, else the GPUs Slurm allocated per node
-    (--gpus-per-node, which may name a type: `a100:8`), else --ntasks-per-node, else 1."""
+    (--gpus-per-node, which may name a type: `a100:8`), else --ntasks-per-node, else the tasks
+    Slurm placed on each node (`-n N` alone; refused when uneven), else 1."""
     for key in (
         "DS_TRAIN_GPUS_PER_NODE",
         "SLURM_GPUS_PER_NODE",
@@ -84,13 +85,21 @@ def ranks_per_node(env: Mapping[str, str]) -> int:
             return int(m.group(1))
         if key == "DS_TRAIN_GPUS_PER_NODE" and value:
             raise SlurmLaunchError(f"DS_TRAIN_GPUS_PER_NODE must be a positive integer, got {value!r}")
-    return 1
+    # `sbatch -n N` without --ntasks-per-node: only SLURM_TASKS_PER_NODE says, e.g. "2(x3)" or "3,1"
+    tasks = env.get("SLURM_TASKS_PER_NODE", "")
+    counts = {int(m.group(1)) for m in re.finditer(r"(\d+)(?:\(x\d+\))?", tasks)}
+    if len(counts) > 1:
+        raise SlurmLaunchError(
+            f"Slurm placed a different number of tasks on each node (SLURM_TASKS_PER_NODE={tasks}); "
+            "ds_train runs as many ranks on every node: give sbatch --ntasks-per-node (or --gpus-per-node)"
+        )
+    return max(counts.pop(), 1) if counts else 1
 
 
 def rendezvous_port(job_id: str | int, restart: int = 0) -> int:
-    """launch_env's port for the job, shifted per requeue (the range stays 15000-34999)."""
-    base = port_for_job(job_id) - 15000
-    return 15000 + (base + 997 * restart) % 20000
+    """launch_env's port for the job, shifted per requeue (the range stays 15000-32767)."""
+    base = port_for_job(job_id) - PORT_BASE
+    return PORT_BASE + (base + 997 * restart) % PORT_SPAN
 
 
 def step_command(

@@ -97,6 +97,8 @@ def test_attempt_log_counts_failures_per_job(tmp_path):
     log.start("81", 0)
     assert log.running_job() == "81"
     assert log.finish("81", 0, exit_code=137, signal=None, max_failures=2).requeue
+    # requeued, so pending again: still the run directory's job (another job used to be let in)
+    assert log.running_job() == "81"
     log.start("81", 1)
     stop = log.finish("81", 1, exit_code=137, signal=None, max_failures=2)
     assert (stop.requeue, stop.failures) == (False, 2)
@@ -156,6 +158,11 @@ def test_allocation_from_the_batch_environment():
     assert (a.master_addr, a.ranks_per_node, a.world_size, a.restart) == ("gpu-07", 8, 24, 2)
     assert _alloc(SLURM_GPUS_ON_NODE="4").ranks_per_node == 4  # --gres=gpu:4
     assert _alloc(SLURM_NTASKS_PER_NODE="2").ranks_per_node == 2  # CPU-only
+    # `sbatch -n 6` alone sets only SLURM_TASKS_PER_NODE (it used to give 1 rank per node, silently)
+    assert _alloc(SLURM_TASKS_PER_NODE="2(x3)").ranks_per_node == 2
+    assert _alloc(SLURM_TASKS_PER_NODE="1(x3)").ranks_per_node == 1
+    with pytest.raises(SlurmLaunchError, match=r"SLURM_TASKS_PER_NODE=3,2\(x2\).*--ntasks-per-node"):
+        _alloc(SLURM_TASKS_PER_NODE="3,2(x2)")
     assert _alloc(DS_TRAIN_GPUS_PER_NODE="2", SLURM_GPUS_PER_NODE="8").ranks_per_node == 2
     with pytest.raises(SlurmLaunchError):
         _alloc(DS_TRAIN_GPUS_PER_NODE="many")
@@ -165,7 +172,7 @@ def test_allocation_from_the_batch_environment():
 
 def test_rendezvous_port_is_derived_from_the_job_and_moves_per_requeue():
     ports = [rendezvous_port("4242", r) for r in range(50)]
-    assert all(15000 <= p < 35000 for p in ports)
+    assert all(15000 <= p < 32768 for p in ports)  # below Linux's ephemeral ports
     assert len(set(ports)) == 50  # a requeued attempt never meets the last attempt's port
     assert rendezvous_port("4242", 0) == rendezvous_port(4242, 0) != rendezvous_port("4243", 0)
     assert _alloc(SLURM_RESTART_COUNT="1").master_port == rendezvous_port("4242", 1)
@@ -430,3 +437,47 @@ def test_prepare_prints_bash_the_batch_script_can_eval(tmp_path, command):
         None,
         command,
     )
+    # a bad DS_TRAIN_MAX_FAILURES is refused before the attempt starts, not after training, when
+    # the requeue decision needs it (a preempted job was then not requeued)
+    bad = subprocess.run(
+        [sys.executable, "-m", "ds_train", "slurm", "prepare", command, str(cfg)],
+        capture_output=True,
+        text=True,
+        env={**env, "DS_TRAIN_MAX_FAILURES": "five"},
+        cwd=REPO,
+    )
+    assert bad.returncode == 2 and "DS_TRAIN_MAX_FAILURES must be a positive integer" in bad.stderr
+    assert len(AttemptLog(run).records()) == 1  # no second start recorded
+
+
+def test_the_merge_job_keeps_the_users_sbatch_defaults(tmp_path, monkeypatch):
+    """The shard array's merge job is submitted from inside an array task: it drops the task's own
+    SLURM_ARRAY_* / SLURM_JOB_* identity, but keeps the user's SBATCH_* defaults (QoS, time limit),
+    which it used to drop, so a site requiring a QoS rejected the merge."""
+    import ds_train.distributed.slurm_array as slurm_array
+
+    seen = {}
+
+    def fake_sbatch(cmd, env, **kwargs):
+        seen.update(cmd=cmd, env=env)
+        return subprocess.CompletedProcess(cmd, 0, stdout="991;cluster\n", stderr="")
+
+    monkeypatch.setattr(slurm_array.subprocess, "run", fake_sbatch)
+    env = {
+        "DS_TRAIN_SBATCH_SCRIPT": "slurm/shard_array.sbatch",
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_JOB_ID": "990",
+        "SBATCH_QOS": "high",
+        "SBATCH_TIMELIMIT": "00:07:00",
+        "SBATCH_ARRAY_INX": "0-1",
+        "PATH": "/usr/bin",
+    }
+    task = slurm_array.ArrayTask("990", 0, 2, True)
+    job = slurm_array.submit_merge_once(["docs.jsonl", "--output", str(tmp_path / "out")], task, env)
+    assert job == "991" and "--dependency=afterok:990" in seen["cmd"]
+    assert {k: seen["env"].get(k) for k in ("SBATCH_QOS", "SBATCH_TIMELIMIT", "PATH")} == {
+        "SBATCH_QOS": "high",
+        "SBATCH_TIMELIMIT": "00:07:00",
+        "PATH": "/usr/bin",
+    }
+    assert not {"SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID", "SBATCH_ARRAY_INX"} & set(seen["env"])
