@@ -102,7 +102,9 @@ class ModelSection:
         "causal_lm only: masked_lm attends across the whole packed row, as BERT's pretraining did.",
     )
     pad_vocab_multiple: int = doc(
-        1, "Round the embedding size up to a multiple of this (64 or 128 helps GPU matmuls)."
+        1,
+        "Round the embedding size up to a multiple of this (64 or 128 helps GPU matmuls). model.config only: "
+        "a model.init_from model keeps its embeddings.",
     )
     loss_chunk_tokens: int = doc(
         1024,
@@ -146,11 +148,17 @@ class TrainSection:
         REQUIRED,
         "Sequences per forward pass on one rank. Gradient accumulation is derived, never configured.",
     )
-    lr: float = doc(3e-4, "Peak learning rate.")
+    lr: float = doc(
+        3e-4,
+        "Peak learning rate. A resume uses this value (and the optimizer settings below), not the checkpoint's.",
+    )
     min_lr_ratio: float = doc(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
-    warmup_steps: int = doc(0, "Linear warmup steps from 0 to lr.")
+    warmup_steps: int = doc(
+        0, "Linear warmup steps: step k (1-based) of the warmup trains with lr × k / warmup_steps."
+    )
     schedule: Literal["cosine", "linear", "constant"] = doc(
-        "cosine", "Decay after warmup, down to lr × min_lr_ratio at max_steps."
+        "cosine",
+        "Decay after warmup, down to lr × min_lr_ratio at max_steps (the last step trains just above it).",
     )
     weight_decay: float = doc(
         0.1, "AdamW weight decay, applied to matrices (ndim ≥ 2) only: never to biases or norm weights."

@@ -39,6 +39,11 @@ def _check_model(cfg: Config) -> None:
         raise ConfigError(f"model.config: file not found: {m.config}")
     if m.init_from is not None and not (Path(m.init_from) / "config.json").is_file():
         raise ConfigError(f"model.init_from: no config.json in {m.init_from}")
+    if m.init_from is not None and m.pad_vocab_multiple != 1:
+        raise ConfigError(
+            "model.pad_vocab_multiple applies to a model built from model.config; a model from "
+            "model.init_from keeps its trained embedding size"
+        )
     tokenizer = m.tokenizer or m.init_from
     if tokenizer is None:
         raise ConfigError(
@@ -97,6 +102,11 @@ def _check_train(cfg: Config) -> None:
             raise ConfigError(f"{key} must be ≥ 0, got {value}")
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+    for key, value in {"train.adam_beta1": t.adam_beta1, "train.adam_beta2": t.adam_beta2}.items():
+        if not 0 <= value < 1:  # torch's AdamW checks this only when the engine is built
+            raise ConfigError(f"{key} must be within [0, 1), got {value}")
+    if not t.adam_eps >= 0:
+        raise ConfigError(f"train.adam_eps must be ≥ 0, got {t.adam_eps}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {t.min_lr_ratio}")
     if not 0 < cfg.data.mlm_probability < 1:

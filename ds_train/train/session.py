@@ -51,10 +51,10 @@ def run_on_this_rank(
     before the slow start-up (a signal is then held, not fatal), the checks that need no process
     group run before one exists, and the process group is always torn down: after a clean run the
     ranks meet first; after an error see `shutdown_after_error`. Returns (exit code, context), the context None when
-    there was nothing to do (`finished_elsewhere`)."""
+    there was nothing to do (`nothing_to_train`)."""
     preemption = PreemptionHandler().install()
     pre = preflight(cfg)
-    done = finished_elsewhere(cfg, pre)
+    done = nothing_to_train(cfg, pre)
     if done:
         configure_logging(pre.launch.rank == 0)
         log.warning(done)
@@ -71,15 +71,20 @@ def run_on_this_rank(
     return code, ctx
 
 
-def finished_elsewhere(cfg: Config, pre: Any) -> str | None:
-    """A note when the run is already at train.max_steps and its checkpoint comes from another
-    number of ranks: loading it here would convert it to the universal format (fp32 weights and
-    Adam moments, 12 bytes a parameter, kept on disk) only to repeat the final evaluation, so the
-    start stops at once instead. On the run's own number of ranks a finished run still loads (to
-    complete what a killed attempt left after its last checkpoint)."""
+def nothing_to_train(cfg: Config, pre: Any) -> str | None:
+    """A note when the start has nothing to do, so it ends at once: the latest checkpoint is beyond
+    train.max_steps (lowered since), or at it and written by another number of ranks, where loading
+    it would convert it to the universal format (fp32 weights and Adam moments, 12 bytes a
+    parameter, kept on disk) only to repeat the final evaluation. A run at max_steps on its own
+    number of ranks still loads (to complete what a killed attempt left after its last checkpoint)."""
     ref = pre.resume_from
     if ref is None or ref.step < cfg.train.max_steps:
         return None
+    if ref.step > cfg.train.max_steps:
+        return (
+            f"{cfg.run.output_dir}: its checkpoint {ref.tag} is beyond train.max_steps={cfg.train.max_steps}; "
+            "nothing to train. Raise train.max_steps to train further, or use another run.output_dir."
+        )
     from ds_train.convert.reshard import needs_universal
 
     state = ref.state()
@@ -146,17 +151,17 @@ def build_trainer(
         resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main)
         if universal:
             ds_config = with_universal_loading(ds_config)
-    engine = build_engine(
-        model,
-        param_groups(model, cfg.train.weight_decay),
-        ds_config,
-        lr_multiplier(
-            cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
-        ),
+    lr_lambda = lr_multiplier(
+        cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
     )
+    engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lr_lambda)
     start_step = 0
     if resume_from is not None:
+        configured = optimizer_settings(engine)
         start_step = checkpoints.load(engine, resume_from)["step"]
+        changed = restore_optimizer_settings(engine, configured, lr_lambda)
+        if changed and ctx.is_main:
+            log.warning("resuming with this config's optimizer settings, not the checkpoint's: %s", changed)
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(
@@ -234,6 +239,40 @@ def build_trainer(
         callbacks=callbacks,
     )
     return trainer
+
+
+OPTIMIZER_KEYS = ("initial_lr", "betas", "eps", "weight_decay")  # what a resume takes from the config
+
+
+def optimizer_settings(engine: Any) -> list[dict]:
+    """Each parameter group's configured hyperparameters, as the engine was built from the config."""
+    groups = engine.lr_scheduler.optimizer.param_groups
+    return [{k: g[k] for k in OPTIMIZER_KEYS if k in g} for g in groups]
+
+
+def restore_optimizer_settings(engine: Any, configured: list[dict], lr_lambda: Callable[[int], float]) -> str:
+    """After loading a checkpoint: the config's peak lr, betas, eps and weight decay again, and the
+    current lr from the config's schedule at the resumed step. DeepSpeed restores the checkpoint's
+    (LambdaLR's base_lrs and the optimizer's groups), so a run resumed with a lower train.lr, e.g.
+    after a loss spike, went on at the old one, silently. Unchanged settings give the very lr the
+    scheduler had (the same product), so an exact resume stays exact. Returns what changed."""
+    scheduler = engine.lr_scheduler
+    groups = scheduler.optimizer.param_groups
+    changes = []
+    for group, wanted in zip(groups, configured, strict=True):
+        for key, value in wanted.items():
+            old = group.get(key)
+            if _as_list(old) != _as_list(value):  # betas come back as a list or a tuple
+                changes.append(f"{'lr' if key == 'initial_lr' else key} {old} → {value}")
+            group[key] = value
+    scheduler.base_lrs = [g["initial_lr"] for g in groups]
+    for group, base in zip(groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    return "; ".join(dict.fromkeys(changes))
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -103,6 +103,7 @@ class Trainer:
         self._activity: str | None = None  # what a collective failure interrupted, if not a step
         self._process_start = time.monotonic() - process_age_s()  # this process's start, monotonic
         self._startup_s: float | None = None
+        self._step_lr = 0.0  # the learning rate of the last step taken
         self._writes_busy = False  # some rank's background checkpoint writes were running at the last step
         self.stragglers = StragglerWatch(
             ctx.device, ctx.rank, ctx.world_size, settings.straggler_ratio, engine
@@ -178,6 +179,7 @@ class Trainer:
                     self._log(pending, interval_start, waited, side)
                 return self._stop_for_requeue()
             self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
+            self._step_lr = float(self.engine.get_lr()[0])  # this step's; the scheduler moves on in it
             losses = self._train_step(micro, global_targets)
             self.step += 1
             self._unchecked = (micro, losses)
@@ -353,7 +355,7 @@ class Trainer:
         record = {
             "step": self.step,
             "loss": loss,
-            "lr": float(self.engine.get_lr()[0]),
+            "lr": self._step_lr,  # the rate the interval's last step trained with
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens": self.step * tokens_step,
             "samples": self.step * self.layout.global_batch_size,

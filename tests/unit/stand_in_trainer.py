@@ -19,17 +19,24 @@ COMPUTE_S = 0.01  # the stand-in engine's step
 
 
 class StandInEngine:
+    """Its learning rate is 1e-3 × (optimizer steps taken + 1), moved at each step's last micro-batch
+    as DeepSpeed's scheduler is."""
+
+    def __init__(self):
+        self.micro_steps = 0
+
     def backward(self, loss, scale_wrt_gas=True):
         pass
 
     def step(self):
         time.sleep(COMPUTE_S / MICRO)
+        self.micro_steps += 1
 
     def get_global_grad_norm(self):
         return 1.0
 
     def get_lr(self):
-        return [1e-3]
+        return [1e-3 * (self.micro_steps // MICRO + 1)]
 
 
 class ConstantLoss:

@@ -74,6 +74,9 @@ CASES = [
     ),
     ("negative-lr", {}, ["train.lr=-1"], "train.lr must be > 0"),
     ("min-lr-ratio", {}, ["train.min_lr_ratio=2"], "train.min_lr_ratio must be within [0, 1]"),
+    ("adam-beta1", {}, ["train.adam_beta1=1.5"], "train.adam_beta1 must be within [0, 1)"),
+    ("adam-beta2", {}, ["train.adam_beta2=1"], "train.adam_beta2 must be within [0, 1)"),
+    ("adam-eps", {}, ["train.adam_eps=-1"], "train.adam_eps must be ≥ 0"),
     ("zero-preset", {}, ["zero.preset=stage7"], "zero.preset 'stage7' not found"),
     (
         "no-shards",

@@ -10,7 +10,7 @@ from ds_train.config import ConfigError, describe, load_config, validate
 from ds_train.config.loader import all_keys
 from ds_train.config.schema import SECTIONS
 from ds_train.distributed.deepspeed_config import batch_layout
-from tests.helpers import base_config, write_config
+from tests.helpers import REPO, base_config, write_config
 
 
 @pytest.fixture
@@ -112,6 +112,21 @@ def test_compile_is_refused_under_zero3_only(cfg_file):
     for stage in (0, 1, 2):
         validate(load_config(cfg_file, ["model.compile=true", f"zero.stage={stage}"]))
     validate(load_config(cfg_file, ["zero.stage=3"]))
+
+
+def test_pad_vocab_multiple_is_refused_with_init_from(cfg_file, tmp_path):
+    """It only shapes a model built from model.config; with init_from it was silently ignored."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "llama"}')
+    base = [
+        "model.config=null",
+        f"model.init_from={hf}",
+        f"model.tokenizer={REPO}/configs/tokenizers/stdlib-bpe-4k",
+    ]
+    validate(load_config(cfg_file, base))
+    with pytest.raises(ConfigError, match="pad_vocab_multiple applies to a model built from model.config"):
+        validate(load_config(cfg_file, [*base, "model.pad_vocab_multiple=64"]))
 
 
 def test_batch_arithmetic_error_shows_the_numbers(cfg_file):

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ds_train.checkpoint.layout import CheckpointRef
 from ds_train.cli import main
 from ds_train.config import load_config
-from ds_train.train.session import finished_elsewhere
+from ds_train.train.session import nothing_to_train
 from tests.helpers import base_config, write_config
 
 
@@ -48,11 +48,12 @@ def test_which_starts_have_nothing_to_do(finished_two_rank_run):
 
     def note(max_steps: int, world_size: int, ref=ref):
         cfg = load_config(cfg_file, [f"train.max_steps={max_steps}"])
-        return finished_elsewhere(
+        return nothing_to_train(
             cfg, SimpleNamespace(resume_from=ref, launch=SimpleNamespace(world_size=world_size))
         )
 
     assert "nothing to train on 1 rank(s)" in note(4, 1)
+    assert "is beyond train.max_steps=3" in note(3, 2)  # lowered below the checkpoint: on any world size
     assert note(8, 1) is None  # more steps to train: resumed through the universal format
     assert note(4, 2) is None  # its own world size: loads as saved (completes a lost final export)
     state = json.loads((ckpt / "ds_train_state.json").read_text())

@@ -25,6 +25,13 @@ def _fit(delay_s: float, rank: int = 0, world: int = 1) -> tuple[list[dict], dic
     return records.records, trainer.last_record
 
 
+def test_the_logged_lr_is_the_one_the_step_trained_with():
+    """Step k trains with the scheduler's value before its update (1e-3 × k here); the log used to
+    read it after, i.e. the next step's rate (and a last value never trained with)."""
+    records, _ = _fit(0.0)
+    assert [(r["step"], r["lr"]) for r in records] == [(2, 2e-3), (4, 4e-3), (6, 6e-3)]
+
+
 def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
     delay = 0.03
     (slow, _), (ready, _) = _fit(delay), _fit(0.0)
