@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 COMMANDS = [
@@ -68,22 +69,37 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    if getattr(args, "command", None) in ("pretrain", "finetune", "convert", "plan"):
+    command = getattr(args, "command", None)
+    held = {}
+    if command in ("pretrain", "finetune"):
+        # before torch and DeepSpeed are imported (seconds): a preemption signal is held from here
+        # on (the run's handler takes it over); the handlers found are back when main returns
+        from ds_train.train.callbacks.preemption import PreemptionHandler
+
+        held = {sig: signal.getsignal(sig) for sig in PreemptionHandler.SIGNALS}
+        PreemptionHandler().install()
+    if command in ("pretrain", "finetune", "convert", "plan"):
         from ds_train.distributed.engine import quiet_deepspeed
 
         quiet_deepspeed()
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError) as e:
+        from ds_train.distributed.requeue import record_user_error
+
         rank = os.environ.get("RANK")
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         error_line(f"{prefix}{e}")
+        record_user_error(f"{prefix}{e}")  # under Slurm: so the job is not requeued for it
         return 2
     except RunFailure as e:  # a fault met while training, explained in its message
         report_failure(e)
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
 
 
 def console_main() -> None:

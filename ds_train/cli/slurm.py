@@ -64,7 +64,7 @@ def register(sub) -> None:
 def prepare(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError, load_config
     from ds_train.config.loader import repo_configs_dir
-    from ds_train.distributed.requeue import AttemptLog, job_alive, max_failures_from_env
+    from ds_train.distributed.requeue import USER_ERROR_FILE_ENV, AttemptLog, job_alive, max_failures_from_env
     from ds_train.distributed.slurm_launch import (
         Allocation,
         SlurmLaunchError,
@@ -123,11 +123,13 @@ def prepare(args: argparse.Namespace) -> int:
                 "step_cmd": srun,
                 "MASTER_ADDR": alloc.master_addr,
                 "MASTER_PORT": str(alloc.master_port),
+                # a rank's exit 2 (config or data error) is written here: per-node launchers report 1
+                USER_ERROR_FILE_ENV: str(attempts.user_error_file(alloc.job_id, alloc.restart)),
                 # the per-node launchers read the accelerate config from here
                 "DS_TRAIN_ACCELERATE_CONFIG": str(repo_configs_dir() / "accelerate" / "multi_node.yaml"),
             }
         )
-        + "export MASTER_ADDR MASTER_PORT DS_TRAIN_ACCELERATE_CONFIG\n"
+        + f"export MASTER_ADDR MASTER_PORT DS_TRAIN_ACCELERATE_CONFIG {USER_ERROR_FILE_ENV}\n"
     )
     return 0
 

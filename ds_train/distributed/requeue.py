@@ -14,7 +14,10 @@ The batch script (slurm/train_job.sh) runs the training as one job step, then as
   otherwise requeue forever.
 
 Progress is judged from checkpoints, not exit codes, because a per-node launcher (torchrun,
-accelerate) turns the workers' 75 into its own status 1.
+accelerate) turns the workers' 75 into its own status 1. It turns their 2 into 1 as well, so a rank
+that exits 2 also writes its message to the attempt's user-error file (`record_user_error`, the
+file named by DS_TRAIN_USER_ERROR_FILE, which `slurm prepare` sets for the step); an attempt that
+left one ends as exit 2, whatever the launcher reported.
 
 The attempts file is JSON lines, one `start` and one `end` record per attempt, so an operator can
 read the history of a run (job ids, restarts, steps reached, exit codes, decisions) in one place.
@@ -36,6 +39,21 @@ ATTEMPTS_FILE = "slurm-attempts.jsonl"
 PREEMPTED_EXIT_CODE = 75  # the trainer's EX_TEMPFAIL (train/trainer.py); no torch import here
 USER_ERROR_EXIT_CODE = 2  # ConfigError / DataError, printed by the CLI as one line
 DEFAULT_MAX_FAILURES = 3
+USER_ERROR_FILE_ENV = "DS_TRAIN_USER_ERROR_FILE"
+
+
+def record_user_error(message: str, environ: dict | None = None) -> None:
+    """Append a rank's one-line config or data error to the attempt's user-error file, if the step
+    has one (see the module docstring); never fails the exit it reports."""
+    path = (os.environ if environ is None else environ).get(USER_ERROR_FILE_ENV)
+    if not path:
+        return
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(message.replace("\n", " ") + "\n")
+    except OSError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,10 @@ class AttemptLog:
         """One log per job and per requeue: slurm-<job id>-r<restart count>.log."""
         return self.dir / f"slurm-{job_id}-r{restart}.log"
 
+    def user_error_file(self, job_id: str, restart: int) -> Path:
+        """Where the attempt's ranks record an exit-2 error (`record_user_error`)."""
+        return self.dir / f"slurm-{job_id}-r{restart}.user-error"
+
     def records(self) -> list[dict]:
         if not self.path.is_file():
             return []
@@ -169,6 +191,9 @@ class AttemptLog:
         failures_before = int(ends[-1].get("failures", 0)) if ends else 0
         start_step = this_start.get("step") if this_start else None
         end_step = checkpoint_step(self.run_dir)
+        launcher_exit_code = exit_code
+        if exit_code != 0 and self.user_error_file(job_id, restart).is_file():
+            exit_code = USER_ERROR_EXIT_CODE  # a rank's 2, reported as 1 by torchrun / accelerate
         decision = decide(
             exit_code=exit_code,
             signal=signal,
@@ -185,6 +210,7 @@ class AttemptLog:
                 "start_step": start_step,
                 "step": end_step,
                 "exit_code": exit_code,
+                **({"launcher_exit_code": launcher_exit_code} if launcher_exit_code != exit_code else {}),
                 "signal": signal,
                 "failures": decision.failures,
                 "requeue": decision.requeue,

@@ -481,3 +481,89 @@ def test_the_merge_job_keeps_the_users_sbatch_defaults(tmp_path, monkeypatch):
         "PATH": "/usr/bin",
     }
     assert not {"SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID", "SBATCH_ARRAY_INX"} & set(seen["env"])
+
+
+@pytest.mark.parametrize("name", TRAINING_SCRIPTS)
+def test_a_signal_before_the_step_starts_is_held_and_requeues(tmp_path, name):
+    """`scancel --signal=USR1 -b` in the first second of a job, while `slurm prepare` runs: the batch
+    shell used to die of it (no trap yet), and the job ended FAILED, unrequeued. It now skips the
+    step and reports a checkpointed stop (exit 75 with the signal) to the requeue decision. A
+    stand-in Python plays `prepare` (signalling the batch shell as it runs) and `finish`."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$*" in\n'
+        '  *"slurm prepare"*) kill -USR1 "$BATCH_PID"; sleep 0.2\n'
+        f'    echo "run_dir={tmp_path}; log={tmp_path}/attempt.log; summary=s; step_cmd=(touch {tmp_path}/step-ran)" ;;\n'
+        '  *"slurm finish"*) echo stop ;;\n'
+        "esac\n"
+    )
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "DS_TRAIN_PYTHON": str(fake), "SLURM_JOB_ID": "5"}
+    proc = subprocess.run(
+        ["bash", "-c", f"export BATCH_PID=$$; exec bash {SLURM / name} run.yaml"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    assert not (tmp_path / "step-ran").exists()
+    finish = calls.read_text().splitlines()[-1]
+    assert "slurm finish" in finish and "--exit-code 75 --signal USR1" in finish
+    assert "got SIGUSR1 before the training step started" in (tmp_path / "attempt.log").read_text()
+
+
+def test_a_ranks_exit_2_is_not_requeued_when_the_launcher_reports_1(tmp_path, monkeypatch):
+    """torchrun / accelerate turn a worker's exit 2 (bad config or data) into their own 1, which the
+    decision counted as a crash: requeued DS_TRAIN_MAX_FAILURES times. The rank now leaves its
+    error in the attempt's user-error file (the CLI does, for any exit 2), and the attempt is an
+    exit 2."""
+    from ds_train.cli import main
+    from ds_train.distributed.requeue import USER_ERROR_FILE_ENV
+
+    log = AttemptLog(tmp_path)
+    log.start("61", 0)
+    assert log.finish("61", 0, exit_code=1, signal=None, max_failures=3).requeue  # a crash
+    log.start("62", 0)
+    monkeypatch.setenv(USER_ERROR_FILE_ENV, str(log.user_error_file("62", 0)))
+    monkeypatch.setenv("RANK", "3")
+    assert main(["pretrain", str(tmp_path / "missing.yaml")]) == 2
+    assert "[rank 3]" in log.user_error_file("62", 0).read_text()
+    decision = log.finish("62", 0, exit_code=1, signal=None, max_failures=3)
+    assert not decision.requeue and "config or data error" in decision.reason
+    end = log.records()[-1]
+    assert (end["exit_code"], end["launcher_exit_code"]) == (2, 1)
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "expected"),
+    [
+        ({}, ["r.yaml", "a=1"], "r.yaml|a=1"),
+        ({"DS_TRAIN_CONFIG": "e.yaml"}, [], "e.yaml|"),
+        # DS_TRAIN_CONFIG with overrides as arguments: the first override was taken as the config
+        ({"DS_TRAIN_CONFIG": "e.yaml"}, ["a=1", "b=2"], "e.yaml|a=1 b=2"),
+        # DS_TRAIN_OVERRIDES was dropped whenever arguments carried overrides
+        ({"DS_TRAIN_CONFIG": "e.yaml", "DS_TRAIN_OVERRIDES": "c='x y'"}, ["a=1"], "e.yaml|c=x y a=1"),
+        ({"DS_TRAIN_CONFIG": "e.yaml", "DS_TRAIN_OVERRIDES": "c=3"}, ["r.yaml", "a=1"], "r.yaml|c=3 a=1"),
+    ],
+)
+def test_config_and_overrides_from_arguments_and_environment(tmp_path, env, args, expected):
+    """train_job.sh's arguments, read up to `slurm prepare` (a stand-in Python that prints them)."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        '#!/bin/bash\nshift 5; IFS=" "; echo "$1|${*:2}" >&2; exit 7\n'
+    )  # -m ds_train slurm prepare CMD
+    fake.chmod(0o755)
+    proc = subprocess.run(
+        ["bash", str(SLURM / "pretrain.sbatch"), *args],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "DS_TRAIN_PYTHON": str(fake), **env},
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 7 and proc.stderr.strip().splitlines()[-1] == expected, proc.stderr

@@ -25,8 +25,16 @@ class PreemptionHandler(Callback):
         self.pending: str | None = None  # a signal received before the trainer existed
 
     def install(self) -> PreemptionHandler:
+        """Take over SIGUSR1/SIGTERM. A handler installed earlier in the process (the CLI's, before
+        the seconds of importing torch and DeepSpeed, in which a signal would kill the rank and
+        leave its peers waiting for it at the rendezvous) hands over the signal it holds."""
         for sig in self.SIGNALS:
-            self._previous.setdefault(sig, signal.signal(sig, self._handle))
+            previous = signal.signal(sig, self._handle)
+            earlier = getattr(previous, "__self__", None)
+            if isinstance(earlier, PreemptionHandler) and earlier is not self:
+                self.pending = self.pending or earlier.pending
+                previous = earlier._previous.get(sig, signal.SIG_DFL)
+            self._previous.setdefault(sig, previous)
         return self
 
     def _handle(self, signum, frame) -> None:
