@@ -191,7 +191,11 @@ class TrainSection:
         0,
         "Validation loss/perplexity every N steps (and at the end) when data.valid is set. 0: only at the end.",
     )
-    eval_steps: int = doc(4, "Global batches of validation data per evaluation.")
+    eval_steps: int = doc(
+        4,
+        "Global batches of validation data per evaluation (shard sets: the first ones, in order; "
+        "at most one pass, each row counted once).",
+    )
     peak_flops: float | None = doc(
         None, "Peak FLOP/s of one device for MFU. Default: known GPUs (H100/H200 bf16: 989e12); none on CPU."
     )

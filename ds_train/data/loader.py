@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
@@ -31,6 +32,8 @@ from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.objectives.base import ignore_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -143,6 +146,23 @@ def global_batch_positions(step: int, layout: BatchLayout) -> np.ndarray:
     )
 
 
+def eval_steps_once(plan: DataPlan, layout: BatchLayout, eval_steps: int, *, is_main: bool = False) -> int:
+    """train.eval_steps, capped at one pass over the validation rows: evaluation reads positions
+    0, 1, ... of its plan, which wrap into a second epoch past the set's rows and would weigh
+    some rows twice (`MicroBatches(limit=plan.epoch_size)` takes the targets out of the rest)."""
+    steps = min(eval_steps, max(1, -(-plan.epoch_size // layout.global_batch_size)))
+    if steps < eval_steps and is_main:
+        log.info(
+            "the validation set has %d rows: each evaluation reads them once, in %d step(s) of %d rows, "
+            "not train.eval_steps=%d",
+            plan.epoch_size,
+            steps,
+            layout.global_batch_size,
+            eval_steps,
+        )
+    return steps
+
+
 class MicroBatches(Dataset):
     """Item k is the k-th micro-batch this rank consumes from `start_step` on."""
 
@@ -156,15 +176,20 @@ class MicroBatches(Dataset):
         cache_dir: str | os.PathLike | None,
         *,
         skip_corrupt: bool = False,
+        limit: int | None = None,
     ):
         self.plan, self.layout, self.rank, self.start_step = plan, layout, rank, start_step
         self.objective, self.cache_dir, self.skip_corrupt = objective, cache_dir, skip_corrupt
+        self.limit = limit  # positions from here on carry no targets (evaluation reads its rows once)
         self._reader: RowReader | None = None
 
     def __getitem__(self, k: int) -> dict:
         step = self.start_step + k // self.layout.grad_accum
         positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank)
-        return self.batch_at(positions, step)
+        batch = self.batch_at(positions, step)
+        if self.limit is not None and positions.max(initial=-1) >= self.limit:
+            ignore_rows(batch, torch.from_numpy(positions >= self.limit))
+        return batch
 
     def batch_at(self, positions: np.ndarray, step: int) -> dict:
         if self._reader is None:  # opened in the worker process, after fork

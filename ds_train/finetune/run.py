@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from ds_train.config import Config, dump_yaml
-from ds_train.data.loader import build_plan, make_loader, order_settings
+from ds_train.data.loader import build_plan, eval_steps_once, make_loader, order_settings
 from ds_train.distributed.deepspeed_config import (
     build_deepspeed_config,
     largest_param_to_swap,
@@ -242,15 +242,23 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
             d.valid, seed=cfg.run.seed, shuffle=False, window=d.shuffle_window, shard_sets=sets["valid"]
         )
         valid_ds = SftShardBatches(
-            valid_plan, layout, ctx.rank, 0, objective, cache_dir, skip_corrupt=d.skip_corrupt
+            valid_plan,
+            layout,
+            ctx.rank,
+            0,
+            objective,
+            cache_dir,
+            skip_corrupt=d.skip_corrupt,
+            limit=valid_plan.epoch_size,
         )
+        eval_steps = eval_steps_once(valid_plan, layout, cfg.train.eval_steps, is_main=ctx.is_main)
 
         def eval_batches():
             return make_loader(
                 valid_ds,
                 num_workers=min(1, d.num_workers),
                 prefetch_factor=d.prefetch_factor,
-                num_micro_batches=cfg.train.eval_steps * layout.grad_accum,
+                num_micro_batches=eval_steps * layout.grad_accum,
             )
 
     return TrainingParts(

@@ -26,7 +26,14 @@ from ds_train.checkpoint.layout import (
     latest_checkpoint,
 )
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
-from ds_train.data.loader import DataPlan, MicroBatches, build_plan, load_shard_sets, make_loader
+from ds_train.data.loader import (
+    DataPlan,
+    MicroBatches,
+    build_plan,
+    eval_steps_once,
+    load_shard_sets,
+    make_loader,
+)
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError
 from ds_train.distributed.deepspeed_config import (
@@ -215,14 +222,16 @@ def _run(
                 objective,
                 _cache_dir(cfg),
                 skip_corrupt=cfg.data.skip_corrupt,
+                limit=valid_plan.epoch_size,
             )
+            eval_steps = eval_steps_once(valid_plan, pre.layout, cfg.train.eval_steps, is_main=ctx.is_main)
 
             def eval_batches():
                 return make_loader(
                     valid_ds,
                     num_workers=min(1, cfg.data.num_workers),
                     prefetch_factor=cfg.data.prefetch_factor,
-                    num_micro_batches=cfg.train.eval_steps * pre.layout.grad_accum,
+                    num_micro_batches=eval_steps * pre.layout.grad_accum,
                 )
 
         def write_extras(directory: Path) -> None:

@@ -348,3 +348,24 @@ def test_random_access_rows_equal_stock_webdataset_rows(small_members, monkeypat
         got, lost = reader.read(*_all_rows_of(plan, i))
         assert bool(reader._open[(0, i)].rows_per_member) is not uneven
         assert not lost.any() and np.array_equal(got, expected), name
+
+
+def test_evaluation_reads_every_validation_row_once(shards):
+    """train.eval_steps × the global batch beyond the validation rows used to wrap into a second
+    epoch, weighing some rows twice; evaluation now stops after one pass and the wrapped rows of
+    its last step carry no targets."""
+    from ds_train.data.loader import eval_steps_once
+
+    plan = build_plan(str(shards / "valid"), seed=0, shuffle=False, window=1)
+    rows = plan.epoch_size
+    lay = BatchLayout(8, 4, 2, 1)
+    steps = eval_steps_once(plan, lay, eval_steps=100)
+    assert steps == -(-rows // 8) < 100 and rows % 8  # a partial last step, the case that wrapped
+    ds = MicroBatches(plan, lay, 0, 0, CausalLM(eos_id=0, pad_id=1), None, limit=rows)
+    seen = []
+    for k in range(steps * lay.grad_accum):
+        b = ds[k]
+        has_targets = (b["labels"] != IGNORE_INDEX).any(dim=1)
+        seen += [(int(s), int(r)) for s, r, t in zip(b["shard"], b["row"], has_targets) if t]
+    assert len(seen) == len(set(seen)) == rows  # every row once, none twice
+    assert eval_steps_once(plan, lay, eval_steps=1) == 1  # fewer steps than rows: as configured
