@@ -358,6 +358,7 @@ def test_nonfinite_loss_names_step_rank_micro_batch_and_samples(tmp_path, caplog
 
 STATE = {
     "step": 5,
+    "consumed_samples": 40,
     "model_config": {"hidden_size": 32},
     "tokenizer_sha256": "aaa",
     "objective": "causal_lm",
@@ -381,7 +382,12 @@ def _resume(force=False, **now):
         ({"model_sig": {"hidden_size": 64}}, "a different model (hidden_size: 32 → 64)", False),
         ({"tokenizer_sha": "bbb"}, "a different tokenizer", False),
         ({"objective": "masked_lm"}, "objective causal_lm (this run: masked_lm)", False),
-        ({"gbs": 16}, "train.global_batch_size=8 (this run: 16)", True),
+        (
+            {"gbs": 16},  # and what a forced resume does to the stream (it was left unsaid)
+            "train.global_batch_size=8 (this run: 16); the data position is counted in global batches: "
+            "it resumes at sample 80 of the stream, not 40, so samples 40..79 are skipped",
+            True,
+        ),
         ({"seq_len": 64}, "seq_len 32 (shards now: 64)", True),
         ({"seed": 8}, "run.seed=7 (now 8), which fixes the data order", True),
         ({"fingerprint_now": "f2"}, "a different shard set", True),
