@@ -152,3 +152,28 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def state_only_checkpoint(cfg_file: Path, step: int, **state) -> Path:
+    """A checkpoint of the run `cfg_file` describes holding only its ds_train_state.json (the
+    model's signature and tokenizer recorded, plus `state`), made `latest`: enough for the checks
+    a start makes before it loads anything. Returns its directory."""
+    from ds_train.checkpoint.compat import model_signature
+    from ds_train.checkpoint.layout import tag_for_step
+    from ds_train.config import load_config
+    from ds_train.data.shard_format import tokenizer_fingerprint
+    from ds_train.model.build import load_hf_config, load_tokenizer
+
+    cfg = load_config(cfg_file)
+    tokenizer = load_tokenizer(cfg.model)
+    ckpt = Path(cfg.run.output_dir) / "checkpoints" / tag_for_step(step)
+    ckpt.mkdir(parents=True)
+    full = {
+        "step": step,
+        "model_config": model_signature(load_hf_config(cfg.model, tokenizer)),
+        "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
+        **state,
+    }
+    (ckpt / "ds_train_state.json").write_text(json.dumps(full))
+    (ckpt.parent / "latest").write_text(ckpt.name)
+    return ckpt

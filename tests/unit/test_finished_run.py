@@ -14,31 +14,14 @@ from ds_train.checkpoint.layout import CheckpointRef
 from ds_train.cli import main
 from ds_train.config import load_config
 from ds_train.train.session import nothing_to_train
-from tests.helpers import base_config, write_config
+from tests.helpers import base_config, state_only_checkpoint, write_config
 
 
 @pytest.fixture
 def finished_two_rank_run(tmp_path, shards):
     """A run directory whose latest checkpoint is step 4 of a 2-rank ZeRO-3 run (state file only)."""
-    from ds_train.checkpoint.compat import model_signature
-    from ds_train.data.shard_format import tokenizer_fingerprint
-    from ds_train.model.build import load_hf_config, load_tokenizer
-
     cfg_file = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
-    cfg = load_config(cfg_file)
-    tokenizer = load_tokenizer(cfg.model)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
-    ckpt.mkdir(parents=True)
-    state = {
-        "step": 4,
-        "model_config": model_signature(load_hf_config(cfg.model, tokenizer)),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
-        "world_size": 2,
-        "zero_stage": 3,
-        "global_batch_size": 8,
-    }
-    (ckpt / "ds_train_state.json").write_text(json.dumps(state))
-    (ckpt.parent / "latest").write_text(ckpt.name)
+    ckpt = state_only_checkpoint(cfg_file, 4, world_size=2, zero_stage=3, global_batch_size=8)
     return cfg_file, ckpt
 
 

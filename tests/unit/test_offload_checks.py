@@ -13,7 +13,7 @@ import torch.distributed as dist
 from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY, elastic_resume_problem
 from ds_train.cli import main
 from ds_train.distributed.op_builds import offload_op_problem
-from tests.helpers import base_config, write_config
+from tests.helpers import base_config, state_only_checkpoint, write_config
 
 
 @pytest.fixture
@@ -77,27 +77,9 @@ def test_no_universal_checkpoint_is_made_from_an_nvme_optimizer_checkpoint(tmp_p
 
 
 def test_elastic_refusal_reaches_the_user_as_one_line(tmp_path, shards, capsys, monkeypatch):
-    from ds_train.checkpoint.compat import model_signature
-    from ds_train.config import load_config
-    from ds_train.data.shard_format import tokenizer_fingerprint
-    from ds_train.model.build import load_hf_config, load_tokenizer
-
-    raw = base_config(tmp_path / "run", shards)
-    cfg_file = write_config(tmp_path / "run.yaml", raw)
-    cfg = load_config(cfg_file)
-    tokenizer = load_tokenizer(cfg.model)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
-    ckpt.mkdir(parents=True)
-    state = {
-        "step": 4,
-        "model_config": model_signature(load_hf_config(cfg.model, tokenizer)),
-        "tokenizer_sha256": tokenizer_fingerprint(tokenizer)["sha256"],
-        "world_size": 2,
-        "global_batch_size": 8,
-        LAYOUT_KEY: [{"numel": 10, "swap_file": "0_3.tensor.swp"}],
-    }
-    (ckpt / "ds_train_state.json").write_text(json.dumps(state))
-    (ckpt.parent / "latest").write_text(ckpt.name)
+    cfg_file = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
+    nvme = {LAYOUT_KEY: [{"numel": 10, "swap_file": "0_3.tensor.swp"}]}
+    state_only_checkpoint(cfg_file, 4, world_size=2, global_batch_size=8, **nvme)
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     code = main(["pretrain", str(cfg_file), "zero.stage=3", "zero.offload_optimizer=cpu"])
