@@ -207,7 +207,24 @@ def build_engine(
         config=ds_config,
         lr_scheduler=lambda optimizer: LambdaLR(optimizer, lr_lambda),
     )
+    _keep_stage0_grad_norm(engine)
     return engine
+
+
+def _keep_stage0_grad_norm(engine: Any) -> None:
+    """Without ZeRO (stage 0, fp32), DeepSpeed clips the gradients with its clip_grad_norm_ and drops
+    the norm it returns, so get_global_grad_norm() stays None and metrics.jsonl had no grad_norm at
+    stage 0 (the ZeRO optimizers keep theirs). The same call, keeping the norm."""
+    if engine.zero_optimization() or not hasattr(engine, "clip_fp32_gradients"):
+        return
+    from deepspeed.runtime.utils import clip_grad_norm_
+
+    def clip_fp32_gradients() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu
+        )
+
+    engine.clip_fp32_gradients = clip_fp32_gradients
 
 
 def quiet_deepspeed() -> None:

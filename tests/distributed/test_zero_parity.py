@@ -9,7 +9,16 @@ import math
 
 import pytest
 
-from tests.helpers import REPO, TOKENIZER, base_config, run_cli, torchrun, train_losses, write_config
+from tests.helpers import (
+    REPO,
+    TOKENIZER,
+    base_config,
+    read_metrics,
+    run_cli,
+    torchrun,
+    train_losses,
+    write_config,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -17,9 +26,10 @@ STEPS = 10
 
 
 @pytest.fixture(scope="module")
-def losses(tmp_path_factory, shards):
+def runs(tmp_path_factory, shards) -> tuple[dict, dict]:
+    """(per-step losses, per-step gradient norms) of each run."""
     tmp = tmp_path_factory.mktemp("parity")
-    out = {}
+    out, norms = {}, {}
     for stage in (0, 1, 2, 3):
         run = tmp / f"stage{stage}"
         cfg = write_config(
@@ -34,6 +44,7 @@ def losses(tmp_path_factory, shards):
         )
         torchrun(["pretrain", cfg])
         out[f"2 ranks, ZeRO-{stage}"] = train_losses(run)
+        norms[f"ZeRO-{stage}"] = _grad_norms(run)
     run = tmp / "single"
     cfg = write_config(
         tmp / "single.yaml",
@@ -47,7 +58,28 @@ def losses(tmp_path_factory, shards):
     )
     run_cli(["pretrain", cfg])
     out["1 rank, 2x accumulation"] = train_losses(run)
-    return out
+    norms["1 rank"] = _grad_norms(run)
+    return out, norms
+
+
+@pytest.fixture(scope="module")
+def losses(runs):
+    return runs[0]
+
+
+def _grad_norms(run) -> dict[int, float | None]:
+    return {r["step"]: r["grad_norm"] for r in read_metrics(run) if "loss" in r}
+
+
+def test_every_stage_logs_the_same_gradient_norm(runs):
+    """The pre-clip global norm, logged at every stage (ZeRO-0 logged none before 2026-12-07)."""
+    reference = runs[1]["1 rank"]
+    assert reference and all(v is not None and v > 0 for v in reference.values())
+    for stage in (0, 1, 2, 3):
+        norms = runs[1][f"ZeRO-{stage}"]
+        assert norms.keys() == reference.keys()
+        for step, ref in reference.items():
+            assert norms[step] == pytest.approx(ref, rel=1e-3), f"ZeRO-{stage} step {step}"
 
 
 def test_every_stage_and_world_size_agree(losses):
