@@ -159,9 +159,11 @@ def build_trainer(
     if resume_from is not None:
         configured = optimizer_settings(engine)
         start_step = checkpoints.load(engine, resume_from)["step"]
-        changed = restore_optimizer_settings(engine, configured, lr_lambda)
+        changed, restored = restore_optimizer_settings(engine, configured, lr_lambda)
         if changed and ctx.is_main:
             log.warning("resuming with this config's optimizer settings, not the checkpoint's: %s", changed)
+        if restored and ctx.is_main:
+            log.info("put back what the checkpoint's loading had changed: %s", restored)
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(
@@ -250,25 +252,35 @@ def optimizer_settings(engine: Any) -> list[dict]:
     return [{k: g[k] for k in OPTIMIZER_KEYS if k in g} for g in groups]
 
 
-def restore_optimizer_settings(engine: Any, configured: list[dict], lr_lambda: Callable[[int], float]) -> str:
+def restore_optimizer_settings(
+    engine: Any, configured: list[dict], lr_lambda: Callable[[int], float]
+) -> tuple[str, str]:
     """After loading a checkpoint: the config's peak lr, betas, eps and weight decay again, and the
     current lr from the config's schedule at the resumed step. DeepSpeed restores the checkpoint's
     (LambdaLR's base_lrs and the optimizer's groups), so a run resumed with a lower train.lr, e.g.
     after a loss spike, went on at the old one, silently. Unchanged settings give the very lr the
-    scheduler had (the same product), so an exact resume stays exact. Returns what changed."""
+    scheduler had (the same product), so an exact resume stays exact.
+
+    Returns (what the config changed, read from the first group, which carries every setting;
+    what else was put back: DeepSpeed's universal-format loading gives the no-decay group of
+    biases and norms the first group's weight decay)."""
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
-    changes = []
-    for group, wanted in zip(groups, configured, strict=True):
+    changed, restored = [], []
+    for i, (group, wanted) in enumerate(zip(groups, configured, strict=True)):
         for key, value in wanted.items():
             old = group.get(key)
             if _as_list(old) != _as_list(value):  # betas come back as a list or a tuple
-                changes.append(f"{'lr' if key == 'initial_lr' else key} {old} → {value}")
+                name = "lr" if key == "initial_lr" else key
+                if i == 0:
+                    changed.append(f"{name} {old} → {value}")
+                elif not any(c.startswith(f"{name} ") for c in changed):
+                    restored.append(f"parameter group {i}'s {name} {old} → {value}")
             group[key] = value
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
     for group, base in zip(groups, scheduler.base_lrs, strict=True):
         group["lr"] = base * lr_lambda(scheduler.last_epoch)
-    return "; ".join(dict.fromkeys(changes))
+    return "; ".join(changed), "; ".join(restored)
 
 
 def _as_list(value: Any) -> Any:

@@ -40,7 +40,9 @@ def _resume(saved, lr, weight_decay, betas, max_steps=10):
     configured = optimizer_settings(engine)
     engine.optimizer.load_state_dict(saved[0])
     engine.lr_scheduler.load_state_dict(saved[1])
-    return engine, restore_optimizer_settings(engine, configured, lam), lam
+    changed, restored = restore_optimizer_settings(engine, configured, lam)
+    assert restored == ""  # nothing else changed by the loading here
+    return engine, changed, lam
 
 
 @pytest.fixture
@@ -76,3 +78,16 @@ def test_a_longer_schedule_applies_from_the_first_resumed_step(checkpoint):
     assert changed == ""  # the schedule's length is not a setting of the checkpoint's
     assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * lam(4))
     assert lam(4) != lr_multiplier("cosine", 2, 10, 0.1)(4)  # it was the old schedule's value
+
+
+def test_a_group_the_loading_changed_is_put_back_without_blaming_the_config(checkpoint):
+    """DeepSpeed's universal-format loading (an elastic resume) gives the no-decay group the decay
+    group's weight decay: put back, and not reported as a change of the config's."""
+    engine, lam = _engine(1e-3, 0.1, (0.9, 0.95))
+    configured = optimizer_settings(engine)
+    engine.optimizer.load_state_dict(checkpoint[0])
+    engine.lr_scheduler.load_state_dict(checkpoint[1])
+    engine.optimizer.param_groups[1]["weight_decay"] = 0.1  # as that loading leaves it
+    changed, restored = restore_optimizer_settings(engine, configured, lam)
+    assert changed == "" and restored == "parameter group 1's weight_decay 0.1 → 0.0"
+    assert engine.optimizer.param_groups[1]["weight_decay"] == 0.0
