@@ -67,6 +67,16 @@ def write_configs(out: Path, config: PretrainedConfig, cls, dtype: torch.dtype) 
         GenerationConfig.from_model_config(config).save_pretrained(str(out))
 
 
+def with_kv_cache(model: torch.nn.Module) -> None:
+    """Turn the KV cache back on (training turns it off) in the config and, since generate()
+    follows it, the generation config: a generation config derived while training kept
+    use_cache=False and made every generated token recompute the whole prefix."""
+    model.config.use_cache = True
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.use_cache = True
+
+
 def copy_tokenizer(src: Path | None, out: Path) -> list[str]:
     if src is None or not src.is_dir():
         return []

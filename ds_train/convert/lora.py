@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ds_train.convert.hf_dir import copy_tokenizer
+from ds_train.convert.hf_dir import copy_tokenizer, with_kv_cache
 from ds_train.convert.zero_layout import CheckpointError
 from ds_train.distributed.engine import gathered
 
@@ -118,6 +118,7 @@ def merge_lora_adapters(
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     merged = model.merge_and_unload()
     merged.config.architectures = [type(merged).__name__]
+    with_kv_cache(merged)  # the adapter's training config had turned it off
     out = Path(out_dir).absolute()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

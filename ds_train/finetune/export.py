@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ds_train.config.schema import FinetuneSection
+from ds_train.convert.hf_dir import with_kv_cache
 from ds_train.distributed.engine import gathered
 from ds_train.finetune.lora import lora_config
 from ds_train.finetune.model import TASK_MODELS
@@ -65,7 +66,7 @@ def save_merged_model(
     model.load_state_dict({k: state[k] for k in expected}, strict=True)
     if section.adapter == "lora":
         model = model.merge_and_unload()
-    model.config.use_cache = True  # training turned the KV cache off; generation wants it back
+    with_kv_cache(model)
     model.config.architectures = [type(model).__name__]
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir), safe_serialization=True)

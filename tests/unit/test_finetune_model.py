@@ -117,3 +117,24 @@ def test_export_refuses_an_incomplete_state(bert_dir, tmp_path):
     del state["classifier.weight"]
     with pytest.raises(RuntimeError, match="no tensor for 1 keys, e.g. classifier.weight"):
         save_merged_model(state, FinetuneSection(task="classification"), config, tokenizer, tmp_path / "hf")
+
+
+def test_a_causal_export_generates_with_its_kv_cache(tmp_path):
+    """Training builds the model with use_cache=False; the export turned it back on in config.json
+    but not in generation_config.json, which generate() follows: no KV cache when serving."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    raw = json.loads((REPO / "configs/model/micro-llama.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    config = AutoConfig.for_model(
+        raw.pop("model_type"), **{**raw, "vocab_size": len(tokenizer), "use_cache": False}
+    )
+    torch.manual_seed(0)
+    state = gather_full_state(AutoModelForCausalLM.from_config(config), keep=True)
+    save_merged_model(state, FinetuneSection(task="sft"), config, tokenizer, tmp_path / "hf")
+    assert GenerationConfig.from_pretrained(str(tmp_path / "hf")).use_cache is True
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    out = model.generate(
+        torch.tensor([[5, 6, 7]]), max_new_tokens=2, return_dict_in_generate=True, pad_token_id=0
+    )
+    assert out.past_key_values is not None
