@@ -180,10 +180,16 @@ def verify_conversion(
     if report.missing:
         return report
     reference_model = cls(config).to(torch.float32).eval()
-    rounded = {
-        k: reference[k].to(exported[k].dtype if k in exported else reference[k].dtype).to(expected[k].dtype)
-        for k in expected
-    }
+    # A tied alias (GPT-2's lm_head.weight) is written once, under the embedding's name: it is
+    # rounded like the tensor it shares storage with, or its unrounded copy, loaded last into the
+    # shared weight, would make a correct bf16/fp16 export fail the logit check.
+    exported_at = {v.data_ptr(): k for k, v in expected.items() if k in exported}
+
+    def export_dtype(k: str) -> torch.dtype:
+        source = k if k in exported else exported_at.get(expected[k].data_ptr())
+        return exported[source].dtype if source is not None else reference[k].dtype
+
+    rounded = {k: reference[k].to(export_dtype(k)).to(expected[k].dtype) for k in expected}
     reference_model.load_state_dict(rounded, strict=True)
     gen = torch.Generator().manual_seed(0)
     vocab = getattr(config, "vocab_size", 256)

@@ -125,6 +125,9 @@ def test_to_hf_equals_deepspeed_consolidation_and_loads_cleanly(tmp_path, shards
         assert torch.equal(tensor, oracle[name].float()), f"{name} differs from zero_to_fp32"
     if tied:  # written once, re-tied on load
         assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+        # and a bf16 export of the tied model verifies (its reference used an unrounded alias)
+        bf16 = run_cli(["convert", "to-hf", run, tmp_path / "bf16", "--dtype", "bf16", "--verify"])
+        assert "verified" in bf16.stdout
     for f in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (out / f).is_file(), f
     assert not [p for p in out.iterdir() if p.suffix in (".bin", ".pt", ".pth")], "pickle in the output"
