@@ -12,6 +12,7 @@ size starts from the same weights.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import defaultdict
 from collections.abc import Iterable
 
@@ -28,6 +29,8 @@ from ds_train.distributed.engine import gathered, is_partitioned
 from ds_train.model.blocks import apply_block_options
 from ds_train.model.build import load_hf_config, model_without_init
 from ds_train.model.init import initialize_weights, module_seed
+
+log = logging.getLogger(__name__)
 
 TASK_MODELS = {
     "sft": AutoModelForCausalLM,
@@ -68,10 +71,25 @@ def build_task_model(
     cls = TASK_MODELS[task]
     kwargs = {"attn_implementation": section.attn_implementation, "dtype": torch.float32}
     if weights_dir is not None:
+        # ignore_mismatched_sizes: a classifier re-fine-tuned for another number of classes gets
+        # its head drawn afresh, like a head the base lacks (transformers refuses it otherwise)
         model, info = cls.from_pretrained(
-            weights_dir, config=config, local_files_only=True, output_loading_info=True, **kwargs
+            weights_dir,
+            config=config,
+            local_files_only=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
-        initialize_new_parameters(model, info["missing_keys"], seed, rank)
+        mismatched = [m[0] for m in info.get("mismatched_keys", ())]
+        if mismatched and rank == 0:
+            log.warning(
+                "%s holds %s with another shape than this task's (e.g. another number of classes): "
+                "drawn afresh",
+                weights_dir,
+                ", ".join(mismatched),
+            )
+        initialize_new_parameters(model, [*info["missing_keys"], *mismatched], seed, rank)
     else:
         model = model_without_init(cls, config, **kwargs)
         initialize_weights(model, seed, rank)

@@ -173,20 +173,25 @@ def verify_loaded_weights(model: torch.nn.Module, source_dir: str) -> None:
     if not files:
         log.warning("no *.safetensors in %s: skipping the load checksum", source_dir)
         return
-    source: dict[str, float] = {}
+    source: dict[str, tuple[float, tuple]] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a dict
-                source[key] = float(fh.get_tensor(key).double().abs().sum())
+                t = fh.get_tensor(key)
+                source[key] = (float(t.double().abs().sum()), tuple(t.shape))
     loaded = parameter_checksums(model)
+    shapes = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in model.named_parameters()}
     mismatched = []
     for name, value in loaded.items():
         candidates = [name, *(name.split(".", 1)[1:])]  # heads may add or drop the base prefix
-        ref = next((source[c] for c in candidates if c in source), None)
-        if ref is None:
-            ref = next((v for k, v in source.items() if k.endswith(name) or name.endswith(k)), None)
-        if ref is None:
-            continue  # a head created fresh for the task (e.g. a classifier): nothing to compare
+        found = next((source[c] for c in candidates if c in source), None)
+        if found is None:
+            found = next((v for k, v in source.items() if k.endswith(name) or name.endswith(k)), None)
+        if found is None or found[1] != shapes[name]:
+            # a head created fresh for the task (a classifier), or drawn afresh because the file's
+            # has another shape (another number of classes): nothing to compare
+            continue
+        ref = found[0]
         if not math.isclose(value, ref, rel_tol=1e-5, abs_tol=1e-6):
             mismatched.append(f"{name} (loaded {value:.6g}, file {ref:.6g})")
     if mismatched:

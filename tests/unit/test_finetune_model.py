@@ -64,6 +64,21 @@ def test_new_head_depends_on_the_seed_only_and_base_is_loaded(bert_dir):
     verify_loaded_weights(a, str(bert_dir))  # every loaded tensor equals the file
 
 
+def test_a_classifier_refined_for_another_number_of_classes_gets_a_new_head(bert_dir, tmp_path):
+    """init_from a 6-class classifier for a 3-class task: transformers refused the checkpoint's
+    head (ignore_mismatched_sizes), after `--check` had said ok; the head is now drawn afresh from
+    the seed, like a head the base lacks, and the base weights are loaded and checked."""
+    six, _, tokenizer = _build(bert_dir, "classification", list("abcdef"))
+    six.save_pretrained(tmp_path / "six")
+    tokenizer.save_pretrained(tmp_path / "six")
+    a, config, _ = _build(tmp_path / "six", "classification", ["x", "y", "z"], rng_seed=1)
+    b, _, _ = _build(tmp_path / "six", "classification", ["x", "y", "z"], rng_seed=2)
+    assert a.classifier.weight.shape == (3, config.hidden_size)
+    assert torch.equal(a.classifier.weight, b.classifier.weight) and a.classifier.weight.std() > 0
+    assert torch.equal(a.bert.embeddings.word_embeddings.weight, six.bert.embeddings.word_embeddings.weight)
+    verify_loaded_weights(a, str(tmp_path / "six"))  # the new head is not compared with the old
+
+
 def test_mlm_head_is_drawn_but_the_tied_decoder_keeps_the_embeddings(bert_dir):
     from safetensors.torch import load_file
 
