@@ -24,7 +24,7 @@ from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.hf_dir import load_config, model_class
 from ds_train.convert.safe_load import load_checkpoint_file
 from ds_train.convert.to_hf import resolve_tag_dir
-from ds_train.convert.zero_layout import CheckpointError, rank_sorted
+from ds_train.convert.zero_layout import CheckpointError, rank_sorted, refuse_universal
 
 LOGIT_TOLERANCE = 1e-5
 
@@ -158,6 +158,7 @@ def verify_conversion(
         raise CheckpointError(f"{hf_dir}: not a Hugging Face directory (no config.json)")
     report = VerifyReport()
     recorded = recorded_state(tag_dir)
+    refuse_universal(tag_dir, recorded)
     if recorded:  # ds_train checkpoints carry a manifest; plain DeepSpeed ones do not
         report.files_checked = len(recorded.get("files") or {})
         report.file_problems = manifest_problems(tag_dir, recorded)

@@ -82,6 +82,7 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike, recorded: dict | None = Non
     if not model_files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt file (not a DeepSpeed checkpoint?)")
     recorded = recorded_state(tag_dir) if recorded is None else recorded
+    refuse_universal(tag_dir, recorded)
     _check_recorded_sizes(tag_dir, recorded)
 
     model0 = load_checkpoint_file(model_files[0])
@@ -101,6 +102,17 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike, recorded: dict | None = Non
     else:
         tensors = _plan_full_module(model_files[0], model0)
     return ZeroCheckpoint(path=tag_dir, stage=stage, world_size=world, tensors=tensors, tied=tied)
+
+
+def refuse_universal(tag_dir: Path, recorded: dict) -> None:
+    """One line for a checkpoint in DeepSpeed's universal format, which the converter does not read
+    (its layout has no rank files: without this, a misleading 'found 0 rank files' or a traceback)."""
+    if recorded.get("universal") or (not recorded and (Path(tag_dir) / "zero").is_dir()):
+        raise CheckpointError(
+            f"{tag_dir} is in DeepSpeed's universal format (made by `convert reshard` or an elastic "
+            "resume, to resume on another number of ranks), which conversion does not read: convert "
+            "the checkpoint it was made from, or resume the run and convert its next checkpoint"
+        )
 
 
 def _check_recorded_sizes(tag_dir: Path, recorded: dict) -> None:
