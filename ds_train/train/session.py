@@ -267,14 +267,16 @@ def restore_optimizer_settings(
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
     changed, restored = [], []
+    changed_keys = set()  # settings the config changed (group 0's): not reported again per group
     for i, (group, wanted) in enumerate(zip(groups, configured, strict=True)):
         for key, value in wanted.items():
             old = group.get(key)
             if _as_list(old) != _as_list(value):  # betas come back as a list or a tuple
                 name = "lr" if key == "initial_lr" else key
                 if i == 0:
+                    changed_keys.add(key)
                     changed.append(f"{name} {old} → {value}")
-                elif not any(c.startswith(f"{name} ") for c in changed):
+                elif key not in changed_keys:
                     restored.append(f"parameter group {i}'s {name} {old} → {value}")
             group[key] = value
     scheduler.base_lrs = [g["initial_lr"] for g in groups]
