@@ -32,7 +32,7 @@ from ds_train.checkpoint.layout import (
 )
 from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.to_hf import resolve_tag_dir
-from ds_train.convert.zero_layout import CheckpointError
+from ds_train.convert.zero_layout import CheckpointError, is_universal
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,11 @@ def to_universal(tag_dir: Path, out_tag_dir: Path) -> None:
         )
     tmp = out_tag_dir.parent / f".{out_tag_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    if is_universal(tag_dir, recorded):  # world-size free already (a reshard of a reshard): a copy
+        shutil.copytree(tag_dir, tmp)
+        shutil.rmtree(out_tag_dir, ignore_errors=True)
+        os.replace(tmp, out_tag_dir)
+        return
     cmd = [
         sys.executable,
         "-m",

@@ -24,7 +24,13 @@ from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.hf_dir import load_config, model_class
 from ds_train.convert.safe_load import load_checkpoint_file
 from ds_train.convert.to_hf import resolve_tag_dir
-from ds_train.convert.zero_layout import CheckpointError, rank_sorted, refuse_universal
+from ds_train.convert.zero_layout import (
+    CheckpointError,
+    is_universal,
+    rank_sorted,
+    universal_fp32,
+    universal_param,
+)
 
 LOGIT_TOLERANCE = 1e-5
 
@@ -104,7 +110,15 @@ def reference_state_dict(tag_dir: Path, recorded: dict) -> dict[str, torch.Tenso
     }
     optims = [load_checkpoint_file(f, mmap=False)["optimizer_state_dict"] for f in optim_files]
     world = len(optims)
-    if optims and "fp32_flat_groups" in optims[0]:  # ZeRO-3
+    if is_universal(tag_dir, recorded):  # each parameter whole in zero/<name>/fp32.pt
+        for group in m0["param_shapes"]:
+            for name, shape in group.items():
+                path = universal_fp32(tag_dir, name)
+                state[name] = universal_param(load_checkpoint_file(path, mmap=False), path).reshape(shape)
+        for name, shape in (m0.get("frozen_param_shapes") or {}).items():
+            frags = [m["frozen_param_fragments"][name] for m in models]
+            state[name] = torch.cat(frags)[: math.prod(shape)].view(shape)
+    elif optims and "fp32_flat_groups" in optims[0]:  # ZeRO-3
         swapped = recorded.get(SWAP_LAYOUT_KEY)
         flats = [
             torch.cat(_with_swapped(tag_dir, r, o["fp32_flat_groups"], swapped)) for r, o in enumerate(optims)
@@ -158,7 +172,6 @@ def verify_conversion(
         raise CheckpointError(f"{hf_dir}: not a Hugging Face directory (no config.json)")
     report = VerifyReport()
     recorded = recorded_state(tag_dir)
-    refuse_universal(tag_dir, recorded)
     if recorded:  # ds_train checkpoints carry a manifest; plain DeepSpeed ones do not
         report.files_checked = len(recorded.get("files") or {})
         report.file_problems = manifest_problems(tag_dir, recorded)

@@ -13,6 +13,9 @@ Layouts (as in DeepSpeed's own zero_to_fp32.py, which reads them into memory ins
   parameter in order; a parameter is the concatenation of its slice from every rank, trimmed.
   With the optimizer offloaded to NVMe, a group may instead be a raw swap file beside them.
 - ZeRO-0 in fp32: the model-states file holds the full weights (they are the master copy).
+- DeepSpeed's universal format (`convert reshard`, an elastic resume): `zero/<name>/fp32.pt` holds
+  each parameter's fp32 master weights whole (a bare tensor, flat from ZeRO-3, or `{"param": ...}`);
+  the source's model-states files are kept beside them for shapes, buffers and frozen parameters.
 Frozen parameters (their fragments) and persistent buffers live in the model-states files in
 their own dtypes; tied parameters are listed in `shared_params` and written once.
 """
@@ -33,6 +36,8 @@ from ds_train.checkpoint.nvme_optimizer import LAYOUT_KEY as SWAP_LAYOUT_KEY
 from ds_train.convert.safe_load import CheckpointError, FileOffsets, load_checkpoint_file
 
 __all__ = ["CheckpointError", "ZeroCheckpoint", "read_zero_checkpoint"]
+
+UNIVERSAL_DIR = "zero"  # DeepSpeed's universal format: zero/<parameter name>/{fp32,exp_avg,exp_avg_sq}.pt
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,6 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike, recorded: dict | None = Non
     if not model_files:
         raise CheckpointError(f"{tag_dir}: no *model_states.pt file (not a DeepSpeed checkpoint?)")
     recorded = recorded_state(tag_dir) if recorded is None else recorded
-    refuse_universal(tag_dir, recorded)
     _check_recorded_sizes(tag_dir, recorded)
 
     model0 = load_checkpoint_file(model_files[0])
@@ -92,7 +96,11 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike, recorded: dict | None = Non
     world = int(model0.get("dp_world_size") or 1)
     tied = {alias: src for alias, src in (model0.get("shared_params") or {}).items()}
 
-    if stage == 3:
+    if is_universal(tag_dir, recorded):
+        if stage == 3:
+            _expect_rank_files(tag_dir, model_files, world, "model_states")
+        tensors = _plan_universal(tag_dir, model_files, stage)
+    elif stage == 3:
         _expect_rank_files(tag_dir, model_files, world, "model_states")
         _expect_rank_files(tag_dir, optim_files, world, "optim_states")
         tensors = _plan_zero3(model_files, optim_files, world, tag_dir, recorded.get(SWAP_LAYOUT_KEY))
@@ -104,15 +112,26 @@ def read_zero_checkpoint(tag_dir: str | os.PathLike, recorded: dict | None = Non
     return ZeroCheckpoint(path=tag_dir, stage=stage, world_size=world, tensors=tensors, tied=tied)
 
 
-def refuse_universal(tag_dir: Path, recorded: dict) -> None:
-    """One line for a checkpoint in DeepSpeed's universal format, which the converter does not read
-    (its layout has no rank files: without this, a misleading 'found 0 rank files' or a traceback)."""
-    if recorded.get("universal") or (not recorded and (Path(tag_dir) / "zero").is_dir()):
-        raise CheckpointError(
-            f"{tag_dir} is in DeepSpeed's universal format (made by `convert reshard` or an elastic "
-            "resume, to resume on another number of ranks), which conversion does not read: convert "
-            "the checkpoint it was made from, or resume the run and convert its next checkpoint"
-        )
+def is_universal(tag_dir: Path, recorded: dict) -> bool:
+    """A checkpoint in DeepSpeed's universal format: per-parameter files under zero/, no rank files
+    of optimizer state (ds_train records it; a plain DeepSpeed one is known by its layout)."""
+    return bool(recorded.get("universal")) or (not recorded and (Path(tag_dir) / UNIVERSAL_DIR).is_dir())
+
+
+def universal_fp32(tag_dir: Path, name: str) -> Path:
+    """The file of one parameter's fp32 master weights in a universal checkpoint."""
+    path = Path(tag_dir) / UNIVERSAL_DIR / name / "fp32.pt"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (the universal checkpoint has no master weights for {name})")
+    return path
+
+
+def universal_param(loaded, path: Path) -> torch.Tensor:
+    """The tensor of a universal `fp32.pt`: saved bare, or as `{"param": tensor, ...}`."""
+    tensor = loaded.get("param") if isinstance(loaded, dict) else loaded
+    if not torch.is_tensor(tensor):
+        raise CheckpointError(f"{path}: holds no parameter tensor")
+    return tensor
 
 
 def _check_recorded_sizes(tag_dir: Path, recorded: dict) -> None:
@@ -179,6 +198,36 @@ def _plan_full_module(model_file: str, model: dict) -> list[TensorPlan]:
         kind = "buffer" if name in buffers else "trainable"
         plans.append(TensorPlan(name, tuple(t.shape), t.dtype, [_piece(offsets, t, 0, t.numel())], kind))
     return plans
+
+
+def _plan_universal(tag_dir: Path, model_files: list[str], stage: int) -> list[TensorPlan]:
+    models = [_open(f) for f in model_files]
+    model0, m_off0 = models[0]
+    plans = []
+    for group in model0["param_shapes"]:
+        for name, shape in group.items():
+            path = universal_fp32(tag_dir, name)
+            loaded, offsets = _open(str(path))
+            tensor = universal_param(loaded, path)
+            if tensor.numel() != math.prod(shape):
+                raise CheckpointError(
+                    f"{path}: {tensor.numel()} elements, the parameter's shape {tuple(shape)} needs {math.prod(shape)}"
+                )
+            plans.append(
+                TensorPlan(
+                    name,
+                    tuple(shape),
+                    tensor.dtype,
+                    [_piece(offsets, tensor, 0, tensor.numel())],
+                    "trainable",
+                )
+            )
+
+    def frozen(name: str):  # kept where the source stage kept them: in every rank's file at ZeRO-3
+        frags = [(m["frozen_param_fragments"][name], o) for m, o in (models if stage == 3 else models[:1])]
+        return [_piece(o, t, 0, t.numel()) for t, o in frags], frags[0][0].dtype
+
+    return plans + _extras(model_files[0], model0, m_off0, frozen)
 
 
 def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:

@@ -25,7 +25,6 @@ from ds_train.checkpoint.layout import (
     resolve_checkpoint,
 )
 from ds_train.config.loader import ConfigError
-from ds_train.convert.zero_layout import CheckpointError, refuse_universal
 from ds_train.distributed.engine import broadcast_object
 
 log = logging.getLogger(__name__)
@@ -70,10 +69,6 @@ def resolve_init_source(path: str) -> InitSource:
             f"model.init_from: {ref.path} is not a complete ds_train checkpoint (no {STATE_FILE} or "
             f"{HF_CONFIG_DIR}/config.json)"
         )
-    try:
-        refuse_universal(ref.path, ref.state())
-    except CheckpointError as e:
-        raise ConfigError(f"model.init_from: {e}") from None
     return InitSource(
         given=path,
         config_dir=str(ref.path / HF_CONFIG_DIR),

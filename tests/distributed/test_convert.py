@@ -304,6 +304,31 @@ def test_elastic_resume_one_to_two_ranks_by_convert_reshard(tmp_path, shards):
     _assert_same_losses(reference, resumed, range(5, 9))
 
 
+def test_a_universal_checkpoint_converts_like_the_one_it_was_made_from(tmp_path, zero3_run):
+    """`convert reshard` (and an elastic resume) write DeepSpeed's universal format, each parameter
+    whole in zero/<name>/fp32.pt: to-hf, verify and a second reshard read it (they refused it)."""
+    resharded = tmp_path / "resharded"
+    run_cli(["convert", "reshard", zero3_run / "checkpoints", resharded / "checkpoints", "--world-size", "1"])
+    hf = tmp_path / "hf"
+    run_cli(["convert", "to-hf", resharded, hf, "--verify"])
+    original = _written(zero3_run / "hf")  # the run's own export of the same step
+    exported = _written(hf)
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], v) for k, v in original.items())
+    assert "OK" in run_cli(["convert", "verify", resharded, zero3_run / "hf"]).stdout
+    again = tmp_path / "again"  # a reshard of a reshard is a copy: the format is world-size free
+    run_cli(["convert", "reshard", resharded / "checkpoints", again / "checkpoints", "--world-size", "4"])
+    run_cli(["convert", "to-hf", again, tmp_path / "hf2"])
+    assert all(torch.equal(t, original[k]) for k, t in _written(tmp_path / "hf2").items())
+    # a parameter's file gone: named, not a traceback
+    tag = latest_checkpoint(again / "checkpoints").path
+    (tag / "zero" / "model.norm.weight" / "fp32.pt").unlink()
+    proc = run_cli(["convert", "to-hf", again, tmp_path / "hf3"], check=False)
+    assert proc.returncode != 0
+    assert "model.norm.weight/fp32.pt: missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_hf_directory_loads_exactly_into_zero3(tmp_path, shards, zero3_run):
     """Start a ZeRO-3 run from a converted directory: its first loss equals a one-process stage-0
     start from the same directory, and is below the fresh model's loss on that batch (the source

@@ -60,38 +60,3 @@ def test_an_unreadable_state_file_makes_the_checkpoint_damaged(tmp_path):
             ref.state()
         with pytest.raises(CheckpointDamaged):
             recorded_state(ref.path)
-
-
-def test_a_universal_checkpoint_is_refused_in_one_line_by_conversion_and_init_from(tmp_path):
-    """`convert reshard` (and an elastic resume) leave checkpoints in DeepSpeed's universal format,
-    which conversion does not read: to-hf said 'expected 1 *optim_states.pt rank files … found 0',
-    verify gave a traceback, and finetune --check accepted it as init_from, then the start failed."""
-    import pytest
-
-    from ds_train.config import ConfigError
-    from ds_train.convert.to_hf import convert_checkpoint
-    from ds_train.convert.verify import verify_conversion
-    from ds_train.convert.zero_layout import CheckpointError
-    from ds_train.finetune.base_model import resolve_init_source
-
-    tag = _make(tmp_path / "checkpoints", 6, complete=False)
-    (tag / STATE_FILE).write_text(json.dumps({"step": 6, "universal": True, "source_world_size": 1}))
-    (tag / "zero" / "model.embed_tokens.weight").mkdir(parents=True)
-    (tag / "mp_rank_00_model_states.pt").write_bytes(b"")
-    (tag / "hf_config").mkdir()
-    (tag / "hf_config" / "config.json").write_text("{}")
-    (tmp_path / "checkpoints" / "latest").write_text(tag.name)
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text("{}")
-    for attempt in (
-        lambda: convert_checkpoint(tmp_path, tmp_path / "out"),
-        lambda: verify_conversion(tmp_path, hf),
-    ):
-        with pytest.raises(
-            CheckpointError,
-            match="in DeepSpeed's universal format .* convert the checkpoint it was made from",
-        ):
-            attempt()
-    with pytest.raises(ConfigError, match="model.init_from: .* universal format"):
-        resolve_init_source(str(tmp_path))
