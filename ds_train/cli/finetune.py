@@ -31,7 +31,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     if args.check:
         pre = preflight.check(cfg, world_size=args.world_size)
-        splits = ", ".join(f"{name}: {', '.join(spec.files)}" for name, spec in pre.specs.items())
+        splits = ", ".join(
+            f"{name}: {', '.join(spec.files)} ({_tokenized(pre.split_stats[name])})"
+            for name, spec in pre.specs.items()
+        )
         if pre.shard_sets is not None:  # SFT shards
             splits = ", ".join(
                 f"{n}: {', '.join(s.describe() for s in v)}" for n, v in pre.shard_sets.items()
@@ -44,3 +47,10 @@ def main(args: argparse.Namespace) -> int:
         )
         return 0
     return run.run(cfg)
+
+
+def _tokenized(stats: dict) -> str:
+    """What tokenizing a split gave, for the --check line: rows, and the examples lost or cut."""
+    out = f"{stats['examples']} examples → {stats['rows']} rows"
+    lost = {k: stats.get(k, 0) for k in ("truncated", "at_seq_len_limit", "dropped_no_target")}
+    return out + "".join(f", {v} {k.replace('_', ' ')}" for k, v in lost.items() if v)

@@ -152,11 +152,7 @@ def _build_if_stale(directory, split, section, spec, tokenizer, chat, class_name
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
         log.info("%s split: reusing the tokenized data in %s", split, directory)
         return
-    arrays, stats = encode_split(section, spec.examples(), tokenizer, class_names=class_names, chat=chat)
-    if stats["rows"] == 0:
-        raise DataError(
-            f"the {split} split has no usable example after tokenizing ({', '.join(spec.files)}; {stats})"
-        )
+    arrays, stats = encode_checked(split, section, spec, tokenizer, chat, class_names)
     partial = directory.with_name(f".{directory.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -179,6 +175,28 @@ def _build_if_stale(directory, split, section, spec, tokenizer, chat, class_name
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(partial, directory)
     log.info("%s split: %s → %s", split, _summary(stats), directory)
+
+
+def encode_checked(split, section, spec, tokenizer, chat, class_names) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, stats) of one split; a DataError when tokenizing leaves no usable example (every one
+    truncated to no target, for instance). What the start builds, and what `--check` runs."""
+    arrays, stats = encode_split(section, spec.examples(), tokenizer, class_names=class_names, chat=chat)
+    if stats["rows"] == 0:
+        raise DataError(
+            f"the {split} split has no usable example after tokenizing ({', '.join(spec.files)}; {_summary(stats)})"
+        )
+    return arrays, stats
+
+
+def split_stats(run_dir, split, section, spec, tokenizer, chat, class_names, fingerprint) -> dict:
+    """A split's statistics without writing anything: those of the run directory's tokenized data
+    when it was built from the same inputs, else tokenized here (in memory) and dropped."""
+    meta_path = Path(run_dir) / DATASET_DIR / split / META
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") == fingerprint:
+            return meta["stats"]
+    return encode_checked(split, section, spec, tokenizer, chat, class_names)[1]
 
 
 def _summary(stats: dict) -> str:

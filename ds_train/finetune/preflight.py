@@ -24,7 +24,7 @@ from ds_train.distributed.deepspeed_config import BatchLayout, batch_layout
 from ds_train.distributed.launch_env import LaunchEnv, detect, launch_for_check
 from ds_train.finetune.base_model import InitSource, resolve_init_source
 from ds_train.finetune.chat import ChatFormat
-from ds_train.finetune.dataset import data_fingerprint
+from ds_train.finetune.dataset import data_fingerprint, split_stats
 from ds_train.finetune.lora import check_lora_targets
 from ds_train.finetune.model import TASK_MODELS, task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
@@ -50,6 +50,7 @@ class FinetunePreflight:
     data_fingerprint: str
     # SFT from shards (data.train/data.valid): {"train": [...], "valid": [...]} manifests; specs is then empty
     shard_sets: dict[str, list[ShardSet]] | None = None
+    split_stats: dict[str, dict] | None = None  # per JSON-lines split, filled by `check` (tokenized)
 
     def finetune_state(self, cfg: Config) -> dict:
         """What this run records in checkpoints, and what resuming must match."""
@@ -141,6 +142,21 @@ def check(cfg: Config, *, world_size: int | None = None) -> FinetunePreflight:
     (train.session.check_startup), with no process group; `world_size` as in pretrain.check."""
     pre = preflight(cfg, launch_for_check(world_size))
     check_startup(cfg, pre)
+    # JSON lines are tokenized at the start; do it now, so a split that truncation or templates
+    # leave empty is refused here, on a login node, and not after the job waited in the queue
+    pre.split_stats = {
+        split: split_stats(
+            cfg.run.output_dir,
+            split,
+            cfg.finetune,
+            spec,
+            pre.tokenizer,
+            pre.chat,
+            pre.class_names,
+            pre.data_fingerprint,
+        )
+        for split, spec in pre.specs.items()
+    }
     return pre
 
 

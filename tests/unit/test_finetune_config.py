@@ -181,3 +181,28 @@ def test_cli_check_and_exit_status(tmp_path, hf_dir):
         "ds-train: error: finetune.chat_template=tokenizer but the tokenizer has no chat template "
         "(use auto or plain, or add chat_template to tokenizer_config.json)"
     ]
+
+
+def test_check_tokenizes_json_lines_and_refuses_a_split_left_empty(tmp_path, hf_dir):
+    """`--check` tokenizes the splits (in memory; nothing written) and prints what they give: a set
+    whose every response is cut off by truncation used to pass it and be refused only at the start,
+    after the job had waited in the queue."""
+    from ds_train.finetune.preflight import check
+
+    raw = _config(tmp_path, hf_dir, task="sft", seq_len=64)
+    pre = check(from_dict(raw))
+    assert pre.split_stats["train"]["examples"] == 8 and pre.split_stats["train"]["rows"] >= 1
+    assert pre.split_stats["train"]["dropped_no_target"] == 0
+    assert not (tmp_path / "run").exists(), "--check must not write anything"
+    out = run_cli(["finetune", write_config(tmp_path / "good.yaml", raw), "--check"])
+    assert "(8 examples → " in out.stdout
+
+    long = tmp_path / "long.jsonl"  # every prompt longer than seq_len: no response token survives
+    long.write_text("".join(json.dumps({"prompt": "word " * 100, "response": "r"}) + "\n" for _ in range(8)))
+    raw["finetune"]["train_file"] = str(long)
+    with pytest.raises(
+        DataError, match=r"the train split has no usable example after tokenizing .*dropped_no_target 8"
+    ):
+        check(from_dict(raw))
+    out = run_cli(["finetune", write_config(tmp_path / "bad.yaml", raw), "--check"], check=False)
+    assert out.returncode == 2 and "no usable example" in out.stderr and "Traceback" not in out.stderr
