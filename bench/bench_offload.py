@@ -32,6 +32,14 @@ MODES = {
     "ZeRO-3, optimizer + params on CPU": {"stage": 3, "offload_optimizer": "cpu", "offload_param": "cpu"},
     "ZeRO-3, optimizer on NVMe": {"stage": 3, "offload_optimizer": "nvme"},
     "ZeRO-3, optimizer + params on NVMe": {"stage": 3, "offload_optimizer": "nvme", "offload_param": "nvme"},
+    # DeepSpeed's optimizer swap buffers hold 4 × the largest sub-group (fp32): the whole partition
+    # under the default sub_group_size (1e9 elements), a tenth of it here (`ds-train plan` counts both)
+    "ZeRO-3, optimizer on NVMe, sub-groups of 1e6": {
+        "stage": 3,
+        "offload_optimizer": "nvme",
+        "ds_config_overrides": {"zero_optimization": {"sub_group_size": 1_000_000}},
+    },
+    "ZeRO-3, optimizer on CPU": {"stage": 3, "offload_optimizer": "cpu"},
 }
 
 

@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.model.build import load_hf_config, load_tokenizer
     from ds_train.objectives.head_loss import LOGIT_TRANSFORMS
     from ds_train.plan.choices import make_plan, render
-    from ds_train.plan.memory_estimate import PRECISIONS, BucketSizes, HeadLoss
+    from ds_train.plan.memory_estimate import PRECISIONS, SUB_GROUP_SIZE, BucketSizes, HeadLoss
     from ds_train.plan.model_shape import shape_from_config
 
     cfg = load_config(args.config, args.overrides)
@@ -75,7 +75,12 @@ def main(args: argparse.Namespace) -> int:
         precision=PRECISIONS[precision],
         micro_batch=micro_batch,
         seq_len=seq_len,
-        buckets=BucketSizes(z.reduce_bucket_size, z.overlap_comm, z.stage3_prefetch_bucket_size),
+        buckets=BucketSizes(
+            z.reduce_bucket_size,
+            z.overlap_comm,
+            z.stage3_prefetch_bucket_size,
+            int((z.ds_config_overrides.get("zero_optimization") or {}).get("sub_group_size", SUB_GROUP_SIZE)),
+        ),
         attention=cfg.model.attn_implementation,
         loss=loss,
         device_memory=args.device_memory,

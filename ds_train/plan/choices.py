@@ -137,7 +137,7 @@ def render(plan: Plan, header: list[str], layers: int) -> str:
         lines.append(
             f"{e.label:<30} {checkpointing_label(e, layers):>8} {gib(e.states.params)} "
             f"{gib(e.states.grads)} {gib(e.states.optimizer)} {gib(e.buffers)} {gib(e.activations)} "
-            f"{gib(e.device)} {gib(e.states.host)}  {fits}{mark}"
+            f"{gib(e.device)} {gib(e.host)}  {fits}{mark}"
         )
     lines.append("")
     if plan.usable_bytes is None:

@@ -157,11 +157,47 @@ def model_states(
     return StateBytes(params, grads, optimizer, host, nvme)
 
 
+# DeepSpeed's NVMe swapping stages tensors through pinned host buffers allocated at start-up
+# (deepspeed/runtime/zero/offload_config.py defaults; ds-train sets only the parameter buffers'
+# size, to one partition of the largest parameter: distributed/deepspeed_config.py).
+PARAM_SWAP_BUFFERS = 5  # offload_param.buffer_count
+OPTIMIZER_SWAP_BUFFERS = 4  # offload_optimizer.buffer_count
+SUB_GROUP_SIZE = 1_000_000_000  # zero_optimization.sub_group_size's default: elements per optimizer sub-group
+
+
+def swap_buffer_bytes(
+    shape: ModelShape,
+    world_size: int,
+    precision: Precision,
+    offload_optimizer: str,
+    offload_param: str,
+    sub_group_size: int = SUB_GROUP_SIZE,
+) -> float:
+    """Host memory of the NVMe swap buffers, per rank (none without NVMe offload).
+
+    Parameters: `buffer_count` buffers of one partition of the largest parameter, in the parameter
+    dtype. Optimizer (ZeRO-3's swapper): `buffer_count` fp32 buffers of the largest optimizer
+    sub-group's partition, which is the rank's whole partition until it exceeds `sub_group_size`
+    (so, with the default, they hold 16 bytes per parameter of the partition: more pinned memory than
+    offloading the optimizer to the CPU takes, until sub_group_size is lowered)."""
+    out = 0.0
+    if offload_param == "nvme":
+        out += PARAM_SWAP_BUFFERS * -(-shape.largest_param // world_size) * precision.param_bytes
+    if offload_optimizer == "nvme":
+        # sub-groups are closed once they reach sub_group_size, so one may overrun it by a parameter
+        largest_group = min(
+            shape.params / world_size, sub_group_size - 1 + -(-shape.largest_param // world_size)
+        )
+        out += OPTIMIZER_SWAP_BUFFERS * largest_group * MASTER_COPY
+    return out
+
+
 @dataclass(frozen=True)
 class BucketSizes:
     reduce_bucket: int = 500_000_000
     overlap_comm: bool | None = None  # None: DeepSpeed's default (off at stages 1-2, on at 3)
     prefetch_bucket: int = 50_000_000
+    sub_group_size: int = SUB_GROUP_SIZE  # sizes the NVMe optimizer swap buffers
 
 
 def buffer_bytes(shape: ModelShape, stage: int, precision: Precision, buckets: BucketSizes) -> float:
@@ -279,10 +315,15 @@ class Estimate:
     states: StateBytes
     buffers: float
     activations: float
+    swap_buffers: float = 0.0  # pinned host memory of NVMe swapping
 
     @property
     def device(self) -> float:
         return self.states.device + self.buffers + self.activations
+
+    @property
+    def host(self) -> float:
+        return self.states.host + self.swap_buffers
 
     @property
     def label(self) -> str:
@@ -320,4 +361,7 @@ def estimate(
         attention=attention,
         loss=loss,
     )
-    return Estimate(stage, offload_optimizer, offload_param, checkpoint_layers, states, buffers, acts)
+    swap = swap_buffer_bytes(
+        shape, world_size, precision, offload_optimizer, offload_param, buckets.sub_group_size
+    )
+    return Estimate(stage, offload_optimizer, offload_param, checkpoint_layers, states, buffers, acts, swap)

@@ -367,3 +367,39 @@ def test_parse_size():
     assert parse_size("24e9") == 24e9
     with pytest.raises(Exception, match="not a memory size"):
         parse_size("eighty")
+
+
+def test_nvme_swap_buffers_count_as_host_memory():
+    """DeepSpeed stages NVMe swaps through pinned host buffers: the plan's host column counts them
+    (it showed only the fp32 gradient partition), with DeepSpeed's own defaults."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from deepspeed.runtime.zero.offload_config import (
+        DeepSpeedZeroOffloadOptimizerConfig,
+        DeepSpeedZeroOffloadParamConfig,
+    )
+
+    from ds_train.plan.memory_estimate import (
+        OPTIMIZER_SWAP_BUFFERS,
+        PARAM_SWAP_BUFFERS,
+        SUB_GROUP_SIZE,
+        BucketSizes,
+        estimate,
+    )
+
+    assert DeepSpeedZeroOffloadOptimizerConfig().buffer_count == OPTIMIZER_SWAP_BUFFERS
+    assert DeepSpeedZeroOffloadParamConfig().buffer_count == PARAM_SWAP_BUFFERS
+    assert DeepSpeedZeroConfig().sub_group_size == SUB_GROUP_SIZE
+    shape, n = _shape(), 4
+
+    def host(buckets=None, opt="nvme", par="nvme"):
+        kw = dict(stage=3, world_size=n, precision=BF16, micro_batch=1, seq_len=64, checkpoint_layers=0)
+        return estimate(shape, offload_optimizer=opt, offload_param=par, buckets=buckets, **kw).host
+
+    # whole partition per optimizer sub-group: 4 fp32 buffers of Ψ/N, beside the gradient partition
+    params = PARAM_SWAP_BUFFERS * -(-shape.largest_param // n) * 2
+    assert host() == pytest.approx(4 * shape.params / n + 4 * 4 * shape.params / n + params)
+    assert host(opt="cpu", par="cpu") < host()  # with default sub-groups NVMe takes more pinned memory
+    small = host(BucketSizes(sub_group_size=1000))
+    assert small < host() and small == pytest.approx(
+        4 * shape.params / n + 4 * 4 * (999 + -(-shape.largest_param // n)) + params
+    )
