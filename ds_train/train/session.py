@@ -18,6 +18,7 @@ import torch
 
 from ds_train import __version__
 from ds_train.checkpoint.compat import fingerprint, model_signature
+from ds_train.checkpoint.layout import checkpoints_dir, latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
 from ds_train.config import Config, ConfigError, dump_yaml
@@ -36,6 +37,7 @@ from ds_train.model.build import attention_problem
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
+from ds_train.train.run_lock import RunDirLock
 from ds_train.train.schedule import lr_multiplier
 from ds_train.train.trainer import Trainer, TrainerSettings
 
@@ -60,15 +62,29 @@ def run_on_this_rank(
         log.warning(done)
         return 0, None
     check_startup(cfg, pre)
-    ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
-    configure_logging(ctx.is_main)
+    lock = None
+    if pre.launch.rank == 0:
+        lock = RunDirLock(cfg.run.output_dir).acquire()
+        if _latest_step(cfg) != (pre.resume_from.step if pre.resume_from else None):
+            pre = preflight(cfg)  # a run that held the directory saved after this start looked
     try:
-        code = body(ctx, pre, preemption)
-    except BaseException as e:
-        shutdown_after_error(e)
-        raise
-    shutdown(wait_for_peers=True)
-    return code, ctx
+        ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
+        configure_logging(ctx.is_main)
+        try:
+            code = body(ctx, pre, preemption)
+        except BaseException as e:
+            shutdown_after_error(e)
+            raise
+        shutdown(wait_for_peers=True)
+        return code, ctx
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _latest_step(cfg: Config) -> int | None:
+    ref = latest_checkpoint(checkpoints_dir(Path(cfg.run.output_dir)))
+    return ref.step if ref is not None else None
 
 
 def nothing_to_train(cfg: Config, pre: Any) -> str | None:

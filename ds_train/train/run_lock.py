@@ -1,0 +1,91 @@
+"""One run at a time in a run directory.
+
+Two starts on the same `run.output_dir` (a job submitted twice, a relaunch while the first is
+still up) both decide "fresh start" or "resume from step N" before either saves, then write their
+checkpoints, metrics and exports over each other's, and nothing says so. Rank 0 of a start holds
+a POSIX lock (`fcntl.lockf`) on `<run_dir>/ds_train.lock` for the whole run: the kernel drops it
+when the process ends however it ends (SIGKILL included), so a dead run never blocks the next one.
+POSIX rather than flock: a flock belongs to the open file, which the DataLoader workers forked
+from rank 0 share and may outlive it by seconds; a POSIX lock belongs to the process alone (and
+NFS serves it across hosts). The holder writes its host, pid and start
+time into the file, for the refusal to name. A file system without locks (Lustre mounted without
+`flock`) gets a warning and no lock: it cannot be enforced there.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from ds_train.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "ds_train.lock"
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class RunDirLock:
+    """Held by rank 0 from before the run writes anything until it ends (`release`, or exit)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunDirLock:
+        """Take the lock or raise ConfigError naming the run that holds it."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(
+                f"run.output_dir {self.path.parent}: cannot be written ({e.strerror})"
+            ) from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                holder = _describe(fd)
+                os.close(fd)
+                raise ConfigError(
+                    f"run.output_dir {self.path.parent} is in use by another run ({holder}): two runs in one "
+                    "directory overwrite each other's checkpoints; wait for it to end, or use another "
+                    "run.output_dir"
+                ) from None
+            os.close(fd)
+            if e.errno in _NO_LOCKS:
+                log.warning(
+                    "%s: this file system does not support locks, so nothing stops a second run from "
+                    "starting in this directory at the same time",
+                    self.path.parent,
+                )
+                return self
+            raise
+        owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(owner).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
+def _describe(fd: int) -> str:
+    try:
+        owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {owner['pid']} on {owner['host']}, since {owner['since']}"
+    except (ValueError, KeyError, TypeError, OSError):
+        return "its owner did not record itself"
