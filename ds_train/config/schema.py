@@ -71,7 +71,9 @@ class ModelSection:
         "Local tokenizer directory. Defaults to init_from. A model built from `config` takes its vocabulary size from it.",
     )
     objective: Literal["causal_lm", "masked_lm"] = doc(
-        "causal_lm", "causal_lm: next-token prediction (GPT/Llama). masked_lm: BERT-style masked tokens."
+        "causal_lm",
+        "causal_lm: next-token prediction (GPT/Llama; an encoder config such as BERT's is made a decoder, "
+        "is_decoder=True, with a warning). masked_lm: BERT-style masked tokens.",
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = doc(
         "sdpa",

@@ -27,7 +27,7 @@ from transformers import (
 from ds_train.config.schema import ModelSection
 from ds_train.distributed.engine import gathered, is_partitioned
 from ds_train.model.blocks import apply_block_options
-from ds_train.model.build import load_hf_config, model_without_init
+from ds_train.model.build import load_hf_config, make_causal, model_without_init
 from ds_train.model.init import initialize_weights, module_seed
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def task_hf_config(
     """The HF config of the model to train: the base's (or `model.config`'s) plus the task's labels."""
     source = section if config_dir is None else dataclasses.replace(section, init_from=config_dir)
     config = load_hf_config(source, tokenizer)
+    if task == "sft":
+        make_causal(config)
     if task == "classification":
         config.num_labels = len(class_names)
         config.id2label = dict(enumerate(class_names))

@@ -75,6 +75,34 @@ def load_hf_config(section: ModelSection, tokenizer: PreTrainedTokenizerBase) ->
     return config
 
 
+# Encoder architectures whose causal-LM head class attends both ways unless the config says the
+# model is a decoder (BertLMHeadModel and its kin follow `is_decoder`, XLM `causal`); BART-style
+# ones are absent because their *ForCausalLM class makes itself a decoder.
+_SELF_DECODING = {"bart", "mbart", "mvp", "plbart"}
+
+
+def make_causal(config: PretrainedConfig) -> None:
+    """Make an encoder architecture's config a decoder for a next-token objective (in place).
+
+    Built as it comes, BertLMHeadModel attends to every position, so each token's target is also
+    among its inputs: training "works" (the loss falls) and the model is useless for generation,
+    with only transformers' hint "add `is_decoder=True`" in the log."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = config.model_type
+    if kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or kind in _SELF_DECODING:
+        return
+    flag = "causal" if kind == "xlm" else "is_decoder"
+    if not getattr(config, flag, False):
+        setattr(config, flag, True)
+        log.warning(
+            "%s is an encoder architecture: made a decoder (%s=True) for a next-token objective, so a "
+            "position cannot attend to the tokens after it",
+            kind,
+            flag,
+        )
+
+
 def build_model(
     section: ModelSection,
     config: PretrainedConfig,

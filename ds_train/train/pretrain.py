@@ -54,6 +54,7 @@ from ds_train.model.build import (
     check_positions,
     load_hf_config,
     load_tokenizer,
+    make_causal,
     verify_loaded_weights,
 )
 from ds_train.objectives import build_objective
@@ -87,6 +88,8 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     layout = batch_layout(cfg.train, launch.world_size)
     tokenizer = load_tokenizer(cfg.model)
     hf_config = load_hf_config(cfg.model, tokenizer)
+    if cfg.model.objective == "causal_lm":
+        make_causal(hf_config)
     check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
     run_dir = Path(cfg.run.output_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -153,6 +156,10 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
                 f"than model.tokenizer ({cfg.model.tokenizer or cfg.model.init_from})"
             )
     check_positions(pre.hf_config, plan.seq_len, f"a row of data.train ({plan.sources[0].location})")
+    if valid_plan is not None:  # its rows may be longer than train's: the first evaluation would index past
+        check_positions(
+            pre.hf_config, valid_plan.seq_len, f"a row of data.valid ({valid_plan.sources[0].location})"
+        )
     if pre.resume_from is not None:
         check_data_resume(
             pre.resume_from.state(),

@@ -10,7 +10,7 @@ import pytest
 import torch.distributed as dist
 
 from ds_train.cli import main
-from tests.helpers import MICRO_LLAMA, REPO, base_config, write_config
+from tests.helpers import MICRO_LLAMA, REPO, TOKENIZER, base_config, write_config
 
 
 def _set(raw: dict, dotted: str, value) -> None:
@@ -285,3 +285,56 @@ def test_check_flag_runs_the_checks_a_start_makes_after_its_preflight(tmp_path, 
     assert main(["pretrain", cfg, "run.force_resume=true", "--check"]) == 0
     assert f"resumes from {ckpt}" in capsys.readouterr().out
     assert _snapshot(tmp_path / "run") == before and not dist.is_initialized()
+
+
+def test_valid_rows_longer_than_the_models_positions_are_refused_before_start(
+    tmp_path, shards, corpus, capsys
+):
+    """data.valid's rows may be longer than data.train's: they were not checked, so --check passed
+    and the first evaluation died with a bare IndexError inside the model (data audit)."""
+    from transformers import AutoTokenizer
+
+    from ds_train.data.sharding import ShardOptions, shard_corpus
+
+    long_rows = tmp_path / "long"
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    shard_corpus([str(corpus)], long_rows, tok, ShardOptions(seq_len=64, valid_fraction=0.0, progress=False))
+    gpt2 = tmp_path / "gpt2.json"  # 48 positions: train's 32-token rows fit, valid's 64 do not
+    gpt2.write_text(
+        json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 48})
+    )
+    cfg = str(write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards)))
+    assert main(["pretrain", cfg, f"model.config={gpt2}", "--check"]) == 0
+    capsys.readouterr()
+    assert (
+        main(["pretrain", cfg, f"model.config={gpt2}", f"data.valid={long_rows / 'train'}", "--check"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "a row of data.valid" in err and "is 64 tokens but the model has 48 learned positions" in err, err
+
+
+def test_an_encoder_config_is_made_a_decoder_for_causal_lm(tmp_path, shards, caplog):
+    """model.objective=causal_lm with a BERT config built BertLMHeadModel attending both ways: each
+    target token was among its inputs (the loss fell; the model could not generate), and only
+    transformers' hint said so (cloud-user audit). The config is made a decoder, with a warning."""
+    import torch
+
+    from ds_train.config import load_config
+    from ds_train.model.build import build_model
+    from ds_train.train.pretrain import preflight
+
+    raw = base_config(tmp_path / "run", shards)
+    raw["model"]["config"] = str(REPO / "configs/model/tiny-bert.json")
+    cfg = load_config(write_config(tmp_path / "run.yaml", raw))
+    pre = preflight(cfg)
+    assert pre.hf_config.is_decoder and "made a decoder (is_decoder=True)" in caplog.text
+    model = build_model(cfg.model, pre.hf_config, seed=0, rank=0).eval()
+    ids = torch.randint(5, 200, (1, 12))
+    changed = ids.clone()
+    changed[0, 10] = 4
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+    assert torch.equal(a[0, :10], b[0, :10])  # no position sees a later token
+    assert not torch.equal(a[0, 10], b[0, 10])
+    llama = preflight(load_config(write_config(tmp_path / "l.yaml", base_config(tmp_path / "l", shards))))
+    assert not getattr(llama.hf_config, "is_decoder", False)  # decoder architectures are left alone
