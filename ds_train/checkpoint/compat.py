@@ -54,10 +54,28 @@ def check_resume(
     objective: str,
     global_batch_size: int,
     force: bool = False,
+    zero_stage: int | None = None,
 ) -> None:
     """Raise ConfigError naming what differs between the checkpoint and this run. `force`
-    (run.force_resume) lets a different global batch size through, never another model."""
+    (run.force_resume) lets a different global batch size through, never another model, nor a
+    ZeRO stage DeepSpeed cannot load the checkpoint into."""
     problems, forceable = [], []
+    saved_stage = state.get("zero_stage")
+    if (
+        zero_stage is not None
+        and isinstance(saved_stage, int)
+        and _stage_family(saved_stage) != _stage_family(zero_stage)
+    ):
+        # DeepSpeed's loaders read only their own layout: ZeRO-1 and 2 share one (flat fp32
+        # partitions per group), ZeRO-3 and ZeRO-0 each have their own; its errors are an
+        # AssertionError or AttributeError deep in the load, on every rank
+        raise ConfigError(
+            f"{where} holds a checkpoint (step {state.get('step')}) written with ZeRO-{saved_stage}, which DeepSpeed "
+            f"cannot load at ZeRO-{zero_stage} (stages 1 and 2 load each other's, 0 and 3 only their own): keep "
+            f"zero.stage={saved_stage}, adding optimizer/parameter offload if memory is short, or export the weights "
+            "(`ds-train convert to-hf`) and start a new run from them with model.init_from (the optimizer state and "
+            "the data position start afresh)"
+        )
     saved_sig = state.get("model_config")
     if saved_sig is not None and saved_sig != model_sig:
         diffs = [
@@ -95,6 +113,10 @@ def check_resume(
         )
     if forceable:
         log.warning("run.force_resume: resuming %s despite %s", where, "; ".join(forceable))
+
+
+def _stage_family(stage: int) -> int:
+    return 1 if stage in (1, 2) else stage
 
 
 SHARDS_CHANGED = "a different shard set (shard names, row counts or checksums differ)"

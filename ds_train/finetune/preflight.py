@@ -180,6 +180,7 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         objective=cfg.finetune.task,
         global_batch_size=cfg.train.global_batch_size,
         force=cfg.run.force_resume,
+        zero_stage=cfg.zero.stage,
     )
     saved, now = state.get("finetune") or {}, pre.finetune_state(cfg)
     for key in RESUME_KEYS:

@@ -116,6 +116,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             objective=cfg.model.objective,
             global_batch_size=cfg.train.global_batch_size,
             force=cfg.run.force_resume,
+            zero_stage=cfg.zero.stage,
         )
         problems = manifest_problems(ref.path, state, checksums=False)  # sizes now, sha256 at load
         if problems:

@@ -282,6 +282,11 @@ def restore_optimizer_settings(
     biases and norms the first group's weight decay)."""
     scheduler = engine.lr_scheduler
     groups = scheduler.optimizer.param_groups
+    # Groups saved by another optimizer class (torch's AdamW before optimizer offload was turned
+    # on: DeepSpeed's CPU Adam reads `bias_correction`) lack its settings: they take its defaults.
+    for key, value in (getattr(getattr(engine, "basic_optimizer", None), "defaults", None) or {}).items():
+        for group in groups:
+            group.setdefault(key, value)
     changed, restored = [], []
     changed_keys = set()  # settings the config changed (group 0's): not reported again per group
     for i, (group, wanted) in enumerate(zip(groups, configured, strict=True)):

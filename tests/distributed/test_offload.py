@@ -94,3 +94,33 @@ def test_offload_trains_resumes_and_converts_like_on_device(tmp_path, shards, on
         assert any(p.suffix == ".swp" for p in (tmp_path / "nvme").rglob("*")), list(
             (tmp_path / "nvme").rglob("*")
         )
+
+
+def test_optimizer_offload_turned_on_at_a_resume(tmp_path, shards, on_device):
+    """Out of memory at step N, a user resumes with optimizer offload: DeepSpeed's CPU Adam reads
+    `bias_correction`, which the groups torch's AdamW saved lack (KeyError at the first step, every
+    rank: cloud-user audit). The groups take the new optimizer's defaults; training goes on as if
+    on the device."""
+    run = tmp_path / "run"
+    first = base_config(run, shards, model=MODEL, train=TRAIN)  # on the device, killed after step 4's save
+    killed = torchrun(
+        ["pretrain", write_config(tmp_path / "first.yaml", first)],
+        env={"DS_TRAIN_FAULT": "kill@step=5"},
+        check=False,
+    )
+    assert killed.returncode != 0 and max(c.step for c in complete_checkpoints(run / "checkpoints")) == 4
+    zero = {"preset": "stage2-offload-optimizer", "stage": 2}
+    resumed = torchrun(
+        [
+            "pretrain",
+            write_config(
+                tmp_path / "more.yaml", base_config(run, shards, zero=zero, model=MODEL, train=TRAIN)
+            ),
+        ]
+    )
+    assert "resuming at step 4" in resumed.stderr and "optimizer on cpu" in resumed.stderr
+    want_losses, _ = on_device
+    losses = train_losses(run)
+    assert sorted(losses) == sorted(want_losses)
+    for step, loss in losses.items():
+        assert loss == pytest.approx(want_losses[step], rel=1e-5), (step, loss, want_losses[step])

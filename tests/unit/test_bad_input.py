@@ -338,3 +338,23 @@ def test_an_encoder_config_is_made_a_decoder_for_causal_lm(tmp_path, shards, cap
     assert not torch.equal(a[0, 10], b[0, 10])
     llama = preflight(load_config(write_config(tmp_path / "l.yaml", base_config(tmp_path / "l", shards))))
     assert not getattr(llama.hf_config, "is_decoder", False)  # decoder architectures are left alone
+
+
+def test_a_zero_stage_deepspeed_cannot_load_is_refused_before_start(tmp_path, shards, capsys):
+    """A ZeRO-2 checkpoint resumed at ZeRO-3 (or 0) died in DeepSpeed's loader with an
+    AssertionError on every rank after start-up, and --check said ok (cloud-user audit). Stages 1
+    and 2 load each other's checkpoints; 0 and 3 only their own."""
+    from tests.helpers import state_only_checkpoint
+
+    cfg = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
+    state_only_checkpoint(cfg, 4, zero_stage=2, world_size=1, global_batch_size=8)
+    for stage in (3, 0):
+        assert main(["pretrain", str(cfg), f"zero.stage={stage}", "--check"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            f"written with ZeRO-2, which DeepSpeed cannot load at ZeRO-{stage}" in err and "\n" not in err
+        ), err
+        assert main(["pretrain", str(cfg), f"zero.stage={stage}", "run.force_resume=true", "--check"]) == 2
+        capsys.readouterr()
+    for stage in (1, 2):
+        assert main(["pretrain", str(cfg), f"zero.stage={stage}", "--check"]) == 0, capsys.readouterr().err
