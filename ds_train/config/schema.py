@@ -26,7 +26,8 @@ REQUIRED: Any = None  # fields documented as required are checked in validate.py
 class RunSection:
     output_dir: str = doc(
         REQUIRED,
-        "Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/. Re-running on it resumes.",
+        "Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/. Re-running on it resumes. "
+        "Must not be empty, and must be creatable and writable (checked before the start and by --check).",
     )
     seed: int = doc(
         1234,
@@ -150,7 +151,8 @@ class TrainSection:
     )
     lr: float = doc(
         3e-4,
-        "Peak learning rate. A resume uses this value (and the optimizer settings below), not the checkpoint's.",
+        "Peak learning rate. A resume uses this value (and the optimizer settings below), not the checkpoint's. "
+        "Every number in the config must be finite (inf and nan are refused).",
     )
     min_lr_ratio: float = doc(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
     warmup_steps: int = doc(

@@ -152,3 +152,25 @@ def test_describe_documents_every_key():
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no documentation"
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_empty_output_dir_is_refused(cfg_file, value):
+    # `run.output_dir=$OUT` with OUT unset: the run wrote into the current directory
+    with pytest.raises(ConfigError, match=r"required key 'run.output_dir' is empty"):
+        validate(load_config(cfg_file, [f"run.output_dir={value}"]))
+
+
+def test_empty_data_train_entry_is_refused(cfg_file):
+    with pytest.raises(ConfigError, match="data.train"):
+        validate(load_config(cfg_file, ["data.train=' '"]))
+
+
+@pytest.mark.parametrize(
+    "override", ["train.lr=inf", "train.lr=.inf", "train.grad_clip=nan", "train.peak_flops=-inf"]
+)
+def test_non_finite_numbers_are_refused(cfg_file, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value).startswith(f"{key}: expected a finite number") and "\n" not in str(e.value)
