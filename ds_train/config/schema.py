@@ -260,7 +260,12 @@ class ZeroSection:
     )
     stage3_max_live_parameters: int = doc(1_000_000_000, "Stage 3: most parameter elements resident at once.")
     ds_config_overrides: dict = doc(
-        {}, "Raw DeepSpeed JSON keys merged last into the generated config (expert escape hatch)."
+        {},
+        "Raw DeepSpeed JSON keys merged last into the generated config (expert escape hatch), for "
+        "tuning keys ds_train does not set (bucket sizes, sub_group_size, aio, ...). Keys ds_train "
+        "derives are refused, naming the setting to use: the batch sizes and accumulation, "
+        "gradient_clipping, zero_optimization.stage and offload devices, bf16/fp16.enabled, the "
+        "optimizer's type, lr, betas, eps and weight_decay, and a scheduler.",
     )
 
 

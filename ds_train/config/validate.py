@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ds_train.config.ds_overrides import check_ds_config_overrides
 from ds_train.config.loader import ConfigError
 from ds_train.config.schema import Config
 
@@ -132,6 +133,7 @@ def _check_train(cfg: Config) -> None:
 
 def _check_zero(cfg: Config) -> None:
     z = cfg.zero
+    check_ds_config_overrides(z.ds_config_overrides)
     if z.offload_param != "none" and z.stage != 3:
         raise ConfigError(f"zero.offload_param={z.offload_param} needs zero.stage=3 (got stage {z.stage})")
     if z.offload_optimizer != "none" and z.stage == 0:
