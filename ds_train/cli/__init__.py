@@ -126,6 +126,9 @@ def console_main() -> None:
 
     try:
         code = main()
+        sys.stdout.flush()  # a reader gone (`| head`) shows up here, where it is handled
+    except BrokenPipeError:
+        code = _stdout_reader_gone()
     except SystemExit as e:  # argparse's usage errors and --help, or a library's sys.exit
         code = _system_exit_status(e.code)
     except KeyboardInterrupt:
@@ -134,6 +137,17 @@ def console_main() -> None:
         traceback.print_exc()
         code = 1
     exit_process(code)
+
+
+def _stdout_reader_gone() -> int:
+    """The reader of stdout left (`ds-train config | head -3`): nothing is wrong with the work, so
+    no traceback. As Python's docs advise ("Note on SIGPIPE"), stdout is pointed at /dev/null so
+    the flush at exit cannot fail again; the status is the shell's for a process killed by SIGPIPE
+    (128 + 13), what `cat` or `yes` give in the same pipeline."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _system_exit_status(code: object) -> int:

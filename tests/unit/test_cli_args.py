@@ -41,3 +41,23 @@ def test_an_override_after_check_is_applied(tmp_path, shards, capsys):
     cfg = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
     assert main(["pretrain", str(cfg), "--check", "train.lr=abc"]) == 2
     assert "train.lr: expected a number, got 'abc'" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_gives_no_traceback():
+    # `ds-train config | head -3`: the pipe closes before the output is written
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, clean_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ds_train", "config"],
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    proc.stdout.close()  # before the child has started writing
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
