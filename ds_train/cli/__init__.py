@@ -62,13 +62,27 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """`parser.parse_args`, but `key=value` overrides may also follow the flags
+    (`pretrain RUN.yaml --check train.lr=1e-4`). argparse ends a `nargs="*"` positional at the
+    first flag and calls what follows unrecognized, and its parse_intermixed_args does not work
+    with subparsers: leftover tokens that are not flags join the command's `overrides` in order."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        args.overrides.extend(t for t in extra if not t.startswith("-"))
+        extra = [t for t in extra if t.startswith("-")]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     from ds_train.config.loader import ConfigError
     from ds_train.data.shard_set import DataError
     from ds_train.errors import RunFailure, error_line, report_failure
 
     argv = _strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
     command = getattr(args, "command", None)
     held = {}
     if command in ("pretrain", "finetune"):
@@ -112,6 +126,9 @@ def console_main() -> None:
 
     try:
         code = main()
+        sys.stdout.flush()  # a reader gone (`| head`) shows up here, where it is handled
+    except BrokenPipeError:
+        code = _stdout_reader_gone()
     except SystemExit as e:  # argparse's usage errors and --help, or a library's sys.exit
         code = _system_exit_status(e.code)
     except KeyboardInterrupt:
@@ -120,6 +137,17 @@ def console_main() -> None:
         traceback.print_exc()
         code = 1
     exit_process(code)
+
+
+def _stdout_reader_gone() -> int:
+    """The reader of stdout left (`ds-train config | head -3`): nothing is wrong with the work, so
+    no traceback. As Python's docs advise ("Note on SIGPIPE"), stdout is pointed at /dev/null so
+    the flush at exit cannot fail again; the status is the shell's for a process killed by SIGPIPE
+    (128 + 13), what `cat` or `yes` give in the same pipeline."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def _system_exit_status(code: object) -> int:

@@ -8,8 +8,10 @@ structured configs do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -235,14 +237,19 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            # no setting means anything at inf or nan; train.lr=inf surfaced only as a
+            # non-finite loss, blamed on the data
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -275,7 +282,8 @@ def _absolutise_paths(cfg: Config) -> None:
     for sname, fname in PATH_FIELDS:
         section = getattr(cfg, sname)
         value = getattr(section, fname)
-        if isinstance(value, str) and value and "://" not in value:
+        # a blank path stays blank, for validation to refuse: made absolute it would be the cwd
+        if isinstance(value, str) and value.strip() and "://" not in value:
             setattr(section, fname, str(Path(value).expanduser().absolute()))
 
 

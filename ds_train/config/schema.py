@@ -26,7 +26,8 @@ REQUIRED: Any = None  # fields documented as required are checked in validate.py
 class RunSection:
     output_dir: str = doc(
         REQUIRED,
-        "Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/. Re-running on it resumes.",
+        "Run directory: config.yaml, metrics.jsonl, checkpoints/, tensorboard/. Re-running on it resumes. "
+        "Must not be empty, and must be creatable and writable (checked before the start and by --check).",
     )
     seed: int = doc(
         1234,
@@ -152,7 +153,8 @@ class TrainSection:
     )
     lr: float = doc(
         3e-4,
-        "Peak learning rate. A resume uses this value (and the optimizer settings below), not the checkpoint's.",
+        "Peak learning rate. A resume uses this value (and the optimizer settings below), not the checkpoint's. "
+        "Every number in the config must be finite (inf and nan are refused).",
     )
     min_lr_ratio: float = doc(0.1, "Final learning rate as a fraction of lr (cosine/linear).")
     warmup_steps: int = doc(
@@ -260,7 +262,12 @@ class ZeroSection:
     )
     stage3_max_live_parameters: int = doc(1_000_000_000, "Stage 3: most parameter elements resident at once.")
     ds_config_overrides: dict = doc(
-        {}, "Raw DeepSpeed JSON keys merged last into the generated config (expert escape hatch)."
+        {},
+        "Raw DeepSpeed JSON keys merged last into the generated config (expert escape hatch), for "
+        "tuning keys ds_train does not set (bucket sizes, sub_group_size, aio, ...). Keys ds_train "
+        "derives are refused, naming the setting to use: the batch sizes and accumulation, "
+        "gradient_clipping, zero_optimization.stage and offload devices, bf16/fp16.enabled, the "
+        "optimizer's type, lr, betas, eps and weight_decay, and a scheduler.",
     )
 
 

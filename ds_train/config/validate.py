@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ds_train.config.ds_overrides import check_ds_config_overrides
 from ds_train.config.loader import ConfigError
 from ds_train.config.schema import Config
 
@@ -18,10 +19,18 @@ def validate(cfg: Config, *, needs_train_data: bool = True) -> None:
     """Raise ConfigError (one line) for the first problem found."""
     for key in REQUIRED_KEYS:
         section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) is None:
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
             raise ConfigError(f"missing required key '{key}'")
-    if needs_train_data and cfg.data.train in (None, "", []):
-        raise ConfigError("missing required key 'data.train' (a shard directory, pattern or URL)")
+        if isinstance(value, str) and not value.strip():
+            # `run.output_dir=$OUT` with OUT unset: an empty path would mean the current directory
+            raise ConfigError(f"required key '{key}' is empty (an unset shell variable?)")
+    if needs_train_data:
+        train = cfg.data.train
+        if train in (None, "", []):
+            raise ConfigError("missing required key 'data.train' (a shard directory, pattern or URL)")
+        if any(isinstance(t, str) and not t.strip() for t in (train if isinstance(train, list) else [train])):
+            raise ConfigError("data.train has an empty entry (an unset shell variable?)")
     _check_model(cfg)
     _check_train(cfg)
     _check_zero(cfg)
@@ -124,6 +133,7 @@ def _check_train(cfg: Config) -> None:
 
 def _check_zero(cfg: Config) -> None:
     z = cfg.zero
+    check_ds_config_overrides(z.ds_config_overrides)
     if z.offload_param != "none" and z.stage != 3:
         raise ConfigError(f"zero.offload_param={z.offload_param} needs zero.stage=3 (got stage {z.stage})")
     if z.offload_optimizer != "none" and z.stage == 0:
@@ -262,6 +272,6 @@ def _file_list(value, key: str) -> list[str]:
     if value in (None, "", []):
         return []
     items = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, str) and v for v in items):
+    if not all(isinstance(v, str) and v.strip() for v in items):
         raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
     return items

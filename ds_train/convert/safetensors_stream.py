@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,15 @@ def _release(mm: mmap.mmap, start: int, length: int) -> None:
         mm.madvise(mmap.MADV_DONTNEED, lo, min(hi, len(mm)) - lo)
 
 
+def _read_only_tensor(chunk: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor over a read-only mmap view, without torch's "The given buffer is not writable"
+    UserWarning: it warns that writes through the tensor would reach the buffer, and this tensor
+    is only read (converted to a new tensor at once). `convert to-hf` printed it to every user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+        return torch.frombuffer(chunk, dtype=dtype)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: list[OutputTensor],
@@ -151,7 +161,7 @@ def write_safetensors(
                     fh.write(chunk)  # straight from the page cache: no copy in this process
                     written += len(chunk)
                 else:
-                    out = torch.frombuffer(chunk, dtype=t.plan.dtype).to(t.dtype)
+                    out = _read_only_tensor(chunk, t.plan.dtype).to(t.dtype)
                     fh.write(out.view(torch.uint8).numpy().data)
                     written += out.numel() * out.element_size()
             if written != t.nbytes:

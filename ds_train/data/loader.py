@@ -237,7 +237,9 @@ def _worker_start(worker_id: int) -> None:
       process group. The rank answers SIGTERM/SIGUSR1 by finishing its step and checkpointing
       (callbacks/preemption.py), which may need more micro-batches; a worker killed by the signal
       instead makes torch raise in the rank ("DataLoader worker is killed by signal"), and the
-      checkpoint is lost. So a worker ignores SIGUSR1, and SIGTERM unless its own rank sends it
+      checkpoint is lost. Ctrl-C at a terminal sends SIGINT to the whole foreground group, and the
+      rank answers it the same way (torch's worker loop would leave on its KeyboardInterrupt).
+      So a worker ignores SIGUSR1 and SIGINT, and SIGTERM unless its own rank sends it
       (torch and multiprocessing stop workers with SIGTERM: obeyed as before). The sender is only
       known to `sigwaitinfo`, so SIGTERM is blocked and a thread waits for it. Slurm's final SIGKILL
       reaches the workers either way.
@@ -248,6 +250,7 @@ def _worker_start(worker_id: int) -> None:
     """
     gc.enable()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     parent = os.getppid()
     # blocked before any other thread exists: every thread of the worker inherits the mask
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})

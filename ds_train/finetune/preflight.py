@@ -30,6 +30,8 @@ from ds_train.finetune.model import TASK_MODELS, task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
 from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import check_positions, load_tokenizer
+from ds_train.objectives.masked_lm import require_mask_token
+from ds_train.train.output_dir import check_output_dir
 from ds_train.train.session import check_startup
 
 # What a checkpoint must agree on besides the model, tokenizer and data (see check_resume).
@@ -95,11 +97,9 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("finetune.task=sft needs a fast tokenizer (tokenizer.json) for token offsets")
         chat = ChatFormat(tokenizer, f.chat_template)
-    if f.task == "masked_lm" and tokenizer.mask_token_id is None:
-        raise ConfigError("finetune.task=masked_lm needs a tokenizer with a mask token (e.g. [MASK])")
-    run_dir = Path(cfg.run.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
+    if f.task == "masked_lm":
+        require_mask_token(tokenizer, "finetune.task=masked_lm")
+    check_output_dir(Path(cfg.run.output_dir))
 
     if source is not None and source.checkpoint is not None:
         _require_module(

@@ -9,8 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ds_train.config.loader import ConfigError
 from ds_train.objectives.base import IGNORE_INDEX, target_index
 from ds_train.objectives.head_loss import lm_loss_sum
+
+
+def require_mask_token(tokenizer, setting: str) -> None:
+    """The one check that a tokenizer can mask (pretraining's and finetuning's preflights call it,
+    so --check refuses what the start would); `setting` names what asked for masking."""
+    if tokenizer.mask_token_id is None:
+        raise ConfigError(f"{setting} needs a tokenizer with a mask token (e.g. [MASK])")
 
 
 @dataclass
@@ -27,8 +35,7 @@ class MaskedLM:
     def from_tokenizer(
         cls, tokenizer, *, seed: int, probability: float, loss_chunk_tokens: int = 0
     ) -> MaskedLM:
-        if tokenizer.mask_token_id is None:
-            raise ValueError("the masked_lm objective needs a tokenizer with a mask token")
+        require_mask_token(tokenizer, "model.objective=masked_lm")
         return cls(
             mask_id=tokenizer.mask_token_id,
             vocab_size=len(tokenizer),

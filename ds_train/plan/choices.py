@@ -106,18 +106,21 @@ def checkpointing_label(e: Estimate, layers: int) -> str:
 
 
 def overrides_for(e: Estimate, layers: int) -> str:
-    """The run-config overrides that select this choice (`layers`: the model's block count)."""
-    parts = [f"zero.stage={e.stage}"]
-    if e.offload_optimizer != "none":
-        parts.append(f"zero.offload_optimizer={e.offload_optimizer}")
-    if e.offload_param != "none":
-        parts.append(f"zero.offload_param={e.offload_param}")
-    parts.append(f"model.activation_checkpointing={str(bool(e.checkpoint_layers)).lower()}")
-    if e.checkpoint_layers:
-        parts.append(
-            f"model.activation_checkpointing_layers={0 if e.checkpoint_layers == layers else e.checkpoint_layers}"
-        )
-    return " ".join(parts)
+    """The run-config overrides that select this choice (`layers`: the model's block count).
+
+    Every setting of the choice is named, "none" and "off" included: the run config (or its ZeRO
+    preset) may set offload or partial checkpointing, and overrides that left those out printed a
+    choice that failed validation (stage 0 under an offload preset)."""
+    checkpoint_layers = 0 if e.checkpoint_layers in (0, layers) else e.checkpoint_layers
+    return " ".join(
+        [
+            f"zero.stage={e.stage}",
+            f"zero.offload_optimizer={e.offload_optimizer}",
+            f"zero.offload_param={e.offload_param}",
+            f"model.activation_checkpointing={str(bool(e.checkpoint_layers)).lower()}",
+            f"model.activation_checkpointing_layers={checkpoint_layers}",
+        ]
+    )
 
 
 def render(plan: Plan, header: list[str], layers: int) -> str:

@@ -58,6 +58,7 @@ from ds_train.model.build import (
     verify_loaded_weights,
 )
 from ds_train.objectives import build_objective
+from ds_train.objectives.masked_lm import require_mask_token
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.fault_injection import FaultInjection
 from ds_train.train.callbacks.garbage_collection import SyncedGarbageCollection
@@ -67,6 +68,7 @@ from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler, window_notes
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
 from ds_train.train.hf_export import PeriodicHfExport, export_final
+from ds_train.train.output_dir import check_output_dir
 from ds_train.train.session import TrainingParts, build_trainer, check_startup, run_on_this_rank
 
 log = logging.getLogger(__name__)
@@ -91,9 +93,10 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     if cfg.model.objective == "causal_lm":
         make_causal(hf_config)
     check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
+    if cfg.model.objective == "masked_lm":
+        require_mask_token(tokenizer, "model.objective=masked_lm")
     run_dir = Path(cfg.run.output_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"run.output_dir {run_dir} exists and is not a directory")
+    check_output_dir(run_dir)
     if needs_train_data:
         _check_local_sources(cfg.data.train, "data.train")
     if cfg.data.valid:

@@ -37,6 +37,7 @@ from ds_train.train.stragglers import StragglerWatch
 log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch script requeues
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: checkpointed on Ctrl-C, the status a shell expects
 
 
 class RankLostError(RunFailure):
@@ -116,7 +117,8 @@ class Trainer:
         self.stop_reason = reason
 
     def fit(self) -> int:
-        """Train to max_steps; returns the process exit code (0, or PREEMPTED_EXIT_CODE).
+        """Train to max_steps; returns the process exit code (0, PREEMPTED_EXIT_CODE, or
+        INTERRUPTED_EXIT_CODE after a checkpoint on Ctrl-C).
 
         A collective that fails because a peer died or hung becomes RankLostError, naming the
         ranks that did not answer a roll call."""
@@ -209,6 +211,13 @@ class Trainer:
         self._finish_save()
         if self.last_saved_step != self.step:
             self.save()
+        if self.stop_reason == "SIGINT":  # Ctrl-C at a terminal: the user stopped it, not a scheduler
+            log.warning(
+                "interrupted at step %d after checkpointing it; re-run the same command to resume",
+                self.step,
+            )
+            self._emit("on_train_end")
+            return INTERRUPTED_EXIT_CODE
         log.warning(
             "stopped at step %d (%s) after checkpointing; exit %d so the job is requeued",
             self.step,

@@ -4,6 +4,7 @@ no process group, and nothing written to the run directory."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,13 @@ CASES = [
     ("stage-choice", {}, ["zero.stage=5"], "zero.stage: 5 is not one of 0, 1, 2, 3"),
     ("precision-choice", {}, ["train.precision=fp8"], "train.precision: 'fp8' is not one of"),
     ("missing-output-dir", {"run.output_dir": _DELETE}, [], "missing required key 'run.output_dir'"),
+    ("infinite-lr", {}, ["train.lr=inf"], "train.lr: expected a finite number, got 'inf'"),
+    (
+        "masked-lm-without-mask-token",
+        {},
+        ["model.objective=masked_lm"],
+        "model.objective=masked_lm needs a tokenizer with a mask token",
+    ),
     ("missing-max-steps", {"train.max_steps": _DELETE}, [], "missing required key 'train.max_steps'"),
     ("missing-train-data", {"data.train": _DELETE}, [], "missing required key 'data.train'"),
     (
@@ -154,6 +162,26 @@ def test_bad_config_is_one_line_and_writes_nothing(
     assert "Traceback" not in err
     assert not dist.is_initialized()
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [["--check"], []], ids=["check", "start"])
+@pytest.mark.parametrize("exists", [True, False], ids=["existing", "to-create"])
+def test_unwritable_output_dir_is_one_line(tmp_path, shards, capsys, monkeypatch, flags, exists):
+    # A read-only mount refuses even root, which chmod cannot show in a test: os.access is what the
+    # check asks, so it answers here as it does on a read-only mount
+    from ds_train.train import output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(output_dir.os, "access", lambda p, mode: Path(p) != ro and real_access(p, mode))
+    run_dir = ro if exists else ro / "runs" / "a"
+    cfg = write_config(tmp_path / "run.yaml", base_config(run_dir, shards))
+    assert main(["pretrain", str(cfg), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ds-train: error: run.output_dir ") and "\n" not in err, err
+    assert "not writable" in err
+    assert not dist.is_initialized()
 
 
 def test_missing_or_invalid_config_file(tmp_path, capsys):

@@ -152,3 +152,68 @@ def test_describe_documents_every_key():
     for cls in SECTIONS.values():
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no documentation"
+
+
+@pytest.mark.parametrize("value", ["", "   "])
+def test_empty_output_dir_is_refused(cfg_file, value):
+    # `run.output_dir=$OUT` with OUT unset: the run wrote into the current directory
+    with pytest.raises(ConfigError, match=r"required key 'run.output_dir' is empty"):
+        validate(load_config(cfg_file, [f"run.output_dir={value}"]))
+
+
+def test_empty_data_train_entry_is_refused(cfg_file):
+    with pytest.raises(ConfigError, match="data.train"):
+        validate(load_config(cfg_file, ["data.train=' '"]))
+
+
+@pytest.mark.parametrize(
+    "override", ["train.lr=inf", "train.lr=.inf", "train.grad_clip=nan", "train.peak_flops=-inf"]
+)
+def test_non_finite_numbers_are_refused(cfg_file, override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg_file, [override])
+    assert str(e.value).startswith(f"{key}: expected a finite number") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            "gradient_accumulation_steps=4",
+            "gradient_accumulation_steps: ds_train sets this from train.global_batch_size",
+        ),
+        ("train_batch_size=64", "train_batch_size: ds_train sets this from train.global_batch_size"),
+        ("train_micro_batch_size_per_gpu=1", "from train.micro_batch_size"),
+        ("zero_optimization.stage=1", "zero_optimization.stage: ds_train sets this from zero.stage"),
+        ("zero_optimization.offload_param.device=cpu", "from zero.offload_param"),
+        ("zero_optimization.offload_optimizer={device: cpu}", "from zero.offload_optimizer"),
+        ("zero_optimization=3", "zero_optimization: ds_train sets this from zero.stage"),
+        ("bf16.enabled=true", "from train.precision"),
+        ("fp16={enabled: true}", "from train.precision"),
+        ("gradient_clipping=0.5", "from train.grad_clip"),
+        ("optimizer.params.lr=0.1", "from train.lr"),
+        ("optimizer.type=Lamb", "optimizer.type: ds_train sets this"),
+        ("scheduler.type=WarmupLR", "scheduler: ds_train sets this from train.schedule"),
+    ],
+)
+def test_ds_config_overrides_of_derived_keys_are_refused(cfg_file, override, expected):
+    with pytest.raises(ConfigError) as e:
+        validate(load_config(cfg_file, [f"zero.ds_config_overrides.{override}"]))
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "zero_optimization.sub_group_size=1000000",
+        "zero_optimization.reduce_bucket_size=1000",
+        "zero_optimization.round_robin_gradients=true",
+        "aio.queue_depth=16",
+        "optimizer.params.fused=false",
+        "timers.throughput.enabled=true",
+        "fp16.loss_scale_window=500",
+    ],
+)
+def test_ds_config_overrides_of_tuning_keys_are_kept(cfg_file, override):
+    validate(load_config(cfg_file, [f"zero.ds_config_overrides.{override}"]))

@@ -4,6 +4,8 @@ written, and refusal to resume a run directory trained with another task setup."
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +70,7 @@ def _check(raw):
         ({"model": {"init_from": "/nonexistent/model"}}, "model.init_from: not found"),
         ({"finetune": {"chat_template": "tokenizer", "task": "sft"}}, "the tokenizer has no chat template"),
         ({"finetune": {"task": "masked_lm"}}, "needs a tokenizer with a mask token"),
+        ({"run": {"output_dir": " "}}, "required key 'run.output_dir' is empty"),
         ({"finetune": {"adapter": "lora", "lora_r": 0}}, "finetune.lora_r must be > 0"),
         ({"finetune": {"adapter": "lora", "lora_target_modules": 5}}, "finetune.lora_target_modules must be"),
         (
@@ -100,6 +103,19 @@ def test_bad_finetune_input_is_one_line(tmp_path, hf_dir, change, expected):
         _check(raw)
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists(), "the preflight must not write anything"
+
+
+def test_unwritable_output_dir_is_refused(tmp_path, hf_dir, monkeypatch):
+    from ds_train.train import output_dir
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(output_dir.os, "access", lambda p, mode: Path(p) != ro and real_access(p, mode))
+    raw = _config(tmp_path, hf_dir)
+    raw["run"]["output_dir"] = str(ro / "run")
+    with pytest.raises(ConfigError, match=r"run.output_dir .* cannot be created: .* is not writable"):
+        _check(raw)
 
 
 def test_lora_needs_a_base_model(tmp_path, hf_dir):

@@ -1,5 +1,5 @@
 """DataLoader workers and the signals a job's processes get: Slurm's and torchrun's SIGTERM (and
-Slurm's SIGUSR1) reach the workers too, and must leave them serving the rank that is finishing its
+Slurm's SIGUSR1, a terminal's Ctrl-C) reach the workers too, and must leave them serving the rank that is finishing its
 step to checkpoint; a rank killed outright must not leave its workers behind (data/loader.py,
 `_worker_start`)."""
 
@@ -31,6 +31,7 @@ def test_workers_outlive_the_preemption_signals_the_whole_job_gets():
     for pid in workers:  # as `scancel --signal=TERM`/torchrun would: sent by another process
         subprocess.run(["kill", "-TERM", str(pid)], check=True)
         subprocess.run(["kill", "-USR1", str(pid)], check=True)
+        subprocess.run(["kill", "-INT", str(pid)], check=True)  # Ctrl-C reaches the whole group
     time.sleep(0.5)
     rest = [int(b["k"]) for b in batches]  # a dead worker would make torch raise here
     assert rest == list(range(4, 40))

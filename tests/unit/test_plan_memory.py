@@ -299,7 +299,33 @@ def test_overrides_select_the_choice():
         "model.activation_checkpointing_layers=0"  # all 8 blocks
     )
     e = next(e for e in _plan(None).estimates if e.stage == 0 and not e.checkpoint_layers)
-    assert overrides_for(e, 8) == "zero.stage=0 model.activation_checkpointing=false"
+    assert overrides_for(e, 8) == (
+        "zero.stage=0 zero.offload_optimizer=none zero.offload_param=none model.activation_checkpointing=false "
+        "model.activation_checkpointing_layers=0"
+    )
+
+
+@pytest.mark.parametrize("preset", ["stage3-offload-all", "stage2-offload-optimizer", "stage0"])
+@pytest.mark.parametrize("device_gib", [None, 100, 4, 1.5, 0.5])
+def test_printed_overrides_pass_validation_over_any_preset(tmp_path, shards, preset, device_gib):
+    # `plan` printed `zero.stage=0 model.activation_checkpointing=false` for a config using the
+    # stage3-offload-all preset, and the offload it left in place needs stage 3
+    from ds_train.config import load_config, validate
+    from tests.helpers import base_config
+
+    raw = base_config(tmp_path / "run", shards)
+    raw["zero"] = {"preset": preset, "nvme_path": str(tmp_path)}
+    raw["model"].update(activation_checkpointing=True, activation_checkpointing_layers=1)
+    cfg_file = write_config(tmp_path / "run.yaml", raw)
+    plan = _plan(device_gib)
+    for e in [*plan.estimates, *([plan.recommended] if plan.recommended else [])]:
+        cfg = load_config(cfg_file, overrides_for(e, 8).split())
+        validate(cfg)
+        assert (cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_param) == (
+            e.stage,
+            e.offload_optimizer,
+            e.offload_param,
+        )
 
 
 def test_the_fewest_checkpointed_blocks_that_fit_are_recommended():
@@ -339,7 +365,7 @@ def test_cli_plan_prints_every_choice_and_the_recommendation(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("ZeRO-")]
     assert len(rows) == len(CHOICES)
     assert "recommended (fastest that fits in 0.9 GiB usable): ZeRO-0, activation checkpointing off" in out
-    assert "overrides: zero.stage=0 model.activation_checkpointing=false" in out
+    assert "overrides: zero.stage=0 zero.offload_optimizer=none zero.offload_param=none " in out
     assert "loss in chunks of 1024 tokens" in out
     # vocab 4096 ≫ hidden 32: full logits dominate the activations, chunks of them do not
     long = ["--seq-len", "4096", "--micro-batch", "8"]

@@ -1,11 +1,18 @@
 """Catch SIGUSR1/SIGTERM (Slurm's warning before a time limit or preemption) and ask the trainer
 to checkpoint and stop at the next step boundary. The ranks agree through the flag the trainer
-all-reduces with each step's token count, so no extra collective is spent on it."""
+all-reduces with each step's token count, so no extra collective is spent on it.
+
+Ctrl-C (SIGINT) while training does the same, so an interactive run keeps the steps since its
+last checkpoint, and exits 130; the first Ctrl-C gives SIGINT back to Python, so a second one
+stops at once (KeyboardInterrupt), with a line naming the step reached and the checkpoint a
+re-run resumes from. Before training starts Ctrl-C stops at once: there is nothing to save."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 
 from ds_train.train.callbacks.base import Callback
 
@@ -21,6 +28,8 @@ class PreemptionHandler(Callback):
 
     def __init__(self):
         self._previous: dict = {}
+        self._previous_int = None  # SIGINT's handler before training started; None: not taken
+        self._sigint_pid: int | None = None  # the process that took SIGINT (not its forked workers)
         self._trainer = None
         self.pending: str | None = None  # a signal received before the trainer existed
 
@@ -45,8 +54,35 @@ class PreemptionHandler(Callback):
         else:
             self._trainer.request_stop(reason=name)
 
+    def _interrupt(self, signum, frame) -> None:
+        """The first Ctrl-C while training: checkpoint at the step boundary; the next one is Python's."""
+        if os.getpid() != self._sigint_pid:
+            return  # a forked DataLoader worker (a terminal signals the whole group): the rank decides
+        self._release_sigint()
+        log.warning(
+            "Ctrl-C: will checkpoint and stop after the current step (press Ctrl-C again to stop "
+            "at once, losing the steps since the last checkpoint)"
+        )
+        if self._trainer is not None:
+            self._trainer.request_stop(reason="SIGINT")
+
+    def _take_sigint(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (tests driving a trainer elsewhere)
+        current = signal.getsignal(signal.SIGINT)
+        if current is not signal.default_int_handler:
+            return  # ignored (a background job) or someone else's: leave it
+        self._sigint_pid = os.getpid()
+        self._previous_int = signal.signal(signal.SIGINT, self._interrupt)
+
+    def _release_sigint(self) -> None:
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
+            self._previous_int = None
+
     def on_train_start(self, trainer) -> None:
         self.install()
+        self._take_sigint()
         self._trainer = trainer
         if self.pending is not None:
             trainer.request_stop(reason=self.pending)
@@ -55,4 +91,14 @@ class PreemptionHandler(Callback):
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+        self._release_sigint()
         self._trainer = None
+
+    def on_train_error(self, trainer, error: BaseException) -> None:
+        self._release_sigint()
+        if isinstance(error, KeyboardInterrupt) and trainer.ctx.is_main:
+            from ds_train.checkpoint.layout import latest_checkpoint
+
+            latest = latest_checkpoint(trainer.checkpoints.root)
+            saved = f"the latest checkpoint is step {latest.step}" if latest else "there is no checkpoint yet"
+            log.warning("interrupted at step %d; %s; re-run the same command to resume", trainer.step, saved)
