@@ -10,10 +10,16 @@ down, so that peers still waiting on it fail at once instead of timing out one a
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 
 import torch.distributed as dist
+
+from ds_train.checkpoint.layout import CheckpointRef
+from ds_train.errors import RunFailure
+
+log = logging.getLogger(__name__)
 
 ROLL_CALL_KEY = "ds_train/roll_call"
 _COLLECTIVE_ERROR = re.compile(
@@ -78,3 +84,25 @@ def wait_for_roll_call(timeout_s: float) -> float:
     as it tears its group down, so seconds suffice; and it must stay inside the grace period a
     launcher gives before SIGKILL (torchrun: 30 s)."""
     return float(min(10.0, max(2.0, timeout_s / 10)))
+
+
+class RankLostError(RunFailure):
+    """A collective failed: another rank died or went silent."""
+
+
+def lost_contact(
+    e: RuntimeError, timeout_s: float, activity: str, latest: CheckpointRef | None
+) -> RankLostError:
+    """The error a rank raises when a collective failed (`activity`: what it was doing, e.g. "in
+    step 7"), after the roll call that names the ranks that did not answer."""
+    wait = wait_for_roll_call(timeout_s)
+    log.error("rank %d: a collective failed; roll call (%.0fs)", dist.get_rank(), wait)
+    missing, note = roll_call(wait)
+    if missing:
+        who = f"rank(s) {', '.join(map(str, missing))} did not answer ({note}): dead or hung, see their log"
+    elif missing is None:
+        who = note
+    else:
+        who = f"{note}, so no rank is gone: the collective itself failed"
+    resume = f"re-run to resume from {latest.tag}" if latest else "there is no checkpoint yet"
+    return RankLostError(f"lost contact with other ranks {activity} ({first_sentence(e)}); {who}; {resume}")

@@ -26,7 +26,7 @@ from ds_train.checkpoint.layout import latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.distributed.engine import DistributedContext, all_reduce_max, all_reduce_sum
-from ds_train.distributed.peers import first_sentence, is_collective_failure, roll_call, wait_for_roll_call
+from ds_train.distributed.peers import is_collective_failure, lost_contact
 from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch script requeues
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: checkpointed on Ctrl-C, the status a shell expects
-
-
-class RankLostError(RunFailure):
-    """A collective failed: another rank died or went silent."""
 
 
 @dataclass
@@ -130,28 +126,14 @@ class Trainer:
                 self._emit_error(e)
                 raise
             # the roll call first: peers wait for this rank's answer only seconds
-            lost = self._rank_lost(e)
+            lost = lost_contact(
+                e,
+                self.s.collective_timeout_s,
+                self._activity or f"in step {self.step + 1}",
+                latest_checkpoint(self.checkpoints.root),
+            )
         self._emit_error(lost)
         raise lost from None
-
-    def _rank_lost(self, e: RuntimeError) -> RankLostError:
-        wait = wait_for_roll_call(self.s.collective_timeout_s)
-        log.error("rank %d: a collective failed; roll call (%.0fs)", self.ctx.rank, wait)
-        missing, note = roll_call(wait)
-        if missing:
-            who = (
-                f"rank(s) {', '.join(map(str, missing))} did not answer ({note}): dead or hung, see their log"
-            )
-        elif missing is None:
-            who = note
-        else:
-            who = f"{note}, so no rank is gone: the collective itself failed"
-        latest = latest_checkpoint(self.checkpoints.root)
-        resume = f"re-run to resume from {latest.tag}" if latest else "there is no checkpoint yet"
-        return RankLostError(
-            f"lost contact with other ranks {self._activity or f'in step {self.step + 1}'} "
-            f"({first_sentence(e)}); {who}; {resume}"
-        )
 
     def _fit(self) -> int:
         self._emit("on_train_start")
