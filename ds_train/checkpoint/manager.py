@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import heapq
 import json
@@ -124,7 +125,7 @@ class CheckpointManager:
             elif writer is not None:  # nothing else will wait for its writes or stop them
                 writer.abandon()
             if local:
-                raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e))])) from None
+                raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e, self.root))])) from None
             raise
         self.pending = _PendingSave(
             tag, step, state, config_yaml, write_extras, on_written, written, writer, _rng_state(), t0
@@ -158,7 +159,7 @@ class CheckpointManager:
         digests, error = {}, None
         failed = p.writer.wait() if p.writer is not None else None  # a background write, or the copy
         if failed is not None:
-            error = _describe(failed)
+            error = _describe(failed, self.root)
         else:
             try:
                 rng_file = self.root / partial / "rng" / f"rank_{self.ctx.rank:05d}.pt"
@@ -173,7 +174,7 @@ class CheckpointManager:
             except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
                 if is_collective_failure(e):
                     raise
-                error = _describe(e)
+                error = _describe(e, self.root)
         # Every rank reports its files (or its error): the checkpoint is complete only if all wrote.
         reports = all_gather_object((error, digests))
         self._agree(p.tag, [e for e, _ in reports])
@@ -235,6 +236,8 @@ class CheckpointManager:
     def _agree(self, tag: str, errors: list[str | None]) -> None:
         failed = [(rank, e) for rank, e in enumerate(errors) if e]
         if failed:
+            if self.ctx.is_main:  # never loaded, and on a full disk it holds the space a re-run needs
+                shutil.rmtree(self.root / (tag + PARTIAL_SUFFIX), ignore_errors=True)
             raise CheckpointWriteError(self._failure(tag, failed))
 
     def _failure(self, tag: str, failed: list[tuple[int, str]]) -> str:
@@ -329,10 +332,22 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _describe(e: Exception) -> str:
+# torch's zip writer reports a failed write as a RuntimeError about its own state ("[enforce fail
+# at inline_container.cc:…] . unexpected pos 3574592 vs 3574544"), the ENOSPC behind it lost
+_ZIP_WRITER_FAILURE = ("inline_container", "PytorchStreamWriter")
+_NEARLY_FULL = 64 << 20
+
+
+def _describe(e: Exception, root: Path | None = None) -> str:
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or e} ({e.filename})"
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if root is not None and any(s in first for s in _ZIP_WRITER_FAILURE):
+        with contextlib.suppress(OSError):
+            free = shutil.disk_usage(root).free
+            if free < _NEARLY_FULL:
+                return f"No space left on device: {_size(free)} free on the file system of {root} (torch: {first})"
+    return first
 
 
 @dataclass

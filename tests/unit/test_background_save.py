@@ -478,3 +478,34 @@ def test_a_host_copy_that_fails_is_reported_when_the_save_completes(tmp_path, pl
     with pytest.raises(CheckpointWriteError, match=r"step_00000004 \(rank 0: .*can't allocate memory"):
         manager.finish()
     assert latest_checkpoint(manager.root) is None
+
+
+def test_a_full_disk_is_named_and_the_failed_saves_files_are_removed(tmp_path, monkeypatch):
+    """torch's zip writer reports ENOSPC as its own state ('unexpected pos 3574592 vs 3574544'),
+    which was all a full disk said at the first save; and the failed save's `.partial` files stayed,
+    holding the space a re-run needs (cloud-user audit)."""
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from ds_train.checkpoint import manager as manager_module
+    from ds_train.checkpoint.manager import CheckpointWriteError
+
+    manager = _manager(tmp_path)
+    manager.root.mkdir(parents=True)
+    torch_error = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3584 vs 3476")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(3 << 20, 3 << 20, 0))
+    said = manager_module._describe(torch_error, manager.root)
+    assert (
+        said.startswith("No space left on device: 0 bytes free on the file system of")
+        and "unexpected pos" in said
+    )
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda p: usage(1 << 40, 0, 1 << 40))
+    assert manager_module._describe(torch_error, manager.root).startswith(
+        "[enforce fail"
+    )  # room: not the disk
+    partial = manager.root / "step_00000002.partial"
+    (partial / "rng").mkdir(parents=True)
+    with pytest.raises(CheckpointWriteError, match="could not write checkpoint step_00000002"):
+        manager._agree("step_00000002", ["No space left on device"])
+    assert not partial.exists()
