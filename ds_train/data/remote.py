@@ -47,14 +47,14 @@ def is_remote(uri: str) -> bool:
 def with_retries(
     what: str, fn: Callable[[], T], retries: int | None = None, backoff_s: float | None = None
 ) -> T:
-    """fn(), retried with exponential backoff on anything but a missing object."""
+    """fn(), retried with exponential backoff on anything but a missing object or bad data."""
     retries = RETRIES if retries is None else retries
     delay = BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, BackendMissing):
-            raise
+        except (FileNotFoundError, PermissionError, BackendMissing, ValueError):
+            raise  # missing, forbidden, or bad data (CorpusError, DataError): reading again gives the same
         except Exception as e:  # network errors come in many types
             if attempt == retries:
                 raise OSError(f"{what} failed after {retries + 1} attempts: {e}") from e
