@@ -108,10 +108,12 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
         raise CorpusError("the tokenizer has no EOS or SEP token to separate documents")
     dtype = token_dtype(len(tokenizer))
     per_shard, per_member = opts.rows_per((opts.seq_len + 1) * dtype.itemsize)
+    pieces = plan_pieces([str(p) for p in inputs], opts.piece_bytes)
     plan = {
         "format": PLAN_FORMAT,
         "inputs": [str(p) for p in inputs],
-        "pieces": [p.to_json() for p in plan_pieces([str(p) for p in inputs], opts.piece_bytes)],
+        "pieces": [p.to_json() for p in pieces],
+        "input_stamps": input_stamps(pieces),
         "splits": splits,
         "seq_len": opts.seq_len,
         "valid_fraction": opts.valid_fraction,
@@ -132,6 +134,12 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("id") != plan["id"]:
+            changed = _changed_input(old, plan)
+            if changed:
+                raise CorpusError(
+                    f"{changed} changed (size or modification time) since the sharding work in {work} "
+                    "began: its finished pieces hold the old content; remove the work directory to start over"
+                )
             raise CorpusError(
                 f"{work} holds the work of another sharding run (other inputs or options); "
                 "remove it, or run with the same arguments to continue it"
@@ -141,6 +149,29 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
     tmp.write_text(json.dumps(plan, indent=1))
     os.replace(tmp, path)
     return plan
+
+
+def input_stamps(pieces: list[Piece]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every local input file (for a saved dataset: of each of its files), so
+    that an input replaced or rewritten between runs makes another plan and its old tokens are
+    never reused. Remote inputs get none: a stat per object is a round trip, and objects in a
+    store are usually written once."""
+    stamps: dict[str, list[int]] = {}
+    for path in dict.fromkeys(p.path for p in pieces):
+        if is_remote(path):
+            continue
+        local = Path(path.removeprefix("file://"))
+        for f in sorted(local.iterdir()) if local.is_dir() else [local]:
+            if f.is_file():
+                st = f.stat()
+                stamps[str(f)] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def _changed_input(old: dict, new: dict) -> str | None:
+    """The first input of both plans whose stamp differs (its content changed), else None."""
+    before = old.get("input_stamps", {})
+    return next((f for f, stamp in new["input_stamps"].items() if f in before and before[f] != stamp), None)
 
 
 def tokenize_task(

@@ -215,3 +215,18 @@ def test_uint32_tokens_for_large_vocabularies():
     from ds_train.data.shard_format import parse_npy_header
 
     assert parse_npy_header(buf.getvalue())[1:] == (np.dtype(np.uint32), (2, 3))
+
+
+def test_a_replaced_input_does_not_reuse_its_old_tokens(tmp_path, corpus, tok):
+    import gzip
+    import os
+
+    src = tmp_path / "docs.jsonl.gz"
+    src.write_bytes(gzip.compress(corpus.read_bytes()))
+    out = tmp_path / "out"
+    plan = prepare_plan([str(src), str(corpus)], out, tok, _opts())
+    tokenize_task(plan, out, tok, task_index=0, num_tasks=2, progress=False)  # the .gz piece is done
+    src.write_bytes(gzip.compress(b'{"text": "other content"}\n'))
+    os.utime(src, ns=(1, 1))
+    with pytest.raises(CorpusError, match=f"{src} changed .*since the sharding work"):
+        prepare_plan([str(src), str(corpus)], out, tok, _opts())
