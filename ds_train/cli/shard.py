@@ -90,8 +90,7 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.data.corpus_pieces import CorpusError
     from ds_train.data.sharding import merge_shards
 
-    if args.workers < 1:
-        raise ConfigError("--workers must be ≥ 1")
+    _check_counts(args)
     # a one-process run that made --output and then met bad input takes it away again (array tasks
     # share the directory, and --merge reads what they left: theirs stays)
     made_here = not args.merge and args.task_index is None and not Path(args.output).exists()
@@ -120,6 +119,23 @@ def main(args: argparse.Namespace) -> int:
             f"{m['total_documents']:,} documents -> {args.output}/{split}"
         )
     return 0
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Refuse counts and sizes below 1: argparse takes any int, and e.g. --rows-per-shard -5 wrote
+    an empty shard set while 0 silently meant "not set"."""
+    from ds_train.config.loader import ConfigError
+
+    for option, value in (
+        ("--workers", args.workers),
+        ("--rows-per-shard", args.rows_per_shard),
+        ("--shard-size", args.shard_size),
+        ("--member-size", args.member_size),
+        ("--piece-size", args.piece_size),
+        ("--num-tasks", args.num_tasks),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be ≥ 1, got {value}")
 
 
 def _tokenize(args: argparse.Namespace) -> dict | None:
@@ -155,7 +171,7 @@ def _tokenize(args: argparse.Namespace) -> dict | None:
         workers=args.workers,
         keep_work=args.keep_work,
     )
-    if args.piece_size:
+    if args.piece_size is not None:
         opts.piece_bytes = args.piece_size
     if args.sft:
         from ds_train.data.sft_sharding import shard_sft

@@ -1,0 +1,38 @@
+"""`ds-train shard` / `ds-train tokenizer train`: bad arguments and inputs end as one line, exit 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds_train.cli import main
+from tests.helpers import TOKENIZER
+
+
+@pytest.fixture
+def docs(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(f'{{"text": "document number {i}"}}\n' for i in range(50)))
+    return path
+
+
+def shard(tmp_path, *argv) -> list[str]:
+    out = tmp_path / "out"
+    return ["shard", *map(str, argv), "--output", str(out), "--tokenizer", str(TOKENIZER), "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--rows-per-shard", "-5"],
+        ["--rows-per-shard", "0"],
+        ["--shard-size", "0"],
+        ["--member-size", "-1"],
+        ["--piece-size", "0"],
+        ["--workers", "0"],
+        ["--num-tasks", "0", "--task-index", "0"],
+    ],
+)
+def test_counts_below_one_are_refused(option, tmp_path, docs, capsys):
+    assert main([*shard(tmp_path, docs, "--seq-len", "8"), *option]) == 2
+    assert f"{option[0]} must be ≥ 1, got {option[1]}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
