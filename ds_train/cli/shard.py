@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -117,6 +118,13 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"{split}: {len(m['shards'])} shards, {m['total_rows']:,} rows, {m['total_tokens']:,} tokens, "
             f"{m['total_documents']:,} documents -> {args.output}/{split}"
+        )
+    valid = manifests.get("valid")
+    if valid is not None and valid["total_rows"] == 0:
+        # written (the train set is fine), but training refuses an empty data.valid: say so now
+        sys.stderr.write(
+            f"ds-train: warning: the valid split is empty ({valid['total_documents']} documents held "
+            "out): use a larger --valid-fraction, or leave data.valid out of the run's config\n"
         )
     return 0
 

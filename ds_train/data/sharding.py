@@ -265,6 +265,8 @@ def merge_shards(
         ]
         stream = SplitStream(work, split, counts, np.dtype(plan["dtype"]))
         n_rows = packed_row_count(stream.total_tokens, plan["seq_len"], plan["pad_id"])
+        if split == "train" and n_rows == 0:
+            raise CorpusError(_empty_train(plan, records))
         streams[split] = (stream, n_rows)
         (output / split).mkdir(parents=True, exist_ok=True)
         jobs += [(split, j) for j in range(-(-n_rows // plan["rows_per_shard"]))]
@@ -293,6 +295,21 @@ def merge_shards(
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifests
+
+
+def _empty_train(plan: dict, records: dict) -> str:
+    """Why the train split has no row (training would refuse the empty shard set it would make)."""
+    docs = {s: sum(r["splits"][s]["documents"] for r in records.values()) for s in plan["splits"]}
+    if docs["train"] == 0 and docs.get("valid", 0) > 0:
+        return (
+            f"the train split is empty: all {docs['valid']:,} documents went to validation "
+            f"(--valid-fraction {plan['valid_fraction']}); use a smaller fraction"
+        )
+    tokens = sum(r["splits"]["train"]["tokens"] for r in records.values())
+    return (
+        f"the train split holds no row of seq_len {plan['seq_len']}: {docs['train']:,} documents, "
+        f"{tokens:,} tokens in {', '.join(plan['inputs'])}"
+    )
 
 
 def _write_one(job: tuple[str, int], plan: dict, streams: dict, output: Path, progress=None) -> ShardStats:

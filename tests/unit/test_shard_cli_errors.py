@@ -36,3 +36,14 @@ def test_counts_below_one_are_refused(option, tmp_path, docs, capsys):
     assert main([*shard(tmp_path, docs, "--seq-len", "8"), *option]) == 2
     assert f"{option[0]} must be ≥ 1, got {option[1]}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_split_is_not_reported_as_success(tmp_path, docs, capsys):
+    assert main([*shard(tmp_path, docs, "--seq-len", "8"), "--valid-fraction", "1e-9"]) == 0
+    assert "warning: the valid split is empty (0 documents held out)" in capsys.readouterr().err
+    out = tmp_path / "all-valid"
+    argv = ["shard", str(docs), "--output", str(out), "--tokenizer", str(TOKENIZER), "--seq-len", "8"]
+    assert main([*argv, "--valid-fraction", "0.99999", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the train split is empty: all 50 documents went to validation (--valid-fraction 0.99999)" in err
+    assert not out.exists()
