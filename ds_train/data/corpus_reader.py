@@ -98,9 +98,13 @@ def _text_of(record, field: str, where: str) -> str | None:
 
 def _open_binary(path: str, compression: str | None):
     if is_remote(path):
-        from ds_train.data.remote import open_stream
+        from ds_train.data.remote import BackendMissing, open_stream
 
-        raw = open_stream(path)
+        try:
+            raw = open_stream(path)
+        except (FileNotFoundError, PermissionError, BackendMissing) as e:
+            # not transient (404, 403, no fsspec backend): an input error, named in one line
+            raise CorpusError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
     else:
         try:
             raw = open(path.removeprefix("file://"), "rb", buffering=READ_BUFFER)

@@ -84,7 +84,7 @@ def open_stream(uri: str) -> BinaryIO:
             return urllib.request.urlopen(uri, timeout=TIMEOUT_S)
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise FileNotFoundError(uri) from None
+                raise FileNotFoundError(f"{uri}: not found (HTTP 404)") from None
             if e.code in _NOT_TRANSIENT_HTTP:
                 raise PermissionError(f"{uri}: HTTP {e.code} {e.reason}") from None
             raise

@@ -183,3 +183,9 @@ def test_a_glob_walks_the_directories_it_matches_and_each_file_is_read_once(tmp_
     assert f"{top}: reached by more than one input" in caplog.text
     with pytest.raises(CorpusError, match="the matches hold no corpus files"):
         expand_inputs([f"{tmp_path}/empt*"])
+
+
+def test_a_missing_remote_input_is_named(http_dir, tok):
+    root, url = http_dir
+    with pytest.raises(CorpusError, match=rf"^{url}/nothere.jsonl: not found \(HTTP 404\)$"):
+        _shard([f"{url}/nothere.jsonl"], root / "out", tok)
