@@ -47,3 +47,13 @@ def test_an_empty_split_is_not_reported_as_success(tmp_path, docs, capsys):
     err = capsys.readouterr().err
     assert "the train split is empty: all 50 documents went to validation (--valid-fraction 0.99999)" in err
     assert not out.exists()
+
+
+def test_tokenizer_train_names_a_bad_input_in_one_line(tmp_path, capsys):
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", str(tmp_path / "nonexist.jsonl"), "--output", str(out)]) == 2
+    assert f"ds-train: error: input not found: {tmp_path / 'nonexist.jsonl'}" in capsys.readouterr().err
+    (tmp_path / "bad.jsonl").write_text('{"x": 1}\n')
+    assert main(["tokenizer", "train", str(tmp_path / "bad.jsonl"), "--output", str(out)]) == 2
+    assert "no 'text' field (found ['x']); pass --text-field" in capsys.readouterr().err
+    assert not out.exists()
