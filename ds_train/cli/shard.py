@@ -92,6 +92,8 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.data.sharding import merge_shards
 
     _check_counts(args)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output}: exists and is not a directory")
     # a one-process run that made --output and then met bad input takes it away again (array tasks
     # share the directory, and --merge reads what they left: theirs stays)
     made_here = not args.merge and args.task_index is None and not Path(args.output).exists()

@@ -57,3 +57,11 @@ def test_tokenizer_train_names_a_bad_input_in_one_line(tmp_path, capsys):
     assert main(["tokenizer", "train", str(tmp_path / "bad.jsonl"), "--output", str(out)]) == 2
     assert "no 'text' field (found ['x']); pass --text-field" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_output_that_is_a_file_is_refused(tmp_path, docs, capsys):
+    (tmp_path / "out").write_text("a file")
+    for argv in (shard(tmp_path, docs, "--seq-len", "8"), shard(tmp_path, "--merge")):
+        assert main(argv) == 2
+        assert f"--output {tmp_path / 'out'}: exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "out").read_text() == "a file"
