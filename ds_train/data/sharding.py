@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,6 +270,7 @@ def merge_shards(
             raise CorpusError(_empty_train(plan, records))
         streams[split] = (stream, n_rows)
         (output / split).mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output / split, split)
         jobs += [(split, j) for j in range(-(-n_rows // plan["rows_per_shard"]))]
     meter = Meter("write", "shards", progress, total=len(jobs))
     try:
@@ -295,6 +297,16 @@ def merge_shards(
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifests
+
+
+def _remove_stale_temporaries(split_dir: Path, split: str) -> None:
+    """Remove what a merge killed mid-write left (`.<split>-NNNNNN.tar.tmp<pid>`, and the
+    manifest's `index.json.tmp`): only this merge writes here now, and no finished shard set may
+    carry them. Only names of our own making are touched."""
+    stale = re.compile(rf"\.{re.escape(split)}-\d{{6}}\.tar\.tmp\d+")
+    for f in split_dir.iterdir():
+        if (stale.fullmatch(f.name) or f.name == f"{MANIFEST}.tmp") and f.is_file():
+            f.unlink(missing_ok=True)
 
 
 def _empty_train(plan: dict, records: dict) -> str:

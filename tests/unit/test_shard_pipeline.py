@@ -230,3 +230,15 @@ def test_a_replaced_input_does_not_reuse_its_old_tokens(tmp_path, corpus, tok):
     os.utime(src, ns=(1, 1))
     with pytest.raises(CorpusError, match=f"{src} changed .*since the sharding work"):
         prepare_plan([str(src), str(corpus)], out, tok, _opts())
+
+
+def test_a_merge_rerun_after_a_kill_leaves_no_temporaries(tmp_path, corpus, tok):
+    plan = prepare_plan([str(corpus)], tmp_path, tok, _opts())
+    tokenize_task(plan, tmp_path, tok, progress=False)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / ".train-000001.tar.tmp4242").write_bytes(b"half a shard")  # a killed merge
+    (tmp_path / "train" / "index.json.tmp").write_text("{")
+    (tmp_path / "train" / ".mine.tmp1").write_text("not ours: kept")
+    merge_shards(tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "train").glob(".*")) == [".mine.tmp1"]
+    assert not (tmp_path / "train" / "index.json.tmp").exists()
