@@ -90,8 +90,7 @@ def _expand_glob(pattern: str) -> list[str]:
     for m in matches:
         if Path(m).is_dir():
             # a matched directory without corpus files (logs/, a checkout's .git) is no error here
-            if is_saved_dataset(Path(m)) or _corpus_files(Path(m)):
-                found.extend(_walk(Path(m)))
+            found.extend(_corpus_files(Path(m)))
         elif Path(m).is_file():
             found.append(m)
     if not found:
@@ -135,11 +134,17 @@ def _corpus_files(root: Path) -> list[str]:
     if is_saved_dataset(root):
         return [str(root)]
     found = []
+    shard_sets = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         if here != root and is_saved_dataset(here):
             found.append(str(here))
+            dirnames[:] = []
+            continue
+        if is_shard_set(here):
+            # an earlier `ds-train shard --output` inside the corpus: its index.json is no corpus
+            shard_sets.append(str(here))
             dirnames[:] = []
             continue
         for name in sorted(filenames):
@@ -150,7 +155,21 @@ def _corpus_files(root: Path) -> list[str]:
             except CorpusError:
                 continue  # READMEs, checksums, ... next to the data
             found.append(str(here / name))
+    if shard_sets:
+        more = f" (and {len(shard_sets) - 1} more)" if len(shard_sets) > 1 else ""
+        log.warning("%s%s: a ds-train shard set, not corpus: skipped", shard_sets[0], more)
     return found
+
+
+def is_shard_set(path: Path) -> bool:
+    """A directory holding a ds-train shard set manifest (`index.json`, format first)."""
+    from ds_train.data.shard_format import FORMAT, MANIFEST
+
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    with open(manifest, "rb") as fh:
+        return f'"format": "{FORMAT}"'.encode() in fh.read(4096)  # the first key: no need to parse it all
 
 
 def is_saved_dataset(path: Path) -> bool:

@@ -189,3 +189,15 @@ def test_a_missing_remote_input_is_named(http_dir, tok):
     root, url = http_dir
     with pytest.raises(CorpusError, match=rf"^{url}/nothere.jsonl: not found \(HTTP 404\)$"):
         _shard([f"{url}/nothere.jsonl"], root / "out", tok)
+
+
+def test_a_shard_set_inside_a_corpus_directory_is_skipped(tmp_path, tok, caplog):
+    from ds_train.data.corpus_pieces import expand_inputs
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_jsonl(corpus / "docs.jsonl", ["one document", "another document"])
+    shard_corpus([str(corpus)], corpus / "shards", tok, ShardOptions(seq_len=8, progress=False))
+    with caplog.at_level("WARNING"):
+        assert expand_inputs([str(corpus)]) == [str(corpus / "docs.jsonl")]
+    assert f"{corpus / 'shards' / 'train'}: a ds-train shard set, not corpus: skipped" in caplog.text
