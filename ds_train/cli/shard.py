@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 
 
@@ -90,8 +91,9 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.data.corpus_pieces import CorpusError
     from ds_train.data.sharding import merge_shards
 
-    if args.workers < 1:
-        raise ConfigError("--workers must be ≥ 1")
+    _check_counts(args)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output}: exists and is not a directory")
     # a one-process run that made --output and then met bad input takes it away again (array tasks
     # share the directory, and --merge reads what they left: theirs stays)
     made_here = not args.merge and args.task_index is None and not Path(args.output).exists()
@@ -119,7 +121,31 @@ def main(args: argparse.Namespace) -> int:
             f"{split}: {len(m['shards'])} shards, {m['total_rows']:,} rows, {m['total_tokens']:,} tokens, "
             f"{m['total_documents']:,} documents -> {args.output}/{split}"
         )
+    valid = manifests.get("valid")
+    if valid is not None and valid["total_rows"] == 0:
+        # written (the train set is fine), but training refuses an empty data.valid: say so now
+        sys.stderr.write(
+            f"ds-train: warning: the valid split is empty ({valid['total_documents']} documents held "
+            "out): use a larger --valid-fraction, or leave data.valid out of the run's config\n"
+        )
     return 0
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    """Refuse counts and sizes below 1: argparse takes any int, and e.g. --rows-per-shard -5 wrote
+    an empty shard set while 0 silently meant "not set"."""
+    from ds_train.config.loader import ConfigError
+
+    for option, value in (
+        ("--workers", args.workers),
+        ("--rows-per-shard", args.rows_per_shard),
+        ("--shard-size", args.shard_size),
+        ("--member-size", args.member_size),
+        ("--piece-size", args.piece_size),
+        ("--num-tasks", args.num_tasks),
+    ):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be ≥ 1, got {value}")
 
 
 def _tokenize(args: argparse.Namespace) -> dict | None:
@@ -155,7 +181,7 @@ def _tokenize(args: argparse.Namespace) -> dict | None:
         workers=args.workers,
         keep_work=args.keep_work,
     )
-    if args.piece_size:
+    if args.piece_size is not None:
         opts.piece_bytes = args.piece_size
     if args.sft:
         from ds_train.data.sft_sharding import shard_sft

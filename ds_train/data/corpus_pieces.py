@@ -10,6 +10,7 @@ inputs, never on how many workers or Slurm tasks tokenized the pieces — nor on
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ DATASETS_FORMATS = {".json": "json", ".parquet": "parquet", ".csv": "csv", ".arr
 MAX_PIECE_BYTES = 16 << 20
 MIN_PIECE_BYTES = 1 << 20
 PIECES_PER_CORPUS = 256  # enough pieces to keep every worker busy to the end
+
+log = logging.getLogger(__name__)
 
 
 class CorpusError(ValueError):
@@ -62,34 +65,86 @@ def formats_of(path: str) -> tuple[str, str | None]:
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Input files in stream order: directories are walked (sorted), globs expanded (sorted)."""
+    """Input files in stream order: directories are walked (sorted), globs expanded (sorted, a
+    matched directory walked like a directory input); a file reached twice is read once."""
     out: list[str] = []
     for item in map(str, inputs):
         if is_remote(item):
             out.append(item)
         elif any(c in item for c in "*?[") and not Path(item).exists():
-            matches = sorted(glob.glob(item, recursive=True))
-            if not matches:
-                raise CorpusError(f"no input matches {item}")
-            out.extend(m for m in matches if Path(m).is_file())
+            out.extend(_expand_glob(item))
         elif Path(item).is_dir():
             out.extend(_walk(Path(item)))
         elif Path(item).is_file():
             out.append(item)
         else:
             raise CorpusError(f"input not found: {item}")
+    return _once_each(out)
+
+
+def _expand_glob(pattern: str) -> list[str]:
+    matches = sorted(glob.glob(pattern, recursive=True))
+    if not matches:
+        raise CorpusError(f"no input matches {pattern}")
+    found: list[str] = []
+    for m in matches:
+        if Path(m).is_dir():
+            # a matched directory without corpus files (logs/, a checkout's .git) is no error here
+            found.extend(_corpus_files(Path(m)))
+        elif Path(m).is_file():
+            found.append(m)
+    if not found:
+        raise CorpusError(f"{pattern}: the matches hold no corpus files (looked for {_LOOKED_FOR})")
+    return found
+
+
+def _once_each(paths: list[str]) -> list[str]:
+    """`paths` without the repeats of a file already listed (the same file reached through a
+    glob, its directory or a link), which would otherwise be tokenized once per mention."""
+    seen: set[str] = set()
+    out: list[str] = []
+    repeated: dict[str, None] = {}  # the files met again, in order, each once
+    for p in paths:
+        key = p if is_remote(p) else os.path.realpath(p.removeprefix("file://"))
+        if key in seen:
+            repeated[key] = None
+            continue
+        seen.add(key)
+        out.append(p)
+    if repeated:
+        first = next(iter(repeated))
+        more = f" (and {len(repeated) - 1} other files)" if len(repeated) > 1 else ""
+        log.warning("%s%s: reached by more than one input (glob, directory, link): read once", first, more)
     return out
 
 
 def _walk(root: Path) -> list[str]:
+    found = _corpus_files(root)
+    if not found:
+        raise CorpusError(f"{root}: no corpus files inside (looked for {_LOOKED_FOR})")
+    return found
+
+
+_LOOKED_FOR = ".jsonl/.txt/.json/.parquet/.csv/.arrow"
+
+
+def _corpus_files(root: Path) -> list[str]:
+    """The corpus files under directory `root`, in sorted path order (hidden names and files of
+    other formats skipped); a saved dataset directory is one input."""
     if is_saved_dataset(root):
         return [str(root)]
     found = []
+    shard_sets = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         if here != root and is_saved_dataset(here):
             found.append(str(here))
+            dirnames[:] = []
+            continue
+        if is_shard_set(here):
+            # an earlier `ds-train shard --output` inside the corpus: its index.json is no corpus
+            shard_sets.append(str(here))
             dirnames[:] = []
             continue
         for name in sorted(filenames):
@@ -100,11 +155,21 @@ def _walk(root: Path) -> list[str]:
             except CorpusError:
                 continue  # READMEs, checksums, ... next to the data
             found.append(str(here / name))
-    if not found:
-        raise CorpusError(
-            f"{root}: no corpus files inside (looked for .jsonl/.txt/.json/.parquet/.csv/.arrow)"
-        )
+    if shard_sets:
+        more = f" (and {len(shard_sets) - 1} more)" if len(shard_sets) > 1 else ""
+        log.warning("%s%s: a ds-train shard set, not corpus: skipped", shard_sets[0], more)
     return found
+
+
+def is_shard_set(path: Path) -> bool:
+    """A directory holding a ds-train shard set manifest (`index.json`, format first)."""
+    from ds_train.data.shard_format import FORMAT, MANIFEST
+
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    with open(manifest, "rb") as fh:
+        return f'"format": "{FORMAT}"'.encode() in fh.read(4096)  # the first key: no need to parse it all
 
 
 def is_saved_dataset(path: Path) -> bool:

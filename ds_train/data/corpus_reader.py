@@ -16,11 +16,7 @@ byte lies in its range, so every line belongs to exactly one piece whatever the 
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import io
 import json
-import lzma
 from collections.abc import Iterator
 
 from ds_train.data.corpus_pieces import (
@@ -31,6 +27,7 @@ from ds_train.data.corpus_pieces import (
     is_remote,
     plan_pieces,
 )
+from ds_train.data.decompress import codec_errors, decompressed
 
 __all__ = ["CorpusError", "iter_documents", "iter_piece_documents"]
 
@@ -59,7 +56,7 @@ def iter_piece_documents(piece: Piece, text_field: str = "text") -> Iterator[str
 def _iter_lines(piece: Piece, text_field: str) -> Iterator[str]:
     fmt, compression = formats_of(piece.path)
     is_txt = fmt == ".txt"
-    with _open_binary(piece.path, compression) as fh:
+    with _open_binary(piece.path, compression) as fh, codec_errors(piece.path, compression):
         pos = 0
         if piece.start > 0:
             # the line holding byte start-1 belongs to the previous piece (it started there)
@@ -101,25 +98,19 @@ def _text_of(record, field: str, where: str) -> str | None:
 
 def _open_binary(path: str, compression: str | None):
     if is_remote(path):
-        from ds_train.data.remote import open_stream
+        from ds_train.data.remote import BackendMissing, open_stream
 
-        raw = open_stream(path)
+        try:
+            raw = open_stream(path)
+        except (FileNotFoundError, PermissionError, BackendMissing) as e:
+            # not transient (404, 403, no fsspec backend): an input error, named in one line
+            raise CorpusError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
     else:
         try:
             raw = open(path.removeprefix("file://"), "rb", buffering=READ_BUFFER)
         except FileNotFoundError:
             raise CorpusError(f"input not found: {path}") from None
-    if compression == ".gz":
-        return gzip.GzipFile(fileobj=raw)
-    if compression == ".bz2":
-        return bz2.BZ2File(raw)
-    if compression == ".xz":
-        return lzma.LZMAFile(raw)
-    if compression == ".zst":
-        import zstandard
-
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw), READ_BUFFER)
-    return raw
+    return decompressed(raw, compression, path)
 
 
 def _iter_parquet(piece: Piece, text_field: str) -> Iterator[str]:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ds_train.data.batch_transfer import UnpackingLoader, pack_batch
-from ds_train.data.order import MixtureOrder, SampleOrder
+from ds_train.data.order import MixtureOrder, SampleOrder, StarvedSource
 from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
 from ds_train.distributed.deepspeed_config import BatchLayout
@@ -117,10 +117,19 @@ def build_plan(
         if s.tokenizer.get("sha256") != first.tokenizer.get("sha256"):
             raise DataError(f"data sources were tokenized differently: {first.location} and {s.location}")
     orders = [SampleOrder(s.rows, seed, shuffle, window, stream=i) for i, s in enumerate(sets)]
+    try:
+        mixture = MixtureOrder(orders, [w for _, w in sources])
+    except StarvedSource as e:
+        path, weight = sources[e.index]
+        share = weight / sum(w for _, w in sources)
+        raise DataError(
+            f"data source {path}: weight {weight:g} (a share of {share:.2g}) gets no sample in a mixing "
+            f"period of {e.period}: raise it (to a share of about {1 / e.period:g} or more) or drop the source"
+        ) from None
     return DataPlan(
         sources=sets,
         weights=[w for _, w in sources],
-        order=MixtureOrder(orders, [w for _, w in sources]),
+        order=mixture,
         seed=seed,
     )
 

@@ -173,6 +173,18 @@ def _groups(keys: np.ndarray):
         yield int(k), keys == k
 
 
+class StarvedSource(ValueError):
+    """A source whose weight gets it no sample in a period of the mixture (the caller names it)."""
+
+    def __init__(self, index: int, period: int):
+        super().__init__(
+            f"source {index}'s weight is too small to get any sample in a period of {period}: "
+            "raise it or drop the source"
+        )
+        self.index = index
+        self.period = period
+
+
 class MixtureOrder:
     """Interleave several sources by weight with a fixed periodic pattern.
 
@@ -202,10 +214,7 @@ class MixtureOrder:
             self.slot_rank[j] = seen[k]
             seen[k] += 1
         if (self.per_period == 0).any():
-            raise ValueError(
-                "a source weight is too small to get any sample in a period of "
-                f"{self.period}: raise it or drop the source"
-            )
+            raise StarvedSource(int(np.flatnonzero(self.per_period == 0)[0]), self.period)
 
     def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(source, shard, row) for global stream positions."""

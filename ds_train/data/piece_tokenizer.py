@@ -91,6 +91,13 @@ def tokenize_piece(
                     _append(group, handles[split], counts[split], separator, dtype)
             if progress is not None:
                 progress(len(batch), sum(len(x) + 1 for x in ids))
+    except BaseException:
+        # bad input (or a stop) half-way: nothing of this attempt may stay in the work directory
+        for fh in itertools.chain.from_iterable(handles.values()):
+            fh.close()
+        for t in itertools.chain.from_iterable(tmp.values()):
+            t.unlink(missing_ok=True)
+        raise
     finally:
         for fh in itertools.chain.from_iterable(handles.values()):
             fh.close()

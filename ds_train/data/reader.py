@@ -144,4 +144,9 @@ class RowReader:
         if self.cache_dir is None:
             raise DataError(f"remote shard {uri} needs data.cache_dir")
         cache = self.cache_dir / shard_set.fingerprint[:16]
-        return fetch_to_cache(uri, cache, shard_set.names[i], shard_set.sha256[i] or None)
+        try:
+            return fetch_to_cache(uri, cache, shard_set.names[i], shard_set.sha256[i] or None)
+        except (FileNotFoundError, PermissionError) as e:
+            # not retried: say what the server said (HTTP 404/403) once, not the URI twice
+            what = str(e) if str(e).startswith(uri) else f"{uri}: {type(e).__name__} ({e})"
+            raise DataError(f"shard {what} (listed in the manifest of {shard_set.location})") from None

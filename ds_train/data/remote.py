@@ -47,14 +47,14 @@ def is_remote(uri: str) -> bool:
 def with_retries(
     what: str, fn: Callable[[], T], retries: int | None = None, backoff_s: float | None = None
 ) -> T:
-    """fn(), retried with exponential backoff on anything but a missing object."""
+    """fn(), retried with exponential backoff on anything but a missing object or bad data."""
     retries = RETRIES if retries is None else retries
     delay = BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(retries + 1):
         try:
             return fn()
-        except (FileNotFoundError, PermissionError, BackendMissing):
-            raise
+        except (FileNotFoundError, PermissionError, BackendMissing, ValueError):
+            raise  # missing, forbidden, or bad data (CorpusError, DataError): reading again gives the same
         except Exception as e:  # network errors come in many types
             if attempt == retries:
                 raise OSError(f"{what} failed after {retries + 1} attempts: {e}") from e
@@ -84,7 +84,7 @@ def open_stream(uri: str) -> BinaryIO:
             return urllib.request.urlopen(uri, timeout=TIMEOUT_S)
         except urllib.error.HTTPError as e:
             if e.code == 404:
-                raise FileNotFoundError(uri) from None
+                raise FileNotFoundError(f"{uri}: not found (HTTP 404)") from None
             if e.code in _NOT_TRANSIENT_HTTP:
                 raise PermissionError(f"{uri}: HTTP {e.code} {e.reason}") from None
             raise

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,9 +185,12 @@ def parse_sources(value) -> list[tuple[str, float]]:
                 raise DataError(
                     f"unknown key(s) {sorted(unknown)} in data source {item} (allowed: path, weight)"
                 )
-            weight = float(item.get("weight", 1.0))
-            if not weight > 0:
-                raise DataError(f"data source weight must be > 0: {item}")
+            try:
+                weight = float(item.get("weight", 1.0))
+            except (TypeError, ValueError):
+                weight = math.nan  # refused below, in the same words
+            if not 0 < weight < math.inf:
+                raise DataError(f"data source weight must be > 0 (a number): {item}")
             out.append((str(item["path"]), weight))
         else:
             raise DataError(f"a data source entry must be a path or {{path, weight}}, got {item!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +109,12 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
         raise CorpusError("the tokenizer has no EOS or SEP token to separate documents")
     dtype = token_dtype(len(tokenizer))
     per_shard, per_member = opts.rows_per((opts.seq_len + 1) * dtype.itemsize)
+    pieces = plan_pieces([str(p) for p in inputs], opts.piece_bytes)
     plan = {
         "format": PLAN_FORMAT,
         "inputs": [str(p) for p in inputs],
-        "pieces": [p.to_json() for p in plan_pieces([str(p) for p in inputs], opts.piece_bytes)],
+        "pieces": [p.to_json() for p in pieces],
+        "input_stamps": input_stamps(pieces),
         "splits": splits,
         "seq_len": opts.seq_len,
         "valid_fraction": opts.valid_fraction,
@@ -132,6 +135,12 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("id") != plan["id"]:
+            changed = _changed_input(old, plan)
+            if changed:
+                raise CorpusError(
+                    f"{changed} changed (size or modification time) since the sharding work in {work} "
+                    "began: its finished pieces hold the old content; remove the work directory to start over"
+                )
             raise CorpusError(
                 f"{work} holds the work of another sharding run (other inputs or options); "
                 "remove it, or run with the same arguments to continue it"
@@ -141,6 +150,29 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
     tmp.write_text(json.dumps(plan, indent=1))
     os.replace(tmp, path)
     return plan
+
+
+def input_stamps(pieces: list[Piece]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of every local input file (for a saved dataset: of each of its files), so
+    that an input replaced or rewritten between runs makes another plan and its old tokens are
+    never reused. Remote inputs get none: a stat per object is a round trip, and objects in a
+    store are usually written once."""
+    stamps: dict[str, list[int]] = {}
+    for path in dict.fromkeys(p.path for p in pieces):
+        if is_remote(path):
+            continue
+        local = Path(path.removeprefix("file://"))
+        for f in sorted(local.iterdir()) if local.is_dir() else [local]:
+            if f.is_file():
+                st = f.stat()
+                stamps[str(f)] = [st.st_size, st.st_mtime_ns]
+    return stamps
+
+
+def _changed_input(old: dict, new: dict) -> str | None:
+    """The first input of both plans whose stamp differs (its content changed), else None."""
+    before = old.get("input_stamps", {})
+    return next((f for f, stamp in new["input_stamps"].items() if f in before and before[f] != stamp), None)
 
 
 def tokenize_task(
@@ -234,8 +266,11 @@ def merge_shards(
         ]
         stream = SplitStream(work, split, counts, np.dtype(plan["dtype"]))
         n_rows = packed_row_count(stream.total_tokens, plan["seq_len"], plan["pad_id"])
+        if split == "train" and n_rows == 0:
+            raise CorpusError(_empty_train(plan, records))
         streams[split] = (stream, n_rows)
         (output / split).mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(output / split, split)
         jobs += [(split, j) for j in range(-(-n_rows // plan["rows_per_shard"]))]
     meter = Meter("write", "shards", progress, total=len(jobs))
     try:
@@ -262,6 +297,31 @@ def merge_shards(
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return manifests
+
+
+def _remove_stale_temporaries(split_dir: Path, split: str) -> None:
+    """Remove what a merge killed mid-write left (`.<split>-NNNNNN.tar.tmp<pid>`, and the
+    manifest's `index.json.tmp`): only this merge writes here now, and no finished shard set may
+    carry them. Only names of our own making are touched."""
+    stale = re.compile(rf"\.{re.escape(split)}-\d{{6}}\.tar\.tmp\d+")
+    for f in split_dir.iterdir():
+        if (stale.fullmatch(f.name) or f.name == f"{MANIFEST}.tmp") and f.is_file():
+            f.unlink(missing_ok=True)
+
+
+def _empty_train(plan: dict, records: dict) -> str:
+    """Why the train split has no row (training would refuse the empty shard set it would make)."""
+    docs = {s: sum(r["splits"][s]["documents"] for r in records.values()) for s in plan["splits"]}
+    if docs["train"] == 0 and docs.get("valid", 0) > 0:
+        return (
+            f"the train split is empty: all {docs['valid']:,} documents went to validation "
+            f"(--valid-fraction {plan['valid_fraction']}); use a smaller fraction"
+        )
+    tokens = sum(r["splits"]["train"]["tokens"] for r in records.values())
+    return (
+        f"the train split holds no row of seq_len {plan['seq_len']}: {docs['train']:,} documents, "
+        f"{tokens:,} tokens in {', '.join(plan['inputs'])}"
+    )
 
 
 def _write_one(job: tuple[str, int], plan: dict, streams: dict, output: Path, progress=None) -> ShardStats:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -77,9 +79,20 @@ def _worker(fn: TaskFn, items: Sequence[Any], args: tuple, tasks: mp.Queue, resu
     def report(a: int, b: int) -> None:
         results.put(("progress", a, b))
 
+    def stop(*_) -> None:
+        # the parent stops the other workers when one fails: exit through Python so that a task's
+        # clean-up (its temporary files) runs instead of dying mid-write, without waiting to flush
+        # progress messages the parent no longer reads (that wait would never end)
+        results.cancel_join_thread()
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, stop)
+
     while (i := tasks.get()) is not None:
         try:
             results.put(("done", i, fn(items[i], *args, progress=report)))
+        except SystemExit:
+            return
         except BaseException as e:
             results.put(("error", i, _picklable(e)))
             return

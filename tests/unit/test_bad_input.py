@@ -93,6 +93,18 @@ CASES = [
         "data.train: no shard manifest at /nonexistent/shards/index.json",
     ),
     ("bad-source-weight", {"data.train": [{"path": "x", "weight": -1}]}, [], "weight must be > 0"),
+    (
+        "text-source-weight",
+        {"data.train": [{"path": "x", "weight": "abc"}]},
+        [],
+        "weight must be > 0 (a number)",
+    ),
+    (
+        "starved-source-weight",
+        {},
+        ["data.train=[{path: SHARDS/train, weight: 1}, {path: SHARDS/valid, weight: 0.00001}]"],
+        "SHARDS/valid: weight 1e-05 (a share of 1e-05) gets no sample in a mixing period of 10000",
+    ),
     ("override-syntax", {}, ["train.max_steps"], "must look like section.key=value"),
     ("negative-log-every", {}, ["train.log_every=0"], "train.log_every must be > 0"),
     ("negative-gc-every", {}, ["train.gc_every=-1"], "train.gc_every must be ≥ 0"),
@@ -149,6 +161,8 @@ def test_bad_config_is_one_line_and_writes_nothing(
             raw[key] = value
     (tmp_path / "empty").mkdir()
     overrides = [o.replace("EMPTY_DIR", str(tmp_path / "empty")) for o in overrides]
+    overrides = [o.replace("SHARDS", str(shards)) for o in overrides]
+    expected = expected.replace("SHARDS", str(shards))
     for o in [o for o in overrides if o.startswith("WORLD_SIZE=")]:
         monkeypatch.setenv("WORLD_SIZE", o.split("=")[1])
         monkeypatch.setenv("RANK", "0")

@@ -131,6 +131,28 @@ def test_remote_shard_that_changed_fails_its_checksum(shards, tmp_path, fast_ret
         server.server_close()
 
 
+def test_a_missing_remote_shard_says_not_found(shards, tmp_path):
+    served = tmp_path / "served"
+    import shutil
+
+    shutil.copytree(shards / "train", served / "train")
+    plan = build_plan(str(served / "train"), seed=1, shuffle=False, window=1)
+    (served / "train" / plan.sources[0].names[0]).unlink()
+    server, _, url = serve(served)
+    try:
+        remote_plan = build_plan(f"{url}/train", seed=1, shuffle=False, window=1)
+        uri = f"{url}/train/{plan.sources[0].names[0]}"
+        with pytest.raises(
+            DataError, match=rf"^shard {uri}: not found \(HTTP 404\) \(listed in the manifest"
+        ):
+            RowReader(remote_plan.sources, tmp_path / "cache").read(
+                np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.int64)
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_pipe_source(shards, tmp_path, local_rows, fast_retries):
     rows = epoch_rows(f"pipe:cat {shards}/train/{{shard}}", tmp_path / "cache")
     np.testing.assert_array_equal(rows, local_rows)

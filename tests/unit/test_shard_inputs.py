@@ -163,3 +163,41 @@ def test_remote_http_input_is_streamed(http_dir, texts, tok, reference):
     root, url = http_dir
     _write_jsonl(root / "docs.jsonl.gz", texts, gzip.open)
     assert _shard([f"{url}/docs.jsonl.gz"], root / "out", tok) == reference
+
+
+def test_a_glob_walks_the_directories_it_matches_and_each_file_is_read_once(tmp_path, caplog):
+    from ds_train.data.corpus_pieces import expand_inputs
+
+    (tmp_path / "web").mkdir()
+    (tmp_path / "code").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "web" / "p.jsonl").write_text('{"text": "w1"}\n')
+    (tmp_path / "code" / "p.jsonl").write_text('{"text": "c1"}\n')
+    (tmp_path / "code" / "NOTES.md").write_text("skipped as a directory walk skips it")
+    (tmp_path / "top.txt").write_text("a\nb\n")
+    top, code, web = (str(tmp_path / p) for p in ("top.txt", "code/p.jsonl", "web/p.jsonl"))
+    assert expand_inputs([f"{tmp_path}/*"]) == [code, top, web]
+    assert expand_inputs([f"{tmp_path}/*/"]) == [code, web]
+    with caplog.at_level("WARNING"):
+        assert expand_inputs([top, f"{tmp_path}/*.txt", str(tmp_path)]) == [top, code, web]
+    assert f"{top}: reached by more than one input" in caplog.text
+    with pytest.raises(CorpusError, match="the matches hold no corpus files"):
+        expand_inputs([f"{tmp_path}/empt*"])
+
+
+def test_a_missing_remote_input_is_named(http_dir, tok):
+    root, url = http_dir
+    with pytest.raises(CorpusError, match=rf"^{url}/nothere.jsonl: not found \(HTTP 404\)$"):
+        _shard([f"{url}/nothere.jsonl"], root / "out", tok)
+
+
+def test_a_shard_set_inside_a_corpus_directory_is_skipped(tmp_path, tok, caplog):
+    from ds_train.data.corpus_pieces import expand_inputs
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    _write_jsonl(corpus / "docs.jsonl", ["one document", "another document"])
+    shard_corpus([str(corpus)], corpus / "shards", tok, ShardOptions(seq_len=8, progress=False))
+    with caplog.at_level("WARNING"):
+        assert expand_inputs([str(corpus)]) == [str(corpus / "docs.jsonl")]
+    assert f"{corpus / 'shards' / 'train'}: a ds-train shard set, not corpus: skipped" in caplog.text

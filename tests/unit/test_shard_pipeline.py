@@ -215,3 +215,30 @@ def test_uint32_tokens_for_large_vocabularies():
     from ds_train.data.shard_format import parse_npy_header
 
     assert parse_npy_header(buf.getvalue())[1:] == (np.dtype(np.uint32), (2, 3))
+
+
+def test_a_replaced_input_does_not_reuse_its_old_tokens(tmp_path, corpus, tok):
+    import gzip
+    import os
+
+    src = tmp_path / "docs.jsonl.gz"
+    src.write_bytes(gzip.compress(corpus.read_bytes()))
+    out = tmp_path / "out"
+    plan = prepare_plan([str(src), str(corpus)], out, tok, _opts())
+    tokenize_task(plan, out, tok, task_index=0, num_tasks=2, progress=False)  # the .gz piece is done
+    src.write_bytes(gzip.compress(b'{"text": "other content"}\n'))
+    os.utime(src, ns=(1, 1))
+    with pytest.raises(CorpusError, match=f"{src} changed .*since the sharding work"):
+        prepare_plan([str(src), str(corpus)], out, tok, _opts())
+
+
+def test_a_merge_rerun_after_a_kill_leaves_no_temporaries(tmp_path, corpus, tok):
+    plan = prepare_plan([str(corpus)], tmp_path, tok, _opts())
+    tokenize_task(plan, tmp_path, tok, progress=False)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / ".train-000001.tar.tmp4242").write_bytes(b"half a shard")  # a killed merge
+    (tmp_path / "train" / "index.json.tmp").write_text("{")
+    (tmp_path / "train" / ".mine.tmp1").write_text("not ours: kept")
+    merge_shards(tmp_path, progress=False)
+    assert sorted(p.name for p in (tmp_path / "train").glob(".*")) == [".mine.tmp1"]
+    assert not (tmp_path / "train" / "index.json.tmp").exists()
