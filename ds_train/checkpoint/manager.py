@@ -125,7 +125,9 @@ class CheckpointManager:
             elif writer is not None:  # nothing else will wait for its writes or stop them
                 writer.abandon()
             if local:
-                raise CheckpointWriteError(self._failure(tag, [(self.ctx.rank, _describe(e, self.root))])) from None
+                raise CheckpointWriteError(
+                    self._failure(tag, [(self.ctx.rank, _describe(e, self.root))])
+                ) from None
             raise
         self.pending = _PendingSave(
             tag, step, state, config_yaml, write_extras, on_written, written, writer, _rng_state(), t0

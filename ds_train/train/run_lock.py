@@ -37,10 +37,12 @@ class RunDirLock:
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_FILE
         self._fd: int | None = None
+        self._made_dir = False  # the directory did not exist: removed again if nothing else is written
 
     def acquire(self) -> RunDirLock:
         """Take the lock or raise ConfigError naming the run that holds it."""
         try:
+            self._made_dir = not self.path.parent.exists()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
@@ -78,9 +80,14 @@ class RunDirLock:
         return self
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the lock
-            self._fd = None
+        if self._fd is None:
+            return
+        if self._made_dir and [p.name for p in self.path.parent.iterdir()] == [LOCK_FILE]:
+            # a start that failed before writing anything leaves no directory behind
+            self.path.unlink()
+            self.path.parent.rmdir()
+        os.close(self._fd)  # closing the descriptor drops the lock
+        self._fd = None
 
 
 def _describe(fd: int) -> str:

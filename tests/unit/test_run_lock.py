@@ -46,9 +46,10 @@ def test_a_second_start_is_refused_before_any_work(tmp_path, shards):
     lock = RunDirLock(tmp_path / "run").acquire()  # a run already going
     try:
         proc = run_cli(["pretrain", cfg], check=False)
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]  # nothing written
     finally:
         lock.release()
     assert proc.returncode == 2, proc.stderr
     assert "is in use by another run" in proc.stderr and "Traceback" not in proc.stderr
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]  # nothing written
+    assert not (tmp_path / "run").exists()  # made for the lock alone, and nothing else written: removed
     assert not dist.is_initialized()
