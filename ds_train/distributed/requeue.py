@@ -5,6 +5,8 @@ The batch script (slurm/train_job.sh) runs the training as one job step, then as
 
 - exit 0: the run finished. Never requeue.
 - exit 2: a user error (bad config or data, printed as one line). Requeueing cannot fix it.
+- exit 130: checkpointed and stopped on Ctrl-C (SIGINT, e.g. an interactive srun): its user
+  stopped it. (torchrun/accelerate report it as 1, like any worker status.)
 - the batch shell itself got SIGTERM: Slurm is ending the job (scancel, the time limit without a
   warning signal, preemption in CANCEL/REQUEUE mode). `scontrol requeue` would fight that.
 - anything else (75 = checkpointed on SIGUSR1/SIGTERM, or a crash): requeue, unless the run has
@@ -37,6 +39,7 @@ from ds_train.checkpoint.layout import checkpoints_dir, latest_checkpoint
 LOGS_DIR = "logs"
 ATTEMPTS_FILE = "slurm-attempts.jsonl"
 PREEMPTED_EXIT_CODE = 75  # the trainer's EX_TEMPFAIL (train/trainer.py); no torch import here
+INTERRUPTED_EXIT_CODE = 130  # the trainer's status after a checkpoint on Ctrl-C
 USER_ERROR_EXIT_CODE = 2  # ConfigError / DataError, printed by the CLI as one line
 DEFAULT_MAX_FAILURES = 3
 USER_ERROR_FILE_ENV = "DS_TRAIN_USER_ERROR_FILE"
@@ -80,6 +83,8 @@ def decide(
         return Decision(False, f"finished ({reached})", failures)
     if exit_code == USER_ERROR_EXIT_CODE:
         return Decision(False, "exit 2: a config or data error; fix it and resubmit", failures)
+    if exit_code == INTERRUPTED_EXIT_CODE:
+        return Decision(False, f"interrupted by its user (Ctrl-C); latest checkpoint: {reached}", failures)
     if signal == "TERM":
         return Decision(
             False,

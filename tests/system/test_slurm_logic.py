@@ -51,6 +51,8 @@ def test_finished_or_misconfigured_or_cancelled_jobs_do_not_requeue():
     assert not _decide(2, None, None).requeue  # a config error: requeueing cannot fix it
     cancelled = _decide(75, 10, 20, signal="TERM")  # the batch shell got SIGTERM: scancel / preemption
     assert not cancelled.requeue and "SIGTERM" in cancelled.reason
+    interrupted = _decide(130, 10, 20)  # checkpointed on Ctrl-C (an interactive srun): its user stopped it
+    assert not interrupted.requeue and "Ctrl-C" in interrupted.reason
 
 
 def test_checkpointed_stop_or_crash_with_progress_requeues_and_resets_the_count():
