@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,22 +34,75 @@ def is_valid_doc(text: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
+# A document longer than this is tokenized in chunks cut before a space between two words. The Rust
+# tokenizer keeps ~400 bytes per token of a text it encodes (token strings, offsets, masks), so one
+# 27 MB document (a log, a dump) peaked at 3.4 GB in a worker (data audit, 2026-12-07). Such a cut
+# changes no token for byte-level BPE (the space starts the next word's token), WordPiece or
+# Metaspace; only a chunk with no such space at all is cut mid-word (a base64 blob), rarely.
+CHUNK_CHARS = 1 << 20
+
+
 class BatchEncoder:
     """Token ids of a batch of texts, without special tokens.
 
     Calls the Rust tokenizer directly when there is one: the transformers wrapper builds a
     BatchEncoding and attention masks we do not need (about a third of the time on short texts).
+    Documents over `chunk_chars` are encoded a chunk at a time (CHUNK_CHARS) and come back as int64
+    arrays (8 bytes a token, not a Python list's 36).
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, chunk_chars: int = CHUNK_CHARS):
         self.tokenizer = tokenizer
+        self.chunk_chars = chunk_chars
         backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and (backend.truncation or backend.padding):
+            # tokenizer.json may carry the model's truncation (all-MiniLM-L6-v2's: 128 tokens), which
+            # the Rust tokenizer applies to every document when called directly (the transformers
+            # wrapper turns it off unless asked): a copy without it, the caller's left as it was
+            backend = type(backend).from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
         self._fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
+    def __call__(self, texts: list[str]) -> list:
+        long = {i for i, t in enumerate(texts) if len(t) > self.chunk_chars}
+        ids = self._encode([t for i, t in enumerate(texts) if i not in long])
+        if not long:
+            return ids
+        short = iter(ids)
+        return [self._encode_long(t) if i in long else next(short) for i, t in enumerate(texts)]
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
         if self._fast is not None:
             return [e.ids for e in self._fast(texts, add_special_tokens=False)]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    def _encode_long(self, text: str) -> np.ndarray:
+        parts = [
+            np.asarray(self._encode([chunk])[0], dtype=np.int64)
+            for chunk in text_chunks(text, self.chunk_chars)
+        ]
+        return np.concatenate(parts)
+
+
+_WORD_GAP = re.compile(r"(?<=\S) (?=\S)")  # one space between two words: a token boundary for every scheme
+
+
+def text_chunks(text: str, size: int):
+    """`text` in pieces of at most `size` characters, each cut just before the last single space
+    between two words in the second half of its span (runs of whitespace and newlines tokenize
+    differently when split), or at `size` when there is none."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = end
+        for m in _WORD_GAP.finditer(text, start + size // 2, end):
+            cut = m.start()
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def done_marker(work_dir: str | os.PathLike, index: int) -> Path:

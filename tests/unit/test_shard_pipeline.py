@@ -242,3 +242,38 @@ def test_a_merge_rerun_after_a_kill_leaves_no_temporaries(tmp_path, corpus, tok)
     merge_shards(tmp_path, progress=False)
     assert sorted(p.name for p in (tmp_path / "train").glob(".*")) == [".mine.tmp1"]
     assert not (tmp_path / "train" / "index.json.tmp").exists()
+
+
+def test_documents_are_never_cut_by_a_tokenizer_s_own_truncation(tok):
+    """tokenizer.json may carry the model's truncation (all-MiniLM-L6-v2's: 128 tokens), which the
+    Rust tokenizer applies when called directly: sharding with it kept the first 128 tokens of every
+    document, silently. The encoder uses a copy without it and leaves the caller's as it was."""
+    from transformers import AutoTokenizer
+
+    from ds_train.data.piece_tokenizer import BatchEncoder
+
+    truncating = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    truncating.backend_tokenizer.enable_truncation(16)
+    text = " ".join(f"word{i} and more" for i in range(200))
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(want) > 100
+    assert [list(x) for x in BatchEncoder(truncating)([text, "a b"])] == [
+        want,
+        tok("a b", add_special_tokens=False)["input_ids"],
+    ]
+    assert truncating.backend_tokenizer.truncation["max_length"] == 16
+
+
+def test_a_long_document_is_tokenized_in_chunks_to_the_same_ids(tok, corpus):
+    """A document over BatchEncoder.chunk_chars (1 MiB) is encoded a chunk at a time, cut before a
+    space between two words: one 27 MB document peaked at 3.4 GB in a worker (data audit). The ids
+    are the whole document's."""
+    from ds_train.data.piece_tokenizer import BatchEncoder, text_chunks
+
+    big = "\n\n".join(json.loads(line)["text"] for line in corpus.read_text().splitlines())
+    assert len(big) > 50_000
+    whole = BatchEncoder(tok)([big, "short"])
+    for size in (777, 3000):
+        assert "".join(text_chunks(big, size)) == big and max(map(len, text_chunks(big, size))) <= size
+        chunked = BatchEncoder(tok, chunk_chars=size)([big, "short"])
+        assert [list(x) for x in chunked] == [list(x) for x in whole]
