@@ -43,8 +43,12 @@ def run_tasks(
         tasks.put(i)
     for _ in range(n):
         tasks.put(None)
+    # the task each worker started last, in shared memory: written before the task runs, so it is
+    # there even when the worker is killed outright (a queued message may not have left it yet)
+    working_on = ctx.Array("q", [-1] * n, lock=False)
     procs = [
-        ctx.Process(target=_worker, args=(fn, items, args, tasks, results), daemon=True) for _ in range(n)
+        ctx.Process(target=_worker, args=(fn, items, args, tasks, results, working_on, w), daemon=True)
+        for w in range(n)
     ]
     for p in procs:
         p.start()
@@ -57,7 +61,8 @@ def run_tasks(
             except queue.Empty:
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
-                    raise RuntimeError(f"a sharding worker died (exit code {dead[0].exitcode})") from None
+                    w = procs.index(dead[0])
+                    raise _died(dead[0], items, working_on[w] if working_on[w] >= 0 else None) from None
                 continue
             if kind == "progress":
                 if progress is not None:
@@ -75,7 +80,9 @@ def run_tasks(
     return out
 
 
-def _worker(fn: TaskFn, items: Sequence[Any], args: tuple, tasks: mp.Queue, results: mp.Queue) -> None:
+def _worker(
+    fn: TaskFn, items: Sequence[Any], args: tuple, tasks: mp.Queue, results: mp.Queue, working_on, w: int
+) -> None:
     def report(a: int, b: int) -> None:
         results.put(("progress", a, b))
 
@@ -89,6 +96,7 @@ def _worker(fn: TaskFn, items: Sequence[Any], args: tuple, tasks: mp.Queue, resu
     signal.signal(signal.SIGTERM, stop)
 
     while (i := tasks.get()) is not None:
+        working_on[w] = i
         try:
             results.put(("done", i, fn(items[i], *args, progress=report)))
         except SystemExit:
@@ -96,6 +104,20 @@ def _worker(fn: TaskFn, items: Sequence[Any], args: tuple, tasks: mp.Queue, resu
         except BaseException as e:
             results.put(("error", i, _picklable(e)))
             return
+
+
+def _died(proc, items: Sequence[Any], task: int | None) -> Exception:
+    """One line for a worker that died outright: which task it had, and the likely cause of a
+    SIGKILL (the kernel's OOM killer, which leaves no traceback)."""
+    from ds_train.data.corpus_pieces import CorpusError
+
+    code = proc.exitcode
+    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    if code == -signal.SIGKILL:
+        how += ", e.g. by the kernel's out-of-memory killer: fewer --workers leave each more memory"
+    item = items[task] if task is not None else None
+    what = f" while on {item.describe() if hasattr(item, 'describe') else item}" if item is not None else ""
+    return CorpusError(f"a sharding worker died{what} ({how})")
 
 
 def _picklable(e: BaseException) -> BaseException:
