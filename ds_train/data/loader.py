@@ -101,12 +101,22 @@ def order_settings(shuffle: bool, window: int) -> dict:
 
 
 def build_plan(
-    spec, *, seed: int, shuffle: bool, window: int, shard_sets: list[ShardSet] | None = None
+    spec,
+    *,
+    seed: int,
+    shuffle: bool,
+    window: int,
+    shard_sets: list[ShardSet] | None = None,
+    evaluation: bool = False,
 ) -> DataPlan:
     """Plan over `spec` (a data.train/valid value). Pass `shard_sets` to skip reading manifests
-    (rank 0 reads them once and broadcasts)."""
+    (rank 0 reads them once and broadcasts). `evaluation` (data.valid): sets listed without weights
+    are weighted by their rows, so one pass reads every row of every set about once; equal weights
+    made a 1-row set half of every evaluation (data audit)."""
     sources = parse_sources(spec)
     sets = shard_sets if shard_sets is not None else [load_shard_set(path) for path, _ in sources]
+    if evaluation and len(sources) > 1 and not _weighted(spec):
+        sources = [(path, float(max(1, s.num_rows))) for (path, _), s in zip(sources, sets, strict=True)]
     first = sets[0]
     for s in sets[1:]:
         if s.seq_len != first.seq_len:
@@ -132,6 +142,11 @@ def build_plan(
         order=mixture,
         seed=seed,
     )
+
+
+def _weighted(spec) -> bool:
+    """Whether a data spec gives any weight itself ({path, weight} entries)."""
+    return isinstance(spec, list) and any(isinstance(item, dict) and "weight" in item for item in spec)
 
 
 def load_shard_sets(spec) -> list[ShardSet]:

@@ -239,7 +239,12 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
     eval_batches = None
     if "valid" in sets:
         valid_plan = build_plan(
-            d.valid, seed=cfg.run.seed, shuffle=False, window=d.shuffle_window, shard_sets=sets["valid"]
+            d.valid,
+            seed=cfg.run.seed,
+            shuffle=False,
+            window=d.shuffle_window,
+            shard_sets=sets["valid"],
+            evaluation=True,
         )
         valid_ds = SftShardBatches(
             valid_plan,

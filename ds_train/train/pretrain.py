@@ -152,7 +152,9 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
     tokenizer and, on resume, against the checkpoint's data stream."""
     tok_sha = tokenizer_fingerprint(pre.tokenizer)["sha256"]
     plan = _plan_on_rank0(cfg.data.train, cfg, shuffle=cfg.data.shuffle)
-    valid_plan = _plan_on_rank0(cfg.data.valid, cfg, shuffle=False) if cfg.data.valid else None
+    valid_plan = (
+        _plan_on_rank0(cfg.data.valid, cfg, shuffle=False, evaluation=True) if cfg.data.valid else None
+    )
     for key, p in (("data.train", plan), ("data.valid", valid_plan)):
         if p is not None and p.tokenizer_sha256 != tok_sha:
             raise DataError(
@@ -352,7 +354,7 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def _plan_on_rank0(spec, cfg: Config, *, shuffle: bool) -> DataPlan:
+def _plan_on_rank0(spec, cfg: Config, *, shuffle: bool, evaluation: bool = False) -> DataPlan:
     """Rank 0 reads the manifests (one listing per job) and broadcasts them, errors included."""
     result: Any = None
     if not _is_initialized() or torch.distributed.get_rank() == 0:
@@ -364,7 +366,12 @@ def _plan_on_rank0(spec, cfg: Config, *, shuffle: bool) -> DataPlan:
     if result[0] == "error":
         raise DataError(result[1])
     return build_plan(
-        spec, seed=cfg.run.seed, shuffle=shuffle, window=cfg.data.shuffle_window, shard_sets=result[1]
+        spec,
+        seed=cfg.run.seed,
+        shuffle=shuffle,
+        window=cfg.data.shuffle_window,
+        shard_sets=result[1],
+        evaluation=evaluation,
     )
 
 

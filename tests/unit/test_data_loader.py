@@ -369,3 +369,23 @@ def test_evaluation_reads_every_validation_row_once(shards):
         seen += [(int(s), int(r)) for s, r, t in zip(b["shard"], b["row"], has_targets) if t]
     assert len(seen) == len(set(seen)) == rows  # every row once, none twice
     assert eval_steps_once(plan, lay, eval_steps=1) == 1  # fewer steps than rows: as configured
+
+
+def test_several_validation_sets_are_read_in_proportion_to_their_rows(shards):
+    """data.valid: [big, small] mixed the sets equally, so a small set filled half of every
+    evaluation, its rows read many times over (data audit). Listed without weights, validation
+    sets are weighted by their rows: one pass reads every row of every set about once."""
+    from ds_train.data.loader import build_plan
+
+    spec = [str(shards / "train"), str(shards / "valid")]
+    plan = build_plan(spec, seed=0, shuffle=False, window=1, evaluation=True)
+    rows = [s.num_rows for s in plan.sources]
+    assert plan.weights == [float(r) for r in rows] and rows[0] > 5 * rows[1]
+    source, _, row = plan.locate(np.arange(plan.epoch_size))
+    per_source = np.bincount(source, minlength=2)
+    assert abs(per_source[1] - rows[1]) <= 2, (per_source, rows)
+    assert len(set(row[source == 1].tolist())) >= rows[1] - 2  # each valid row about once
+    training = build_plan(spec, seed=0, shuffle=False, window=1)  # training mixes as weighted: equally
+    assert training.weights == [1.0, 1.0]
+    explicit = [{"path": spec[0], "weight": 1}, {"path": spec[1], "weight": 1}]
+    assert build_plan(explicit, seed=0, shuffle=False, window=1, evaluation=True).weights == [1.0, 1.0]
