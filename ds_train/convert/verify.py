@@ -115,9 +115,7 @@ def reference_state_dict(tag_dir: Path, recorded: dict) -> dict[str, torch.Tenso
             for name, shape in group.items():
                 path = universal_fp32(tag_dir, name)
                 state[name] = universal_param(load_checkpoint_file(path, mmap=False), path).reshape(shape)
-        for name, shape in (m0.get("frozen_param_shapes") or {}).items():
-            frags = [m["frozen_param_fragments"][name] for m in models]
-            state[name] = torch.cat(frags)[: math.prod(shape)].view(shape)
+        state.update(_frozen_params(models))
     elif optims and "fp32_flat_groups" in optims[0]:  # ZeRO-3
         swapped = recorded.get(SWAP_LAYOUT_KEY)
         flats = [
@@ -129,9 +127,7 @@ def reference_state_dict(tag_dir: Path, recorded: dict) -> dict[str, torch.Tenso
                 n, per = math.prod(shape), math.ceil(math.prod(shape) / world)
                 state[name] = torch.cat([f[offset : offset + per] for f in flats])[:n].view(shape)
                 offset += per
-        for name, shape in (m0.get("frozen_param_shapes") or {}).items():
-            frags = [m["frozen_param_fragments"][name] for m in models]
-            state[name] = torch.cat(frags)[: math.prod(shape)].view(shape)
+        state.update(_frozen_params(models))
     elif optims and "single_partition_of_fp32_groups" in optims[0]:  # ZeRO-1/2
         paddings = optims[0].get("param_alignment_paddings")
         for g, group in enumerate(m0["param_shapes"]):
@@ -148,6 +144,16 @@ def reference_state_dict(tag_dir: Path, recorded: dict) -> dict[str, torch.Tenso
         if source in state:
             state[alias] = state[source]
     return state
+
+
+def _frozen_params(models: list[dict]) -> dict[str, torch.Tensor]:
+    """Frozen parameters whole: each one's fragments from every model-states file, concatenated and
+    trimmed (partitioned at ZeRO-3; a universal checkpoint keeps the source's files)."""
+    out = {}
+    for name, shape in (models[0].get("frozen_param_shapes") or {}).items():
+        frags = [m["frozen_param_fragments"][name] for m in models]
+        out[name] = torch.cat(frags)[: math.prod(shape)].view(shape)
+    return out
 
 
 def _hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:

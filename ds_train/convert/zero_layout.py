@@ -189,6 +189,17 @@ def _extras(model_file: str, model: dict, offsets: FileOffsets, frozen_pieces) -
     return out
 
 
+def _frozen_pieces(models: list[tuple[dict, FileOffsets]]):
+    """name → (pieces, dtype) of a frozen parameter: its fragment in each of `models` (every rank's
+    model-states file at ZeRO-3, where it is partitioned; the one file otherwise), concatenated."""
+
+    def frozen(name: str):
+        frags = [(m["frozen_param_fragments"][name], o) for m, o in models]
+        return [_piece(o, t, 0, t.numel()) for t, o in frags], frags[0][0].dtype
+
+    return frozen
+
+
 def _plan_full_module(model_file: str, model: dict) -> list[TensorPlan]:
     """ZeRO-0 in fp32: the module's own tensors are the master weights."""
     offsets = FileOffsets(model_file, model)
@@ -223,11 +234,10 @@ def _plan_universal(tag_dir: Path, model_files: list[str], stage: int) -> list[T
                 )
             )
 
-    def frozen(name: str):  # kept where the source stage kept them: in every rank's file at ZeRO-3
-        frags = [(m["frozen_param_fragments"][name], o) for m, o in (models if stage == 3 else models[:1])]
-        return [_piece(o, t, 0, t.numel()) for t, o in frags], frags[0][0].dtype
-
-    return plans + _extras(model_files[0], model0, m_off0, frozen)
+    # frozen parameters stay where the source stage kept them: in every rank's file at ZeRO-3
+    return plans + _extras(
+        model_files[0], model0, m_off0, _frozen_pieces(models if stage == 3 else models[:1])
+    )
 
 
 def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:
@@ -270,11 +280,7 @@ def _plan_zero12(model_file: str, optim_files: list[str]) -> list[TensorPlan]:
             plans.append(TensorPlan(name, tuple(shape), parts[0][0].dtype, pieces, "trainable"))
             cursor = hi + (paddings[g][i] if paddings is not None else 0)
 
-    def frozen(name: str):
-        t = model["frozen_param_fragments"][name]
-        return [_piece(m_off, t, 0, t.numel())], t.dtype
-
-    return plans + _extras(model_file, model, m_off, frozen)
+    return plans + _extras(model_file, model, m_off, _frozen_pieces([(model, m_off)]))
 
 
 def _plan_zero3(
@@ -311,11 +317,7 @@ def _plan_zero3(
             f"{optim_files[0]}: parameters need {cursor} elements per rank, the file holds {total}{hint}"
         )
 
-    def frozen(name: str):
-        frags = [(m["frozen_param_fragments"][name], o) for m, o in models]
-        return [_piece(o, t, 0, t.numel()) for t, o in frags], frags[0][0].dtype
-
-    return plans + _extras(model_files[0], model0, m_off0, frozen)
+    return plans + _extras(model_files[0], model0, m_off0, _frozen_pieces(models))
 
 
 @dataclass(frozen=True)

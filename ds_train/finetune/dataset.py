@@ -148,8 +148,7 @@ def prepare_splits(
 
 
 def _build_if_stale(directory, split, section, spec, tokenizer, chat, class_names, fingerprint) -> None:
-    meta_path = directory / META
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("fingerprint") == fingerprint:
+    if _built_meta(directory, fingerprint) is not None:
         log.info("%s split: reusing the tokenized data in %s", split, directory)
         return
     arrays, stats = encode_checked(split, section, spec, tokenizer, chat, class_names)
@@ -191,12 +190,19 @@ def encode_checked(split, section, spec, tokenizer, chat, class_names) -> tuple[
 def split_stats(run_dir, split, section, spec, tokenizer, chat, class_names, fingerprint) -> dict:
     """A split's statistics without writing anything: those of the run directory's tokenized data
     when it was built from the same inputs, else tokenized here (in memory) and dropped."""
-    meta_path = Path(run_dir) / DATASET_DIR / split / META
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") == fingerprint:
-            return meta["stats"]
+    meta = _built_meta(Path(run_dir) / DATASET_DIR / split, fingerprint)
+    if meta is not None:
+        return meta["stats"]
     return encode_checked(split, section, spec, tokenizer, chat, class_names)[1]
+
+
+def _built_meta(directory: Path, fingerprint: str) -> dict | None:
+    """The meta.json of a split tokenized from the same inputs (`fingerprint`), else None."""
+    meta_path = directory / META
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    return meta if meta.get("fingerprint") == fingerprint else None
 
 
 def _summary(stats: dict) -> str:

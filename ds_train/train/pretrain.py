@@ -156,16 +156,15 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
         _plan_on_rank0(cfg.data.valid, cfg, shuffle=False, evaluation=True) if cfg.data.valid else None
     )
     for key, p in (("data.train", plan), ("data.valid", valid_plan)):
-        if p is not None and p.tokenizer_sha256 != tok_sha:
+        if p is None:
+            continue
+        if p.tokenizer_sha256 != tok_sha:
             raise DataError(
                 f"{key} was tokenized with another tokenizer ({p.sources[0].tokenizer.get('name_or_path')}) "
                 f"than model.tokenizer ({cfg.model.tokenizer or cfg.model.init_from})"
             )
-    check_positions(pre.hf_config, plan.seq_len, f"a row of data.train ({plan.sources[0].location})")
-    if valid_plan is not None:  # its rows may be longer than train's: the first evaluation would index past
-        check_positions(
-            pre.hf_config, valid_plan.seq_len, f"a row of data.valid ({valid_plan.sources[0].location})"
-        )
+        # valid's rows may be longer than train's: the first evaluation would index past the table
+        check_positions(pre.hf_config, p.seq_len, f"a row of {key} ({p.sources[0].location})")
     if pre.resume_from is not None:
         check_data_resume(
             pre.resume_from.state(),
