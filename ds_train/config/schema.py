@@ -124,7 +124,11 @@ class DataSection:
         REQUIRED,
         "Training shards: a shard directory, a manifest path, a brace pattern, a URL, or a list of {path, weight} to mix.",
     )
-    valid: Any = doc(None, "Validation shards, same forms as `train`. Omit to skip validation.")
+    valid: Any = doc(
+        None,
+        "Validation shards, same forms as `train`. Omit to skip validation. Several sets are each "
+        "reported too (`valid_loss/<name>`; `{path, name}` names one, else the end of its path).",
+    )
     num_workers: int = doc(1, "DataLoader worker processes per rank. Order and contents do not depend on it.")
     shuffle: bool = doc(True, "Shuffle shard order per epoch and rows within a window of shards.")
     shuffle_window: int = doc(

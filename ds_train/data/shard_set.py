@@ -180,10 +180,10 @@ def parse_sources(value) -> list[tuple[str, float]]:
         if isinstance(item, (str, os.PathLike)):
             out.append((str(item), 1.0))
         elif isinstance(item, dict) and "path" in item:
-            unknown = set(item) - {"path", "weight"}
+            unknown = set(item) - {"path", "weight", "name"}
             if unknown:
                 raise DataError(
-                    f"unknown key(s) {sorted(unknown)} in data source {item} (allowed: path, weight)"
+                    f"unknown key(s) {sorted(unknown)} in data source {item} (allowed: path, weight, name)"
                 )
             try:
                 weight = float(item.get("weight", 1.0))
@@ -195,3 +195,37 @@ def parse_sources(value) -> list[tuple[str, float]]:
         else:
             raise DataError(f"a data source entry must be a path or {{path, weight}}, got {item!r}")
     return out
+
+
+def source_names(value) -> list[str]:
+    """A short name per source of `parse_sources(value)`, for per-set figures (one validation
+    loss per data.valid set): the entry's `name`, else the shortest tail of its path that tells it
+    from the others (`web/valid`, `code/valid`; `index.json` and brace patterns left out)."""
+    sources = parse_sources(value)
+    items = value if isinstance(value, list) else [value]
+    given = [item.get("name") if isinstance(item, dict) else None for item in items]
+    parts = [_path_parts(path) for path, _ in sources]
+    names = []
+    for i, own in enumerate(parts):
+        if given[i] is not None:
+            names.append(str(given[i]))
+            continue
+        others = [p for j, p in enumerate(parts) if j != i]
+        k = 1
+        while k < len(own) and any(p[-k:] == own[-k:] for p in others):
+            k += 1
+        name = "/".join(own[-k:]) or str(i)
+        twice = sum(n == name or n.startswith(f"{name}#") for n in names)  # the same path listed again
+        names.append(f"{name}#{twice + 1}" if twice else name)
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"data sources share the name(s) {repeated}: give each a distinct `name`")
+    return names
+
+
+def _path_parts(spec: str) -> list[str]:
+    spec = spec.split("://", 1)[-1].removeprefix("pipe:")
+    parts = [p for p in spec.replace("\\", "/").split("/") if p and p != MANIFEST]
+    if parts and "{" in parts[-1]:  # a brace pattern: the directory names the set
+        parts = parts[:-1]
+    return parts

@@ -16,6 +16,7 @@ from pathlib import Path
 from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from ds_train.config import Config, dump_yaml
 from ds_train.data.loader import build_plan, eval_steps_once, make_loader, order_settings
+from ds_train.data.shard_set import source_names
 from ds_train.distributed.deepspeed_config import (
     build_deepspeed_config,
     largest_param_to_swap,
@@ -276,6 +277,7 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
         write_extras=functools.partial(_write_extras, pre),
         eval_batches=eval_batches,
         describe_sample=plan.describe,
+        eval_set_names=source_names(d.valid) if "valid" in sets else None,
         extra_state={"finetune": pre.finetune_state(cfg)},
     )
 

@@ -42,3 +42,7 @@ class SupervisedFineTuning:
         # the same forward and summed cross-entropy as causal-LM pretraining
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
         return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens)
+
+    def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+        return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens, by_row=True)

@@ -26,6 +26,9 @@ class Objective(Protocol):
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Sum of token losses over the batch's targets (fp32 scalar)."""
 
+    # Optional, evaluation only: `row_losses(model, batch) -> [rows]`, each row's summed token
+    # loss, for one validation loss per data.valid set (`Trainer.evaluate`).
+
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
@@ -34,6 +37,17 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
+
+
+def row_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's summed token loss, `[rows]` fp32 (per-set validation losses)."""
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return losses.reshape(labels.shape[0], -1).sum(1)
 
 
 def target_index(labels: torch.Tensor) -> torch.Tensor:

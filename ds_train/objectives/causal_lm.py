@@ -35,5 +35,11 @@ class CausalLM:
         return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}
-        return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens)
+        return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens)
+
+    def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens, by_row=True)
+
+
+def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    return {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids")}

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds_train.objectives.base import summed_cross_entropy, target_index
+from ds_train.objectives.base import row_cross_entropy, summed_cross_entropy, target_index
 
 # HF config attributes of a post-head transformation of the logits (None or 1.0 when unused)
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -96,6 +96,25 @@ def linear_cross_entropy_sum(
     return total
 
 
+def linear_cross_entropy_rows(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk: int,
+    rows: torch.Tensor,
+    num_rows: int,
+) -> torch.Tensor:
+    """Evaluation only (no gradient): the cross-entropy of each target `i` (as in
+    `linear_cross_entropy_sum`) summed into `out[rows[i]]`, `out` of length `num_rows`. fp32."""
+    out = torch.zeros(num_rows, dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk):
+        logits = F.linear(hidden[start : start + chunk], weight, bias).float()
+        losses = F.cross_entropy(logits, labels[start : start + chunk], reduction="none")
+        out.index_add_(0, rows[start : start + chunk], losses)
+    return out
+
+
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The model's output head if the chunked loss can stand in for it, else None (see module doc)."""
     inner = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
@@ -112,13 +131,24 @@ def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 def lm_loss_sum(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], chunk: int
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    chunk: int,
+    *,
+    by_row: bool = False,
 ) -> torch.Tensor:
     """Summed token loss of `model(**inputs)` against `batch["labels"]`: through the chunked,
-    target-only head when `chunk` > 0 and the model allows it, else from the full logits."""
+    target-only head when `chunk` > 0 and the model allows it, else from the full logits.
+    `by_row` (evaluation, no gradient): a `[rows]` tensor, each row's summed loss."""
     head = fused_head(model) if chunk > 0 else None
     if head is None:
-        return summed_cross_entropy(model(**inputs).logits, batch["labels"])
+        logits = model(**inputs).logits
+        return (
+            row_cross_entropy(logits, batch["labels"])
+            if by_row
+            else summed_cross_entropy(logits, batch["labels"])
+        )
     labels = batch["labels"].reshape(-1)
     index = batch.get("target_index")
     if index is None:  # a batch not from our collate: find the targets here (a host sync on GPU)
@@ -126,18 +156,23 @@ def lm_loss_sum(
     calls = []
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
-        flat, targets = hidden.reshape(-1, hidden.shape[-1]), labels
+        flat, targets, where = hidden.reshape(-1, hidden.shape[-1]), labels, None
         if index.shape[0] != flat.shape[0]:  # shapes are known on the host: no sync
-            flat, targets = flat.index_select(0, index), labels.index_select(0, index)
+            flat, targets, where = flat.index_select(0, index), labels.index_select(0, index), index
         calls.append(flat.shape[0])
-        return linear_cross_entropy_sum(flat, head.weight, head.bias, targets, chunk)
+        if not by_row:
+            return linear_cross_entropy_sum(flat, head.weight, head.bias, targets, chunk)
+        if where is None:
+            where = torch.arange(flat.shape[0], device=flat.device)
+        rows = torch.div(where, hidden.shape[1], rounding_mode="floor")  # flat position → row
+        return linear_cross_entropy_rows(flat, head.weight, head.bias, targets, chunk, rows, hidden.shape[0])
 
     head.forward = forward  # an instance attribute: the module's hooks still run around it
     try:
         out = model(**inputs)
     finally:
         del head.forward
-    if len(calls) != 1 or out.logits.dim() != 0:
+    if len(calls) != 1 or out.logits.dim() != (1 if by_row else 0):
         raise RuntimeError(
             f"{type(getattr(model, 'module', model)).__name__} does not call its output head once on the "
             "hidden states; set model.loss_chunk_tokens=0 to compute the loss from full logits"

@@ -72,3 +72,7 @@ class MaskedLM:
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return lm_loss_sum(model, {"input_ids": batch["input_ids"]}, batch, self.loss_chunk_tokens)
+
+    def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"]}
+        return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens, by_row=True)

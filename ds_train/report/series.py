@@ -27,6 +27,7 @@ class Series:
 class RunMetrics:
     loss: Series
     valid_loss: Series
+    valid_loss_by_set: dict[str, Series]  # data.valid set name → its own validation loss
     tokens_per_s: Series
     tokens_per_s_per_device: Series
     mfu: Series
@@ -84,10 +85,21 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
             if value is not None:
                 out[key].steps.append(step)
                 out[key].values.append(float(value))
-    valid_loss = Series()
+    valid_loss, by_set = Series(), {}
     for step in sorted(valid):
         valid_loss.steps.append(step)
         valid_loss.values.append(float(valid[step]["valid_loss"]))
+        for key, value in valid[step].items():
+            if key.startswith("valid_loss/"):
+                series = by_set.setdefault(key.removeprefix("valid_loss/"), Series())
+                series.steps.append(step)
+                series.values.append(float(value))
     worlds = [int(train[s]["world_size"]) for s in sorted(train) if train[s].get("world_size")]
     world_sizes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
-    return RunMetrics(valid_loss=valid_loss, resumes=sorted(set(resumes)), world_sizes=world_sizes, **out)
+    return RunMetrics(
+        valid_loss=valid_loss,
+        valid_loss_by_set=by_set,
+        resumes=sorted(set(resumes)),
+        world_sizes=world_sizes,
+        **out,
+    )

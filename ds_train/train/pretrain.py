@@ -35,7 +35,7 @@ from ds_train.data.loader import (
     make_loader,
 )
 from ds_train.data.shard_format import tokenizer_fingerprint
-from ds_train.data.shard_set import DataError
+from ds_train.data.shard_set import DataError, source_names
 from ds_train.distributed.deepspeed_config import (
     BatchLayout,
     batch_layout,
@@ -261,6 +261,7 @@ def _run(
             write_extras=write_extras,
             eval_batches=eval_batches,
             describe_sample=plan.describe,
+            eval_set_names=source_names(cfg.data.valid) if cfg.data.valid else None,
         )
         trainer = build_trainer(
             cfg, ctx, pre, parts, ds_config, [*standard_callbacks(cfg, ctx, preemption), *extra_callbacks]
@@ -281,6 +282,7 @@ def _check_local_sources(spec, key: str) -> None:
 
     try:
         sources = parse_sources(spec)
+        source_names(spec)  # explicit names must differ
     except DataError as e:
         raise ConfigError(f"{key}: {e}") from None
     for path, _ in sources:

@@ -139,6 +139,7 @@ class TrainingParts:
     write_extras: Callable[[Path], None]  # files riding along in each checkpoint (rank 0)
     eval_batches: Callable[[], Iterable[dict]] | None = None
     describe_sample: Callable[[int, int, int], str] | None = None
+    eval_set_names: list[str] | None = None  # one per data.valid set: a validation loss for each
     extra_state: dict = field(default_factory=dict)  # more keys for ds_train_state.json
 
 
@@ -254,6 +255,7 @@ def build_trainer(
         write_extras=parts.write_extras,
         eval_batches=parts.eval_batches,
         describe_sample=parts.describe_sample,
+        eval_set_names=parts.eval_set_names,
         callbacks=callbacks,
     )
     return trainer

@@ -14,7 +14,6 @@ reduced only at log steps.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ds_train.distributed.engine import DistributedContext, all_reduce_max, all_
 from ds_train.distributed.peers import is_collective_failure, lost_contact
 from ds_train.errors import RunFailure
 from ds_train.train.callbacks.base import Callback
+from ds_train.train.evaluation import evaluation_record
 from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
 from ds_train.train.nonfinite import NonFiniteLosses
 from ds_train.train.process_clock import process_age_s
@@ -74,12 +74,13 @@ class Trainer:
         write_extras: Callable[[Any], None] | None = None,
         eval_batches: Callable[[], Iterable[dict]] | None = None,
         describe_sample: Callable[[int, int, int], str] | None = None,
+        eval_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
     ):
         self.s = settings
         self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
         self.train_batches = train_batches
-        self.eval_batches = eval_batches
+        self.eval_batches, self.eval_set_names = eval_batches, eval_set_names
         self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
         self.write_extras = write_extras
         self.nonfinite = NonFiniteLosses(
@@ -238,39 +239,22 @@ class Trainer:
         self.last_saved_step = pending.step
         self._activity = None
 
-    @torch.no_grad()
     def evaluate(self) -> dict | None:
         if self.eval_batches is None:
             return None
         self.engine.eval()
         self._activity = f"while evaluating after step {self.step}"
-        # An objective may also return summable statistics per batch (e.g. a confusion matrix):
-        # `eval_step(model, batch) -> (loss_sum, stats)`, turned into record entries by
-        # `eval_metrics(stats summed over batches and ranks)`. Evaluation only; training is untouched.
-        eval_step = getattr(self.objective, "eval_step", None)
-        totals = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)
-        stats: torch.Tensor | None = None
-        for batch in self.eval_batches():
-            batch = self._to_device(batch)
-            if eval_step is None:
-                loss_sum = self.objective.loss_sum(self.engine, batch)
-            else:
-                loss_sum, batch_stats = eval_step(self.engine, batch)
-                stats = batch_stats.double() if stats is None else stats + batch_stats.double()
-            totals[0] += loss_sum.double()
-            totals[1] += batch["num_targets"].double()
+        record = evaluation_record(
+            self.engine,
+            self.objective,
+            self.eval_batches(),
+            self._to_device,
+            self.ctx.device,
+            self.eval_set_names,
+        )
         self.engine.train()
-        all_reduce_sum(totals)
         self._activity = None
-        loss = float(totals[0] / totals[1].clamp(min=1))
-        record = {
-            "step": self.step,
-            "valid_loss": loss,
-            "valid_ppl": math.exp(min(loss, 50.0)),
-            "valid_tokens": int(totals[1]),
-        }
-        if stats is not None:
-            record.update(self.objective.eval_metrics(all_reduce_sum(stats)))
+        record = {"step": self.step, **record}
         if self.ctx.is_main:
             self._emit("on_eval", record)
         return record

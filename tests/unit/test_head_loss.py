@@ -228,3 +228,74 @@ def test_ignored_rows_leave_the_target_index():
     labels = batch["labels"].reshape(-1)
     assert batch["target_index"].tolist() == [*range(0, 10), *range(20, 30)]
     assert torch.all(labels[batch["target_index"]] != IGNORE_INDEX) and int(batch["num_targets"]) == 20
+
+
+def _causal_rows():
+    rows = np.random.default_rng(4).integers(3, VOCAB, (3, 17)).astype(np.uint16)
+    rows[1, 12:] = 1  # padding: its targets are ignored, in that row only
+    return rows
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize(
+    "objective,auto,config,rows",
+    [
+        ("causal", AutoModelForCausalLM, MICRO_LLAMA, _causal_rows()),
+        ("masked", AutoModelForMaskedLM, REPO / "configs/model/tiny-bert.json", None),
+    ],
+)
+@torch.no_grad()
+def test_row_losses_are_each_rows_own_loss(chunk, objective, auto, config, rows):
+    """`row_losses` (per-set validation losses) gives each row the loss the row has alone, through
+    the full-logits and the chunked head alike, and they sum to `loss_sum`."""
+    model = model_from(config, auto)
+    if objective == "causal":
+        obj = CausalLM(eos_id=2, pad_id=1, loss_chunk_tokens=chunk)
+    else:
+        kwargs = {"mask_id": 4, "vocab_size": VOCAB, "special_ids": (0, 1, 2, 3, 4), "seed": 3}
+        obj = MaskedLM(**kwargs, loss_chunk_tokens=chunk)
+        rows = np.random.default_rng(5).integers(5, VOCAB, (4, 33)).astype(np.uint16)
+    batch = obj.collate(rows, np.arange(len(rows)))
+    got = obj.row_losses(model, batch)
+    assert got.shape == (len(rows),) and got.dtype == torch.float32
+    assert got.sum().item() == pytest.approx(obj.loss_sum(model, batch).item(), rel=1e-5)
+    for i in range(len(rows)):  # each row alone: its own labels (the masked LM's masks kept)
+        alone = {k: v[i : i + 1] for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
+        if chunk:
+            alone["target_index"] = (alone["labels"].reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        ref = summed_cross_entropy(
+            model(**{k: v for k, v in alone.items() if k != "labels" and k != "target_index"}).logits,
+            alone["labels"],
+        )
+        assert got[i].item() == pytest.approx(ref.item(), rel=1e-5), i
+
+
+@torch.no_grad()
+def test_sft_row_losses_count_response_tokens_only():
+    model = model_from(MICRO_LLAMA)
+    tokens = np.random.default_rng(6).integers(3, VOCAB, (2, 21))
+    targets = np.zeros_like(tokens, dtype=bool)
+    targets[0, 12:], targets[1, 18:] = True, True
+    arrays = {"tokens": tokens, "targets": targets, "positions": np.tile(np.arange(21), (2, 1))}
+    for chunk in (0, 4):
+        obj = SupervisedFineTuning(loss_chunk_tokens=chunk)
+        batch = obj.collate(arrays, [0, 1])
+        got = obj.row_losses(model, batch)
+        assert got.sum().item() == pytest.approx(obj.loss_sum(model, batch).item(), rel=1e-5)
+        only_first = {**batch, "labels": batch["labels"].clone()}
+        ignore_rows(only_first, torch.tensor([False, True]))
+        assert got[0].item() == pytest.approx(obj.loss_sum(model, only_first).item(), rel=1e-5)
+
+
+@torch.no_grad()
+def test_row_losses_when_every_position_is_a_target():
+    model = model_from(MICRO_LLAMA)
+    obj = CausalLM(eos_id=None, loss_chunk_tokens=7)
+    batch = obj.collate(np.random.default_rng(7).integers(3, VOCAB, (3, 12)).astype(np.uint16), [0, 1, 2])
+    assert batch["target_index"].shape[0] == 3 * 11  # no subset: rows come from the flat positions
+    got = obj.row_losses(model, batch)
+    ref = [
+        summed_cross_entropy(model(input_ids=batch["input_ids"][i : i + 1]).logits, batch["labels"][i])
+        for i in range(3)
+    ]
+    torch.testing.assert_close(got, torch.stack(ref), rtol=1e-5, atol=1e-5)

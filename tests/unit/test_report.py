@@ -76,6 +76,21 @@ def test_figure_has_every_panel_with_the_logged_values(resumed_run):
     assert list(axes["optimizer"].get_lines()[0].get_ydata()) == [0.5] * 8
 
 
+def test_each_validation_set_is_a_curve(tmp_path):
+    evals = [
+        {"step": s, "valid_loss": 3.0 / s, "valid_loss/web": 2.0 / s, "valid_loss/code": 4.0 / s}
+        for s in (2, 4)
+    ]
+    _write(tmp_path, [_train(s, 5.0) for s in range(1, 5)] + evals)
+    m = load_run_metrics(tmp_path)
+    assert {k: (v.steps, v.values) for k, v in m.valid_loss_by_set.items()} == {
+        "web": ([2, 4], [1.0, 0.5]),
+        "code": ([2, 4], [2.0, 1.0]),
+    }
+    lines = {line.get_label(): line for line in build_figure(m, "mix").axes[0].get_lines()}
+    assert list(lines["valid: code"].get_ydata()) == [2.0, 1.0] and "valid: web" in lines
+
+
 def test_without_mfu_the_panel_shows_step_time(tmp_path):
     _write(tmp_path, [_train(s, 5.0, mfu=None) for s in range(1, 4)])
     fig = build_figure(load_run_metrics(tmp_path), "cpu run")

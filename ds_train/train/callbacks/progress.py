@@ -34,6 +34,13 @@ class Progress(Callback):
 
     def on_eval(self, trainer, record: dict) -> None:
         line = f"eval step {record['step']}: valid_loss {record['valid_loss']:.4f} valid_ppl {record['valid_ppl']:.2f}"
+        per_set = [
+            f"{k.removeprefix('valid_loss/')} {v:.4f}"
+            for k, v in record.items()
+            if k.startswith("valid_loss/")
+        ]
+        if per_set:
+            line += f" ({', '.join(per_set)})"
         (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(line)
 
     def on_train_end(self, trainer) -> None:
