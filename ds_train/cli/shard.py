@@ -83,7 +83,24 @@ def register(sub) -> None:
     p.add_argument("--merge", action="store_true", help="write shards + manifests from finished tasks")
     p.add_argument("--keep-work", action="store_true", help="keep the tokenized pieces after the merge")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=main)
+    p.set_defaults(func=main, planned_defaults={name: p.get_default(name) for name in PLANNED})
+
+
+# Options the tokenizing run (or array tasks) fixes in the plan; a --merge writes what was planned.
+PLANNED = (
+    "tokenizer",
+    "seq_len",
+    "valid_fraction",
+    "text_field",
+    "shard_size",
+    "rows_per_shard",
+    "member_size",
+    "piece_size",
+    "chat_template",
+    "train_on_inputs",
+    "task_index",
+    "num_tasks",
+)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -103,6 +120,7 @@ def main(args: argparse.Namespace) -> int:
                 raise ConfigError("--sft runs in one process: there is no --merge step")
             if args.inputs:
                 raise ConfigError("--merge takes no inputs: it reads the plan the tasks left in --output")
+            _refuse_planned_options(args)
             manifests = merge_shards(
                 args.output, workers=args.workers, progress=not args.no_progress, keep_work=args.keep_work
             )
@@ -129,6 +147,21 @@ def main(args: argparse.Namespace) -> int:
             "out): use a larger --valid-fraction, or leave data.valid out of the run's config\n"
         )
     return 0
+
+
+def _refuse_planned_options(args: argparse.Namespace) -> None:
+    """--merge used to ignore --rows-per-shard, --tokenizer, … silently: the layout was fixed when
+    the tasks planned it, so a value given here would not be the one written."""
+    from ds_train.config.loader import ConfigError
+    from ds_train.data.sharding import PLAN, work_dir
+
+    given = [n for n, default in args.planned_defaults.items() if getattr(args, n) != default]
+    if given:
+        options = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ConfigError(
+            f"--merge writes the layout the tokenizing tasks planned (tokenizer, seq_len, shard sizes: "
+            f"{work_dir(args.output) / PLAN}) and takes no {options}: give them to the tasks' command"
+        )
 
 
 def _check_counts(args: argparse.Namespace) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ds_train.cli import main
@@ -65,3 +67,21 @@ def test_an_output_that_is_a_file_is_refused(tmp_path, docs, capsys):
         assert main(argv) == 2
         assert f"--output {tmp_path / 'out'}: exists and is not a directory" in capsys.readouterr().err
     assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_merge_refuses_layout_options_it_would_ignore(tmp_path, docs, capsys):
+    """--merge writes the layout the tasks planned: --rows-per-shard (or --tokenizer, --seq-len…)
+    given to it was ignored, silently; it is refused, naming the options and the plan."""
+    out = tmp_path / "out"
+    task = shard(
+        tmp_path, docs, "--seq-len", "8", "--rows-per-shard", "5", "--task-index", "0", "--num-tasks", "1"
+    )
+    assert main(task) == 0
+    merge = ["shard", "--merge", "--output", str(out), "--no-progress"]
+    assert main([*merge, "--rows-per-shard", "7", "--tokenizer", str(TOKENIZER)]) == 2
+    err = capsys.readouterr().err
+    assert "takes no --tokenizer, --rows-per-shard: give them to the tasks' command" in err
+    assert str(out / ".shard-work" / "plan.json") in err and not (out / "train").exists()
+    assert main([*merge, "--workers", "2"]) == 0  # what a merge does take
+    rows = [s["rows"] for s in json.loads((out / "train" / "index.json").read_text())["shards"]]
+    assert len(rows) > 1 and set(rows[:-1]) == {5}  # the planned layout, not the merge's --rows-per-shard
