@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError, load_config
     from ds_train.model.build import load_hf_config, load_tokenizer
     from ds_train.objectives.head_loss import LOGIT_TRANSFORMS
-    from ds_train.plan.choices import make_plan, render
+    from ds_train.plan.choices import RunSettings, make_plan, render
     from ds_train.plan.memory_estimate import PRECISIONS, SUB_GROUP_SIZE, BucketSizes, HeadLoss
     from ds_train.plan.model_shape import shape_from_config
 
@@ -95,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         + "; GiB per rank "
         "(model states: ZeRO paper formulas, see docs/performance.md)",
     ]
-    print(render(plan, header, shape.layers))
+    print(render(plan, header, shape.layers, RunSettings(compile=cfg.model.compile, nvme_path=z.nvme_path)))
     return 0
 
 

@@ -105,25 +105,41 @@ def checkpointing_label(e: Estimate, layers: int) -> str:
     return "all" if e.checkpoint_layers == layers else f"{e.checkpoint_layers}/{layers}"
 
 
-def overrides_for(e: Estimate, layers: int) -> str:
+@dataclass(frozen=True)
+class RunSettings:
+    """What of the run config, besides the choice itself, its overrides must agree with."""
+
+    compile: bool = False  # model.compile: refused at ZeRO-3 (config/validate.py)
+    nvme_path: str | None = None  # zero.nvme_path: NVMe offload needs one
+
+
+NVME_PATH_PLACEHOLDER = "/path/on/local/nvme"
+
+
+def overrides_for(e: Estimate, layers: int, run: RunSettings = RunSettings()) -> str:
     """The run-config overrides that select this choice (`layers`: the model's block count).
 
     Every setting of the choice is named, "none" and "off" included: the run config (or its ZeRO
     preset) may set offload or partial checkpointing, and overrides that left those out printed a
-    choice that failed validation (stage 0 under an offload preset)."""
+    choice that failed validation (stage 0 under an offload preset). Likewise a ZeRO-3 choice for a
+    config with model.compile turns compile off, and an NVMe choice without zero.nvme_path names
+    the setting (with a placeholder to replace)."""
     checkpoint_layers = 0 if e.checkpoint_layers in (0, layers) else e.checkpoint_layers
-    return " ".join(
-        [
-            f"zero.stage={e.stage}",
-            f"zero.offload_optimizer={e.offload_optimizer}",
-            f"zero.offload_param={e.offload_param}",
-            f"model.activation_checkpointing={str(bool(e.checkpoint_layers)).lower()}",
-            f"model.activation_checkpointing_layers={checkpoint_layers}",
-        ]
-    )
+    parts = [
+        f"zero.stage={e.stage}",
+        f"zero.offload_optimizer={e.offload_optimizer}",
+        f"zero.offload_param={e.offload_param}",
+        f"model.activation_checkpointing={str(bool(e.checkpoint_layers)).lower()}",
+        f"model.activation_checkpointing_layers={checkpoint_layers}",
+    ]
+    if run.compile and e.stage == 3:
+        parts.append("model.compile=false")
+    if "nvme" in (e.offload_optimizer, e.offload_param) and not run.nvme_path:
+        parts.append(f"zero.nvme_path={NVME_PATH_PLACEHOLDER}")
+    return " ".join(parts)
 
 
-def render(plan: Plan, header: list[str], layers: int) -> str:
+def render(plan: Plan, header: list[str], layers: int, run: RunSettings = RunSettings()) -> str:
     """The table `ds-train plan` prints (GiB per rank; `layers`: the model's block count)."""
 
     def gib(x: float) -> str:
@@ -156,5 +172,10 @@ def render(plan: Plan, header: list[str], layers: int) -> str:
             f"{plan.recommended.label}, activation checkpointing "
             f"{checkpointing_label(plan.recommended, layers)}"
         )
-        lines.append(f"  overrides: {overrides_for(plan.recommended, layers)}")
+        overrides = overrides_for(plan.recommended, layers, run)
+        lines.append(f"  overrides: {overrides}")
+        if "model.compile=false" in overrides:
+            lines.append("  (model.compile is refused at ZeRO-3: this choice trains uncompiled)")
+        if NVME_PATH_PLACEHOLDER in overrides:
+            lines.append(f"  (replace {NVME_PATH_PLACEHOLDER} with a directory on a fast local NVMe drive)")
     return "\n".join(lines)

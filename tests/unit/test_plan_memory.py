@@ -307,20 +307,29 @@ def test_overrides_select_the_choice():
 
 @pytest.mark.parametrize("preset", ["stage3-offload-all", "stage2-offload-optimizer", "stage0"])
 @pytest.mark.parametrize("device_gib", [None, 100, 4, 1.5, 0.5])
-def test_printed_overrides_pass_validation_over_any_preset(tmp_path, shards, preset, device_gib):
+@pytest.mark.parametrize("compiled,nvme_path", [(False, True), (True, False)])
+def test_printed_overrides_pass_validation_over_any_preset(
+    tmp_path, shards, preset, device_gib, compiled, nvme_path
+):
     # `plan` printed `zero.stage=0 model.activation_checkpointing=false` for a config using the
-    # stage3-offload-all preset, and the offload it left in place needs stage 3
+    # stage3-offload-all preset, and the offload it left in place needs stage 3; a ZeRO-3 choice
+    # for a compiled model, or an NVMe one without zero.nvme_path, failed validation too
     from ds_train.config import load_config, validate
+    from ds_train.plan.choices import NVME_PATH_PLACEHOLDER, RunSettings
     from tests.helpers import base_config
 
     raw = base_config(tmp_path / "run", shards)
-    raw["zero"] = {"preset": preset, "nvme_path": str(tmp_path)}
-    raw["model"].update(activation_checkpointing=True, activation_checkpointing_layers=1)
+    raw["zero"] = {"preset": preset, **({"nvme_path": str(tmp_path)} if nvme_path else {})}
+    raw["model"].update(activation_checkpointing=True, activation_checkpointing_layers=1, compile=compiled)
     cfg_file = write_config(tmp_path / "run.yaml", raw)
+    run = RunSettings(compile=compiled, nvme_path=str(tmp_path) if nvme_path else None)
     plan = _plan(device_gib)
     for e in [*plan.estimates, *([plan.recommended] if plan.recommended else [])]:
-        cfg = load_config(cfg_file, overrides_for(e, 8).split())
+        overrides = overrides_for(e, 8, run)
+        # the placeholder is the one thing the user fills in (the output says so)
+        cfg = load_config(cfg_file, overrides.replace(NVME_PATH_PLACEHOLDER, str(tmp_path)).split())
         validate(cfg)
+        assert cfg.model.compile == (compiled and e.stage < 3)
         assert (cfg.zero.stage, cfg.zero.offload_optimizer, cfg.zero.offload_param) == (
             e.stage,
             e.offload_optimizer,
