@@ -3,9 +3,11 @@
 The overrides are merged last into the DeepSpeed JSON (distributed/deepspeed_config.py), so an
 override of a derived key won silently: `zero_optimization.stage=1` made DeepSpeed run stage 1
 while the banner and ds_train_state.json said 3, and `gradient_accumulation_steps` failed
-DeepSpeed's batch assertion with a traceback after start-up. Tuning keys ds_train does not
-reason about (bucket sizes, sub_group_size, aio, loss-scale details, optimizer flags such as
-`fused`) stay allowed: that is what the escape hatch is for.
+DeepSpeed's batch assertion with a traceback after start-up. The same holds for the ZeRO tuning
+keys that have a `zero.*` setting (bucket sizes, overlap_comm, the stage-3 thresholds): the
+override won over the setting that `ds-train plan` and the run's banner read. Tuning keys
+ds_train does not set (sub_group_size, round_robin_gradients, aio, loss-scale details, optimizer
+flags such as `fused`) stay allowed: that is what the escape hatch is for.
 """
 
 from __future__ import annotations
@@ -13,6 +15,17 @@ from __future__ import annotations
 from typing import Any
 
 from ds_train.config.loader import ConfigError
+
+# zero_optimization keys that are also ds_train settings of the same name (config/schema.py)
+ZERO_TUNING = (
+    "overlap_comm",
+    "contiguous_gradients",
+    "reduce_bucket_size",
+    "allgather_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+    "stage3_max_live_parameters",
+)
 
 # DeepSpeed key path → the ds_train setting(s) it comes from.
 DERIVED: dict[tuple[str, ...], str] = {
@@ -36,6 +49,15 @@ DERIVED: dict[tuple[str, ...], str] = {
     ("optimizer", "params", "weight_decay"): "train.weight_decay",
     # ds_train sets the learning rate itself at every step; a DeepSpeed scheduler would fight it
     ("scheduler",): "train.schedule, train.warmup_steps and train.min_lr_ratio",
+    # tuning keys with a zero.* setting of their own (which `ds-train plan` and the bench read):
+    # an override of one won over that setting, silently
+    **{("zero_optimization", key): f"zero.{key}" for key in ZERO_TUNING},
+    # DeepSpeed's own names for the stage-3 ones (pydantic aliases: either spelling is read)
+    **{
+        ("zero_optimization", key.removeprefix("stage3_")): f"zero.{key}"
+        for key in ZERO_TUNING
+        if "stage3_" in key
+    },
 }
 
 

@@ -268,9 +268,10 @@ class ZeroSection:
     ds_config_overrides: dict = doc(
         {},
         "Raw DeepSpeed JSON keys merged last into the generated config (expert escape hatch), for "
-        "tuning keys ds_train does not set (bucket sizes, sub_group_size, aio, ...). Keys ds_train "
-        "derives are refused, naming the setting to use: the batch sizes and accumulation, "
-        "gradient_clipping, zero_optimization.stage and offload devices, bf16/fp16.enabled, the "
+        "tuning keys ds_train does not set (sub_group_size, round_robin_gradients, aio, ...). Keys "
+        "ds_train sets are refused, naming the setting to use: the batch sizes and accumulation, "
+        "gradient_clipping, zero_optimization.stage and offload devices, the bucket sizes, "
+        "overlap_comm, contiguous_gradients and stage-3 thresholds above, bf16/fp16.enabled, the "
         "optimizer's type, lr, betas, eps and weight_decay, and a scheduler.",
     )
 

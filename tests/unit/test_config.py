@@ -195,6 +195,11 @@ def test_non_finite_numbers_are_refused(cfg_file, override):
         ("optimizer.params.lr=0.1", "from train.lr"),
         ("optimizer.type=Lamb", "optimizer.type: ds_train sets this"),
         ("scheduler.type=WarmupLR", "scheduler: ds_train sets this from train.schedule"),
+        # tuning keys with a zero.* setting: the override won over it, and plan read the setting
+        ("zero_optimization.reduce_bucket_size=1000", "from zero.reduce_bucket_size; set that instead"),
+        ("zero_optimization.overlap_comm=false", "from zero.overlap_comm"),
+        ("zero_optimization.prefetch_bucket_size=10", "from zero.stage3_prefetch_bucket_size"),  # alias
+        ("zero_optimization.stage3_max_live_parameters=10", "from zero.stage3_max_live_parameters"),
     ],
 )
 def test_ds_config_overrides_of_derived_keys_are_refused(cfg_file, override, expected):
@@ -207,7 +212,6 @@ def test_ds_config_overrides_of_derived_keys_are_refused(cfg_file, override, exp
     "override",
     [
         "zero_optimization.sub_group_size=1000000",
-        "zero_optimization.reduce_bucket_size=1000",
         "zero_optimization.round_robin_gradients=true",
         "aio.queue_depth=16",
         "optimizer.params.fused=false",
