@@ -22,6 +22,7 @@ from ds_train.objectives.base import IGNORE_INDEX
 class SequenceClassification:
     class_names: list[str]
     name: str = "classification"
+    per_token: bool = False  # one cross-entropy per example: no perplexity is reported
 
     def collate(self, arrays: dict[str, np.ndarray], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
         lengths = arrays["lengths"].astype(np.int64)

@@ -29,7 +29,7 @@ def evaluation_record(
     device: torch.device,
     set_names: list[str] | None = None,
 ) -> dict:
-    """valid_loss, valid_ppl, valid_tokens (summed over ranks; collective: every rank calls it),
+    """valid_loss, valid_tokens and (token losses) valid_ppl, summed over ranks (collective: every rank calls it),
     plus `valid_loss/<name>` per set when `set_names` lists several and the objective gives
     `row_losses`, plus the objective's `eval_metrics` when it has an `eval_step`.
 
@@ -62,7 +62,9 @@ def evaluation_record(
         totals[0, 1] += batch["num_targets"].double()
     all_reduce_sum(totals)
     loss = float(totals[0, 0] / totals[0, 1].clamp(min=1))
-    record = {"valid_loss": loss, "valid_ppl": math.exp(min(loss, 50.0)), "valid_tokens": int(totals[0, 1])}
+    record = {"valid_loss": loss, "valid_tokens": int(totals[0, 1])}
+    if getattr(objective, "per_token", True):  # a perplexity of a per-example loss means nothing
+        record["valid_ppl"] = math.exp(min(loss, 50.0))
     if per_set:
         for name, (set_loss, set_targets) in zip(set_names, totals[1:].tolist(), strict=True):
             # a set the pass did not reach (train.eval_steps cut it short) has no loss: left out

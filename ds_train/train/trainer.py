@@ -27,6 +27,7 @@ from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.distributed.engine import DistributedContext, all_reduce_max, all_reduce_sum
 from ds_train.distributed.peers import is_collective_failure, lost_contact
 from ds_train.errors import RunFailure
+from ds_train.model.init import module_seed
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.evaluation import evaluation_record
 from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
@@ -55,6 +56,11 @@ class TrainerSettings:
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
+    seed: int = 0  # run.seed: with the step and rank, it seeds each step's dropout (`step_seed`)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return module_seed(seed, f"step {step} rank {rank}")
 
 
 class Trainer:
@@ -138,6 +144,11 @@ class Trainer:
 
     def _fit(self) -> int:
         self._emit("on_train_start")
+        # Training mode before the first step, not only after an evaluation: from_pretrained (every
+        # fine-tune, model.init_from) returns the model in eval mode, so dropout (the model's and
+        # LoRA's) was off until the first evaluation, for the whole run without one, and again
+        # after each resume, which then differed from the uninterrupted run (fine-tuning audit).
+        self.engine.train()
         batches = iter(self.train_batches)
         pending: list[torch.Tensor] = []
         interval_start = time.perf_counter()
@@ -165,6 +176,12 @@ class Trainer:
                 return self._stop_for_requeue()
             self.skipped_samples += sum(int(b["skipped"]) for b in micro if "skipped" in b)
             self._step_lr = float(self.engine.get_lr()[0])  # this step's; the scheduler moves on in it
+            # The step's random draws (dropout) from (run.seed, step, rank) alone, seeded after the
+            # batches are fetched: whatever drew from the global generator before (a DataLoader
+            # iterator's base seed at its first batch, an evaluation's loader; a resumed attempt
+            # makes those draws at other steps) cannot shift them, so a resume trains exactly as
+            # the uninterrupted run did. Host-side bookkeeping: no device sync.
+            torch.manual_seed(step_seed(self.s.seed, self.step, self.ctx.rank))
             losses = self._train_step(micro, global_targets)
             self.step += 1
             self._unchecked = (micro, losses)

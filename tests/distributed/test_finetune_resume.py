@@ -1,21 +1,43 @@
 """SFT straight from a `ds-train pretrain` run directory (no manual conversion), and a fine-tuning
-run killed mid-way resumes to the same losses as the uninterrupted one, step for step."""
+run killed mid-way resumes to the same losses as the uninterrupted one, step for step, with dropout
+on (each step's draws depend on the seed, step and rank alone)."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from ds_train.checkpoint.layout import latest_checkpoint
-from tests.helpers import base_config, read_metrics, run_cli, torchrun, train_losses, write_config
+from tests.helpers import (
+    MICRO_LLAMA,
+    base_config,
+    read_metrics,
+    run_cli,
+    torchrun,
+    train_losses,
+    write_config,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, shards):
-    """A micro Llama pretrained for a few steps (one process), saved as a ds_train run directory."""
+    """A micro Llama with attention dropout, pretrained for a few steps (one process), saved as a
+    ds_train run directory. The dropout makes the resume below depend on the training mode and
+    the random draws of each step: a fine-tune (from_pretrained) started in eval mode, so dropout
+    was off until the first evaluation, and off again after a resume."""
     root = tmp_path_factory.mktemp("pretrain")
-    cfg = base_config(root / "run", shards, train={"max_steps": 4, "lr": 5e-3}, zero={"stage": 3})
+    model = root / "micro-llama-dropout.json"
+    model.write_text(json.dumps({**json.loads(MICRO_LLAMA.read_text()), "attention_dropout": 0.1}))
+    cfg = base_config(
+        root / "run",
+        shards,
+        model={"config": str(model)},
+        train={"max_steps": 4, "lr": 5e-3},
+        zero={"stage": 3},
+    )
     run_cli(["pretrain", write_config(root / "pretrain.yaml", cfg)])
     return root / "run"
 

@@ -24,6 +24,14 @@ class StandInEngine:
 
     def __init__(self):
         self.micro_steps = 0
+        self.training = False  # as from_pretrained leaves a model
+        self.modes: list[bool] = []  # the mode of each micro-batch's forward
+
+    def train(self, mode: bool = True):
+        self.training = mode
+
+    def eval(self):
+        self.training = False
 
     def backward(self, loss, scale_wrt_gas=True):
         pass
@@ -41,6 +49,8 @@ class StandInEngine:
 
 class ConstantLoss:
     def loss_sum(self, engine, batch):
+        if hasattr(engine, "modes"):
+            engine.modes.append(engine.training)
         return torch.tensor(2.0)
 
 

@@ -101,3 +101,11 @@ def test_pretraining_reports_each_validation_set(shards, tmp_path):
     held_out, train = evaluation["valid_loss/held-out"], evaluation["valid_loss/train"]
     assert held_out != train and min(held_out, train) < evaluation["valid_loss"] < max(held_out, train)
     assert f"(held-out {held_out:.4f}, train {train:.4f})" in proc.stderr
+
+
+def test_a_per_example_loss_has_no_perplexity(shards):
+    """Classification's loss is one cross-entropy per example: a perplexity of it means nothing."""
+    objective = SourceLoss(eos_id=None)
+    objective.per_token = False
+    _, record = _pass(shards, objective, ["valid", "train"])
+    assert "valid_ppl" not in record and record["valid_loss/train"] == 2.0

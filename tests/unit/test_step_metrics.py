@@ -32,6 +32,15 @@ def test_the_logged_lr_is_the_one_the_step_trained_with():
     assert [(r["step"], r["lr"]) for r in records] == [(2, 2e-3), (4, 4e-3), (6, 6e-3)]
 
 
+def test_every_step_trains_in_training_mode():
+    """A model from from_pretrained (every fine-tune) starts in eval mode: dropout was off until the
+    first evaluation switched the engine back to train(), and after every resume (fine-tuning audit)."""
+    trainer = stand_in_trainer([])
+    assert trainer.engine.training is False
+    assert trainer.fit() == 0
+    assert len(trainer.engine.modes) == 6 * 2 and all(trainer.engine.modes)
+
+
 def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
     delay = 0.03
     (slow, _), (ready, _) = _fit(delay), _fit(0.0)

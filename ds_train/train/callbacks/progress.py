@@ -33,7 +33,9 @@ class Progress(Callback):
             print(f"step {record['step']}/{self.max_steps} {text}", file=sys.stderr, flush=True)
 
     def on_eval(self, trainer, record: dict) -> None:
-        line = f"eval step {record['step']}: valid_loss {record['valid_loss']:.4f} valid_ppl {record['valid_ppl']:.2f}"
+        line = f"eval step {record['step']}: valid_loss {record['valid_loss']:.4f}"
+        if "valid_ppl" in record:
+            line += f" valid_ppl {record['valid_ppl']:.2f}"
         per_set = [
             f"{k.removeprefix('valid_loss/')} {v:.4f}"
             for k, v in record.items()
