@@ -179,7 +179,14 @@ class TrainSection:
         "auto", "auto: bf16 on GPUs that support it, fp32 on CPU."
     )
     log_every: int = doc(10, "Write a metrics.jsonl line (and TensorBoard scalars) every N steps.")
-    save_every: int = doc(100, "Checkpoint every N steps (and always at the end). 0: only at the end.")
+    save_every: int = doc(
+        100, "Checkpoint every N steps (and at the end unless save_final=false). 0: only at the end."
+    )
+    save_final: bool = doc(
+        True,
+        "Checkpoint at max_steps. false: no checkpoint at the end (throughput tests, smoke runs; such a "
+        "run cannot be converted or resumed from its end). A stop for preemption or Ctrl-C still saves.",
+    )
     keep_last: int = doc(
         3, "Complete checkpoints to keep; older ones are deleted after a new one is complete."
     )

@@ -240,6 +240,7 @@ def build_trainer(
         collective_timeout_s=cfg.run.collective_timeout_s,
         straggler_ratio=cfg.train.straggler_ratio,
         save_async=cfg.train.save_async,
+        save_final=cfg.train.save_final,
         seed=cfg.run.seed,
     )
     trainer = Trainer(

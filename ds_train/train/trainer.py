@@ -56,6 +56,7 @@ class TrainerSettings:
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
+    save_final: bool = True  # a checkpoint at max_steps
     seed: int = 0  # run.seed: with the step and rank, it seeds each step's dropout (`step_seed`)
 
 
@@ -202,7 +203,7 @@ class Trainer:
                 side["save_s"] += time.perf_counter() - t1
         self.evaluate()
         self._finish_save()
-        if self.last_saved_step != self.step:
+        if self.s.save_final and self.last_saved_step != self.step:
             self.save()
         self._emit("on_train_end")
         return 0

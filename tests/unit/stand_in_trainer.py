@@ -86,6 +86,7 @@ def stand_in_trainer(
     save: Callable[..., None] = lambda *a, **k: None,
     save_async: bool = False,
     checkpoints: object | None = None,
+    save_final: bool = True,
 ) -> Trainer:
     settings = TrainerSettings(
         max_steps=max_steps,
@@ -95,6 +96,7 @@ def stand_in_trainer(
         eval_steps=0,
         seq_len=4,
         save_async=save_async,
+        save_final=save_final,
     )
     return Trainer(
         settings=settings,

@@ -41,6 +41,17 @@ def test_every_step_trains_in_training_mode():
     assert len(trainer.engine.modes) == 6 * 2 and all(trainer.engine.modes)
 
 
+@pytest.mark.parametrize("save_final", [True, False])
+def test_save_final_decides_the_checkpoint_at_the_end(save_final):
+    """train.save_final=false: no checkpoint at max_steps (a benchmark's 1B run wrote ~15 GB)."""
+    saved = []
+    trainer = stand_in_trainer(
+        [], save_every=4, save=lambda *a, **k: saved.append(trainer.step), save_final=save_final
+    )
+    assert trainer.fit() == 0
+    assert saved == ([4, 6] if save_final else [4])
+
+
 def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
     delay = 0.03
     (slow, _), (ready, _) = _fit(delay), _fit(0.0)
