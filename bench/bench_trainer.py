@@ -29,8 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -125,13 +125,20 @@ def run_config(args, model: Path, run_dir: Path, stage: int, system: str) -> dic
             "precision": args.precision,
             "log_every": args.warmup,
             "save_every": 0,
+            "save_final": False,  # the baselines save nothing either
             "eval_every": 0,
         },
         "zero": {"stage": stage},
     }
 
 
-def launch(script: str, cfg_path: Path, steps: int, warmup: int, nproc: int) -> dict:
+def launch(
+    script: str, cfg_path: Path, steps: int, warmup: int, nproc: int, timeout_s: float | None = None
+) -> dict:
+    """One system's timed run: its result, or {"error"} (a failed or hung system must not take the
+    others' results with it: on a lent GPU there is no second try)."""
+    from gpu_bench import ERROR_LINES, TIMED_OUT, run_killable  # bench/, this script's directory
+
     cmd = [
         sys.executable,
         "-m",
@@ -143,10 +150,11 @@ def launch(script: str, cfg_path: Path, steps: int, warmup: int, nproc: int) -> 
         str(steps),
         str(warmup),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True)
-    if proc.returncode:
-        raise SystemExit(f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    lines = [x for x in proc.stdout.splitlines() if x.startswith('{"system"')]
+    code, stdout, stderr = run_killable(cmd, clean_env(), timeout_s)
+    if code:
+        why = f"killed after {timeout_s:.0f} s" if code == TIMED_OUT else f"exit {code}"
+        return {"error": f"{script} {why}:\n" + "\n".join(stderr.strip().splitlines()[-ERROR_LINES:])}
+    lines = [x for x in stdout.splitlines() if x.startswith('{"system"')]
     result = json.loads(lines[-1])
     # The median step filters out other users' bursts on a shared machine; the mean is kept too.
     tokens_per_step = result["tokens_per_s"] * result["step_time_s"]
@@ -160,27 +168,34 @@ def launch(script: str, cfg_path: Path, steps: int, warmup: int, nproc: int) -> 
 
 def summarise(runs: dict[str, list[dict]], systems: list[str]) -> dict:
     """Ratios of medians over repeats, by wall clock and by rank 0's CPU time per step, and of the
-    fastest wall-clock step of all repeats ("best")."""
+    fastest wall-clock step of all repeats ("best"). Failed runs are left out; a ratio whose
+    systems have no successful run is left out too."""
     out: dict = {"runs": runs}
+    ok = {s: [x for x in runs[s] if "error" not in x] for s in systems}
+    present = [s for s in systems if ok[s]]
+    pairs = [("ds_train", "bare", "ds_train/bare"), ("ds_train", "hf_trainer", "ds_train/hf_trainer")]
+    pairs += [(system, reference, ratio) for system, reference, ratio, _ in OPTIONAL_RATIOS]
     for clock, key, agg in (
         ("wall", "tokens_per_s", statistics.median),
         ("cpu", "tokens_per_cpu_s", statistics.median),
         ("best", "tokens_per_s_best", max),
     ):
-        med = {s: agg(x[key] for x in runs[s]) for s in systems}
-        ratios = {
-            "ds_train/bare": med["ds_train"] / med["bare"],
-            "ds_train/hf_trainer": med["ds_train"] / med["hf_trainer"],
-        }
-        for system, reference, ratio, _ in OPTIONAL_RATIOS:
-            if system in systems:
-                ratios[ratio] = med[system] / med[reference]
-        out[clock], out[f"median_{key}"] = ratios, med
+        med = {s: agg(x[key] for x in ok[s]) for s in present}
+        out[clock] = {ratio: med[a] / med[b] for a, b, ratio in pairs if a in med and b in med}
+        out[f"median_{key}"] = med
     # Runs next to each other in time share the machine's load best: their ratio, per repeat.
     out["paired_wall"] = [
-        round(d["tokens_per_s"] / b["tokens_per_s"], 3) for d, b in zip(runs["ds_train"], runs["bare"])
+        round(d["tokens_per_s"] / b["tokens_per_s"], 3)
+        for d, b in zip(runs["ds_train"], runs["bare"])
+        if "error" not in d and "error" not in b
     ]
-    out["metrics_jsonl_tokens_per_s"] = statistics.median(x["metrics_tokens_per_s"] for x in runs["ds_train"])
+    if ok["ds_train"]:
+        out["metrics_jsonl_tokens_per_s"] = statistics.median(
+            x["metrics_tokens_per_s"] for x in ok["ds_train"]
+        )
+    out["failed"] = {
+        s: [x["error"] for x in runs[s] if "error" in x] for s in systems if len(ok[s]) < len(runs[s])
+    }
     return out
 
 
@@ -188,6 +203,13 @@ def table(results: dict, systems: list[str]) -> str:
     extra = [(ratio, header) for system, _, ratio, header in OPTIONAL_RATIOS if system in systems]
     head = "| ZeRO | clock | bare DS tok/s | ds-train tok/s | HF Trainer tok/s | ds-train / bare | ds-train / Trainer |"
     lines = [head + "".join(f" {h} |" for _, h in extra), "|---" * (7 + len(extra)) + "|"]
+
+    def tps(m: dict, system: str, unit: str = "") -> str:
+        return f"{m[system]:,.0f}{unit}" if system in m else "failed"
+
+    def ratio(q: dict, key: str) -> str:
+        return f"{q[key]:.3f}" if key in q else "-"
+
     for stage, res in results["stages"].items():
         for clock, key, unit in (
             ("wall", "tokens_per_s", ""),
@@ -196,10 +218,10 @@ def table(results: dict, systems: list[str]) -> str:
         ):
             m, q = res[f"median_{key}"], res[clock]
             row = (
-                f"| {stage} | {clock} | {m['bare']:,.0f}{unit} | {m['ds_train']:,.0f} | {m['hf_trainer']:,.0f} | "
-                f"{q['ds_train/bare']:.3f} | {q['ds_train/hf_trainer']:.3f} |"
+                f"| {stage} | {clock} | {tps(m, 'bare', unit)} | {tps(m, 'ds_train')} | {tps(m, 'hf_trainer')} | "
+                f"{ratio(q, 'ds_train/bare')} | {ratio(q, 'ds_train/hf_trainer')} |"
             )
-            lines.append(row + "".join(f" {q[k]:.3f} |" for k, _ in extra))
+            lines.append(row + "".join(f" {ratio(q, k)} |" for k, _ in extra))
     return "\n".join(lines)
 
 
@@ -243,7 +265,12 @@ def main() -> None:
         "the repo's tokenizer, written to the temporary directory): for a machine without the demo's "
         "shards, such as the GPU box (bench/gpu.sh MODE=anchors)",
     )
-    ap.add_argument("--json", help="write all measurements here")
+    ap.add_argument("--json", help="write all measurements here (after every run)")
+    ap.add_argument(
+        "--run-timeout-s",
+        type=float,
+        help="kill a system's run (and its ranks) after this long: recorded as failed",
+    )
     args = ap.parse_args()
     if args.steps % args.warmup:
         ap.error("--steps must be a multiple of --warmup (ds-train logs every --warmup steps)")
@@ -268,15 +295,23 @@ def main() -> None:
                 cfg = run_config(args, model, run_dir, stage, system)
                 cfg_path = tmp / f"s{stage}_r{r}_{system}.yaml"
                 cfg_path.write_text(yaml.safe_dump(cfg))
-                runs[system].append(launch(SCRIPTS[system], cfg_path, args.steps, args.warmup, args.nproc))
+                result = launch(
+                    SCRIPTS[system], cfg_path, args.steps, args.warmup, args.nproc, args.run_timeout_s
+                )
+                runs[system].append(result)
+                shutil.rmtree(run_dir, ignore_errors=True)
+                if "error" in result:
+                    print(f"ZeRO-{stage} repeat {r}: {system} FAILED: {result['error']}", flush=True)
+                results["stages"][stage] = summarise(runs, systems)
+                # after every run: a call cut short (a lent GPU's time limit) keeps the ones done
+                if args.json:
+                    Path(args.json).write_text(json.dumps(results, indent=1))
             line = ", ".join(
-                f"{s} {runs[s][-1]['tokens_per_s']:,.0f} ({runs[s][-1]['tokens_per_cpu_s']:,.0f}/CPU-s)"
+                f"{s} {x['tokens_per_s']:,.0f} ({x['tokens_per_cpu_s']:,.0f}/CPU-s)"
                 for s in systems
+                if "error" not in (x := runs[s][-1])
             )
             print(f"ZeRO-{stage} repeat {r}: {line} tok/s", flush=True)
-        results["stages"][stage] = summarise(runs, systems)
-        if args.json:  # after every stage: a run cut short (a lent GPU's time limit) keeps the ones done
-            Path(args.json).write_text(json.dumps(results, indent=1))
         res = results["stages"][stage]
         print(
             f"ZeRO-{stage}: wall ratios "

@@ -7,13 +7,14 @@
 #   GPU_BENCH_TOY=1 bench/gpu.sh                   # CPU smoke test: tiny model, seq 128, fp32 (MFU vs 989 too)
 #   STEPS=30 WARMUP=5 MICRO=4 GLOBAL_BATCH=64 SEQ_LEN=4096 bench/gpu.sh
 #   MODE=anchors bench/gpu.sh                      # ds-train vs bare DeepSpeed vs the HF Trainer on this GPU
+#   MODE=anchors STAGES=2 REPEATS=1 RUN_TIMEOUT_S=75 bench/gpu.sh   # the lease's share of it
 #   MODE=save bench/gpu.sh                         # background checkpoints checked and timed on this GPU
 #   GPU_BENCH_TOY=1 MODE=anchors bench/gpu.sh      # the same at toy size on CPU
 #   BUDGET_S=300 bench/gpu.sh                      # the variants that fit in 300 s, likeliest first
 #
 # On a lent machine with a stock CUDA + PyTorch image and no package index: run bench/gpu_wheels.sh
-# here, carry .whl/, and this script installs them first. One 15-minute lease (docs/benchmarks.md,
-# "GPU"): `BUDGET_S=300 STEPS=15 bench/gpu.sh; MODE=anchors REPEATS=1 STEPS=15 bench/gpu.sh`, one call.
+# here, carry .whl/, and this script installs them first. One 15-minute lease: bench/gpu_lease.sh,
+# one call (docs/performance.md, "GPU").
 #
 # MODE=anchors runs bench/bench_trainer.py on one GPU: a ~430 M Llama (hidden 2048, 8 layers,
 # the repo's 4k vocabulary), bf16, seq 2048, micro 4 × accumulation 4, synthetic shards, ZeRO-0 and
@@ -35,13 +36,15 @@ PY=${PYTHON:-.venv/bin/python}
 # PyTorch image): the repo goes on the path, and the wheels bench/gpu_wheels.sh made, carried
 # as .whl/, go into a private directory ahead of the image's packages.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+site=${GPU_BENCH_SITE:-/tmp/ds_train_site}
+# installed by an earlier invocation on this machine (bench/gpu_lease.sh calls this script twice)
+[[ -d $site/deepspeed ]] && export PYTHONPATH=$site:$PYTHONPATH
 if ! "$PY" -c 'import deepspeed, webdataset' >/dev/null 2>&1; then
   if ! compgen -G ".whl/*.whl" >/dev/null; then
     echo "bench/gpu.sh: $PY cannot import deepspeed and webdataset, and there is no .whl/ to install" \
       "them from (bench/gpu_wheels.sh makes it on a machine with a package index)" >&2
     exit 2
   fi
-  site=${GPU_BENCH_SITE:-/tmp/ds_train_site}
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
   export PYTHONPATH=$site:$PYTHONPATH
   "$PY" -c 'import deepspeed, webdataset, ds_train' >/dev/null
@@ -65,6 +68,7 @@ fi
 [[ -n ${SEQ_LEN:-} ]] && args+=(--seq-len "$SEQ_LEN")
 [[ -n ${WORKDIR:-} ]] && args+=(--workdir "$WORKDIR")
 [[ -n ${BUDGET_S:-} ]] && args+=(--budget-s "$BUDGET_S")
+[[ -n ${RUN_TIMEOUT_S:-} ]] && args+=(--run-timeout-s "$RUN_TIMEOUT_S")
 
 # One thread per rank for the CPU side (the data loader has its own workers); no hub access.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -84,7 +88,10 @@ if [[ ${MODE:-variants} == anchors ]]; then
     size=(--precision bf16 --hidden 2048 --layers 8 --synthetic-seq-len "${SEQ_LEN:-2048}" --workers 2
           --steps "${STEPS:-30}" --warmup "${WARMUP:-5}")
   fi
-  exec "$PY" bench/bench_trainer.py --nproc 1 --stages 0 2 --repeats "${REPEATS:-2}" "${size[@]}" \
-    --global-batch 16 --micro-batch 4 --full-logits --json "${OUT:-.}/gpu_trainer_anchors.json"
+  timeout=()
+  [[ -n ${RUN_TIMEOUT_S:-} ]] && timeout=(--run-timeout-s "$RUN_TIMEOUT_S")
+  # shellcheck disable=SC2086  # STAGES is a list of numbers
+  exec "$PY" bench/bench_trainer.py --nproc 1 --stages ${STAGES:-0 2} --repeats "${REPEATS:-2}" "${size[@]}" \
+    --global-batch 16 --micro-batch 4 --full-logits "${timeout[@]}" --json "${OUT:-.}/gpu_trainer_anchors.json"
 fi
 exec "$PY" bench/gpu_bench.py "${args[@]}" --json "${OUT:-.}/gpu_bench.json" --profile-dir "${OUT:-.}/gpu_profile"

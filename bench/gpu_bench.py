@@ -11,11 +11,13 @@ beat the baseline by more than 1% without changing what is trained (document mas
 are combined into a "tuned" run, whose config overrides are printed: every tunable variant is a
 `ds-train pretrain` option, so the tuned run is one a user can reproduce.
 
-Every run also records a torch.profiler trace of one step inside its untimed warm-up (step
-WARMUP-1; `profile.*` of the run config), the same for all so that any cost the profiler leaves
-behind cannot favour one: its summary (GPU busy share, kernel time by kind:
-ds_train/train/trace_summary.py) and op table go into the results, and the baseline's and tuned
-run's traces are copied to --profile-dir, so a run short of its MFU goal says where the time went.
+The baseline, candidate and tuned runs also record a torch.profiler trace of one step inside their
+untimed warm-up (step WARMUP-1; `profile.*` of the run config; the timed steps after it were seen
+unaffected): its summary (GPU busy share, kernel time by kind: ds_train/train/trace_summary.py) and
+op table go into the results, and the trace is copied to --profile-dir, so a run short of its MFU
+goal says where the time went. Only those three: exporting a 1B step's trace costs tens of seconds
+of a lease. Each run's directory is removed after it (no checkpoint is written: train.save_final
+is off), and every run is killed with its ranks past --run-timeout-s or the budget's end.
 
     bench/gpu.sh                       # all variants (≈ 2 min each on an H100)
     VARIANTS="baseline no_doc_mask compile" bench/gpu.sh
@@ -30,6 +32,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -70,46 +73,41 @@ class Variant:
 
 def variants(micro: int, layers: int) -> list[Variant]:
     """In the order they run: the likeliest to matter first, so a --budget-s run keeps those.
-    `layers`: the model's transformer blocks (for checkpointing half of them)."""
+    `layers`: the model's transformer blocks (for checkpointing half of them).
+
+    Second comes "candidate", the combination most likely to reach the MFU goal (compiled blocks,
+    FlexAttention's block-sparse document mask, micro-batch ×2, 4k-token loss chunks), so a lease
+    cut short still measures it; the single knobs follow, then the ones that cannot win on one GPU
+    (bucket sizes and overlap have no communication to act on; checkpointing only trades speed for
+    memory a 1B model at micro 4-8 does not need), which a budget cuts first."""
     return [
         Variant("baseline", "-", f"ds-train defaults: ZeRO-2, sdpa, document masking, micro {micro}"),
-        Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
-                ["model.document_masking=false"], same_math=False),
+        Variant("candidate", "candidate",
+                f"compile + flex_attention + micro {micro * 2} + loss chunks of 4096 (the likeliest best)",
+                ["model.compile=true", "model.attn_implementation=flex_attention",
+                 f"train.micro_batch_size={micro * 2}", "model.loss_chunk_tokens=4096"],
+                needs="cuda", tunable=False),
         # the document mask as FlexAttention's block mask: blocks between documents are skipped
         # (sdpa with a dense mask runs its memory-efficient kernel, not flash); the image has no flash_attn
         Variant("flex_attention", "attn", "attn_implementation=flex_attention (block-sparse document mask)",
                 ["model.attn_implementation=flex_attention"], needs="cuda"),
-        Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
-                ["model.loss_chunk_tokens=0"]),
         Variant("compile", "compile", "model.compile=true (torch.compile per block; chunked head loss kept)",
                 ["model.compile=true"]),
-        Variant(f"micro_{micro * 2}", "micro", f"train.micro_batch_size={micro * 2}",
-                [f"train.micro_batch_size={micro * 2}"]),
-        # Checkpointing pays off only through the bigger micro-batch it makes room for, so it
-        # competes with the micro-batch variants (one knob) instead of adding to them.
-        Variant("act_ckpt", "micro", f"activation checkpointing, micro {micro * 2}",
-                ["model.activation_checkpointing=true", f"train.micro_batch_size={micro * 2}"]),
-        # the first half of the blocks only: half the recompute, and the memory `ds-train plan`
-        # says it needs (the plan recommends the fewest blocks that fit)
-        Variant("act_ckpt_half", "micro", f"checkpointing the first {layers // 2} of {layers} blocks, micro {micro * 2}",
-                ["model.activation_checkpointing=true", f"model.activation_checkpointing_layers={layers // 2}",
-                 f"train.micro_batch_size={micro * 2}"]),
-        Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
-        Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
-        # DeepSpeed's default, which ds-train turns off: a device sync at every forward and engine.step()
-        Variant("tput_timer_sync", "timer", "DeepSpeed's throughput timer on (its default: 2 device syncs per micro-batch)",
-                ['zero.ds_config_overrides={"timers": {"throughput": {"enabled": true}}}'], tunable=False),
-        Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
-                ['zero.ds_config_overrides={"optimizer": {"params": {"fused": false}}}']),
-        Variant("buckets_2e8", "buckets", "reduce/allgather buckets 2e8 elements (default 5e8)",
-                ["zero.reduce_bucket_size=200000000", "zero.allgather_bucket_size=200000000"]),
-        Variant("buckets_1e9", "buckets", "reduce/allgather buckets 1e9 elements",
-                ["zero.reduce_bucket_size=1000000000", "zero.allgather_bucket_size=1000000000"]),
-        Variant("no_contiguous_grads", "contiguous", "zero.contiguous_gradients=false",
-                ["zero.contiguous_gradients=false"]),
         # bigger chunks: fewer fp32 accumulations of the head's weight gradient, more logits memory
         Variant("loss_chunk_4096", "loss", "model.loss_chunk_tokens=4096 (default 1024)",
                 ["model.loss_chunk_tokens=4096"]),
+        Variant(f"micro_{micro * 2}", "micro", f"train.micro_batch_size={micro * 2}",
+                [f"train.micro_batch_size={micro * 2}"]),
+        Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
+                ["model.document_masking=false"], same_math=False),
+        Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
+        Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
+                ["model.loss_chunk_tokens=0"]),
+        Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
+                ['zero.ds_config_overrides={"optimizer": {"params": {"fused": false}}}']),
+        # DeepSpeed's default, which ds-train turns off: a device sync at every forward and engine.step()
+        Variant("tput_timer_sync", "timer", "DeepSpeed's throughput timer on (its default: 2 device syncs per micro-batch)",
+                ['zero.ds_config_overrides={"timers": {"throughput": {"enabled": true}}}'], tunable=False),
         Variant(f"micro_{micro // 2}", "micro", f"train.micro_batch_size={micro // 2}",
                 [f"train.micro_batch_size={micro // 2}"]),
         # The whole model compiled, as DeepSpeed's engine.compile() does: not a ds-train option (its
@@ -119,6 +117,23 @@ def variants(micro: int, layers: int) -> list[Variant]:
                 compile=True, tunable=False),
         Variant("flash_attn2", "attn", "attn_implementation=flash_attention_2 (varlen packing)",
                 ["model.attn_implementation=flash_attention_2"], needs="flash_attn"),
+        # Checkpointing pays off only through the bigger micro-batch it makes room for, so it
+        # competes with the micro-batch variants (one knob) instead of adding to them.
+        Variant("act_ckpt", "micro", f"activation checkpointing, micro {micro * 2}",
+                ["model.activation_checkpointing=true", f"train.micro_batch_size={micro * 2}"]),
+        # the first half of the blocks only: half the recompute, and the memory `ds-train plan`
+        # says it needs (the plan recommends the fewest blocks that fit)
+        Variant("act_ckpt_half", "micro", f"checkpointing the first {layers // 2} of {layers} blocks, micro {micro * 2}",
+                ["model.activation_checkpointing=true", f"model.activation_checkpointing_layers={layers // 2}",
+                 f"train.micro_batch_size={micro * 2}"]),
+        # with several GPUs: gradient reduction to overlap and bucket; on one, little to act on
+        Variant("overlap_comm", "overlap", "zero.overlap_comm=true", ["zero.overlap_comm=true"]),
+        Variant("buckets_2e8", "buckets", "reduce/allgather buckets 2e8 elements (default 5e8)",
+                ["zero.reduce_bucket_size=200000000", "zero.allgather_bucket_size=200000000"]),
+        Variant("buckets_1e9", "buckets", "reduce/allgather buckets 1e9 elements",
+                ["zero.reduce_bucket_size=1000000000", "zero.allgather_bucket_size=1000000000"]),
+        Variant("no_contiguous_grads", "contiguous", "zero.contiguous_gradients=false",
+                ["zero.contiguous_gradients=false"]),
     ]  # fmt: skip
 
 
@@ -192,6 +207,7 @@ def base_config(args, tmp: Path, shards: Path) -> dict:
             "precision": "fp32" if toy else "bf16",
             "log_every": args.warmup,
             "save_every": 0,
+            "save_final": False,  # a 1B run's checkpoint is ~15 GB: a few fill a lent machine's disk
             "eval_every": 0,
             "warmup_steps": 2,
             # MFU against the H100/H200 dense bf16 peak in toy mode too: the arithmetic runs end to
@@ -203,21 +219,56 @@ def base_config(args, tmp: Path, shards: Path) -> dict:
 
 
 def run_variant(
-    args, cfg_path: Path, v: Variant, extra: list[str], run_dir: Path, inductor_cache: Path | None = None
+    args,
+    cfg_path: Path,
+    v: Variant,
+    extra: list[str],
+    run_dir: Path,
+    inductor_cache: Path | None = None,
+    timeout_s: float | None = None,
 ) -> dict:
     """One `ds-train pretrain` run through bench/ds_train_loop.py: its result line, or {"error"}.
-    Its inductor cache is `inductor_cache`, by default one of its own in `run_dir`."""
+    Its inductor cache is `inductor_cache`, by default one of its own in `run_dir`. A run past
+    `timeout_s` (a hang in a compile or a collective would spend a lent machine's whole call) is
+    killed with its process group: torchrun's ranks too, which would keep the GPU."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
            str(REPO / "bench/ds_train_loop.py"), str(cfg_path), str(args.steps), str(args.warmup),
            *(["--compile"] if v.compile else []), f"run.output_dir={run_dir}", *extra]  # fmt: skip
     # each run its own inductor cache: every compiled run's first step is a cold compile (the
     # tuned run's would otherwise reuse the compile variant's kernels and look cheap to start)
     env = clean_env({"TORCHINDUCTOR_CACHE_DIR": str(inductor_cache or run_dir / "inductor_cache")})
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        tail = "\n".join(proc.stderr.strip().splitlines()[-6:])
-        return {"error": f"exit {proc.returncode}: {tail}"}
-    return json.loads(next(x for x in reversed(proc.stdout.splitlines()) if x.startswith('{"system"')))
+    code, stdout, stderr = run_killable(cmd, env, timeout_s)
+    if code:
+        tail = "\n".join(stderr.strip().splitlines()[-ERROR_LINES:])
+        why = f"killed after {timeout_s:.0f} s" if code == TIMED_OUT else f"exit {code}"
+        return {"error": f"{why}: {tail}"}
+    return json.loads(next(x for x in reversed(stdout.splitlines()) if x.startswith('{"system"')))
+
+
+ERROR_LINES = 40  # of a failed run's stderr, kept in the results (the call's own output is short)
+TIMED_OUT = -9
+
+
+def run_killable(cmd: list[str], env: dict, timeout_s: float | None) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `cmd` in a session of its own; past `timeout_s`, the whole
+    process group is killed and the code is TIMED_OUT."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        return TIMED_OUT, out, err
 
 
 def profile_overrides(warmup: int) -> list[str]:
@@ -275,9 +326,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--no-tuned", action="store_true", help="skip the combined 'tuned' run")
     ap.add_argument(
-        "--no-profile", action="store_true", help="no profiler trace of the baseline and tuned runs"
+        "--no-profile",
+        action="store_true",
+        help="no profiler trace of the baseline, candidate and tuned runs",
     )
-    ap.add_argument("--profile-dir", help="copy the baseline's and tuned run's traces here")
+    ap.add_argument("--profile-dir", help="copy the baseline's, candidate's and tuned run's traces here")
     ap.add_argument("--json", help="write all results here")
     ap.add_argument("--workdir", help="shards and runs (default: a temporary directory)")
     ap.add_argument(
@@ -285,8 +338,14 @@ def main() -> None:
         type=float,
         help="wall-clock budget: a variant (or the tuned run) is skipped when the longest run so far "
         "would not fit in what is left; for a lent GPU with a fixed allowance. Results are written "
-        "after every run, so a run cut short still leaves the ones before it",
+        "after every run, so a run cut short still leaves the ones before it; a run is also killed "
+        "when it outlasts what is left (plus --grace-s)",
     )
+    ap.add_argument("--grace-s", type=float, default=30.0, help="a run may outlast --budget-s by this much")
+    ap.add_argument(
+        "--run-timeout-s", type=float, default=420.0, help="kill a run (and its ranks) after this long"
+    )
+    ap.add_argument("--keep-runs", action="store_true", help="keep each run's directory (default: removed)")
     args = ap.parse_args()
     toy = args.toy
     args.seq_len = args.seq_len or (128 if toy else 2048)
@@ -298,7 +357,9 @@ def main() -> None:
         ap.error("--steps must be a multiple of --warmup (the log interval)")
     # the recorded step (WARMUP-1) and the profiler's warm-up before it both after step 1 (start-up)
     profiling = not args.no_profile and args.warmup >= 4
-    copy_traces = {"baseline", "tuned"}  # a lent GPU machine returns at most 8 files
+    # Profiled (and their traces copied): exporting a 1B step's trace costs tens of seconds of a
+    # lease, and a lent GPU machine returns at most 8 files.
+    profiled = {"baseline", "candidate", "tuned"}
 
     tmp = Path(args.workdir or tempfile.mkdtemp(prefix="gpu_bench_"))
     tmp.mkdir(parents=True, exist_ok=True)
@@ -325,11 +386,16 @@ def main() -> None:
 
     def run_profiled(v: Variant, overrides: list[str]) -> dict:
         run_dir = tmp / f"run_{v.name}"
-        extra = overrides + (profile_overrides(args.warmup) if profiling else [])
-        r = run_variant(args, cfg_path, v, extra, run_dir)
-        if profiling and "error" not in r:
-            into = Path(args.profile_dir) if args.profile_dir and v.name in copy_traces else None
+        profile = profiling and v.name in profiled
+        extra = overrides + (profile_overrides(args.warmup) if profile else [])
+        r = run_variant(
+            args, cfg_path, v, extra, run_dir, timeout_s=clock.run_limit(args.run_timeout_s, args.grace_s)
+        )
+        if profile and "error" not in r:
+            into = Path(args.profile_dir) if args.profile_dir else None
             r["profile"] = collect_profile(run_dir, args.warmup, v.name, into)
+        if not args.keep_runs:  # its metrics are in the result; its inductor cache is its own
+            shutil.rmtree(run_dir, ignore_errors=True)
         return r
 
     def show_profile(name: str, r: dict) -> None:
@@ -382,6 +448,8 @@ def main() -> None:
             print(f"{'tuned':<20} {describe(r, base)}   {tuned.what}", flush=True)
             print(f"{'':<20} as a run: ds-train pretrain RUN.yaml {' '.join(map(shlex.quote, overrides))}")
             show_profile("tuned", r)
+    if not args.workdir and not args.keep_runs:
+        shutil.rmtree(tmp, ignore_errors=True)
     note = " (toy run on CPU: the MFU only shows the arithmetic runs)" if toy else ""
     print(
         f"MFU against 989 TFLOP/s dense bf16 per GPU{note}; deltas are tokens/s vs baseline in this invocation"
@@ -397,6 +465,12 @@ class Budget:
 
     def fits(self) -> bool:
         return self.seconds is None or time.monotonic() - self.start + self.longest <= self.seconds
+
+    def run_limit(self, cap: float, grace: float) -> float:
+        """How long the next run may take: `cap`, or what is left of the budget plus `grace`."""
+        if self.seconds is None:
+            return cap
+        return max(1.0, min(cap, self.seconds - (time.monotonic() - self.start) + grace))
 
     @contextlib.contextmanager
     def timing(self, typical: bool = True):

@@ -3,6 +3,9 @@
 # (git-ignored), for a GPU machine that cannot reach a package index: carry .whl/ there and
 # bench/gpu.sh installs them into a private directory before it runs (torch, transformers,
 # accelerate, peft, safetensors, tokenizers, pyarrow, pandas, matplotlib stay the image's own).
+# Not `datasets`: the benchmarks write their shards directly, and a carried `datasets` the image's
+# pyarrow or fsspec does not satisfy would break `import transformers.trainer` (it imports
+# datasets whenever it is installed), taking the HF Trainer anchor with it.
 #
 #   bench/gpu_wheels.sh                 # wheels for CPython 3.12 on x86-64 Linux
 #   PY_VERSION=3.11 bench/gpu_wheels.sh
@@ -20,8 +23,7 @@ PY_VERSION=${PY_VERSION:-3.12}
 pins=$("$PY" - <<'PYEOF'
 from importlib.metadata import version
 for name in ("hjson", "pydantic", "pydantic_core", "annotated-types", "typing-inspection",
-             "typing_extensions", "webdataset", "braceexpand", "datasets", "dill", "multiprocess",
-             "zstandard"):
+             "typing_extensions", "webdataset", "braceexpand", "zstandard"):
     print(f"{name}=={version(name)}")
 PYEOF
 )
