@@ -324,6 +324,12 @@ class FinetuneSection:
         "messages", "sft: field of a chat example: a list of {role: system|user|assistant, content}."
     )
     text_field: str = doc("text", "classification/masked_lm: field holding the text.")
+    text_pair_field: str | None = doc(
+        None,
+        "classification: field holding a second text, for sentence pairs (NLI, paraphrase, query-passage "
+        "relevance). Encoded as the tokenizer's pair ([CLS] a [SEP] b [SEP] with segment ids for BERT-style "
+        "models); truncation shortens the longer text first. Downstream, call tokenizer(a, b).",
+    )
     label_field: str = doc(
         "label", "classification: field holding the label (a string or an integer class id)."
     )

@@ -242,6 +242,12 @@ def validate_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.labels has duplicates: {f.labels}")
     if f.labels and f.task != "classification":
         raise ConfigError(f"finetune.labels only applies to task classification (task is {f.task})")
+    if f.text_pair_field and f.task != "classification":
+        raise ConfigError(f"finetune.text_pair_field only applies to task classification (task is {f.task})")
+    if f.text_pair_field is not None and f.text_pair_field in ("", f.text_field):
+        raise ConfigError(
+            f"finetune.text_pair_field must name a field other than text_field, got {f.text_pair_field!r}"
+        )
     if f.adapter == "lora":
         if cfg.model.init_from is None:
             raise ConfigError(

@@ -30,16 +30,22 @@ class SequenceClassification:
         tokens = torch.from_numpy(arrays["tokens"][:, :width].astype(np.int64))
         mask = torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]
         labels = torch.from_numpy(arrays["labels"].astype(np.int64))
-        return {
+        batch = {
             "input_ids": tokens,
             "attention_mask": mask.long(),
             "labels": labels,
             "sample_ids": torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)),
             "num_targets": (labels != IGNORE_INDEX).sum().to(torch.float32),
         }
+        if "segments" in arrays:  # sentence pairs (finetune.text_pair_field), BERT-style models
+            batch["token_type_ids"] = torch.from_numpy(arrays["segments"][:, :width].astype(np.int64))
+        return batch
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if "token_type_ids" in batch:
+            inputs["token_type_ids"] = batch["token_type_ids"]
+        return model(**inputs).logits.float()
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.cross_entropy(

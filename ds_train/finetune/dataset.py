@@ -111,6 +111,8 @@ def data_fingerprint(
         ],
         "class_names": class_names,
         "tokenizer": tokenizer_sha256,
+        # (only when set: an unpaired run's fingerprint, and so its resume, stays as it was)
+        **({"text_pair_field": section.text_pair_field} if section.text_pair_field else {}),
         "template": None if chat is None else [chat.name, getattr(chat.tokenizer, "chat_template", None)],
         "splits": {name: spec.sha256() for name, spec in specs.items()},
     }

@@ -110,20 +110,28 @@ def _encode_sft(section, examples, tokenizer, chat: ChatFormat) -> tuple[dict, d
 
 
 def _encode_classification(section, examples, tokenizer, class_names) -> tuple[dict, dict]:
-    rows, lengths, labels, where = [], [], [], []
+    rows, lengths, labels, where, segments = [], [], [], [], []
     truncated = 0
+    pair_field = section.text_pair_field
+    # segment ids only for models that embed them (BERT-style): a Llama tokenizer has none to give
+    with_segments = pair_field is not None and "token_type_ids" in tokenizer.model_input_names
     for batch in _batched(examples):
         enc = tokenizer(
             [ex.record[section.text_field] for ex in batch],
+            [ex.record[pair_field] for ex in batch] if pair_field else None,
             add_special_tokens=True,
-            truncation=True,
+            truncation="longest_first" if pair_field else True,
             max_length=section.seq_len,
             return_overflowing_tokens=False,
-            return_length=True,
+            return_token_type_ids=with_segments,
         )
-        for ex, ids in zip(batch, enc["input_ids"]):
+        for k, (ex, ids) in enumerate(zip(batch, enc["input_ids"])):
             row = np.full(section.seq_len, pad_id(tokenizer), dtype=np.int64)
             row[: len(ids)] = ids
+            if with_segments:
+                segment = np.zeros(section.seq_len, dtype=np.uint8)
+                segment[: len(ids)] = enc["token_type_ids"][k]
+                segments.append(segment)
             truncated += len(ids) == section.seq_len
             rows.append(row)
             lengths.append(len(ids))
@@ -136,6 +144,8 @@ def _encode_classification(section, examples, tokenizer, class_names) -> tuple[d
         "origin": np.arange(len(rows), dtype=np.int64),
         "where": np.asarray(where, dtype=np.int64).reshape(-1, 2),
     }
+    if with_segments:  # which text of the pair each token belongs to (token_type_ids)
+        arrays["segments"] = np.stack(segments) if segments else np.zeros((0, section.seq_len), np.uint8)
     counts = np.bincount(arrays["labels"], minlength=len(class_names))
     stats = {
         "examples": len(rows),

@@ -137,6 +137,13 @@ def check_record(section: FinetuneSection, record: dict, chat: ChatFormat | None
         raise ExampleError(
             f"field '{section.text_field}' must be a string, got {_shown(record, section.text_field)}"
         )
+    if section.task == "classification" and section.text_pair_field:
+        pair = record.get(section.text_pair_field)
+        if not isinstance(pair, str):
+            raise ExampleError(
+                f"field '{section.text_pair_field}' (finetune.text_pair_field) must be a string, "
+                f"got {_shown(record, section.text_pair_field)}"
+            )
     if section.task == "classification":
         label = record.get(section.label_field)
         if isinstance(label, bool) or not isinstance(label, (str, int)):

