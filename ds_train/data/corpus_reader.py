@@ -8,7 +8,11 @@
 - any file format compressed as `.gz`, `.bz2`, `.xz` or `.zst`
 - remote inputs (`http(s)://`, `s3://`, any fsspec URL) streamed, never downloaded whole
 
-Empty and null texts are skipped: they would only add an EOS token to the stream.
+Empty, null and whitespace-only texts are skipped in every format: they would only add an EOS
+token (and a space) to the stream. Text is UTF-8 in every format: a byte-order mark at the start of
+a line file is dropped (Windows tools write one; it made a .jsonl fail and sat in a .txt's first
+document), and bytes that are not UTF-8 are an error naming the line, in .txt as in .jsonl (a .txt
+had them replaced by U+FFFD, silently).
 
 A line file is sliced by byte range the way Hadoop splits text: a piece owns the lines whose first
 byte lies in its range, so every line belongs to exactly one piece whatever the slicing.
@@ -69,9 +73,17 @@ def _iter_lines(piece: Piece, text_field: str) -> Iterator[str]:
                 break
             where = pos
             pos += len(line)
+            if where == 0:
+                line = line.removeprefix(BOM)
             if is_txt:
-                text = line.rstrip(b"\r\n").decode("utf-8", "replace")
-                if text.strip():
+                try:
+                    text = line.rstrip(b"\r\n").decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise CorpusError(
+                        f"{piece.path}: line at byte {where}: not UTF-8 (byte {where + e.start}: "
+                        f"{line[e.start : e.start + 1]!r}); convert the file, e.g. iconv -f latin1 -t utf-8"
+                    ) from None
+                if _worth_keeping(text):
                     yield text
                 continue
             if not line.strip():
@@ -82,8 +94,16 @@ def _iter_lines(piece: Piece, text_field: str) -> Iterator[str]:
                 msg = getattr(e, "msg", str(e))
                 raise CorpusError(f"{piece.path}: line at byte {where}: not valid JSON ({msg})") from None
             text = _text_of(record, text_field, f"{piece.path}: line at byte {where}")
-            if text:
+            if _worth_keeping(text):
                 yield text
+
+
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte-order mark
+
+
+def _worth_keeping(text: str | None) -> bool:
+    """A document with something to tokenize (not empty, null or only whitespace)."""
+    return bool(text) and not text.isspace()
 
 
 def _text_of(record, field: str, where: str) -> str | None:
@@ -127,7 +147,7 @@ def _iter_parquet(piece: Piece, text_field: str) -> Iterator[str]:
         if not (column.type.equals("string") or column.type.equals("large_string")):
             raise CorpusError(f"{piece.path}: column '{text_field}' is {column.type}, not text")
         for text in column.to_pylist():
-            if text:
+            if _worth_keeping(text):
                 yield text
 
 
@@ -144,15 +164,18 @@ def _iter_saved(piece: Piece, text_field: str) -> Iterator[str]:
         for i, text in enumerate(ds[lo : min(lo + RECORD_BATCH, piece.stop)][text_field]):
             if text is not None and not isinstance(text, str):
                 raise CorpusError(f"{piece.path} row {lo + i}: '{text_field}' is not text")
-            if text:
+            if _worth_keeping(text):
                 yield text
 
 
 def _iter_with_datasets(path: str, builder: str, text_field: str) -> Iterator[str]:
     from datasets import load_dataset
 
-    ds = load_dataset(builder, data_files={"train": path}, split="train", streaming=True)
-    for i, record in enumerate(ds):
-        text = _text_of(record, text_field, f"{path} record {i}")
-        if text:
-            yield text
+    # datasets decompresses .gz/.bz2/.xz/.zst itself (already while inferring the schema in
+    # load_dataset): a truncated file ends in a bare EOFError
+    with codec_errors(path, formats_of(path)[1]):
+        ds = load_dataset(builder, data_files={"train": path}, split="train", streaming=True)
+        for i, record in enumerate(ds):
+            text = _text_of(record, text_field, f"{path} record {i}")
+            if _worth_keeping(text):
+                yield text

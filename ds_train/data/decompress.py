@@ -58,6 +58,10 @@ def codec_errors(path: str, compression: str | None) -> Iterator[None]:
         raise truncated(path) from None
     except errors as e:
         raise CorpusError(f"{path}: not a valid {compression} stream ({e})") from None
+    except OSError as e:
+        if compression == ".bz2" and "Invalid data stream" in str(e):  # bz2's only word for corrupt data
+            raise CorpusError(f"{path}: not a valid {compression} stream ({e})") from None
+        raise
 
 
 class _ZstdFrames(io.RawIOBase):
