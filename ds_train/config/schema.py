@@ -337,6 +337,13 @@ class FinetuneSection:
         [],
         "classification: class names in id order. Default: the sorted distinct labels of train_file.",
     )
+    class_weights: Any = doc(
+        "none",
+        "classification: weigh each class's training loss. none; balanced: examples / (classes × the "
+        "class's count in train_file), so a rare class weighs more and the weights average 1 over the "
+        "training examples (the loss keeps its scale); or a list of positive numbers in class order. "
+        "Validation losses and metrics stay unweighted.",
+    )
     adapter: Literal["none", "lora"] = doc(
         "none", "none: full fine-tuning. lora: train LoRA adapters (peft) on a frozen base model."
     )

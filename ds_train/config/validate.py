@@ -6,6 +6,7 @@ costs the user one line of output and nothing else.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from ds_train.config.ds_overrides import check_ds_config_overrides
@@ -242,6 +243,16 @@ def validate_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.labels has duplicates: {f.labels}")
     if f.labels and f.task != "classification":
         raise ConfigError(f"finetune.labels only applies to task classification (task is {f.task})")
+    cw = f.class_weights
+    if isinstance(cw, list):
+        if not cw or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 < w < math.inf for w in cw
+        ):
+            raise ConfigError(f"finetune.class_weights: a list must hold positive numbers, got {cw}")
+    elif cw not in ("none", "balanced"):
+        raise ConfigError(f"finetune.class_weights must be none, balanced or a list of numbers, got {cw!r}")
+    if cw != "none" and f.task != "classification":
+        raise ConfigError(f"finetune.class_weights only applies to task classification (task is {f.task})")
     if f.text_pair_field and f.task != "classification":
         raise ConfigError(f"finetune.text_pair_field only applies to task classification (task is {f.task})")
     if f.text_pair_field is not None and f.text_pair_field in ("", f.text_field):

@@ -23,6 +23,7 @@ class SequenceClassification:
     class_names: list[str]
     name: str = "classification"
     per_token: bool = False  # one cross-entropy per example: no perplexity is reported
+    class_weights: list[float] | None = None  # per class, training loss only (finetune.class_weights)
 
     def collate(self, arrays: dict[str, np.ndarray], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
         lengths = arrays["lengths"].astype(np.int64)
@@ -48,8 +49,15 @@ class SequenceClassification:
         return model(**inputs).logits.float()
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed over the batch's examples, each weighted by its class's weight (if any). The
+        trainer divides by the example count: "balanced" weights average 1 over the training set,
+        so this is the weighted mean in expectation, and the gradient scale stays as unweighted."""
+        logits = self.logits(model, batch)
+        weight = None
+        if self.class_weights is not None:
+            weight = torch.tensor(self.class_weights, dtype=torch.float32, device=logits.device)
         return F.cross_entropy(
-            self.logits(model, batch), batch["labels"], ignore_index=IGNORE_INDEX, reduction="sum"
+            logits, batch["labels"], weight=weight, ignore_index=IGNORE_INDEX, reduction="sum"
         )
 
     def eval_step(
@@ -73,3 +81,16 @@ class SequenceClassification:
             "valid_top_confusions": m["top_confusions"],
             "valid_per_class": m["per_class"],
         }
+
+
+def class_weights(setting, class_names: list[str], train_counts: dict[str, int]) -> list[float] | None:
+    """finetune.class_weights as one weight per class (None: unweighted). "balanced" is
+    scikit-learn's: n / (k × count_c) over the train split's n examples of k classes; a class
+    without train examples gets weight 0 (it contributes no training loss either way)."""
+    if setting == "none":
+        return None
+    if isinstance(setting, list):
+        return [float(w) for w in setting]
+    counts = [int(train_counts.get(name, 0)) for name in class_names]
+    n, k = sum(counts), len(class_names)
+    return [n / (k * c) if c else 0.0 for c in counts]

@@ -123,6 +123,11 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     else:
         specs = split_specs(f)
         class_names = check_examples(f, specs, chat)
+        if isinstance(f.class_weights, list) and len(f.class_weights) != len(class_names):
+            raise ConfigError(
+                f"finetune.class_weights has {len(f.class_weights)} weights for {len(class_names)} classes "
+                f"{class_names}"
+            )
         fp = data_fingerprint(f, specs, tokenizer_sha256=tok_sha, chat=chat, class_names=class_names)
     hf_config = task_hf_config(
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names

@@ -29,7 +29,7 @@ from ds_train.distributed.engine import (
 )
 from ds_train.finetune.base_model import materialize_base
 from ds_train.finetune.batches import ExampleBatches
-from ds_train.finetune.classification import SequenceClassification
+from ds_train.finetune.classification import SequenceClassification, class_weights
 from ds_train.finetune.dataset import ExampleSet, prepare_splits
 from ds_train.finetune.export import ADAPTER_DIR, HF_DIR, gather_full_state, save_merged_model
 from ds_train.finetune.lora import apply_lora, trainable_summary
@@ -57,13 +57,15 @@ def run(cfg: Config, *, extra_callbacks: tuple[Callback, ...] = ()) -> int:
     return code
 
 
-def build_objective(cfg: Config, pre: FinetunePreflight):
+def build_objective(cfg: Config, pre: FinetunePreflight, train_counts: dict[str, int] | None = None):
+    """`train_counts`: examples per class in the train split (finetune.class_weights=balanced)."""
     task = cfg.finetune.task
     chunk = cfg.model.loss_chunk_tokens
     if task == "sft":
         return SupervisedFineTuning(loss_chunk_tokens=chunk)
     if task == "classification":
-        return SequenceClassification(pre.class_names)
+        weights = class_weights(cfg.finetune.class_weights, pre.class_names, train_counts or {})
+        return SequenceClassification(pre.class_names, class_weights=weights)
     # continued pretraining: pretraining's masked-LM objective, unchanged
     return MaskedLM.from_tokenizer(
         pre.tokenizer, seed=cfg.run.seed, probability=cfg.data.mlm_probability, loss_chunk_tokens=chunk
@@ -108,7 +110,15 @@ def _run(
             is_main=ctx.is_main,
         )
     weights_dir = materialize_base(pre.source, run_dir, is_main=ctx.is_main)
-    objective = build_objective(cfg, pre)
+    train_counts = splits["train"].meta["stats"].get("class_counts") if "train" in splits else None
+    objective = build_objective(cfg, pre, train_counts)
+    if ctx.is_main and getattr(objective, "class_weights", None) is not None:
+        shown = ", ".join(f"{n} {w:.3g}" for n, w in zip(pre.class_names, objective.class_weights))
+        log.info(
+            "finetune: class weights (finetune.class_weights=%s): %s",
+            f.class_weights if isinstance(f.class_weights, str) else "given",
+            shown,
+        )
     report = EvalReport()
     callbacks = [
         *standard_callbacks(cfg, ctx, preemption),

@@ -83,3 +83,35 @@ def test_objective_eval_step_and_metrics():
         _FixedLogits(PRED, 4).logits, torch.tensor(TRUE), reduction="sum"
     )
     assert float(loss) == pytest.approx(float(expected))
+
+
+def test_balanced_class_weights_average_one_over_the_training_examples():
+    from ds_train.finetune.classification import class_weights
+
+    counts = {"a": 60, "b": 30, "c": 10}
+    w = class_weights("balanced", ["a", "b", "c"], counts)
+    assert w == pytest.approx([100 / 180, 100 / 90, 100 / 30])  # n / (k × count): the rare class weighs most
+    assert sum(w[i] * c for i, c in enumerate(counts.values())) / 100 == pytest.approx(1.0)
+    assert class_weights("balanced", ["a", "b", "z"], counts)[2] == 0.0  # no train example: no weight
+    assert class_weights("none", ["a"], counts) is None and class_weights([1, 2], ["a", "b"], {}) == [
+        1.0,
+        2.0,
+    ]
+
+
+def test_class_weights_weigh_the_training_loss_and_never_the_validation_loss():
+    arrays = {
+        "tokens": np.arange(9 * 6).reshape(9, 6) % 50,
+        "lengths": np.full(9, 6),
+        "labels": np.array(TRUE),
+    }
+    weights = [0.5, 1.0, 2.0, 4.0]
+    plain, weighted = SequenceClassification(NAMES), SequenceClassification(NAMES, class_weights=weights)
+    batch = plain.collate(arrays, np.arange(9))
+    model = _FixedLogits(PRED, 4)
+    per_example = torch.nn.functional.cross_entropy(model.logits, torch.tensor(TRUE), reduction="none")
+    expected = sum(weights[y] * float(ce) for y, ce in zip(TRUE, per_example))
+    assert float(weighted.loss_sum(model, batch)) == pytest.approx(expected)
+    assert float(plain.loss_sum(model, batch)) == pytest.approx(float(per_example.sum()))
+    assert batch["num_targets"] == 9  # the trainer's divisor: examples, as without weights
+    assert float(weighted.eval_step(model, batch)[0]) == pytest.approx(float(per_example.sum()))
