@@ -24,6 +24,7 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ds_train.config import dump_yaml, load_config
     from ds_train.finetune import preflight, run
+    from ds_train.train.epochs import steps_line
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -41,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
             )
         print(
             f"ok: task {cfg.finetune.task} | {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × "
-            f"{pre.layout.grad_accum} accum × {pre.layout.data_parallel_size} ranks | {splits}"
+            f"{pre.layout.grad_accum} accum × {pre.layout.data_parallel_size} ranks | {steps_line(cfg)} | {splits}"
             + (f" | classes {pre.class_names}" if pre.class_names else "")
             + (f" | resumes from {pre.resume_from.path}" if pre.resume_from else "")
         )

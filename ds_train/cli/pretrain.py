@@ -35,6 +35,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from ds_train.config import dump_yaml, load_config
     from ds_train.train import pretrain
+    from ds_train.train.epochs import steps_line
 
     cfg = load_config(args.config, args.overrides)
     if args.print_config:
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         pre = pretrain.check(cfg, world_size=args.world_size)
         print(
             f"ok: {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × {pre.layout.grad_accum} "
-            f"accum × {pre.layout.data_parallel_size} ranks"
+            f"accum × {pre.layout.data_parallel_size} ranks; {steps_line(cfg)}"
             + (f"; resumes from {pre.resume_from.path}" if pre.resume_from else "")
         )
         return 0

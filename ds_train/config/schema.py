@@ -146,7 +146,15 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    max_steps: int = doc(REQUIRED, "Optimizer steps to run in total (a resumed run continues up to this).")
+    max_steps: int | None = doc(
+        REQUIRED, "Optimizer steps to run in total (a resumed run continues up to this). Or set epochs."
+    )
+    epochs: float | None = doc(
+        None,
+        "Instead of max_steps: passes over the training data (data.train's rows together, or the "
+        "tokenized finetune.train_file's rows). max_steps becomes ceil(epochs × rows / global_batch_size), "
+        "computed at start and printed by --check. Set one of the two.",
+    )
     global_batch_size: int = doc(
         REQUIRED,
         "Sequences per optimizer step across all ranks = micro_batch_size × grad accumulation × data-parallel size.",

@@ -18,11 +18,26 @@ REQUIRED_KEYS = ("run.output_dir", "train.max_steps", "train.global_batch_size",
 
 def validate(cfg: Config, *, needs_train_data: bool = True) -> None:
     """Raise ConfigError (one line) for the first problem found."""
+    epochs = cfg.train.epochs
+    # (a preflight run again after resolving epochs finds both: its own max_steps, not the user's)
+    if (
+        epochs is not None
+        and cfg.train.max_steps is not None
+        and not getattr(cfg.train, "from_epochs", False)
+    ):
+        raise ConfigError(
+            f"set one of train.max_steps ({cfg.train.max_steps}) and train.epochs ({epochs}), not both"
+        )
+    if epochs is not None and not (isinstance(epochs, (int, float)) and 0 < epochs < math.inf):
+        raise ConfigError(f"train.epochs must be a number > 0, got {epochs!r}")
     for key in REQUIRED_KEYS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
+        if value is None and key == "train.max_steps" and epochs is not None:
+            continue  # resolved from the data by the preflight (train/epochs.py)
         if value is None:
-            raise ConfigError(f"missing required key '{key}'")
+            alternative = " (or train.epochs)" if key == "train.max_steps" else ""
+            raise ConfigError(f"missing required key '{key}'{alternative}")
         if isinstance(value, str) and not value.strip():
             # `run.output_dir=$OUT` with OUT unset: an empty path would mean the current directory
             raise ConfigError(f"required key '{key}' is empty (an unset shell variable?)")
@@ -84,7 +99,7 @@ def _check_model(cfg: Config) -> None:
 def _check_train(cfg: Config) -> None:
     t = cfg.train
     positive = {
-        "train.max_steps": t.max_steps,
+        **({"train.max_steps": t.max_steps} if t.max_steps is not None else {}),
         "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size,
         "train.log_every": t.log_every,
@@ -187,12 +202,7 @@ def _check_profile(cfg: Config) -> None:
             f"profile.start_step={p.start_step} leaves no room for profile.warmup_steps={p.warmup_steps} "
             f"before it: set start_step ≥ {p.warmup_steps + 1}"
         )
-    last = p.start_step + p.steps - 1
-    if last >= cfg.train.max_steps:
-        raise ConfigError(
-            f"profile window steps {p.start_step}-{last} must end before train.max_steps={cfg.train.max_steps} "
-            "(the last step's ProfilerStep annotation would hold the final evaluation and checkpoint)"
-        )
+    check_profile_window(cfg)
     ranks = p.ranks
     if not (
         ranks == "all"
@@ -292,3 +302,16 @@ def _file_list(value, key: str) -> list[str]:
     if not all(isinstance(v, str) and v.strip() for v in items):
         raise ConfigError(f"{key} must be a path or a list of paths, got {value!r}")
     return items
+
+
+def check_profile_window(cfg: Config) -> None:
+    """The profile window ends before train.max_steps (unknown until train.epochs is resolved)."""
+    p = cfg.profile
+    if not p.start_step or cfg.train.max_steps is None:
+        return
+    last = p.start_step + p.steps - 1
+    if last >= cfg.train.max_steps:
+        raise ConfigError(
+            f"profile window steps {p.start_step}-{last} must end before train.max_steps={cfg.train.max_steps} "
+            "(the last step's ProfilerStep annotation would hold the final evaluation and checkpoint)"
+        )

@@ -31,6 +31,7 @@ from ds_train.finetune.records import SplitSpec, check_examples, file_list, spli
 from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import check_positions, load_tokenizer
 from ds_train.objectives.masked_lm import require_mask_token
+from ds_train.train.epochs import resolve_epochs
 from ds_train.train.output_dir import check_output_dir
 from ds_train.train.session import check_startup
 
@@ -138,8 +139,23 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     pre = FinetunePreflight(
         launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
     )
+    if cfg.train.epochs is not None:
+        resolve_epochs(cfg, _train_rows(cfg, pre), "the train split")
     pre.resume_from = _resume_point(cfg, pre, tok_sha)
     return pre
+
+
+def _train_rows(cfg: Config, pre: FinetunePreflight) -> int:
+    """Rows of one pass over the training data: the SFT shard sets' rows, or the tokenized train
+    split's (read from the run directory when built from the same inputs, else tokenized here in
+    memory: every rank does it once, at the first start)."""
+    if pre.shard_sets is not None:
+        return sum(s.num_rows for s in pre.shard_sets["train"])
+    stats = split_stats(
+        cfg.run.output_dir, "train", cfg.finetune, pre.specs["train"], pre.tokenizer, pre.chat,
+        pre.class_names, pre.data_fingerprint,
+    )  # fmt: skip
+    return int(stats["rows"])
 
 
 def check(cfg: Config, *, world_size: int | None = None) -> FinetunePreflight:

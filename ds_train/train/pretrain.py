@@ -67,6 +67,7 @@ from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler, window_notes
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
+from ds_train.train.epochs import resolve_epochs
 from ds_train.train.hf_export import PeriodicHfExport, export_final
 from ds_train.train.output_dir import check_output_dir
 from ds_train.train.session import TrainingParts, build_trainer, check_startup, run_on_this_rank
@@ -99,6 +100,14 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     check_output_dir(run_dir)
     if needs_train_data:
         _check_local_sources(cfg.data.train, "data.train")
+        if cfg.train.epochs is not None:  # one pass: the training sets' rows together
+            from ds_train.data.loader import load_shard_sets
+
+            try:
+                rows = sum(s.num_rows for s in load_shard_sets(cfg.data.train))
+            except DataError as e:
+                raise ConfigError(f"data.train: {e}") from None
+            resolve_epochs(cfg, rows, "data.train")
     if cfg.data.valid:
         _check_local_sources(cfg.data.valid, "data.valid")
     _warn_on_launcher_zero_settings(cfg)

@@ -37,6 +37,7 @@ from ds_train.model.build import attention_problem
 from ds_train.model.flops import count_params, device_peak_flops, flops_per_token
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
+from ds_train.train.epochs import steps_line
 from ds_train.train.run_lock import RunDirLock
 from ds_train.train.schedule import lr_multiplier
 from ds_train.train.trainer import Trainer, TrainerSettings
@@ -185,7 +186,7 @@ def build_trainer(
     if ctx.is_main:
         log.info(
             "ds_train %s | %s launch, %d rank(s) | %s params (%s non-embedding) | ZeRO-%d%s %s | "
-            "global batch %d = %d micro × %d accum × %d ranks | seq_len %d | %s",
+            "global batch %d = %d micro × %d accum × %d ranks | seq_len %d | %s | %s",
             __version__,
             pre.launch.launcher,
             ctx.world_size,
@@ -199,6 +200,7 @@ def build_trainer(
             pre.layout.grad_accum,
             ctx.world_size,
             parts.seq_len,
+            steps_line(cfg),
             f"resuming at step {start_step}" if start_step else "fresh start",
         )
 

@@ -238,3 +238,20 @@ def test_check_tokenizes_json_lines_and_refuses_a_split_left_empty(tmp_path, hf_
         check(from_dict(raw))
     out = run_cli(["finetune", write_config(tmp_path / "bad.yaml", raw), "--check"], check=False)
     assert out.returncode == 2 and "no usable example" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("task", ["classification", "sft"])
+def test_epochs_count_the_tokenized_train_rows(tmp_path, hf_dir, task):
+    """train.epochs for a JSON-lines fine-tune: one pass is the tokenized train split's rows
+    (one per example for classification; packed rows for SFT), counted by the preflight."""
+    from ds_train.finetune.preflight import check
+
+    raw = _config(tmp_path, hf_dir, task=task)
+    del raw["train"]["max_steps"]
+    raw["train"]["epochs"] = 3
+    cfg = from_dict(raw)
+    pre = check(cfg)
+    rows = pre.split_stats["train"]["rows"]
+    assert rows == (8 if task == "classification" else rows) and rows >= 1
+    assert cfg.train.max_steps == -(-3 * rows // 4)
+    assert not (tmp_path / "run").exists()  # counted in memory: the preflight writes nothing

@@ -1,0 +1,48 @@
+"""`train.epochs`: a run length in passes over the training data, turned into `train.max_steps`.
+
+Fine-tuning recipes are written in epochs (the transformers Trainer's num_train_epochs); the loop,
+the schedule, checkpoints and resume all count optimizer steps. The preflight resolves one into
+the other, once, before anything reads `train.max_steps`:
+
+    max_steps = ceil(epochs × rows / global_batch_size)
+
+`rows` is what one pass reads: the training shard sets' rows together (pretraining, SFT shards), or
+the tokenized train split's rows (finetune.train_file: examples, or packed rows). The last step may
+run into the next pass by up to a global batch (rows wrap into the next epoch, as in any step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from ds_train.config import Config
+
+log = logging.getLogger(__name__)
+
+
+def resolve_epochs(cfg: Config, rows: int, what: str) -> None:
+    """Set `cfg.train.max_steps` from `cfg.train.epochs` (no-op without it); `what` names the data
+    counted, for the log line. Re-runs the checks of train.max_steps that validate() skipped."""
+    t = cfg.train
+    if t.epochs is None:
+        return
+    t.max_steps = max(1, math.ceil(t.epochs * rows / t.global_batch_size))
+    t.from_epochs = True  # not a field: validate() must not read it as the user setting both
+    log.info(
+        "train.epochs=%g: %d rows of %s a pass, %d rows a step → train.max_steps=%d",
+        t.epochs,
+        rows,
+        what,
+        t.global_batch_size,
+        t.max_steps,
+    )
+    from ds_train.config.validate import check_profile_window
+
+    check_profile_window(cfg)
+
+
+def steps_line(cfg: Config) -> str:
+    """The run length for `--check`: `max_steps 30` or `max_steps 30 (train.epochs=2)`."""
+    t = cfg.train
+    return f"max_steps {t.max_steps}" + (f" (train.epochs={t.epochs:g})" if t.epochs is not None else "")
