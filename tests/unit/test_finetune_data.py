@@ -147,6 +147,12 @@ def _prepared(tmp_path, tokenizer, n=23):
         valid_file=_jsonl(tmp_path / "v.jsonl", _texts(11)),
         seq_len=16,
     )
+    names, splits = _build(tmp_path, section, tokenizer)
+    return section, names, splits
+
+
+def _build(tmp_path, section, tokenizer):
+    """(class names, tokenized splits) of `section`, built into tmp_path/run as a start would."""
     specs = split_specs(section)
     names = check_examples(section, specs)
     fp = data_fingerprint(section, specs, tokenizer_sha256="t", chat=None, class_names=names)
@@ -160,7 +166,7 @@ def _prepared(tmp_path, tokenizer, n=23):
         fingerprint=fp,
         is_main=True,
     )
-    return section, names, splits
+    return names, splits
 
 
 def test_prepared_split_on_disk_is_reused_and_describes_rows(tmp_path, tokenizer):
@@ -268,18 +274,14 @@ def test_sentence_pairs_encode_as_the_tokenizers_pair(tmp_path):
         text_pair_field="hypothesis",
         seq_len=24,
     )
-    specs = split_specs(section)
-    names = check_examples(section, specs)
-    fp = data_fingerprint(section, specs, tokenizer_sha256="t", chat=None, class_names=names)
+    names, splits = _build(tmp_path, section, bert)
+    train = splits["train"]
     unpaired = FinetuneSection(
         task="classification", train_file=section.train_file, text_field="premise", seq_len=24
     )
-    assert fp != data_fingerprint(
+    assert train.fingerprint != data_fingerprint(
         unpaired, split_specs(unpaired), tokenizer_sha256="t", chat=None, class_names=names
     )
-    train = prepare_splits(
-        tmp_path / "run", section, specs, bert, chat=None, class_names=names, fingerprint=fp, is_main=True
-    )["train"]
     batch = SequenceClassification(names).collate(train.read(np.arange(6)), np.arange(6))
     for i, r in enumerate(rows):
         expected = bert(r["premise"], r["hypothesis"], truncation="longest_first", max_length=24)
@@ -305,19 +307,8 @@ def test_sentence_pairs_need_the_second_field_and_no_segments_for_llama_tokenize
     ):
         check_examples(section, split_specs(section))
     section.train_file = _jsonl(tmp_path / "t.jsonl", _pair_rows(4))
-    specs = split_specs(section)
-    names = check_examples(section, specs)
-    fp = data_fingerprint(section, specs, tokenizer_sha256="t", chat=None, class_names=names)
-    train = prepare_splits(
-        tmp_path / "run",
-        section,
-        specs,
-        tokenizer,
-        chat=None,
-        class_names=names,
-        fingerprint=fp,
-        is_main=True,
-    )["train"]
+    names, splits = _build(tmp_path, section, tokenizer)
+    train = splits["train"]
     batch = SequenceClassification(names).collate(train.read(np.arange(4)), np.arange(4))
     # a tokenizer whose model takes no token_type_ids (the repo's BPE, as Llama's): the pair, no segments
     assert "token_type_ids" not in batch
