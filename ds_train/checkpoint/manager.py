@@ -58,6 +58,7 @@ class CheckpointManager:
         self.root = checkpoints_dir(run_dir)
         self.ctx = ctx
         self.keep_last = keep_last
+        self.keep_step: int | None = None  # a step whose checkpoint pruning spares (train.keep_best)
         # background saves' host copies, kept from one save to the next unless keep_host_memory=False
         self.host_memory = HostMemory(keep=keep_host_memory)
         self.pending: _PendingSave | None = None  # a background save not yet completed
@@ -292,7 +293,8 @@ class CheckpointManager:
     def _prune(self) -> None:
         refs = complete_checkpoints(self.root)
         for ref in refs[: max(0, len(refs) - self.keep_last)]:
-            shutil.rmtree(ref.path, ignore_errors=True)
+            if ref.step != self.keep_step:  # train.keep_best: the best evaluation's checkpoint stays
+                shutil.rmtree(ref.path, ignore_errors=True)
         # A universal copy made to resume on another world size is not needed once this run has
         # written a checkpoint of its own.
         for p in self.root.glob(f"*{UNIVERSAL_SUFFIX}"):

@@ -198,6 +198,22 @@ class TrainSection:
     keep_last: int = doc(
         3, "Complete checkpoints to keep; older ones are deleted after a new one is complete."
     )
+    best_metric: str = doc(
+        "valid_loss",
+        "Evaluation figure that says which evaluation is best (valid_loss, valid_accuracy, "
+        "valid_macro_f1, a valid_loss/<set>...): lower is better for losses and perplexities, higher "
+        "otherwise. Used by keep_best and early_stopping_patience; the best is logged at the end.",
+    )
+    keep_best: bool = doc(
+        False,
+        "Never delete the checkpoint of the best evaluation (when one was saved at that step: make "
+        "eval_every a multiple of save_every), beside the keep_last newest.",
+    )
+    early_stopping_patience: int = doc(
+        0,
+        "Stop after this many evaluations in a row without a better best_metric; the run ends as at "
+        "max_steps (exit 0, final checkpoint and export). 0: never.",
+    )
     save_async: bool = doc(
         False,
         "Periodic saves copy the checkpoint to host memory and write it while training goes on (it becomes "

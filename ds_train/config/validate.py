@@ -119,6 +119,7 @@ def _check_train(cfg: Config) -> None:
         "train.eval_every": t.eval_every,
         "train.gc_every": t.gc_every,
         "train.warmup_steps": t.warmup_steps,
+        "train.early_stopping_patience": t.early_stopping_patience,
         "data.num_workers": cfg.data.num_workers,
         "train.grad_clip": t.grad_clip,
         "train.weight_decay": t.weight_decay,

@@ -31,6 +31,7 @@ from ds_train.finetune.records import SplitSpec, check_examples, file_list, spli
 from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import check_positions, load_tokenizer
 from ds_train.objectives.masked_lm import require_mask_token
+from ds_train.train.best_metric import check_best_settings
 from ds_train.train.epochs import resolve_epochs
 from ds_train.train.output_dir import check_output_dir
 from ds_train.train.session import check_startup
@@ -139,6 +140,8 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
     pre = FinetunePreflight(
         launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
     )
+    has_valid = "valid" in (pre.shard_sets if pre.shard_sets is not None else pre.specs)
+    check_best_settings(cfg, has_validation=has_valid)
     if cfg.train.epochs is not None:
         resolve_epochs(cfg, _train_rows(cfg, pre), "the train split")
     pre.resume_from = _resume_point(cfg, pre, tok_sha)

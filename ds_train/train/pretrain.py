@@ -59,6 +59,7 @@ from ds_train.model.build import (
 )
 from ds_train.objectives import build_objective
 from ds_train.objectives.masked_lm import require_mask_token
+from ds_train.train.best_metric import check_best_settings
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.fault_injection import FaultInjection
 from ds_train.train.callbacks.garbage_collection import SyncedGarbageCollection
@@ -110,6 +111,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             resolve_epochs(cfg, rows, "data.train")
     if cfg.data.valid:
         _check_local_sources(cfg.data.valid, "data.valid")
+    check_best_settings(cfg, has_validation=bool(cfg.data.valid))
     _warn_on_launcher_zero_settings(cfg)
     ref = latest_checkpoint(checkpoints_dir(run_dir))
     if ref is not None and cfg.run.resume == "never":

@@ -173,10 +173,11 @@ def build_trainer(
         cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
     )
     engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lr_lambda)
-    start_step = 0
+    start_step, loaded = 0, {}
     if resume_from is not None:
         configured = optimizer_settings(engine)
-        start_step = checkpoints.load(engine, resume_from)["step"]
+        loaded = checkpoints.load(engine, resume_from)
+        start_step = loaded["step"]
         changed, restored = restore_optimizer_settings(engine, configured, lr_lambda)
         if changed and ctx.is_main:
             log.warning("resuming with this config's optimizer settings, not the checkpoint's: %s", changed)
@@ -224,6 +225,7 @@ def build_trainer(
             "seed": cfg.run.seed,
             "ds_train_version": __version__,
             "metrics": trainer.last_record,
+            "best_metric": trainer.best.state(),
             **parts.extra_state,
             **swap_files,
         }
@@ -243,6 +245,9 @@ def build_trainer(
         straggler_ratio=cfg.train.straggler_ratio,
         save_async=cfg.train.save_async,
         save_final=cfg.train.save_final,
+        best_metric=cfg.train.best_metric,
+        keep_best=cfg.train.keep_best,
+        early_stopping_patience=cfg.train.early_stopping_patience,
         seed=cfg.run.seed,
     )
     trainer = Trainer(
@@ -261,6 +266,7 @@ def build_trainer(
         describe_sample=parts.describe_sample,
         eval_set_names=parts.eval_set_names,
         callbacks=callbacks,
+        best_state=loaded.get("best_metric"),
     )
     return trainer
 

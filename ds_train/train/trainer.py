@@ -21,16 +21,17 @@ from typing import Any
 
 import torch
 
-from ds_train.checkpoint.layout import latest_checkpoint
+from ds_train.checkpoint.layout import latest_checkpoint, tag_for_step
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.distributed.deepspeed_config import BatchLayout
-from ds_train.distributed.engine import DistributedContext, all_reduce_max, all_reduce_sum
+from ds_train.distributed.engine import DistributedContext, all_reduce_sum
 from ds_train.distributed.peers import is_collective_failure, lost_contact
 from ds_train.errors import RunFailure
 from ds_train.model.init import module_seed
+from ds_train.train.best_metric import BestMetric
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.evaluation import evaluation_record
-from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
+from ds_train.train.interval_record import interval_record
 from ds_train.train.nonfinite import NonFiniteLosses
 from ds_train.train.process_clock import process_age_s
 from ds_train.train.stragglers import StragglerWatch
@@ -57,6 +58,9 @@ class TrainerSettings:
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
     save_final: bool = True  # a checkpoint at max_steps
+    best_metric: str = "valid_loss"  # which evaluation is best (best_metric.py)
+    keep_best: bool = False  # never prune the best evaluation's checkpoint
+    early_stopping_patience: int = 0  # evaluations without a better best_metric before stopping (0: never)
     seed: int = 0  # run.seed: with the step and rank, it seeds each step's dropout (`step_seed`)
 
 
@@ -83,11 +87,16 @@ class Trainer:
         describe_sample: Callable[[int, int, int], str] | None = None,
         eval_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
+        best_state: dict | None = None,
     ):
         self.s = settings
         self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
         self.train_batches = train_batches
         self.eval_batches, self.eval_set_names = eval_batches, eval_set_names
+        self.best = BestMetric.from_state(settings.best_metric, best_state)  # resumed with the run
+        self._last_eval_step: int | None = None
+        if settings.keep_best:
+            checkpoints.keep_step = self.best.best_step
         self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
         self.write_extras = write_extras
         self.nonfinite = NonFiniteLosses(
@@ -156,7 +165,15 @@ class Trainer:
         waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
         # evaluation and checkpoint time since the last log line: paused out of the interval's clock
         side = {"eval_s": 0.0, "save_s": 0.0}
-        while self.step < self.s.max_steps:
+        stopped_early = self.step > 0 and self.best.exhausted(self.s.early_stopping_patience)
+        if stopped_early and self.ctx.is_main:  # a restart of a run that stopped early
+            log.info(
+                "this run stopped early at step %d (train.early_stopping_patience=%d): nothing to train; "
+                "raise the patience, or set it to 0, to train on",
+                self.step,
+                self.s.early_stopping_patience,
+            )
+        while not stopped_early and self.step < self.s.max_steps:
             if self._startup_s is None:  # imports, process group, model, checkpoint, engine, data plan
                 self._startup_s = time.monotonic() - self._process_start
             self._emit("on_step_start")
@@ -201,12 +218,27 @@ class Trainer:
                     self.save(background=self.s.save_async)
                 side["eval_s"] += t1 - t0
                 side["save_s"] += time.perf_counter() - t1
-        self.evaluate()
+                if self.best.exhausted(self.s.early_stopping_patience):  # every rank: the same record
+                    if pending:
+                        self._log(pending, interval_start, waited, side)
+                    self._say_early_stop()
+                    break
+        if self._last_eval_step != self.step:
+            self.evaluate()
         self._finish_save()
         if self.s.save_final and self.last_saved_step != self.step:
             self.save()
+        self._say_best()
         self._emit("on_train_end")
         return 0
+
+    def _say_early_stop(self) -> None:
+        if self.ctx.is_main:
+            log.info(self.best.stop_message(self.step))
+
+    def _say_best(self) -> None:
+        if self.ctx.is_main and self.best.best is not None:
+            log.info(self.best.summary(self.checkpoints.root / tag_for_step(self.best.best_step)))
 
     def _stop_for_requeue(self) -> int:
         self._finish_save()
@@ -273,6 +305,9 @@ class Trainer:
         self.engine.train()
         self._activity = None
         record = {"step": self.step, **record}
+        self._last_eval_step = self.step
+        if self.best.update(record, self.step) and self.s.keep_best:
+            self.checkpoints.keep_step = self.step  # pruning spares it (if this step gets saved)
         if self.ctx.is_main:
             self._emit("on_eval", record)
         return record
@@ -322,72 +357,10 @@ class Trainer:
         return flags[0], stop
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
-        elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
-        stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
-        # one sum for the interval's losses and the skipped-sample count, one max for the wait
-        skipped = torch.tensor([float(self.skipped_samples)], device=stacked.device)
-        sums = all_reduce_sum(torch.cat([stacked[:, 0], skipped]).double())
-        losses, skipped_samples = sums[:-1], int(sums[-1])
-        # Maxima over ranks. The slowest rank's loader wait: every rank waits for it at the next
-        # collective, so its stall is the job's (a rank on a slow disk shows, not only rank 0's).
-        # Memory: the fullest rank is the one that runs out.
-        memory = {**device_memory(self.ctx.device), "host_peak_rss_gib": host_peak_rss_gib()}
-        maxima = all_reduce_max(
-            torch.tensor([waited, *memory.values()], dtype=torch.float64, device=self.ctx.device)
-        ).tolist()
-        # Clamped to this rank's interval: a rank's loader time overlapping rank 0's logging
-        # (paused out of rank 0's clock) must not read as more than the whole step.
-        slowest_wait, memory = min(maxima[0], elapsed), dict(zip(memory, maxima[1:], strict=True))
-        if "alloc_retries" in memory:
-            memory["alloc_retries"] = int(memory["alloc_retries"])
-        loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
-        steps = len(pending)
-        tokens_step = self.layout.global_batch_size * self.s.seq_len
-        tps = steps * tokens_step / max(elapsed, 1e-9)
-        grad_norm = self.engine.get_global_grad_norm()
-        record = {
-            "step": self.step,
-            "loss": loss,
-            "lr": self._step_lr,  # the rate the interval's last step trained with
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens": self.step * tokens_step,
-            "samples": self.step * self.layout.global_batch_size,
-            "tokens_per_s": tps,
-            "tokens_per_s_per_device": tps / self.ctx.world_size,
-            "step_time_s": elapsed / steps,
-            "data_wait_s": slowest_wait / steps,
-            "data_wait_frac": slowest_wait / max(elapsed, 1e-9),
-            "mfu": None,
-            "world_size": self.ctx.world_size,
-            "nonfinite_steps": self.nonfinite.steps,
-            "skipped_samples": skipped_samples,
-            **memory,
-            # which rank is slowest (ds_train/train/stragglers.py; a collective, so before any rank-0-only work)
-            **self.stragglers.interval(steps, self.step - steps + 1, self.step, waited),
-            # time accounting (rank 0's clock; ds_train/report/goodput.py): the interval's steps,
-            # evaluation and saves since the previous log line, and this process's wall time so far
-            "interval_steps": steps,
-            **side,
-            "elapsed_s": time.monotonic() - self._process_start,
-        }
-        if not self.last_record:  # this process's first log line
-            record["startup_s"] = self._startup_s
-        if self.s.flops_per_token and self.s.peak_flops:
-            record["mfu"] = self.s.flops_per_token * tps / (self.s.peak_flops * self.ctx.world_size)
-        record.update(self.extra_metrics())
+        record = interval_record(self, pending, interval_start, waited, side)
         self.last_record = record
         if self.ctx.is_main:
             self._emit("on_log", record)
-
-    def extra_metrics(self) -> dict:
-        """Job identity for operators (Slurm job id and requeue count when under Slurm)."""
-        import os
-
-        out = {}
-        if "SLURM_JOB_ID" in os.environ:
-            out["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-            out["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
-        return out
 
     def _to_device(self, batch: dict) -> dict:
         return {

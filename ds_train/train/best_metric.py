@@ -1,0 +1,105 @@
+"""Which evaluation was best, for early stopping and for keeping that checkpoint.
+
+`train.best_metric` names a figure of the evaluation record (`valid_loss`, `valid_accuracy`,
+`valid_macro_f1`, a `valid_loss/<set>`...); losses and perplexities are better lower, anything
+else higher. Every rank holds one of these and updates it with the same all-reduced record, so
+every rank reaches the same decision without another collective. Its state rides in each
+checkpoint's ds_train_state.json, so a resumed run keeps counting where the interrupted one was
+(the transformers Trainer keeps the same in trainer_state.json).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def lower_is_better(metric: str) -> bool:
+    name = metric.lower()
+    return "loss" in name or "ppl" in name or "perplexity" in name
+
+
+@dataclass
+class BestMetric:
+    metric: str = "valid_loss"
+    best: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0  # evaluations since the best one (0: the last one was the best)
+    missing_warned: bool = False
+
+    def update(self, record: dict, step: int) -> bool:
+        """Take one evaluation record; True when it is the best so far."""
+        value = record.get(self.metric)
+        if not isinstance(value, (int, float)) or math.isnan(value):
+            if not self.missing_warned:
+                log.warning(
+                    "train.best_metric=%s is not in the evaluation record (it has %s): no best "
+                    "checkpoint and no early stopping",
+                    self.metric,
+                    ", ".join(k for k in record if k.startswith("valid_")),
+                )
+                self.missing_warned = True
+            return False
+        better = self.best is None or (
+            value < self.best if lower_is_better(self.metric) else value > self.best
+        )
+        if better:
+            self.best, self.best_step, self.evals_since_best = float(value), step, 0
+        else:
+            self.evals_since_best += 1
+        return better
+
+    def exhausted(self, patience: int) -> bool:
+        """True once `patience` evaluations in a row brought nothing better (patience 0: never)."""
+        return patience > 0 and self.best is not None and self.evals_since_best >= patience
+
+    def stop_message(self, step: int) -> str:
+        return (
+            f"early stopping at step {step}: {self.metric} has not improved for {self.evals_since_best} "
+            f"evaluations (best {self.best:.6g} at step {self.best_step}); ending as at train.max_steps"
+        )
+
+    def summary(self, checkpoint: Path) -> str:
+        """The end-of-run line: the best value, its step, and its checkpoint if it was kept."""
+        where = f"; its checkpoint: {checkpoint}" if checkpoint.is_dir() else ""
+        return f"best {self.metric}: {self.best:.6g} at step {self.best_step}{where}"
+
+    def state(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "missing_warned"}
+
+    @classmethod
+    def from_state(cls, metric: str, state: dict | None) -> BestMetric:
+        """A resumed run's record of its best evaluation; a fresh one if the metric changed."""
+        if not state or state.get("metric") != metric:
+            return cls(metric)
+        return cls(metric, state.get("best"), state.get("best_step"), int(state.get("evals_since_best", 0)))
+
+
+def check_best_settings(cfg, has_validation: bool) -> None:
+    """ConfigError (one line) for best-evaluation settings that could never act."""
+    from ds_train.config import ConfigError
+
+    t = cfg.train
+    wanted = [
+        k
+        for k, on in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best))
+        if on
+    ]
+    if not wanted:
+        return
+    names = " and ".join(f"train.{k}" for k in wanted)
+    if not has_validation:
+        raise ConfigError(
+            f"{names} need validation data (data.valid, or finetune.valid_file / valid_fraction)"
+        )
+    if not t.eval_every:
+        raise ConfigError(f"{names} need evaluations during the run: set train.eval_every")
+    if t.keep_best and (not t.save_every or t.eval_every % t.save_every):
+        raise ConfigError(
+            f"train.keep_best keeps the checkpoint of the best evaluation: make train.eval_every "
+            f"({t.eval_every}) a multiple of train.save_every ({t.save_every}) so every evaluation has one"
+        )

@@ -1,0 +1,87 @@
+"""The record of one log interval (a metrics.jsonl line): losses, throughput, MFU, memory, the
+slowest rank's input stall, stragglers and time accounting, reduced over ranks (collective: every
+rank computes it at the same step; rank 0 emits it)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from ds_train.distributed.engine import all_reduce_max, all_reduce_sum
+from ds_train.train.memory_stats import device_memory, host_peak_rss_gib
+
+if TYPE_CHECKING:
+    from ds_train.train.trainer import Trainer
+
+
+def interval_record(
+    t: Trainer, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict
+) -> dict:
+    """`pending`: the interval's steps, each [this rank's loss sum, global target tokens];
+    `waited`: this rank's seconds in the loader; `side`: evaluation and save seconds, paused out."""
+    elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
+    stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
+    # one sum for the interval's losses and the skipped-sample count, one max for the wait
+    skipped = torch.tensor([float(t.skipped_samples)], device=stacked.device)
+    sums = all_reduce_sum(torch.cat([stacked[:, 0], skipped]).double())
+    losses, skipped_samples = sums[:-1], int(sums[-1])
+    # Maxima over ranks. The slowest rank's loader wait: every rank waits for it at the next
+    # collective, so its stall is the job's (a rank on a slow disk shows, not only rank 0's).
+    # Memory: the fullest rank is the one that runs out.
+    memory = {**device_memory(t.ctx.device), "host_peak_rss_gib": host_peak_rss_gib()}
+    maxima = all_reduce_max(
+        torch.tensor([waited, *memory.values()], dtype=torch.float64, device=t.ctx.device)
+    ).tolist()
+    # Clamped to this rank's interval: a rank's loader time overlapping rank 0's logging
+    # (paused out of rank 0's clock) must not read as more than the whole step.
+    slowest_wait, memory = min(maxima[0], elapsed), dict(zip(memory, maxima[1:], strict=True))
+    if "alloc_retries" in memory:
+        memory["alloc_retries"] = int(memory["alloc_retries"])
+    loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
+    steps = len(pending)
+    tokens_step = t.layout.global_batch_size * t.s.seq_len
+    tps = steps * tokens_step / max(elapsed, 1e-9)
+    grad_norm = t.engine.get_global_grad_norm()
+    record = {
+        "step": t.step,
+        "loss": loss,
+        "lr": t._step_lr,  # the rate the interval's last step trained with
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "tokens": t.step * tokens_step,
+        "samples": t.step * t.layout.global_batch_size,
+        "tokens_per_s": tps,
+        "tokens_per_s_per_device": tps / t.ctx.world_size,
+        "step_time_s": elapsed / steps,
+        "data_wait_s": slowest_wait / steps,
+        "data_wait_frac": slowest_wait / max(elapsed, 1e-9),
+        "mfu": None,
+        "world_size": t.ctx.world_size,
+        "nonfinite_steps": t.nonfinite.steps,
+        "skipped_samples": skipped_samples,
+        **memory,
+        # which rank is slowest (ds_train/train/stragglers.py; a collective, so before any rank-0-only work)
+        **t.stragglers.interval(steps, t.step - steps + 1, t.step, waited),
+        # time accounting (rank 0's clock; ds_train/report/goodput.py): the interval's steps,
+        # evaluation and saves since the previous log line, and this process's wall time so far
+        "interval_steps": steps,
+        **side,
+        "elapsed_s": time.monotonic() - t._process_start,
+    }
+    if not t.last_record:  # this process's first log line
+        record["startup_s"] = t._startup_s
+    if t.s.flops_per_token and t.s.peak_flops:
+        record["mfu"] = t.s.flops_per_token * tps / (t.s.peak_flops * t.ctx.world_size)
+    record.update(job_identity())
+    return record
+
+
+def job_identity() -> dict:
+    """Job identity for operators (Slurm job id and requeue count when under Slurm)."""
+    out = {}
+    if "SLURM_JOB_ID" in os.environ:
+        out["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
+        out["slurm_restart_count"] = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    return out

@@ -1,0 +1,81 @@
+"""train.best_metric / keep_best / early_stopping_patience: which evaluation is best, when to stop,
+and that a run stopped early ends like a finished one with its best checkpoint kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from ds_train.config import ConfigError, load_config
+from ds_train.train.best_metric import BestMetric, lower_is_better
+from tests.helpers import base_config, read_metrics, run_cli, write_config
+
+
+def test_the_direction_follows_the_metric_name():
+    assert (
+        lower_is_better("valid_loss") and lower_is_better("valid_loss/web") and lower_is_better("valid_ppl")
+    )
+    assert not lower_is_better("valid_accuracy") and not lower_is_better("valid_macro_f1")
+
+
+def test_patience_counts_evaluations_since_the_best():
+    best = BestMetric("valid_loss")
+    assert [best.update({"valid_loss": v}, step) for step, v in ((2, 5.0), (4, 4.0), (6, 4.0), (8, 4.5))] == [
+        True, True, False, False,
+    ]  # fmt: skip
+    assert (best.best, best.best_step, best.evals_since_best) == (4.0, 4, 2)  # equal is not better
+    assert best.exhausted(2) and not best.exhausted(3) and not best.exhausted(0)
+    acc = BestMetric("valid_accuracy")
+    acc.update({"valid_accuracy": 0.5}, 1)
+    assert acc.update({"valid_accuracy": 0.7}, 2) and not acc.update({"valid_accuracy": 0.6}, 3)
+    # resumed: the count goes on; another metric starts afresh
+    again = BestMetric.from_state("valid_loss", best.state())
+    assert (again.best, again.best_step, again.evals_since_best) == (4.0, 4, 2)
+    assert BestMetric.from_state("valid_accuracy", best.state()).best is None
+
+
+def test_a_missing_metric_never_stops_the_run(caplog):
+    best = BestMetric("valid_accuracy")
+    for step in range(1, 5):
+        assert not best.update({"valid_loss": 1.0}, step)
+    assert not best.exhausted(1) and caplog.text.count("is not in the evaluation record") == 1
+
+
+@pytest.mark.parametrize(
+    ("train", "valid", "expected"),
+    [
+        ({"early_stopping_patience": 2, "eval_every": 2}, False, "need validation data"),
+        ({"early_stopping_patience": 2}, True, "need evaluations during the run: set train.eval_every"),
+        ({"keep_best": True, "eval_every": 3, "save_every": 2}, True, "make train.eval_every (3) a multiple"),
+    ],
+)
+def test_settings_that_could_never_act_are_refused(tmp_path, shards, train, valid, expected):
+    from ds_train.train import pretrain
+
+    raw = base_config(tmp_path / "run", shards, train=train)
+    if valid:
+        raw["data"]["valid"] = str(shards / "valid")
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        pretrain.check(load_config(write_config(tmp_path / "c.yaml", raw)))
+
+
+@pytest.mark.slow
+def test_early_stopping_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, shards):
+    """valid_tokens never changes: its first evaluation (step 2) stays the best, patience 2 ends
+    the run after the evaluation at step 6 (of 10), and keep_best spares step 2 from keep_last=1."""
+    raw = base_config(
+        tmp_path / "run", shards,
+        train={"max_steps": 10, "eval_every": 2, "save_every": 2, "keep_last": 1, "keep_best": True,
+               "early_stopping_patience": 2, "best_metric": "valid_tokens"},
+    )  # fmt: skip
+    raw["data"]["valid"] = str(shards / "valid")
+    proc = run_cli(["pretrain", write_config(tmp_path / "c.yaml", raw)])
+    metrics = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in metrics if "valid_loss" in r] == [2, 4, 6]
+    assert max(r["step"] for r in metrics if "loss" in r) == 6
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert kept == ["step_00000002", "step_00000006"]
+    assert "early stopping at step 6: valid_tokens has not improved for 2 evaluations" in proc.stderr
+    assert "best valid_tokens" in proc.stderr and "at step 2; its checkpoint" in proc.stderr
+    again = run_cli(["pretrain", tmp_path / "c.yaml"])  # the same command: it stopped, it stays stopped
+    assert "this run stopped early at step 6" in again.stderr
+    assert max(r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r) == 6
