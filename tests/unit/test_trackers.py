@@ -3,7 +3,6 @@ is not installed here: a stand-in module records what ds_train asks of it)."""
 
 from __future__ import annotations
 
-import itertools
 import sys
 import types
 
@@ -16,9 +15,9 @@ from ds_train.train.callbacks.trackers import WandB, wandb_callback
 def wandb_inits(monkeypatch):
     """Each `wandb.init` call's keyword arguments."""
     calls: list[dict] = []
-    ids = itertools.count()
     fake = types.ModuleType("wandb")
-    fake.util = types.SimpleNamespace(generate_id=lambda: f"id{next(ids)}")
+    # no wandb.util.generate_id: current wandb releases dropped it, and a run id drawn with it
+    # made W&B fail to start (a warning, then nothing tracked)
     fake.init = lambda **kw: calls.append(kw) or types.SimpleNamespace(**kw)
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -40,6 +39,7 @@ def test_each_run_directory_keeps_one_wandb_run_across_attempts(tmp_path, wandb_
         wandb_callback("pretrain", "p", {}, d)
     ids = [kw["id"] for kw in wandb_inits]
     assert ids[0] != ids[1] and ids[2] == ids[0]
+    assert all(len(i) == 8 and i.isalnum() and i == i.lower() for i in ids)  # W&B's id format
     assert all(kw["resume"] == "allow" for kw in wandb_inits)
 
 
@@ -50,3 +50,37 @@ def test_wandb_failing_to_start_does_not_stop_the_run(tmp_path, wandb_inits, mon
     monkeypatch.setattr(sys.modules["wandb"], "init", refuse)
     assert wandb_callback("r", None, {}, tmp_path) is None
     assert "Weights & Biases disabled: no credentials" in caplog.text
+
+
+def test_tensorboard_purges_what_an_interrupted_attempt_wrote_after_the_checkpoint(tmp_path):
+    """A resumed attempt re-logs steps the interrupted one logged after its checkpoint: it opens
+    its event file with TensorBoard's purge marker (a SessionLog START at the first step it logs),
+    so readers drop the earlier attempt's points from there on instead of folding the curves back."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    from ds_train.train.callbacks.trackers import TensorBoard
+
+    def attempt(start, steps, loss):
+        tb = TensorBoard(tmp_path)
+        tb.on_train_start(types.SimpleNamespace(step=start))
+        for step in steps:
+            tb.on_log(None, {"step": step, "loss": loss})
+        tb.on_train_end(None)
+
+    attempt(0, range(1, 16), 1.0)  # killed after step 15, its checkpoint at step 10
+    time.sleep(1.1)  # event files are named by the second they were opened
+    attempt(10, range(11, 21), 2.0)
+    first, resumed = sorted((tmp_path / "tensorboard").iterdir())
+    markers = [
+        e.step for e in EventFileLoader(str(resumed)).Load() if e.session_log.status == SessionLog.START
+    ]
+    assert markers == [11] and not [
+        e for e in EventFileLoader(str(first)).Load() if e.HasField("session_log")
+    ]
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == list(range(1, 21))  # each step once
+    assert [e.value for e in events if e.step > 10] == [2.0] * 10  # the resumed attempt's

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import string
 from pathlib import Path
 
 from ds_train.train.callbacks.base import Callback
@@ -25,10 +27,20 @@ def _scalars(record: dict) -> dict[str, float]:
 
 
 class TensorBoard(Callback):
+    """Writer opened at the start, knowing the step: a resumed attempt purges the events an
+    interrupted one wrote after the checkpoint (`purge_step`), so curves do not fold back over the
+    steps trained twice (metrics.jsonl keeps both; `ds-train report` lets the later one win)."""
+
     def __init__(self, run_dir: str | Path):
+        self.log_dir = Path(run_dir) / "tensorboard"
+        self.writer = None
+
+    def on_train_start(self, trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.writer = SummaryWriter(
+            log_dir=str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None
+        )
 
     def on_log(self, trainer, record: dict) -> None:
         for k, v in _scalars(record).items():
@@ -39,10 +51,12 @@ class TensorBoard(Callback):
             self.writer.add_scalar(f"valid/{k.removeprefix('valid_')}", v, global_step=record["step"])
 
     def on_train_end(self, trainer) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def on_train_error(self, trainer, error: BaseException) -> None:
-        self.writer.close()  # flushes the events up to the failure
+        if self.writer is not None:
+            self.writer.close()  # flushes the events up to the failure
 
 
 class WandB(Callback):
@@ -78,7 +92,7 @@ def wandb_callback(run_name: str, project: str | None, config: dict, run_dir: st
 
         id_file = Path(run_dir) / WANDB_ID_FILE
         if not id_file.is_file():
-            id_file.write_text(wandb.util.generate_id() + "\n")
+            id_file.write_text(new_run_id() + "\n")
         run = wandb.init(
             project=project or "ds_train",
             name=run_name,
@@ -92,3 +106,11 @@ def wandb_callback(run_name: str, project: str | None, config: dict, run_dir: st
         log.warning("Weights & Biases disabled: %s", e)
         return None
     return WandB(run)
+
+
+def new_run_id() -> str:
+    """A W&B run id: 8 characters of [a-z0-9], W&B's own format. Drawn here, not with
+    `wandb.util.generate_id`, which current wandb releases no longer have (W&B then failed to
+    start, with only a warning, and every run went untracked)."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
