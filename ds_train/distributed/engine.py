@@ -214,10 +214,12 @@ def build_engine(
 def _keep_stage0_grad_norm(engine: Any) -> None:
     """Without ZeRO (stage 0, fp32), DeepSpeed clips the gradients with its clip_grad_norm_ and drops
     the norm it returns, so get_global_grad_norm() stays None and metrics.jsonl had no grad_norm at
-    stage 0 (the ZeRO optimizers keep theirs). The same call, keeping the norm."""
+    stage 0 (the ZeRO optimizers keep theirs). The same call, keeping the norm; and with no clipping
+    (train.grad_clip=0), where DeepSpeed computes no norm at all, the norm alone, so a grad_clip
+    sweep's unclipped arm logs it too (sweep audit)."""
     if engine.zero_optimization() or not hasattr(engine, "clip_fp32_gradients"):
         return
-    from deepspeed.runtime.utils import clip_grad_norm_
+    from deepspeed.runtime.utils import clip_grad_norm_, get_global_norm_of_tensors
 
     def clip_fp32_gradients() -> None:
         engine._global_grad_norm = clip_grad_norm_(
@@ -225,6 +227,17 @@ def _keep_stage0_grad_norm(engine: Any) -> None:
         )
 
     engine.clip_fp32_gradients = clip_fp32_gradients
+    if engine.fp16_enabled() or engine.bfloat16_enabled():
+        return  # their optimizers keep a norm of their own
+    take_model_step = engine._take_model_step
+
+    def take_model_step_keeping_the_norm(*args, **kwargs):
+        if engine.gradient_clipping() <= 0.0:
+            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+            engine._global_grad_norm = get_global_norm_of_tensors(grads, mpu=engine.mpu) if grads else None
+        return take_model_step(*args, **kwargs)
+
+    engine._take_model_step = take_model_step_keeping_the_norm
 
 
 def quiet_deepspeed() -> None:

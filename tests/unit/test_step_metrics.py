@@ -108,3 +108,20 @@ def test_cuda_peaks_are_read_per_interval_and_retries_are_shown(monkeypatch):
     assert "alloc retries" not in format_record(
         {"loss": 1.0, "lr": 1e-3, "tokens_per_s": 10.0, **mem, "alloc_retries": 0}
     )
+
+
+@pytest.mark.slow
+def test_zero0_without_clipping_logs_the_gradient_norm(tmp_path, shards):
+    """DeepSpeed computes no norm at stage 0 unless it clips: a grad_clip sweep's unclipped arm
+    logged grad_norm null (sweep audit). Unclipped, it equals the norm a run that clips (at a bound
+    never reached) logs."""
+    from tests.helpers import base_config, read_metrics, run_cli, write_config
+
+    norms = {}
+    for clip in (0.0, 1e9):
+        run = tmp_path / f"clip{clip:g}"
+        cfg = base_config(run, shards, train={"max_steps": 2, "grad_clip": clip}, zero={"stage": 0})
+        run_cli(["pretrain", write_config(tmp_path / f"c{clip:g}.yaml", cfg)])
+        norms[clip] = [r["grad_norm"] for r in read_metrics(run) if "loss" in r]
+    assert all(n is not None and n > 0 for n in norms[0.0])
+    assert norms[0.0] == pytest.approx(norms[1e9], rel=1e-5)
