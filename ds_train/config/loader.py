@@ -20,6 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from ds_train.config.aliases import alias_of
 from ds_train.config.schema import SECTIONS, Config
 
 # Fields holding local paths: resolved to absolute paths at load time so the resolved config
@@ -129,10 +130,7 @@ def _apply_override(raw: dict, item: str) -> None:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ConfigError(f"override '{item}': the key must be dotted, like train.max_steps")
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
+    value = _override_value(parts, text)
     node = raw
     for part in parts[:-1]:
         nxt = node.get(part)
@@ -142,6 +140,29 @@ def _apply_override(raw: dict, item: str) -> None:
             raise ConfigError(f"override '{item}': '{part}' is not a section")
         node = nxt
     node[parts[-1]] = value
+
+
+def _override_value(parts: list[str], text: str) -> Any:
+    """The value of `key=text`: YAML, except for a text setting, which takes the text as written:
+    YAML made `run.name=2024` a number (refused: expected a string) and cut `run.name=a #3` at its
+    comment (sweep audit). Quotes and null still read as YAML does."""
+    stripped = text.strip()
+    quoted = len(stripped) > 1 and stripped[0] == stripped[-1] and stripped[0] in "\"'"
+    if _is_text_setting(parts) and not quoted:
+        return None if stripped in ("null", "Null", "NULL", "~") else stripped
+    try:
+        return yaml.safe_load(text) if stripped else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _is_text_setting(parts: list[str]) -> bool:
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        return False
+    tp = typing.get_type_hints(SECTIONS[parts[0]]).get(parts[1])
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        return set(get_args(tp)) == {str, type(None)}
+    return tp is str
 
 
 def _resolve_zero_preset(raw: dict) -> None:
@@ -296,7 +317,12 @@ def _suggest(word: str, options: list[str]) -> str:
 
 
 def _suggest_key(section: str, key: str, names: list[str]) -> str:
-    """Nearest key in the same section, or the same key living in another section."""
+    """Another stack's name for a setting, the same key living in another section, or the
+    nearest key in the same section."""
+    alias = alias_of(key)
+    if alias is not None:
+        target, _, note = alias.partition(" ")
+        return f" (did you mean '{target}'{' ' + note if note else ''}?)"
     elsewhere = [
         f"{s}.{key}"
         for s, cls in SECTIONS.items()

@@ -44,5 +44,12 @@ def resolve_epochs(cfg: Config, rows: int, what: str) -> None:
 
 def steps_line(cfg: Config) -> str:
     """The run length for `--check`: `max_steps 30` or `max_steps 30 (train.epochs=2)`."""
+    from ds_train.train.schedule import warmup_note
+
     t = cfg.train
-    return f"max_steps {t.max_steps}" + (f" (train.epochs={t.epochs:g})" if t.epochs is not None else "")
+    note = warmup_note(t)
+    return (
+        f"max_steps {t.max_steps}"
+        + (f" (train.epochs={t.epochs:g})" if t.epochs is not None else "")
+        + (f"; warning: {note}" if note else "")
+    )

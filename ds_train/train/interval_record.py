@@ -50,8 +50,10 @@ def interval_record(
         "loss": loss,
         "lr": t._step_lr,  # the rate the interval's last step trained with
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "tokens": t.step * tokens_step,
-        "samples": t.step * t.layout.global_batch_size,
+        # trained so far, this run's batch size since the resume and the checkpoint's count before
+        # it (after run.force_resume with another global_batch_size, step × batch is not that)
+        "tokens": t.samples_trained() * t.s.seq_len,
+        "samples": t.samples_trained(),
         "tokens_per_s": tps,
         "tokens_per_s_per_device": tps / t.ctx.world_size,
         "step_time_s": elapsed / steps,

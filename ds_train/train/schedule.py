@@ -29,3 +29,47 @@ def lr_multiplier(
         return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
     return multiplier
+
+
+SCHEDULE_KEYS = ("schedule", "warmup_steps", "max_steps", "min_lr_ratio")
+
+
+def schedule_settings(train) -> dict:
+    """What decides the learning rate at each step (train section), as saved in each checkpoint."""
+    return {"lr": train.lr, **{k: getattr(train, k) for k in SCHEDULE_KEYS}}
+
+
+def schedule_change_note(saved: dict | None, train, step: int) -> str | None:
+    """A warning when a resume changes the schedule: it is recomputed over the new settings from the
+    resumed step, so the learning rate jumps (raising max_steps after a cosine run ended took it from
+    1.1e-4 to 4.1e-4 in one step, silently: sweep audit). None when nothing changed (or the
+    checkpoint predates the record)."""
+    if not saved:
+        return None
+    changes = [
+        f"train.{k} {saved.get(k)} → {getattr(train, k)}"
+        for k in SCHEDULE_KEYS
+        if saved.get(k) != getattr(train, k)
+    ]
+    if not changes:
+        return None
+    before = saved["lr"] * lr_multiplier(*(saved[k] for k in SCHEDULE_KEYS))(step)
+    after = train.lr * lr_multiplier(*(getattr(train, k) for k in SCHEDULE_KEYS))(step)
+    return (
+        f"the learning-rate schedule changed since the checkpoint ({'; '.join(changes)}): it is recomputed "
+        f"over the new settings, so step {step + 1} trains at lr {after:.3g} where the checkpoint's schedule "
+        f"gave {before:.3g}"
+    )
+
+
+def warmup_note(train) -> str | None:
+    """A warning when the warmup spans the whole run: the schedule never decays, and a warmup
+    longer than the run never reaches train.lr (accepted silently before: sweep audit)."""
+    if train.max_steps is None or not train.warmup_steps or train.warmup_steps < train.max_steps:
+        return None
+    peak = min(1.0, train.max_steps / train.warmup_steps)
+    return (
+        f"train.warmup_steps={train.warmup_steps} spans the whole run (train.max_steps={train.max_steps}): "
+        f"the {train.schedule} schedule never decays"
+        + (f", and the learning rate peaks at {peak:.2g} × train.lr" if peak < 1 else "")
+    )

@@ -39,7 +39,7 @@ from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.epochs import steps_line
 from ds_train.train.run_lock import RunDirLock
-from ds_train.train.schedule import lr_multiplier
+from ds_train.train.schedule import lr_multiplier, schedule_change_note, schedule_settings
 from ds_train.train.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,9 @@ def build_trainer(
         changed, restored = restore_optimizer_settings(engine, configured, lr_lambda)
         if changed and ctx.is_main:
             log.warning("resuming with this config's optimizer settings, not the checkpoint's: %s", changed)
+        note = schedule_change_note(loaded.get("schedule"), cfg.train, start_step)
+        if note and ctx.is_main:
+            log.warning(note)
         if restored and ctx.is_main:
             log.info("put back what the checkpoint's loading had changed: %s", restored)
     precision = resolve_precision(cfg.train.precision)
@@ -225,7 +228,10 @@ def build_trainer(
             "seed": cfg.run.seed,
             "ds_train_version": __version__,
             "metrics": trainer.last_record,
+            "trained_samples": trainer.samples_trained(step),
+            "schedule": schedule_settings(cfg.train),
             "best_metric": trainer.best.state(),
+            "evaluated_step": trainer.evaluated_step,
             **parts.extra_state,
             **swap_files,
         }
@@ -267,6 +273,9 @@ def build_trainer(
         eval_set_names=parts.eval_set_names,
         callbacks=callbacks,
         best_state=loaded.get("best_metric"),
+        # before 2026-12-07 only the stream position was saved: the same count unless forced
+        start_samples=loaded.get("trained_samples", loaded.get("consumed_samples")) if loaded else None,
+        evaluated_step=loaded.get("evaluated_step") if loaded else None,
     )
     return trainer
 

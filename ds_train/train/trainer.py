@@ -88,13 +88,17 @@ class Trainer:
         eval_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
         best_state: dict | None = None,
+        start_samples: int | None = None,
+        evaluated_step: int | None = None,
     ):
         self.s = settings
         self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
         self.train_batches = train_batches
         self.eval_batches, self.eval_set_names = eval_batches, eval_set_names
         self.best = BestMetric.from_state(settings.best_metric, best_state)  # resumed with the run
-        self._last_eval_step: int | None = None
+        # the checkpoint's last evaluation: a restart of a finished run (its final checkpoint is
+        # written after the final evaluation) evaluates again only if that one was lost
+        self.evaluated_step: int | None = evaluated_step  # the step of the last evaluation
         if settings.keep_best:
             checkpoints.keep_step = self.best.best_step
         self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
@@ -108,7 +112,9 @@ class Trainer:
             checkpoints.root,
         )
         self.callbacks = callbacks or []
-        self.step = start_step
+        self.step = self.start_step = start_step
+        # samples trained before start_step (the checkpoint's count: batches may have differed)
+        self.start_samples = start_step * layout.global_batch_size if start_samples is None else start_samples
         self.last_saved_step = start_step if start_step else -1
         self.stop_reason: str | None = None
         self.last_record: dict = {}
@@ -223,7 +229,7 @@ class Trainer:
                         self._log(pending, interval_start, waited, side)
                     self._say_early_stop()
                     break
-        if self._last_eval_step != self.step:
+        if self.evaluated_step != self.step:
             self.evaluate()
         self._finish_save()
         if self.s.save_final and self.last_saved_step != self.step:
@@ -231,6 +237,11 @@ class Trainer:
         self._say_best()
         self._emit("on_train_end")
         return 0
+
+    def samples_trained(self, step: int | None = None) -> int:
+        """Samples trained up to `step` (default: now), across resumes with other batch sizes."""
+        step = self.step if step is None else step
+        return self.start_samples + (step - self.start_step) * self.layout.global_batch_size
 
     def _say_early_stop(self) -> None:
         if self.ctx.is_main:
@@ -305,7 +316,7 @@ class Trainer:
         self.engine.train()
         self._activity = None
         record = {"step": self.step, **record}
-        self._last_eval_step = self.step
+        self.evaluated_step = self.step
         if self.best.update(record, self.step) and self.s.keep_best:
             self.checkpoints.keep_step = self.step  # pruning spares it (if this step gets saved)
         if self.ctx.is_main:

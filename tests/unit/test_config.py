@@ -34,6 +34,23 @@ def test_overrides_are_typed_and_win(cfg_file):
     assert cfg.run.tensorboard is True
 
 
+def test_text_settings_take_the_override_as_written(cfg_file):
+    """YAML made `run.name=2024` a number (refused) and cut `#` as a comment (sweep audit)."""
+    cfg = load_config(cfg_file, ["run.name=2024", "run.wandb_project=sweep #3", "finetune.label_field=true"])
+    assert (cfg.run.name, cfg.run.wandb_project, cfg.finetune.label_field) == ("2024", "sweep #3", "true")
+    cfg = load_config(cfg_file, ["run.name=null", "finetune.text_pair_field='0'"])
+    assert cfg.run.name is None and cfg.finetune.text_pair_field == "0"
+    assert load_config(cfg_file, ["train.max_steps=7 # a comment"]).train.max_steps == 7  # other types: YAML
+
+
+def test_every_alias_names_a_setting():
+    from ds_train.config.aliases import ALIASES
+
+    keys = set(all_keys())
+    assert {target.split(" ")[0] for target in ALIASES.values()} <= keys
+    assert not {name for name in ALIASES if name in {k.split(".")[1] for k in keys}}  # none is a real key
+
+
 def test_yaml_float_quirk_accepted(tmp_path, shards):
     raw = base_config(tmp_path / "run", shards)
     raw["train"]["lr"] = "3e-4"  # what PyYAML gives for `lr: 3e-4`
@@ -51,6 +68,15 @@ def test_yaml_float_quirk_accepted(tmp_path, shards):
         ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
         ("train.precision=bf61", "train.precision: 'bf61' is not one of"),
         ("run.tensorboard=maybe", "run.tensorboard: expected true or false"),
+        # other stacks' names (sweep audit): spelling distance finds none of these
+        ("train.learning_rate=1", "'train.learning_rate' (did you mean 'train.lr'?)"),
+        ("train.eval_interval=5", "(did you mean 'train.eval_every'?)"),
+        ("train.num_train_epochs=2", "(did you mean 'train.epochs'?)"),
+        ("zero.gradient_clipping=1", "(did you mean 'train.grad_clip'?)"),
+        (
+            "train.gradient_accumulation_steps=4",
+            "(did you mean 'train.global_batch_size' (= micro_batch_size × accumulation × ranks)?)",
+        ),
     ],
 )
 def test_bad_keys_and_types_name_the_key(cfg_file, override, expected):

@@ -91,3 +91,60 @@ def test_a_group_the_loading_changed_is_put_back_without_blaming_the_config(chec
     changed, restored = restore_optimizer_settings(engine, configured, lam)
     assert changed == "" and restored == "parameter group 1's weight_decay 0.1 → 0.0"
     assert engine.optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_a_changed_schedule_is_named_with_the_jump_it_makes():
+    from ds_train.train.schedule import schedule_change_note, schedule_settings
+
+    ended = SimpleNamespace(lr=1e-3, schedule="cosine", warmup_steps=5, max_steps=20, min_lr_ratio=0.1)
+    saved = schedule_settings(ended)
+    assert schedule_change_note(saved, ended, 20) is None and schedule_change_note(None, ended, 20) is None
+    longer = SimpleNamespace(**{**vars(ended), "max_steps": 30})
+    note = schedule_change_note(saved, longer, 20)
+    before = 1e-3 * lr_multiplier("cosine", 5, 20, 0.1)(20)
+    after = 1e-3 * lr_multiplier("cosine", 5, 30, 0.1)(20)
+    assert after > 3 * before  # the jump the note is about
+    assert note == (
+        "the learning-rate schedule changed since the checkpoint (train.max_steps 20 → 30): it is recomputed "
+        f"over the new settings, so step 21 trains at lr {after:.3g} where the checkpoint's schedule gave {before:.3g}"
+    )
+
+
+@pytest.mark.slow
+def test_a_forced_resume_with_another_batch_counts_what_was_trained(tmp_path, shards):
+    """Resumed with run.force_resume and another global_batch_size, `samples`/`tokens` counted
+    step × the new batch (20 × 16 for 20 steps of 8: sweep audit); a longer max_steps is named;
+    and a restart of the finished run does not evaluate it again."""
+    from tests.helpers import base_config, read_metrics, run_cli, write_config
+
+    cfg = base_config(
+        tmp_path / "run",
+        shards,
+        data={"valid": str(shards / "valid")},
+        train={"max_steps": 4, "global_batch_size": 8, "log_every": 1, "eval_steps": 1},
+    )
+    run_cli(["pretrain", write_config(tmp_path / "a.yaml", cfg)])
+    cfg["train"].update(max_steps=6, global_batch_size=16)
+    cfg["run"]["force_resume"] = True
+    proc = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
+    records = read_metrics(tmp_path / "run")
+    samples = {r["step"]: (r["samples"], r["tokens"]) for r in records if "loss" in r}
+    assert samples[4] == (32, 32 * 32) and samples[5] == (32 + 16, 48 * 32) and samples[6] == (64, 64 * 32)
+    assert "the learning-rate schedule changed since the checkpoint (train.max_steps 4 → 6)" in proc.stderr
+    # a restart of the finished run evaluated its final checkpoint again: a second valid line for step 6
+    run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
+    evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if "valid_loss" in r]
+    assert evaluated == [4, 6]
+
+
+def test_a_warmup_spanning_the_run_is_warned():
+    from ds_train.train.schedule import warmup_note
+
+    t = SimpleNamespace(max_steps=100, warmup_steps=99, schedule="cosine")
+    assert warmup_note(t) is None and warmup_note(SimpleNamespace(**{**vars(t), "warmup_steps": 0})) is None
+    assert warmup_note(SimpleNamespace(**{**vars(t), "warmup_steps": 100})) == (
+        "train.warmup_steps=100 spans the whole run (train.max_steps=100): the cosine schedule never decays"
+    )
+    assert warmup_note(SimpleNamespace(**{**vars(t), "warmup_steps": 400})).endswith(
+        "and the learning rate peaks at 0.25 × train.lr"
+    )
