@@ -14,6 +14,7 @@ import hashlib
 import logging
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ds_train.distributed.engine import gathered, is_partitioned
 
@@ -41,13 +42,15 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
     (a seeded CPU draw runs at ~100 M values/s per core: minutes for a 70B model), and drawing a
     round at a time keeps one module's values per rank in host memory."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    writers = _ancestor_writers(model)
     # modules with buffers only (rotary) compute them: nothing is drawn
     local, partitioned = [], []
     for name, module in model.named_modules():
         if params := list(module.parameters(recurse=False)):
-            (partitioned if any(map(is_partitioned, params)) else local).append((name, module, params))
-    for name, module, params in local:
-        for p, value in zip(params, _draw(model, name, module, params, seed)):
+            entry = (name, module, params, writers.get(name, []))
+            (partitioned if any(map(is_partitioned, params)) else local).append(entry)
+    for name, module, params, ancestors in local:
+        for p, value in zip(params, _draw(model, name, module, params, ancestors, seed)):
             if value is not p.data:
                 p.data.copy_(value)
             p._is_hf_initialized = True
@@ -55,7 +58,7 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
         rounds = partitioned[start : start + world]
         mine = rounds[rank] if rank < len(rounds) else None
         values = _draw(model, *mine, seed) if mine is not None else None
-        for drawer, (_, _, params) in enumerate(rounds):
+        for drawer, (_, _, params, _) in enumerate(rounds):
             with gathered(params, modifier_rank=drawer):  # drawer's values broadcast on exit
                 if drawer == rank:
                     for p, value in zip(params, values):
@@ -64,11 +67,14 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
                 p._is_hf_initialized = True
 
 
-def _draw(model: torch.nn.Module, name: str, module: torch.nn.Module, params: list, seed: int) -> list:
-    """`module`'s full-size values, drawn on the CPU in fp32 under its own seed. Parameters that
-    are full fp32 CPU tensors (a model built for stages 0-2) are drawn into in place, with no
-    second copy of the module in memory. Others (ZeRO-3 partitions, GPU or bf16 tensors) are left
-    as they were and the values returned."""
+def _draw(
+    model: torch.nn.Module, name: str, module: torch.nn.Module, params: list, ancestors: list, seed: int
+) -> list:
+    """`module`'s full-size values, drawn on the CPU in fp32 under its own seed, then redrawn where
+    `ancestors` (name, module) re-initialise them, in transformers' order (children first), each
+    under a seed of its own. Parameters that are full fp32 CPU tensors (a model built for stages
+    0-2) are drawn into in place, with no second copy of the module in memory. Others (ZeRO-3
+    partitions, GPU or bf16 tensors) are left as they were and the values returned."""
     originals = [p.data for p in params]
     for p in params:
         if p.device.type == "cpu" and p.dtype == torch.float32 and not is_partitioned(p):
@@ -77,9 +83,13 @@ def _draw(model: torch.nn.Module, name: str, module: torch.nn.Module, params: li
             p.data = torch.full(tuple(getattr(p, "ds_shape", p.shape)), float("nan"), dtype=torch.float32)
         p._is_hf_initialized = False  # transformers skips tensors flagged as done
     try:
-        with torch.random.fork_rng(devices=[]):
+        own = {id(p) for p in params}
+        with torch.random.fork_rng(devices=[]), _ParameterWrites(model, allowed=own):
             torch.manual_seed(module_seed(seed, name))
             model._init_weights(module)
+            for outer, ancestor in ancestors:
+                torch.manual_seed(module_seed(seed, f"{outer}>{name}"))
+                model._init_weights(ancestor)
         # a NaN anywhere makes the sum NaN: one read, no boolean copy of the tensor
         untouched = [p for p in params if p.numel() and bool(p.data.sum().isnan())]
         if untouched:
@@ -88,6 +98,53 @@ def _draw(model: torch.nn.Module, name: str, module: torch.nn.Module, params: li
     finally:
         for p, orig in zip(params, originals):
             p.data = orig
+
+
+class _ParameterWrites(TorchDispatchMode):
+    """While active, in-place writes into the model's parameters other than `allowed` are skipped
+    (and recorded in `seen`: id → parameter). `_init_weights(module)` may write into parameters of
+    modules below it: GPT-2's attention and MLP blocks, which own no parameter themselves, redraw
+    their output projection at 0.02/√(2·layers) (the scaled residual init). Drawn module by module,
+    those writes must land in the module being drawn, and nowhere else: elsewhere they would hit
+    real values under ZeRO 0-2 and empty partitions under ZeRO-3 (stage-dependent weights)."""
+
+    def __init__(self, model: torch.nn.Module, allowed: set[int]):
+        super().__init__()
+        # by identity, and by storage for writes through a view (`weight[padding_idx]`)
+        self.params = {id(p): id(p) for p in model.parameters()}
+        self.params.update({p.untyped_storage().data_ptr(): id(p) for p in model.parameters() if p.numel()})
+        self.allowed, self.seen = allowed, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for spec, arg in zip(func._schema.arguments, args):
+            if spec.alias_info is None or not spec.alias_info.is_write or not isinstance(arg, torch.Tensor):
+                continue
+            param = self.params.get(id(arg)) or (
+                arg.numel() and self.params.get(arg.untyped_storage().data_ptr())
+            )
+            if param and param not in self.allowed:
+                self.seen.add(param)
+                return arg  # an in-place op returns what it wrote into
+        return func(*args, **(kwargs or {}))
+
+
+def _ancestor_writers(model: torch.nn.Module) -> dict[str, list[tuple[str, torch.nn.Module]]]:
+    """module name → the modules above it, owning no parameter themselves, whose `_init_weights`
+    writes into its parameters, nearest first (transformers initialises children before their
+    parents). Found by a dry run of their `_init_weights` with every parameter write skipped.
+    A module that owns parameters initialises only those (its writes elsewhere are dropped)."""
+    owner = {id(p): name for name, m in model.named_modules() for p in m.parameters(recurse=False)}
+    writers: dict[str, list[tuple[str, torch.nn.Module]]] = {}
+    # named_modules lists parents first: reversed, each module's nearest ancestor comes first
+    for outer, module in reversed(list(model.named_modules())):
+        if next(module.parameters(recurse=False), None) is not None or not owner:
+            continue
+        probe = _ParameterWrites(model, allowed=set())
+        with torch.random.fork_rng(devices=[]), probe:
+            model._init_weights(module)
+        for name in dict.fromkeys(owner[i] for i in probe.seen):
+            writers.setdefault(name, []).append((outer, module))
+    return writers
 
 
 def _reset_untouched(module: torch.nn.Module, name: str, untouched: list, seed: int) -> None:

@@ -120,6 +120,38 @@ def test_building_without_transformers_init_gives_the_same_weights(name, cls):
         assert quick.get_output_embeddings().weight is quick.get_input_embeddings().weight
 
 
+@pytest.mark.parametrize("model_type", ["gpt2", "gpt_bigcode", "llama", "bert"])
+def test_each_weight_has_the_spread_transformers_gives_it(model_type):
+    """Drawn module by module, GPT-2's and StarCoder's output projections missed the scaled
+    residual init their attention/MLP blocks (which own no parameter) give them: std 0.02 instead
+    of 0.02/√(2·8) = 0.005 (pretraining audit). Every weight's spread now matches transformers'."""
+    from transformers import AutoModelForMaskedLM
+
+    shape = {"n_layer": 8, "n_embd": 64, "n_head": 4, "n_positions": 64}
+    if model_type in ("llama", "bert"):
+        shape = {
+            "num_hidden_layers": 8,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+        }
+    config = AutoConfig.for_model(model_type, vocab_size=256, bos_token_id=0, eos_token_id=0, **shape)
+    model_cls = AutoModelForMaskedLM if model_type == "bert" else AutoModelForCausalLM
+    torch.manual_seed(0)
+    usual, ours = model_cls.from_config(config), model_cls.from_config(config)
+    initialize_weights(ours, seed=3, rank=0)
+    spreads = {
+        name: (float(a.std()), float(b.std()))
+        for (name, a), b in zip(usual.named_parameters(), ours.parameters())
+        if a.numel() >= 1024 and float(a.std()) > 0
+    }
+    assert spreads and all(abs(ours_ / usual_ - 1) < 0.15 for usual_, ours_ in spreads.values()), spreads
+    if model_type == "gpt2":
+        assert spreads["transformer.h.0.attn.c_proj.weight"][1] == pytest.approx(
+            0.02 / math.sqrt(16), rel=0.15
+        )
+
+
 def test_a_parameter_init_weights_skips_is_reset_not_left_uninitialised(monkeypatch, caplog):
     """Built without init, a parameter `_init_weights` does not draw would hold uninitialised
     memory: it gets torch's reset_parameters() under the module's seed (the same on every
