@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_trainer import model_config  # noqa: E402  bench/, this script's directory, is on sys.path
-from gpu_bench import synthetic_shards  # noqa: E402
+from synthetic_shards import synthetic_shards  # noqa: E402
 
 from tests.helpers import read_metrics, torchrun  # noqa: E402
 

@@ -88,7 +88,7 @@ def loop_workspace(args, prefix: str) -> tuple[Path, Path, argparse.Namespace]:
     """(temp dir, model config, run_config's options) for `add_loop_args`' arguments: the model,
     synthetic shards for the steps, and the run bench_trainer times (2 ranks, global batch 16 of
     micro 4, fp32, no loader workers)."""
-    from gpu_bench import synthetic_shards
+    from synthetic_shards import synthetic_shards
 
     tmp = Path(tempfile.mkdtemp(prefix=prefix))
     model = model_config(tmp / "model.json", args.hidden, args.layers, args.seq_len)
@@ -277,7 +277,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_trainer_"))
     model = model_config(tmp / "model.json", args.hidden, args.layers, args.synthetic_seq_len or 0)
     if args.synthetic_seq_len:
-        from gpu_bench import synthetic_shards  # bench/, this script's directory, is on sys.path
+        from synthetic_shards import synthetic_shards  # bench/, this script's directory, is on sys.path
 
         rows = args.global_batch * (args.steps + 4)
         synthetic_shards(tmp / "shards/train", rows=rows, seq_len=args.synthetic_seq_len)

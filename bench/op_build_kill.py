@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_bench import TOKENIZER, synthetic_shards  # noqa: E402
+from synthetic_shards import TOKENIZER, synthetic_shards  # noqa: E402
 
 from tests.helpers import clean_env, kill_job, torchrun_command  # noqa: E402
 
