@@ -90,20 +90,11 @@ def check_resume(
     if state.get("objective") and state["objective"] != objective:
         problems.append(f"objective {state['objective']} (this run: {objective})")
     if state.get("global_batch_size") and state["global_batch_size"] != global_batch_size:
-        step, consumed = state.get("step"), state.get("consumed_samples")
-        where_next = ""
-        if isinstance(step, int) and isinstance(consumed, int):
-            # the stream position is step × global batch: a changed batch moves it
-            resumed_at = step * global_batch_size
-            gap = (
-                f"samples {consumed}..{resumed_at - 1} are skipped"
-                if resumed_at > consumed
-                else f"samples {resumed_at}..{consumed - 1} are seen again"
-            )
-            where_next = f": it resumes at sample {resumed_at} of the stream, not {consumed}, so {gap}"
+        # forced, the data stream continues at the checkpoint's position (stream_origin.py) and
+        # the schedule at its step: what changes is the samples a step takes from then on
         forceable.append(
-            f"train.global_batch_size={state['global_batch_size']} (this run: {global_batch_size}); "
-            f"the data position is counted in global batches{where_next}"
+            f"train.global_batch_size={state['global_batch_size']} (this run: {global_batch_size}), "
+            "which changes the samples per step of the schedule"
         )
     if problems or (forceable and not force):
         hint = "" if problems else " (or run.force_resume=true to continue anyway)"

@@ -59,6 +59,7 @@ class CheckpointManager:
         self.ctx = ctx
         self.keep_last = keep_last
         self.keep_step: int | None = None  # a step whose checkpoint pruning spares (train.keep_best)
+        self._kept_before: int | None = None  # the previous one, spared until keep_step's is written
         # background saves' host copies, kept from one save to the next unless keep_host_memory=False
         self.host_memory = HostMemory(keep=keep_host_memory)
         self.pending: _PendingSave | None = None  # a background save not yet completed
@@ -290,10 +291,20 @@ class CheckpointManager:
             log.warning("removing incomplete checkpoint %s (a save that did not finish)", p)
             shutil.rmtree(p, ignore_errors=True)
 
+    def keep_best_step(self, step: int) -> None:
+        """Spare `step`'s checkpoint from pruning from now on (a new best evaluation). The one
+        spared before stays until `step`'s is complete: a background save completing first would
+        otherwise prune the old best, and a job dying then would leave no best checkpoint."""
+        if step != self.keep_step:
+            self._kept_before, self.keep_step = self.keep_step, step
+
     def _prune(self) -> None:
         refs = complete_checkpoints(self.root)
+        spared = {self.keep_step}  # train.keep_best: the best evaluation's checkpoint stays
+        if not any(ref.step == self.keep_step for ref in refs):
+            spared.add(self._kept_before)
         for ref in refs[: max(0, len(refs) - self.keep_last)]:
-            if ref.step != self.keep_step:  # train.keep_best: the best evaluation's checkpoint stays
+            if ref.step not in spared:
                 shutil.rmtree(ref.path, ignore_errors=True)
         # A universal copy made to resume on another world size is not needed once this run has
         # written a checkpoint of its own.

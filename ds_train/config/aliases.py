@@ -13,7 +13,7 @@ ALIASES: dict[str, str] = {
     "max_grad_norm": "train.grad_clip",
     "per_device_train_batch_size": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.global_batch_size (= micro_batch_size × accumulation × ranks)",
-    "warmup_ratio": "train.warmup_steps",
+    "warmup_ratio": "train.warmup_steps (a number of steps, not a fraction)",
     "lr_scheduler_type": "train.schedule",
     "logging_steps": "train.log_every",
     "save_steps": "train.save_every",

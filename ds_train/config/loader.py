@@ -78,7 +78,9 @@ def from_dict(raw: dict) -> Config:
     sections = {}
     for name, value in raw.items():
         if name not in SECTIONS:
-            raise ConfigError(f"unknown config section '{name}'{_suggest(name, list(SECTIONS))}")
+            # a flat key pasted from another stack's config (`learning_rate:` at the top)
+            hint = _suggest_alias(name) or _suggest(name, list(SECTIONS))
+            raise ConfigError(f"unknown config section '{name}'{hint}")
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -94,7 +96,14 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML that loads back to the same run. A length given in train.epochs is
+    written as that (the resolved train.max_steps in a comment): both set would be refused."""
+    raw = to_dict(cfg)
+    if getattr(cfg.train, "from_epochs", False):
+        raw["train"]["max_steps"] = None
+        head = f"# train.max_steps={cfg.train.max_steps}, resolved from train.epochs={cfg.train.epochs:g}\n"
+        return head + yaml.safe_dump(raw, sort_keys=False)
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def all_keys() -> list[str]:
@@ -316,13 +325,21 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+def _suggest_alias(key: str) -> str:
+    """Where another stack's name for a setting lives here, as a hint ('' for none)."""
+    alias = alias_of(key)
+    if alias is None:
+        return ""
+    target, _, note = alias.partition(" ")
+    return f" (did you mean '{target}'{' ' + note if note else ''}?)"
+
+
 def _suggest_key(section: str, key: str, names: list[str]) -> str:
     """Another stack's name for a setting, the same key living in another section, or the
     nearest key in the same section."""
-    alias = alias_of(key)
-    if alias is not None:
-        target, _, note = alias.partition(" ")
-        return f" (did you mean '{target}'{' ' + note if note else ''}?)"
+    alias = _suggest_alias(key)
+    if alias:
+        return alias
     elsewhere = [
         f"{s}.{key}"
         for s, cls in SECTIONS.items()

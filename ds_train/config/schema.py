@@ -233,7 +233,8 @@ class TrainSection:
     eval_steps: int = doc(
         4,
         "Global batches of validation data per evaluation (shard sets: the first ones, in order; "
-        "at most one pass, each row counted once).",
+        "at most one pass, each row counted once). Not the transformers Trainer's eval_steps, "
+        "which is an interval: that is eval_every here.",
     )
     peak_flops: float | None = doc(
         None, "Peak FLOP/s of one device for MFU. Default: known GPUs (H100/H200 bf16: 989e12); none on CPU."

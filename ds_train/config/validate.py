@@ -144,6 +144,11 @@ def _check_train(cfg: Config) -> None:
         )
     if t.straggler_ratio and not t.straggler_ratio > 1:
         raise ConfigError(f"train.straggler_ratio must be > 1 (or 0: no warning), got {t.straggler_ratio}")
+    if t.export_hf and not t.save_final:  # it exports the final checkpoint (an older one, or none)
+        raise ConfigError(
+            "train.export_hf converts the final checkpoint, which train.save_final=false does not "
+            "write: set one of them the other way"
+        )
     if t.peak_flops is not None and t.peak_flops <= 0:
         raise ConfigError("train.peak_flops must be > 0 (FLOP/s of one device)")
 

@@ -30,6 +30,7 @@ from ds_train.data.batch_transfer import UnpackingLoader, pack_batch
 from ds_train.data.order import MixtureOrder, SampleOrder, StarvedSource
 from ds_train.data.reader import RowReader
 from ds_train.data.shard_set import DataError, ShardSet, load_shard_set, parse_sources
+from ds_train.data.stream_origin import FRESH, StreamOrigin
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.objectives.base import ignore_rows
 
@@ -153,9 +154,13 @@ def load_shard_sets(spec) -> list[ShardSet]:
     return [load_shard_set(path) for path, _ in parse_sources(spec)]
 
 
-def rank_positions(step: int, micro: int, layout: BatchLayout, rank: int) -> np.ndarray:
-    """Stream positions of micro-batch `micro` of optimizer step `step` on `rank`."""
-    start = step * layout.global_batch_size + rank * layout.per_rank + micro * layout.micro_batch_size
+def rank_positions(
+    step: int, micro: int, layout: BatchLayout, rank: int, origin: StreamOrigin = FRESH
+) -> np.ndarray:
+    """Stream positions of micro-batch `micro` of optimizer step `step` on `rank` (`origin`: where
+    a resumed attempt's steps count from, stream_origin.py)."""
+    start = origin.position(step, layout.global_batch_size) + rank * layout.per_rank
+    start += micro * layout.micro_batch_size
     return np.arange(start, start + layout.micro_batch_size, dtype=np.int64)
 
 
@@ -201,15 +206,17 @@ class MicroBatches(Dataset):
         *,
         skip_corrupt: bool = False,
         limit: int | None = None,
+        origin: StreamOrigin = FRESH,
     ):
         self.plan, self.layout, self.rank, self.start_step = plan, layout, rank, start_step
+        self.origin = origin
         self.objective, self.cache_dir, self.skip_corrupt = objective, cache_dir, skip_corrupt
         self.limit = limit  # positions from here on carry no targets (evaluation reads its rows once)
         self._reader: RowReader | None = None
 
     def __getitem__(self, k: int) -> dict:
         step = self.start_step + k // self.layout.grad_accum
-        positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank)
+        positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank, self.origin)
         batch = self.batch_at(positions, step)
         if self.limit is not None and positions.max(initial=-1) >= self.limit:
             ignore_rows(batch, torch.from_numpy(positions >= self.limit))

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from ds_train.data.loader import rank_positions
 from ds_train.data.order import SampleOrder
+from ds_train.data.stream_origin import FRESH, StreamOrigin
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.finetune.dataset import ExampleSet
 from ds_train.objectives.base import ignore_rows
@@ -43,9 +44,10 @@ class ExampleBatches(Dataset):
         start_step: int = 0,
         evaluation: bool = False,
         shuffle: bool = True,
+        origin: StreamOrigin = FRESH,
     ):
         self.examples, self.layout, self.rank, self.collate = examples, layout, rank, collate
-        self.start_step, self.evaluation = start_step, evaluation
+        self.start_step, self.evaluation, self.origin = start_step, evaluation, origin
         # One shard of all rows; window 1 = a full permutation of the rows per epoch (data.shuffle;
         # false: the file's order, every epoch).
         self.order = SampleOrder(
@@ -58,7 +60,7 @@ class ExampleBatches(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         step = self.start_step + k // self.layout.grad_accum
-        positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank)
+        positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank, self.origin)
         n = self.examples.num_rows
         if self.evaluation:
             keep = positions < n

@@ -28,8 +28,10 @@ def render_model_card(
     config_yaml: str,
     final_train: dict,
     final_eval: dict,
+    text_pair: bool = False,
 ) -> str:
-    """Markdown text. `data` is {split: dataset meta}, `final_*` the last metrics records."""
+    """Markdown text. `data` is {split: dataset meta}, `final_*` the last metrics records;
+    `text_pair`: a sentence-pair classifier (its usage encodes two texts)."""
     front = {
         "library_name": "transformers",
         "pipeline_tag": PIPELINE_TAGS[task],
@@ -107,7 +109,7 @@ def render_model_card(
         out.append("| --- " * (len(labels) + 1) + "|")
         for label, row in zip(labels, final_eval["valid_confusion"]["matrix"]):
             out.append(f"| **{label}** | " + " | ".join(str(v) for v in row) + " |")
-    out += ["", "## Usage", "", "```python", *_usage(task), "```", ""]
+    out += ["", "## Usage", "", "```python", *_usage(task, text_pair), "```", ""]
     return "\n".join(out)
 
 
@@ -117,7 +119,7 @@ def write_model_card(out_dir: str | Path, text: str) -> Path:
     return path
 
 
-def _usage(task: str) -> list[str]:
+def _usage(task: str, text_pair: bool = False) -> list[str]:
     cls = {"sft": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification"}.get(
         task, "AutoModelForMaskedLM"
     )
@@ -129,7 +131,10 @@ def _usage(task: str) -> list[str]:
     ]
     if task == "classification":
         lines += [
-            'logits = model(**tokenizer("some text", return_tensors="pt")).logits',
+            # a pair model was trained on both segments (token_type_ids): one text alone is another input
+            'logits = model(**tokenizer("first text", "second text", return_tensors="pt")).logits'
+            if text_pair
+            else 'logits = model(**tokenizer("some text", return_tensors="pt")).logits',
             "print(model.config.id2label[int(logits.argmax())])",
         ]
     elif task == "sft":

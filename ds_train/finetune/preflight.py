@@ -141,7 +141,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
         launch, layout, tokenizer, hf_config, None, source, specs, chat, class_names, fp, shard_sets
     )
     has_valid = "valid" in (pre.shard_sets if pre.shard_sets is not None else pre.specs)
-    check_best_settings(cfg, has_validation=has_valid)
+    check_best_settings(cfg, has_validation=has_valid, task=cfg.finetune.task)
     if cfg.train.epochs is not None:
         resolve_epochs(cfg, _train_rows(cfg, pre), "the train split")
     pre.resume_from = _resume_point(cfg, pre, tok_sha)

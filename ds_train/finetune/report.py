@@ -9,11 +9,7 @@ from ds_train.train.callbacks.base import Callback
 
 
 class EvalReport(Callback):
-    def __init__(self):
-        self.last_eval: dict = {}
-
     def on_eval(self, trainer, record: dict) -> None:
-        self.last_eval = record
         if "valid_accuracy" not in record:
             return
         line = (

@@ -17,6 +17,7 @@ from ds_train.checkpoint.layout import HF_CONFIG_DIR, TOKENIZER_DIR
 from ds_train.config import Config, dump_yaml
 from ds_train.data.loader import build_plan, eval_steps_once, make_loader, order_settings
 from ds_train.data.shard_set import source_names
+from ds_train.data.stream_origin import StreamOrigin
 from ds_train.distributed.deepspeed_config import (
     build_deepspeed_config,
     largest_param_to_swap,
@@ -119,10 +120,9 @@ def _run(
             f.class_weights if isinstance(f.class_weights, str) else "given",
             shown,
         )
-    report = EvalReport()
     callbacks = [
         *standard_callbacks(cfg, ctx, preemption),
-        *([report] if ctx.is_main else []),
+        *([EvalReport()] if ctx.is_main else []),
         *extra_callbacks,
     ]
 
@@ -166,7 +166,7 @@ def _run(
         result = ("ok", "")
         if state is not None:  # rank 0
             try:
-                _export(cfg, pre, state, splits, trainer, report)
+                _export(cfg, pre, state, splits, trainer)
             except Exception as e:  # every rank must hear of it instead of waiting for a timeout
                 log.exception("export failed")
                 result = ("error", f"export to {run_dir / HF_DIR} failed: {e}")
@@ -182,9 +182,16 @@ def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> Tr
     train_set = splits["train"]
     layout, seed, collate = pre.layout, cfg.run.seed, collate_fn(objective)
 
-    def train_batches(start_step: int):
+    def train_batches(origin: StreamOrigin):
         dataset = ExampleBatches(
-            train_set, layout, ctx.rank, collate, seed=seed, start_step=start_step, shuffle=cfg.data.shuffle
+            train_set,
+            layout,
+            ctx.rank,
+            collate,
+            seed=seed,
+            start_step=origin.step,
+            shuffle=cfg.data.shuffle,
+            origin=origin,
         )
         return make_loader(
             dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor
@@ -241,9 +248,16 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
     )
     cache_dir = d.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")
 
-    def train_batches(start_step: int):
+    def train_batches(origin: StreamOrigin):
         dataset = SftShardBatches(
-            plan, layout, ctx.rank, start_step, objective, cache_dir, skip_corrupt=d.skip_corrupt
+            plan,
+            layout,
+            ctx.rank,
+            origin.step,
+            objective,
+            cache_dir,
+            skip_corrupt=d.skip_corrupt,
+            origin=origin,
         )
         return make_loader(dataset, num_workers=d.num_workers, prefetch_factor=d.prefetch_factor)
 
@@ -317,7 +331,7 @@ def _save_adapters(model, out_dir: Path) -> None:
     save_lora_adapters(model, out_dir)
 
 
-def _export(cfg: Config, pre: FinetunePreflight, state, splits, trainer, report: EvalReport) -> None:
+def _export(cfg: Config, pre: FinetunePreflight, state, splits, trainer) -> None:
     """Rank 0: the merged HF directory, the training chat template, and the model card."""
     f = cfg.finetune
     out = Path(cfg.run.output_dir) / HF_DIR
@@ -346,7 +360,8 @@ def _export(cfg: Config, pre: FinetunePreflight, state, splits, trainer, report:
             "zero_stage": cfg.zero.stage,
         },
         config_yaml=dump_yaml(cfg),
-        final_train=trainer.last_record,
-        final_eval=report.last_eval,
+        final_train=trainer.final_record,
+        final_eval=trainer.last_eval,
+        text_pair=bool(f.text_pair_field),
     )
     write_model_card(out, card)

@@ -34,7 +34,11 @@ class BestMetric:
     def update(self, record: dict, step: int) -> bool:
         """Take one evaluation record; True when it is the best so far."""
         value = record.get(self.metric)
-        if not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, (int, float)) and math.isnan(value):  # a diverged run: no improvement
+            log.warning("%s is NaN at step %d: counted as no improvement", self.metric, step)
+            self.evals_since_best += self.best is not None
+            return False
+        if not isinstance(value, (int, float)):
             if not self.missing_warned:
                 log.warning(
                     "train.best_metric=%s is not in the evaluation record (it has %s): no best "
@@ -79,7 +83,27 @@ class BestMetric:
         return cls(metric, state.get("best"), state.get("best_step"), int(state.get("evals_since_best", 0)))
 
 
-def check_best_settings(cfg, has_validation: bool) -> None:
+def evaluation_figures(cfg, task: str | None) -> set[str]:
+    """The figures this run's evaluation records will hold (`task`: the fine-tuning task, None
+    when pretraining), for checking train.best_metric before the run rather than at its first
+    evaluation."""
+    from ds_train.data.shard_set import DataError, source_names
+
+    figures = {"valid_loss", "valid_tokens"}
+    if task == "classification":
+        figures |= {"valid_accuracy", "valid_macro_f1", "valid_examples"}
+    else:  # token losses
+        figures.add("valid_ppl")
+    try:
+        names = source_names(cfg.data.valid) if cfg.data.valid else []
+    except DataError:
+        names = []  # refused with its own message where the sets are read
+    if len(names) > 1:
+        figures |= {f"valid_loss/{n}" for n in names}
+    return figures
+
+
+def check_best_settings(cfg, has_validation: bool, task: str | None = None) -> None:
     """ConfigError (one line) for best-evaluation settings that could never act."""
     from ds_train.config import ConfigError
 
@@ -98,6 +122,16 @@ def check_best_settings(cfg, has_validation: bool) -> None:
         )
     if not t.eval_every:
         raise ConfigError(f"{names} need evaluations during the run: set train.eval_every")
+    figures = evaluation_figures(cfg, task)
+    if t.best_metric not in figures:
+        import difflib
+
+        close = difflib.get_close_matches(t.best_metric, sorted(figures), n=1, cutoff=0.5)
+        raise ConfigError(
+            f"train.best_metric={t.best_metric} is not a figure of this run's evaluations"
+            + (f" (did you mean '{close[0]}'?)" if close else "")
+            + f"; they give {', '.join(sorted(figures))}"
+        )
     if t.keep_best and (not t.save_every or t.eval_every % t.save_every):
         raise ConfigError(
             f"train.keep_best keeps the checkpoint of the best evaluation: make train.eval_every "

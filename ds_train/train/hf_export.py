@@ -69,6 +69,8 @@ class PeriodicHfExport(Callback):
         self._export_if_new(trainer)
 
     def on_train_end(self, trainer: Trainer) -> None:
+        if trainer.stopped_early:  # the final checkpoint, though short of max_steps
+            self.max_steps = trainer.step
         self._export_if_new(trainer)  # the final checkpoint
         for proc in self.running:  # let exports in flight finish: they read checkpoints pruning may remove
             if proc.wait() != 0:

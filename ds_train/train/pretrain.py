@@ -36,6 +36,7 @@ from ds_train.data.loader import (
 )
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError, source_names
+from ds_train.data.stream_origin import StreamOrigin
 from ds_train.distributed.deepspeed_config import (
     BatchLayout,
     batch_layout,
@@ -221,15 +222,16 @@ def _run(
         if cfg.model.init_from:
             verify_loaded_weights(model, cfg.model.init_from)
 
-        def train_batches(start_step: int):
+        def train_batches(origin: StreamOrigin):
             dataset = MicroBatches(
                 plan,
                 pre.layout,
                 ctx.rank,
-                start_step,
+                origin.step,
                 objective,
                 _cache_dir(cfg),
                 skip_corrupt=cfg.data.skip_corrupt,
+                origin=origin,
             )
             return make_loader(
                 dataset, num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor

@@ -23,6 +23,7 @@ from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
 from ds_train.config import Config, ConfigError, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
+from ds_train.data.stream_origin import StreamOrigin, resume_origin
 from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
 from ds_train.distributed.engine import (
     DistributedContext,
@@ -92,8 +93,9 @@ def nothing_to_train(cfg: Config, pre: Any) -> str | None:
     """A note when the start has nothing to do, so it ends at once: the latest checkpoint is beyond
     train.max_steps (lowered since), or at it and written by another number of ranks, where loading
     it would convert it to the universal format (fp32 weights and Adam moments, 12 bytes a
-    parameter, kept on disk) only to repeat the final evaluation. A run at max_steps on its own
-    number of ranks still loads (to complete what a killed attempt left after its last checkpoint)."""
+    parameter, kept on disk) only to find nothing to do. A run at max_steps on its own number of
+    ranks still loads, to complete what a killed attempt left after its last checkpoint (its
+    export; the final evaluation only if the checkpoint does not record it)."""
     ref = pre.resume_from
     if ref is None or ref.step < cfg.train.max_steps:
         return None
@@ -135,7 +137,7 @@ class TrainingParts:
     objective: Any
     objective_name: str  # recorded in checkpoints; resuming with another is refused
     seq_len: int
-    train_batches: Callable[[int], Iterable[dict]]  # start step → this rank's micro-batches
+    train_batches: Callable[[StreamOrigin], Iterable[dict]]  # this rank's micro-batches from an origin on
     data_state: Callable[[int], dict]  # consumed samples → the data position saved in checkpoints
     write_extras: Callable[[Path], None]  # files riding along in each checkpoint (rank 0)
     eval_batches: Callable[[], Iterable[dict]] | None = None
@@ -186,6 +188,18 @@ def build_trainer(
             log.warning(note)
         if restored and ctx.is_main:
             log.info("put back what the checkpoint's loading had changed: %s", restored)
+    data_fingerprint = parts.data_state(0)["fingerprint"]
+    origin = resume_origin(loaded, data_fingerprint)
+    other_data = (loaded.get("data") or {}).get("fingerprint") not in (None, data_fingerprint)
+    other_batch = loaded.get("global_batch_size") not in (None, pre.layout.global_batch_size)
+    if ctx.is_main and (other_data or other_batch):  # only run.force_resume gets here
+        log.warning(
+            "the data stream %s at step %d (run.force_resume)",
+            f"continues at sample {origin.samples}"
+            if origin.samples
+            else "is new: it starts at its beginning",
+            start_step,
+        )
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(
@@ -214,7 +228,7 @@ def build_trainer(
     trainer: Trainer | None = None
 
     def state_fn(step: int) -> dict:
-        consumed = step * pre.layout.global_batch_size
+        consumed = origin.position(step, pre.layout.global_batch_size)  # the stream position
         return {
             "consumed_samples": consumed,
             "data": parts.data_state(consumed),
@@ -227,11 +241,13 @@ def build_trainer(
             "global_batch_size": pre.layout.global_batch_size,
             "seed": cfg.run.seed,
             "ds_train_version": __version__,
-            "metrics": trainer.last_record,
+            "metrics": trainer.final_record,
             "trained_samples": trainer.samples_trained(step),
             "schedule": schedule_settings(cfg.train),
             "best_metric": trainer.best.state(),
             "evaluated_step": trainer.evaluated_step,
+            "last_evaluation": trainer.last_eval,
+            "stopped_early": trainer.stopped_early,
             **parts.extra_state,
             **swap_files,
         }
@@ -262,7 +278,7 @@ def build_trainer(
         engine=engine,
         objective=parts.objective,
         layout=pre.layout,
-        train_batches=parts.train_batches(start_step),
+        train_batches=parts.train_batches(origin),
         checkpoints=checkpoints,
         state_fn=state_fn,
         config_yaml=dump_yaml(cfg),
@@ -272,10 +288,7 @@ def build_trainer(
         describe_sample=parts.describe_sample,
         eval_set_names=parts.eval_set_names,
         callbacks=callbacks,
-        best_state=loaded.get("best_metric"),
-        # before 2026-12-07 only the stream position was saved: the same count unless forced
-        start_samples=loaded.get("trained_samples", loaded.get("consumed_samples")) if loaded else None,
-        evaluated_step=loaded.get("evaluated_step") if loaded else None,
+        resumed=loaded,
     )
     return trainer
 

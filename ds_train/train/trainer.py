@@ -87,18 +87,23 @@ class Trainer:
         describe_sample: Callable[[int, int, int], str] | None = None,
         eval_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
-        best_state: dict | None = None,
-        start_samples: int | None = None,
-        evaluated_step: int | None = None,
+        resumed: dict | None = None,
     ):
         self.s = settings
         self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
         self.train_batches = train_batches
         self.eval_batches, self.eval_set_names = eval_batches, eval_set_names
-        self.best = BestMetric.from_state(settings.best_metric, best_state)  # resumed with the run
-        # the checkpoint's last evaluation: a restart of a finished run (its final checkpoint is
-        # written after the final evaluation) evaluates again only if that one was lost
-        self.evaluated_step: int | None = evaluated_step  # the step of the last evaluation
+        # `resumed`: the ds_train_state.json of the checkpoint this attempt resumes from
+        resumed = resumed or {}
+        self.best = BestMetric.from_state(settings.best_metric, resumed.get("best_metric"))
+        # the step of the last evaluation, and its record: a restart of a finished run (its final
+        # checkpoint is written after the final evaluation) evaluates again only if that was lost,
+        # and its export still has the evaluation (the model card's results)
+        self.evaluated_step: int | None = resumed.get("evaluated_step")
+        self.last_eval: dict = resumed.get("last_evaluation") or {}
+        self._resumed_record: dict = resumed.get("metrics") or {}
+        # a run that ended on early stopping (not one whose patience ran out at max_steps)
+        self.stopped_early: bool = resumed.get("stopped_early", True)
         if settings.keep_best:
             checkpoints.keep_step = self.best.best_step
         self.checkpoints, self.state_fn, self.config_yaml = checkpoints, state_fn, config_yaml
@@ -113,8 +118,9 @@ class Trainer:
         )
         self.callbacks = callbacks or []
         self.step = self.start_step = start_step
-        # samples trained before start_step (the checkpoint's count: batches may have differed)
-        self.start_samples = start_step * layout.global_batch_size if start_samples is None else start_samples
+        # samples trained before start_step (the checkpoint's count: batches may have differed;
+        # before 2026-12-07 only the stream position was saved, the same count unless forced)
+        self.start_samples: int | None = resumed.get("trained_samples", resumed.get("consumed_samples"))
         self.last_saved_step = start_step if start_step else -1
         self.stop_reason: str | None = None
         self.last_record: dict = {}
@@ -171,7 +177,10 @@ class Trainer:
         waited = 0.0  # seconds this rank spent in the loader during the interval (an input stall)
         # evaluation and checkpoint time since the last log line: paused out of the interval's clock
         side = {"eval_s": 0.0, "save_s": 0.0}
-        stopped_early = self.step > 0 and self.best.exhausted(self.s.early_stopping_patience)
+        # still stopped under this start's patience (a raised one trains on)
+        self.stopped_early = stopped_early = (
+            self.step > 0 and self.stopped_early and self.best.exhausted(self.s.early_stopping_patience)
+        )
         if stopped_early and self.ctx.is_main:  # a restart of a run that stopped early
             log.info(
                 "this run stopped early at step %d (train.early_stopping_patience=%d): nothing to train; "
@@ -217,14 +226,19 @@ class Trainer:
                 side = dict.fromkeys(side, 0.0)
             if self.step < self.s.max_steps:
                 t0 = time.perf_counter()
-                if self.s.eval_every and self.step % self.s.eval_every == 0:
+                evaluates = bool(self.s.eval_every and self.step % self.s.eval_every == 0)
+                if evaluates:
                     self.evaluate()
                 t1 = time.perf_counter()
+                # decided at an evaluation (as the transformers Trainer's callback is: a run extended
+                # past an exhausted patience trains to its next one) and before this step's save,
+                # whose state records it; every rank decides alike, from the same record
+                self.stopped_early = evaluates and self.best.exhausted(self.s.early_stopping_patience)
                 if self.s.save_every and self.step % self.s.save_every == 0:
                     self.save(background=self.s.save_async)
                 side["eval_s"] += t1 - t0
                 side["save_s"] += time.perf_counter() - t1
-                if self.best.exhausted(self.s.early_stopping_patience):  # every rank: the same record
+                if self.stopped_early:
                     if pending:
                         self._log(pending, interval_start, waited, side)
                     self._say_early_stop()
@@ -238,9 +252,17 @@ class Trainer:
         self._emit("on_train_end")
         return 0
 
+    @property
+    def final_record(self) -> dict:
+        """The last train record: this attempt's, or, where it trained nothing (a restart of a
+        finished run), the checkpoint's."""
+        return self.last_record or self._resumed_record
+
     def samples_trained(self, step: int | None = None) -> int:
         """Samples trained up to `step` (default: now), across resumes with other batch sizes."""
         step = self.step if step is None else step
+        if self.start_samples is None:  # a fresh start, or a checkpoint from before the count
+            return step * self.layout.global_batch_size
         return self.start_samples + (step - self.start_step) * self.layout.global_batch_size
 
     def _say_early_stop(self) -> None:
@@ -316,9 +338,9 @@ class Trainer:
         self.engine.train()
         self._activity = None
         record = {"step": self.step, **record}
-        self.evaluated_step = self.step
+        self.evaluated_step, self.last_eval = self.step, record
         if self.best.update(record, self.step) and self.s.keep_best:
-            self.checkpoints.keep_step = self.step  # pruning spares it (if this step gets saved)
+            self.checkpoints.keep_best_step(self.step)  # pruning spares it (if this step gets saved)
         if self.ctx.is_main:
             self._emit("on_eval", record)
         return record

@@ -121,3 +121,11 @@ def test_sft_from_pretrain_run_dir_and_exact_resume(tmp_path, pretrained, sft_da
     assert model.config.architectures == ["LlamaForCausalLM"]
     card = (resumed / "hf" / "README.md").read_text()
     assert str(pretrained) in card and "valid_loss" in card and "train.jsonl" in card
+
+    # the same command once more: the run is finished; it does not evaluate again, and the card
+    # it exports again keeps the final evaluation (it came out without one: review)
+    (resumed / "hf" / "README.md").unlink()
+    torchrun(["finetune", cfg])
+    assert len([r for r in read_metrics(resumed) if "valid_loss" in r]) == len(valid[1])
+    card = (resumed / "hf" / "README.md").read_text()
+    assert f"| valid_loss | {valid[1][-1]:.4g} |" in card and "| train loss (last logged step 8) |" in card

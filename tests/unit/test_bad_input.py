@@ -42,6 +42,18 @@ CASES = [
     ("missing-output-dir", {"run.output_dir": _DELETE}, [], "missing required key 'run.output_dir'"),
     ("infinite-lr", {}, ["train.lr=inf"], "train.lr: expected a finite number, got 'inf'"),
     (
+        "export-without-final-checkpoint",
+        {},
+        ["train.export_hf=true", "train.save_final=false"],
+        "train.export_hf converts the final checkpoint, which train.save_final=false does not write",
+    ),
+    (
+        "flat-key-from-hf",
+        {"learning_rate": 1e-3},
+        [],
+        "unknown config section 'learning_rate' (did you mean 'train.lr'?)",
+    ),
+    (
         "masked-lm-without-mask-token",
         {},
         ["model.objective=masked_lm"],

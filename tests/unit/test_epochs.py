@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from ds_train.config import ConfigError, load_config, validate
+from ds_train.config import ConfigError, dump_yaml, load_config, validate
 from ds_train.data.loader import load_shard_sets
 from tests.helpers import base_config, read_metrics, run_cli, write_config
 
@@ -44,6 +44,12 @@ def test_pretraining_epochs_become_steps_over_the_shard_rows(tmp_path, shards):
     assert cfg.train.max_steps == math.ceil(0.25 * rows / 8) and pre.layout.global_batch_size == 8
     pretrain.preflight(cfg)  # again (a start re-checks after waiting for the run directory's lock)
     assert cfg.train.max_steps == math.ceil(0.25 * rows / 8)
+    # the config.yaml a run writes loads back (it held both keys, then refused: review)
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(dump_yaml(cfg))
+    again = load_config(saved)
+    assert (again.train.max_steps, again.train.epochs) == (None, 0.25)
+    assert pretrain.check(again) and again.train.max_steps == cfg.train.max_steps
     # a profile window is checked against the resolved length
     cfg = load_config(_cfg(tmp_path, shards, epochs=0.01, global_batch_size=8), ["profile.start_step=50"])
     expected = math.ceil(0.01 * rows / 8)

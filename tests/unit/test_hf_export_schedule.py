@@ -15,7 +15,7 @@ def _attempt(run_dir, saves: list[int], *, start: int = 0, every: int = 2) -> li
     cb = PeriodicHfExport(run_dir, every, save_every=2, max_steps=11)
     exported: list[int] = []
     cb._export = exported.append
-    trainer = SimpleNamespace(step=start, last_saved_step=start or -1)
+    trainer = SimpleNamespace(step=start, last_saved_step=start or -1, stopped_early=False)
     cb.on_train_start(trainer)
     for step in range(start + 1, 12):
         trainer.step = step

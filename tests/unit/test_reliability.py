@@ -383,9 +383,8 @@ def _resume(force=False, **now):
         ({"tokenizer_sha": "bbb"}, "a different tokenizer", False),
         ({"objective": "masked_lm"}, "objective causal_lm (this run: masked_lm)", False),
         (
-            {"gbs": 16},  # and what a forced resume does to the stream (it was left unsaid)
-            "train.global_batch_size=8 (this run: 16); the data position is counted in global batches: "
-            "it resumes at sample 80 of the stream, not 40, so samples 40..79 are skipped",
+            {"gbs": 16},  # forced, the stream continues at the checkpoint's position (stream_origin.py)
+            "train.global_batch_size=8 (this run: 16), which changes the samples per step of the schedule",
             True,
         ),
         ({"seq_len": 64}, "seq_len 32 (shards now: 64)", True),

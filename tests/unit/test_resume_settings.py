@@ -131,6 +131,9 @@ def test_a_forced_resume_with_another_batch_counts_what_was_trained(tmp_path, sh
     samples = {r["step"]: (r["samples"], r["tokens"]) for r in records if "loss" in r}
     assert samples[4] == (32, 32 * 32) and samples[5] == (32 + 16, 48 * 32) and samples[6] == (64, 64 * 32)
     assert "the learning-rate schedule changed since the checkpoint (train.max_steps 4 → 6)" in proc.stderr
+    # the stream went on from sample 32, not from 4 × 16 = 64 (samples 32..63 were skipped)
+    assert "the data stream continues at sample 32 at step 4" in proc.stderr
+    assert _state(tmp_path / "run", 6)["data"]["consumed_samples"] == 32 + 2 * 16
     # a restart of the finished run evaluated its final checkpoint again: a second valid line for step 6
     run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
     evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if "valid_loss" in r]
@@ -148,3 +151,29 @@ def test_a_warmup_spanning_the_run_is_warned():
     assert warmup_note(SimpleNamespace(**{**vars(t), "warmup_steps": 400})).endswith(
         "and the learning rate peaks at 0.25 × train.lr"
     )
+
+
+def _state(run_dir, step: int) -> dict:
+    import json
+
+    return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "ds_train_state.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_forced_resume_on_other_data_reads_it_from_its_beginning(tmp_path, shards):
+    """An anneal on a new mix entered it at step × batch: a pass skipped its first rows (pretraining audit)."""
+    from tests.helpers import base_config, run_cli, write_config
+
+    cfg = base_config(tmp_path / "run", shards, train={"max_steps": 3, "save_every": 3})
+    run_cli(["pretrain", write_config(tmp_path / "a.yaml", cfg)])
+    cfg["data"]["train"] = str(shards / "valid")
+    cfg["train"]["max_steps"] = 5
+    cfg["run"]["force_resume"] = True
+    proc = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
+    assert "the data stream is new: it starts at its beginning at step 3" in proc.stderr
+    assert _state(tmp_path / "run", 5)["data"]["consumed_samples"] == 2 * 8
+    # a later resume of the same data continues its stream
+    cfg["train"]["max_steps"] = 6
+    again = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
+    assert "the data stream" not in again.stderr
+    assert _state(tmp_path / "run", 6)["data"]["consumed_samples"] == 3 * 8

@@ -39,7 +39,8 @@ class TensorBoard(Callback):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(
-            log_dir=str(self.log_dir), purge_step=trainer.step + 1 if trainer.step else None
+            log_dir=str(self.log_dir),
+            purge_step=trainer.step + 1,  # also at 0: a crashed first attempt
         )
 
     def on_log(self, trainer, record: dict) -> None:
@@ -60,6 +61,11 @@ class TensorBoard(Callback):
 
 
 class WandB(Callback):
+    """Every attempt of a run logs to one W&B run (its id kept in the run directory). W&B takes
+    only increasing steps: after a resume, the steps an interrupted attempt logged past its
+    checkpoint keep its values and the repeats are dropped (W&B warns), unlike TensorBoard above.
+    W&B's rewind would replace them but is a private preview, so it is not relied on."""
+
     def __init__(self, run):
         self.run = run
 
