@@ -60,6 +60,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_step: int | None = None  # a step whose checkpoint pruning spares (train.keep_best)
         self._kept_before: int | None = None  # the previous one, spared until keep_step's is written
+        self.keep_every = 0  # steps that are multiples of it are spared too (train.keep_every)
         # background saves' host copies, kept from one save to the next unless keep_host_memory=False
         self.host_memory = HostMemory(keep=keep_host_memory)
         self.pending: _PendingSave | None = None  # a background save not yet completed
@@ -304,7 +305,7 @@ class CheckpointManager:
         if not any(ref.step == self.keep_step for ref in refs):
             spared.add(self._kept_before)
         for ref in refs[: max(0, len(refs) - self.keep_last)]:
-            if ref.step not in spared:
+            if ref.step not in spared and not (self.keep_every and ref.step % self.keep_every == 0):
                 shutil.rmtree(ref.path, ignore_errors=True)
         # A universal copy made to resume on another world size is not needed once this run has
         # written a checkpoint of its own.

@@ -172,9 +172,17 @@ class TrainSection:
     warmup_steps: int = doc(
         0, "Linear warmup steps: step k (1-based) of the warmup trains with lr × k / warmup_steps."
     )
-    schedule: Literal["cosine", "linear", "constant"] = doc(
+    schedule: Literal["cosine", "linear", "constant", "wsd", "wsd_sqrt"] = doc(
         "cosine",
-        "Decay after warmup, down to lr × min_lr_ratio at max_steps (the last step trains just above it).",
+        "Decay after warmup, down to lr × min_lr_ratio at max_steps (the last step trains just above it). "
+        "wsd / wsd_sqrt: warmup-stable-decay (MiniCPM, DeepSeek LLM): lr held after warmup, then a cooldown "
+        "over the last train.decay_steps steps, linear or 1-sqrt (Hägele et al. 2024), to lr × min_lr_ratio; "
+        "raising max_steps before the cooldown extends the run seamlessly.",
+    )
+    decay_steps: int | None = doc(
+        None,
+        "wsd / wsd_sqrt: steps of the final cooldown. Default: 20% of max_steps. With keep_every, the "
+        "stable phase's checkpoints stay to branch other cooldowns from.",
     )
     weight_decay: float = doc(
         0.1, "AdamW weight decay, applied to matrices (ndim ≥ 2) only: never to biases or norm weights."
@@ -194,6 +202,11 @@ class TrainSection:
         True,
         "Checkpoint at max_steps. false: no checkpoint at the end (throughput tests, smoke runs; such a "
         "run cannot be converted or resumed from its end). A stop for preemption or Ctrl-C still saves.",
+    )
+    keep_every: int = doc(
+        0,
+        "Also keep every checkpoint whose step is a multiple of N: keep_last never prunes them (e.g. a "
+        "wsd run's stable phase, to resume with a cooldown from any of them). 0: none.",
     )
     keep_last: int = doc(
         3, "Complete checkpoints to keep; older ones are deleted after a new one is complete."

@@ -119,6 +119,7 @@ def _check_train(cfg: Config) -> None:
         "train.eval_every": t.eval_every,
         "train.gc_every": t.gc_every,
         "train.warmup_steps": t.warmup_steps,
+        "train.keep_every": t.keep_every,
         "train.early_stopping_patience": t.early_stopping_patience,
         "data.num_workers": cfg.data.num_workers,
         "train.grad_clip": t.grad_clip,
@@ -144,6 +145,13 @@ def _check_train(cfg: Config) -> None:
         )
     if t.straggler_ratio and not t.straggler_ratio > 1:
         raise ConfigError(f"train.straggler_ratio must be > 1 (or 0: no warning), got {t.straggler_ratio}")
+    if t.decay_steps is not None:
+        if not t.schedule.startswith("wsd"):
+            raise ConfigError(
+                f"train.decay_steps only applies to train.schedule wsd or wsd_sqrt (not {t.schedule})"
+            )
+        if t.decay_steps < 1:
+            raise ConfigError(f"train.decay_steps must be ≥ 1, got {t.decay_steps}")
     if t.export_hf and not t.save_final:  # it exports the final checkpoint (an older one, or none)
         raise ConfigError(
             "train.export_hf converts the final checkpoint, which train.save_final=false does not "

@@ -1,4 +1,5 @@
-"""Learning-rate schedule: linear warmup, then cosine or linear decay to lr × min_lr_ratio."""
+"""Learning-rate schedule: linear warmup, then cosine or linear decay to lr × min_lr_ratio, or
+warmup-stable-decay (wsd): the peak held, then a cooldown over the last decay_steps."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Callable
 
 
 def lr_multiplier(
-    schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float
+    schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float, decay_steps: int | None = None
 ) -> Callable[[int], float]:
     """The factor applied to the peak lr at optimizer step `step` (0-based, as LambdaLR counts).
 
@@ -20,10 +21,17 @@ def lr_multiplier(
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        span = max(1, max_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        if schedule == "linear":
+        start = warmup_steps
+        if schedule in ("wsd", "wsd_sqrt"):  # stable until the cooldown's first step
+            start = max(warmup_steps, max_steps - wsd_decay_steps(max_steps, decay_steps))
+            if step < start:
+                return 1.0
+        span = max(1, max_steps - start)
+        progress = min(1.0, (step - start) / span)
+        if schedule in ("linear", "wsd"):
             decay = 1.0 - progress
+        elif schedule == "wsd_sqrt":  # 1-sqrt: matched a cosine run's loss in Hägele et al. 2024
+            decay = 1.0 - math.sqrt(progress)
         else:
             decay = 0.5 * (1.0 + math.cos(math.pi * progress))
         return min_lr_ratio + (1.0 - min_lr_ratio) * decay
@@ -31,7 +39,13 @@ def lr_multiplier(
     return multiplier
 
 
-SCHEDULE_KEYS = ("schedule", "warmup_steps", "max_steps", "min_lr_ratio")
+def wsd_decay_steps(max_steps: int, decay_steps: int | None) -> int:
+    """The cooldown of a wsd schedule: train.decay_steps, or 20% of the run (MiniCPM's 10%, and
+    DeepSeek LLM's 20% of tokens, bracket it)."""
+    return decay_steps if decay_steps is not None else max(1, round(0.2 * max_steps))
+
+
+SCHEDULE_KEYS = ("schedule", "warmup_steps", "max_steps", "min_lr_ratio", "decay_steps")
 
 
 def schedule_settings(train) -> dict:
@@ -53,8 +67,10 @@ def schedule_change_note(saved: dict | None, train, step: int) -> str | None:
     ]
     if not changes:
         return None
-    before = saved["lr"] * lr_multiplier(*(saved[k] for k in SCHEDULE_KEYS))(step)
+    before = saved["lr"] * lr_multiplier(*(saved.get(k) for k in SCHEDULE_KEYS))(step)
     after = train.lr * lr_multiplier(*(getattr(train, k) for k in SCHEDULE_KEYS))(step)
+    if math.isclose(before, after, rel_tol=1e-9):  # no jump (a wsd run extended before its cooldown)
+        return None
     return (
         f"the learning-rate schedule changed since the checkpoint ({'; '.join(changes)}): it is recomputed "
         f"over the new settings, so step {step + 1} trains at lr {after:.3g} where the checkpoint's schedule "

@@ -162,6 +162,7 @@ def build_trainer(
     checkpoints = CheckpointManager(
         cfg.run.output_dir, ctx, cfg.train.keep_last, keep_host_memory=cfg.train.save_async_keep_memory
     )
+    checkpoints.keep_every = cfg.train.keep_every
     if resume_from is not None:
         # every file against the manifest's sha256 before anything reads it; then, on another
         # world size, resume through DeepSpeed's universal format
@@ -172,7 +173,11 @@ def build_trainer(
         if universal:
             ds_config = with_universal_loading(ds_config)
     lr_lambda = lr_multiplier(
-        cfg.train.schedule, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio
+        cfg.train.schedule,
+        cfg.train.warmup_steps,
+        cfg.train.max_steps,
+        cfg.train.min_lr_ratio,
+        cfg.train.decay_steps,
     )
     engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lr_lambda)
     start_step, loaded = 0, {}

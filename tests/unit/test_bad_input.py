@@ -48,6 +48,12 @@ CASES = [
         "train.export_hf converts the final checkpoint, which train.save_final=false does not write",
     ),
     (
+        "decay-steps-without-wsd",
+        {},
+        ["train.decay_steps=5"],
+        "train.decay_steps only applies to train.schedule wsd",
+    ),
+    (
         "flat-key-from-hf",
         {"learning_rate": 1e-3},
         [],

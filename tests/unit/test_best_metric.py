@@ -105,6 +105,24 @@ def test_early_stopping_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, sha
     assert max(r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r) == 6
 
 
+def test_keep_every_spares_its_multiples_from_pruning(tmp_path):
+    """train.keep_every: a wsd run's stable-phase checkpoints stay, to branch cooldowns from."""
+    from types import SimpleNamespace
+
+    from ds_train.checkpoint.layout import STATE_FILE, checkpoints_dir
+    from ds_train.checkpoint.manager import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, SimpleNamespace(rank=0, is_main=True), keep_last=1)
+    manager.keep_every = 4
+    for step in range(2, 12, 2):
+        d = checkpoints_dir(tmp_path) / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / STATE_FILE).write_text("{}")
+    manager._prune()
+    kept = sorted(int(p.name[5:]) for p in checkpoints_dir(tmp_path).glob("step_*"))
+    assert kept == [4, 8, 10]
+
+
 def test_the_old_best_checkpoint_stays_until_the_new_one_is_written(tmp_path):
     """keep_best with save_async: a background save completing after a new best evaluation pruned
     the old best before the new best's checkpoint existed (review)."""

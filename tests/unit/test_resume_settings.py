@@ -96,7 +96,9 @@ def test_a_group_the_loading_changed_is_put_back_without_blaming_the_config(chec
 def test_a_changed_schedule_is_named_with_the_jump_it_makes():
     from ds_train.train.schedule import schedule_change_note, schedule_settings
 
-    ended = SimpleNamespace(lr=1e-3, schedule="cosine", warmup_steps=5, max_steps=20, min_lr_ratio=0.1)
+    ended = SimpleNamespace(
+        lr=1e-3, schedule="cosine", warmup_steps=5, max_steps=20, min_lr_ratio=0.1, decay_steps=None
+    )
     saved = schedule_settings(ended)
     assert schedule_change_note(saved, ended, 20) is None and schedule_change_note(None, ended, 20) is None
     longer = SimpleNamespace(**{**vars(ended), "max_steps": 30})

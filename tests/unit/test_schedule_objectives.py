@@ -24,6 +24,30 @@ def test_warmup_then_cosine_to_min():
     assert lr_multiplier("constant", 5, 100, 0.0)(80) == 1.0
 
 
+def test_warmup_stable_decay_holds_the_peak_then_cools_down():
+    """wsd (pretraining audit: only cosine/linear/constant were offered): warmup, the peak held,
+    then a cooldown over the last decay_steps (default 20% of the run), linear or 1-sqrt."""
+    from types import SimpleNamespace
+
+    from ds_train.train.schedule import schedule_change_note, schedule_settings
+
+    wsd = lr_multiplier("wsd", 10, 100, 0.1, 20)
+    assert wsd(5) == pytest.approx(0.6) and wsd(10) == wsd(79) == wsd(80) == 1.0
+    assert wsd(90) == pytest.approx(0.1 + 0.9 * 0.5) and wsd(99) == pytest.approx(0.1 + 0.9 * 0.05)
+    assert wsd(100) == pytest.approx(0.1)
+    assert lr_multiplier("wsd_sqrt", 10, 100, 0.0, 20)(90) == pytest.approx(1 - math.sqrt(0.5))
+    assert lr_multiplier("wsd", 0, 100, 0.0)(79) == 1.0 and lr_multiplier("wsd", 0, 100, 0.0)(
+        90
+    ) == pytest.approx(0.5)
+    # extended before its cooldown: the same rate at the resumed step, and no warning of a jump
+    before = SimpleNamespace(
+        lr=1e-3, schedule="wsd", warmup_steps=10, max_steps=100, min_lr_ratio=0.1, decay_steps=20
+    )
+    longer = SimpleNamespace(**{**vars(before), "max_steps": 200})
+    assert schedule_change_note(schedule_settings(before), longer, 50) is None
+    assert "step 91 trains at lr 0.001" in schedule_change_note(schedule_settings(before), longer, 90)
+
+
 def test_document_positions_restart_after_eos():
     eos = 0
     tokens = torch.tensor([[5, 6, 0, 7, 8, 9, 0, 4], [0, 3, 3, 3, 0, 0, 2, 2]])
