@@ -53,6 +53,9 @@ def variants(micro: int, layers: int) -> list[Variant]:
         Variant("no_doc_mask", "mask", "model.document_masking=false (plain causal: flash SDPA path)",
                 ["model.document_masking=false"], same_math=False),
         Variant("zero1", "stage", "zero.stage=1", ["zero.stage=1"]),
+        # the cost of fp32 gradient accumulation (Megatron's default; ds-train's is bf16): numerics, not speed
+        Variant("fp32_grads", "grads", "train.grad_dtype=fp32 (gradients accumulated and reduced in fp32)",
+                ["train.grad_dtype=fp32"], same_math=False),
         Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
                 ["model.loss_chunk_tokens=0"]),
         Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",

@@ -194,6 +194,16 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc(
         "auto", "auto: bf16 on GPUs that support it, fp32 on CPU."
     )
+    grad_dtype: Literal["model", "fp32"] = doc(
+        "model",
+        "bf16 runs: the dtype gradients are accumulated over micro-batches and reduced across ranks "
+        "in. model: bf16 (DeepSpeed's and the transformers Trainer's default: half the gradient memory "
+        "and reduce traffic); fp32: Megatron's and torchtitan's choice, no bf16 rounding of the sums "
+        "over long accumulations and many ranks, for fp32 gradient buffers (ZeRO-2: 4 "
+        "bytes a parameter on every rank; ZeRO-3: of its partition; ds-train plan does not count them) "
+        "and twice the traffic. "
+        "fp32 needs zero.stage 2 or 3 (DeepSpeed offers it at stage 1 only through another optimizer).",
+    )
     log_every: int = doc(10, "Write a metrics.jsonl line (and TensorBoard scalars) every N steps.")
     save_every: int = doc(
         100, "Checkpoint every N steps (and at the end unless save_final=false). 0: only at the end."

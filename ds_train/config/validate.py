@@ -152,6 +152,8 @@ def _check_train(cfg: Config) -> None:
             )
         if t.decay_steps < 1:
             raise ConfigError(f"train.decay_steps must be ≥ 1, got {t.decay_steps}")
+    if t.grad_dtype == "fp32" and t.precision == "fp16":
+        raise ConfigError("train.grad_dtype=fp32 applies to bf16 runs (fp16 keeps its loss-scaled gradients)")
     if t.export_hf and not t.save_final:  # it exports the final checkpoint (an older one, or none)
         raise ConfigError(
             "train.export_hf converts the final checkpoint, which train.save_final=false does not "
@@ -196,6 +198,13 @@ def _check_zero(cfg: Config) -> None:
         raise ConfigError(
             "train.nonfinite=skip needs zero.stage ≥ 1 (or bf16/fp16): ZeRO's optimizers discard an "
             "update whose gradient norm is not finite, plain fp32 data parallel does not"
+        )
+    if cfg.train.grad_dtype == "fp32" and z.stage < 2 and cfg.train.precision != "fp32":
+        # stage 0 has none; stage 1 would swap in DeepSpeed's BF16_Optimizer, another checkpoint
+        # layout that ds_train's resume and conversion are not tested with
+        raise ConfigError(
+            f"train.grad_dtype=fp32 needs zero.stage 2 or 3 (got {z.stage}): DeepSpeed accumulates "
+            "bf16 gradients in fp32 only in its ZeRO-2/3 optimizers"
         )
     if z.offload_optimizer == "nvme" and z.stage != 3:
         raise ConfigError("zero.offload_optimizer=nvme is only supported with zero.stage=3")

@@ -116,6 +116,9 @@ def build_deepspeed_config(cfg: Config, data_parallel_size: int, largest_param: 
     }
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        if cfg.train.grad_dtype == "fp32":  # accumulated over micro-batches and reduced in fp32
+            ds["data_types"] = {"grad_accum_dtype": "fp32"}
+            ds["communication_data_type"] = "fp32"
     elif precision == "fp16":
         ds["fp16"] = {
             "enabled": True,

@@ -27,9 +27,17 @@ def test_activation_checkpointing_is_exact_and_bf16_is_close(tmp_path, shards):
         _train(tmp_path, shards, "actckpt", train=train, model={"activation_checkpointing": True})
     )
     bf16 = train_losses(_train(tmp_path, shards, "bf16", train={**train, "precision": "bf16"}))
+    # train.grad_dtype=fp32 (pretraining audit): gradients summed over 4 micro-batches in fp32
+    fp32_grads = train_losses(
+        _train(
+            tmp_path, shards, "bf16-fp32-grads", train={**train, "precision": "bf16", "grad_dtype": "fp32"}
+        )
+    )
     for step in plain:
         assert ckpt[step] == pytest.approx(plain[step], rel=1e-5)
         assert bf16[step] == pytest.approx(plain[step], rel=2e-2)
+        assert fp32_grads[step] == pytest.approx(plain[step], rel=2e-2)
+    assert fp32_grads[1] == bf16[1] and fp32_grads != bf16  # the same first forward; other updates
 
 
 def test_compiled_blocks_train_like_eager_and_resume_without_compile(tmp_path, shards):

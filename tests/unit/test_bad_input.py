@@ -48,6 +48,12 @@ CASES = [
         "train.export_hf converts the final checkpoint, which train.save_final=false does not write",
     ),
     (
+        "fp32-grads-at-stage-1",
+        {},
+        ["train.grad_dtype=fp32", "train.precision=bf16", "zero.stage=1"],
+        "train.grad_dtype=fp32 needs zero.stage 2 or 3 (got 1)",
+    ),
+    (
         "decay-steps-without-wsd",
         {},
         ["train.decay_steps=5"],

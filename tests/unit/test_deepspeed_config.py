@@ -93,3 +93,12 @@ def test_deepspeeds_throughput_timer_and_its_device_syncs_are_off():
     ds = build_deepspeed_config(_cfg(stage=2), 2)
     assert get_timers_config(ds).enabled is False  # as DeepSpeed reads it
     assert get_timers_config({}).synchronized is True  # DeepSpeed's default, which this avoids
+
+
+def test_fp32_gradients_of_a_bf16_run_are_accumulated_and_reduced_in_fp32():
+    cfg = _cfg(stage=2)
+    cfg.train.precision, cfg.train.grad_dtype = "bf16", "fp32"
+    ds = build_deepspeed_config(cfg, data_parallel_size=2)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32"} and ds["communication_data_type"] == "fp32"
+    cfg.train.grad_dtype = "model"  # DeepSpeed's default: bf16
+    assert not {"data_types", "communication_data_type"} & set(build_deepspeed_config(cfg, 2))
