@@ -20,10 +20,11 @@ if TYPE_CHECKING:
 def interval_record(
     t: Trainer, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict
 ) -> dict:
-    """`pending`: the interval's steps, each [this rank's loss sum, global target tokens];
+    """`pending`: the interval's steps, each [this rank's loss sum, global target tokens, the
+    global gradient norm (NaN: none)];
     `waited`: this rank's seconds in the loader; `side`: evaluation and save seconds, paused out."""
     elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
-    stacked = torch.stack(pending)  # [steps, (local loss sum, global targets)]
+    stacked = torch.stack(pending)  # [steps, (local loss sum, global targets, grad norm)]
     # one sum for the interval's losses and the skipped-sample count, one max for the wait
     skipped = torch.tensor([float(t.skipped_samples)], device=stacked.device)
     sums = all_reduce_sum(torch.cat([stacked[:, 0], skipped]).double())
@@ -31,16 +32,23 @@ def interval_record(
     # Maxima over ranks. The slowest rank's loader wait: every rank waits for it at the next
     # collective, so its stall is the job's (a rank on a slow disk shows, not only rank 0's).
     # Memory: the fullest rank is the one that runs out.
+    # The interval's largest gradient norm (the same on every rank) rides along: a spike inside
+    # the interval showed nowhere, the record kept the last step's (pretraining audit).
     memory = {**device_memory(t.ctx.device), "host_peak_rss_gib": host_peak_rss_gib()}
-    maxima = all_reduce_max(
-        torch.tensor([waited, *memory.values()], dtype=torch.float64, device=t.ctx.device)
-    ).tolist()
+    norms = stacked[:, 2].double()
+    norm_max = torch.where(norms.isnan(), -1.0, norms).max().reshape(1)  # -1: no norm in the interval
+    local = torch.tensor([waited, *memory.values()], dtype=torch.float64, device=t.ctx.device)
+    maxima = all_reduce_max(torch.cat([local, norm_max.to(local.device)])).tolist()
+    largest_norm = maxima.pop()
+    grad_norm_max = largest_norm if largest_norm >= 0 else None
     # Clamped to this rank's interval: a rank's loader time overlapping rank 0's logging
     # (paused out of rank 0's clock) must not read as more than the whole step.
     slowest_wait, memory = min(maxima[0], elapsed), dict(zip(memory, maxima[1:], strict=True))
     if "alloc_retries" in memory:
         memory["alloc_retries"] = int(memory["alloc_retries"])
     loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
+    # the interval's worst step (each step's loss over its own targets): from the same reduced sums
+    loss_max = float((losses / stacked[:, 1].double().clamp(min=1)).max())
     steps = len(pending)
     tokens_step = t.layout.global_batch_size * t.s.seq_len
     tps = steps * tokens_step / max(elapsed, 1e-9)
@@ -50,6 +58,8 @@ def interval_record(
         "loss": loss,
         "lr": t._step_lr,  # the rate the interval's last step trained with
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "loss_max": loss_max,
+        "grad_norm_max": grad_norm_max,
         # trained so far, this run's batch size since the resume and the checkpoint's count before
         # it (after run.force_resume with another global_batch_size, step × batch is not that)
         "tokens": t.samples_trained() * t.s.seq_len,

@@ -218,7 +218,7 @@ class Trainer:
             losses = self._train_step(micro, global_targets)
             self.step += 1
             self._unchecked = (micro, losses)
-            pending.append(torch.stack([losses.sum(), global_targets]))
+            pending.append(torch.stack([losses.sum(), global_targets, self._grad_norm(losses)]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
                 self._log(pending, interval_start, waited, side)
@@ -388,6 +388,15 @@ class Trainer:
         if stop and self.stop_reason is None:
             self.stop_reason = "another rank received a stop signal"
         return flags[0], stop
+
+    def _grad_norm(self, like: torch.Tensor) -> torch.Tensor:
+        """This step's global gradient norm (before clipping) as a device scalar, NaN where
+        DeepSpeed has none: kept per step for the interval's maximum, with no host sync."""
+        norm = self.engine.get_global_grad_norm()
+        if torch.is_tensor(norm):  # copied: the engine may overwrite its own in place next step
+            return norm.detach().reshape(()).to(like.dtype, copy=True)
+        value = float("nan") if norm is None else float(norm)
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
         record = interval_record(self, pending, interval_start, waited, side)

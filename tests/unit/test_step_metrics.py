@@ -125,3 +125,23 @@ def test_zero0_without_clipping_logs_the_gradient_norm(tmp_path, shards):
         norms[clip] = [r["grad_norm"] for r in read_metrics(run) if "loss" in r]
     assert all(n is not None and n > 0 for n in norms[0.0])
     assert norms[0.0] == pytest.approx(norms[1e9], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_an_interval_names_its_worst_step(tmp_path, shards):
+    """loss_max and grad_norm_max: a spike inside a log interval showed nowhere, the record kept
+    the interval's mean loss and its last step's norm (pretraining audit). Logged every 3 steps,
+    they are the maxima of what the same run logs step by step."""
+    from tests.helpers import base_config, read_metrics, run_cli, write_config
+
+    records = {}
+    for every in (1, 3):
+        run = tmp_path / f"every{every}"
+        cfg = base_config(run, shards, train={"max_steps": 3, "log_every": every, "lr": 1e-2})
+        run_cli(["pretrain", write_config(tmp_path / f"e{every}.yaml", cfg)])
+        records[every] = [r for r in read_metrics(run) if "loss" in r]
+    steps, (interval,) = records[1], records[3]
+    assert all(r["loss_max"] == r["loss"] and r["grad_norm_max"] == r["grad_norm"] for r in steps)
+    assert interval["loss_max"] == pytest.approx(max(r["loss"] for r in steps), rel=1e-9)
+    assert interval["grad_norm_max"] == pytest.approx(max(r["grad_norm"] for r in steps), rel=1e-9)
+    assert len({r["grad_norm"] for r in steps}) == 3  # three different norms: the maximum is a choice
