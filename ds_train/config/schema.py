@@ -116,6 +116,13 @@ class ModelSection:
         "non-targets). 0: full logits, as transformers computes them. Models that transform logits "
         "after the head (soft-capping) always use full logits.",
     )
+    z_loss: float = doc(
+        0.0,
+        "Weight of PaLM's z-loss, added to the training loss: z · (log Z)² per target token, Z the "
+        "softmax's normaliser, which keeps the output logits from drifting (bf16 stability; PaLM and "
+        "OLMo 2 use 1e-4). Logged as z_loss beside the cross-entropy loss; evaluations leave it out. "
+        "Language-model objectives only (not classification). 0: off.",
+    )
 
 
 @dataclass

@@ -83,6 +83,8 @@ def _check_model(cfg: Config) -> None:
         )
     if m.pad_vocab_multiple < 1:
         raise ConfigError("model.pad_vocab_multiple must be ≥ 1")
+    if not 0 <= m.z_loss < 1:
+        raise ConfigError(f"model.z_loss must be within [0, 1) (1e-4 is usual; 0: off), got {m.z_loss}")
     if m.loss_chunk_tokens < 0:
         raise ConfigError(f"model.loss_chunk_tokens must be ≥ 0 (0: full logits), got {m.loss_chunk_tokens}")
     if m.activation_checkpointing_layers < 0:

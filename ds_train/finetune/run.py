@@ -63,13 +63,17 @@ def build_objective(cfg: Config, pre: FinetunePreflight, train_counts: dict[str,
     task = cfg.finetune.task
     chunk = cfg.model.loss_chunk_tokens
     if task == "sft":
-        return SupervisedFineTuning(loss_chunk_tokens=chunk)
+        return SupervisedFineTuning(loss_chunk_tokens=chunk, z_loss=cfg.model.z_loss)
     if task == "classification":
         weights = class_weights(cfg.finetune.class_weights, pre.class_names, train_counts or {})
         return SequenceClassification(pre.class_names, class_weights=weights)
     # continued pretraining: pretraining's masked-LM objective, unchanged
     return MaskedLM.from_tokenizer(
-        pre.tokenizer, seed=cfg.run.seed, probability=cfg.data.mlm_probability, loss_chunk_tokens=chunk
+        pre.tokenizer,
+        seed=cfg.run.seed,
+        probability=cfg.data.mlm_probability,
+        loss_chunk_tokens=chunk,
+        z_loss=cfg.model.z_loss,
     )
 
 

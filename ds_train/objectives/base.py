@@ -87,6 +87,7 @@ def build_objective(
     document_masking: bool,
     mlm_probability: float = 0.15,
     loss_chunk_tokens: int = 0,
+    z_loss: float = 0.0,
 ) -> Objective:
     from ds_train.objectives.causal_lm import CausalLM
     from ds_train.objectives.masked_lm import MaskedLM
@@ -94,9 +95,13 @@ def build_objective(
     if name == "causal_lm":
         eos = tokenizer.eos_token_id if document_masking else None
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id != tokenizer.eos_token_id else None
-        return CausalLM(eos_id=eos, pad_id=pad, loss_chunk_tokens=loss_chunk_tokens)
+        return CausalLM(eos_id=eos, pad_id=pad, loss_chunk_tokens=loss_chunk_tokens, z_loss=z_loss)
     if name == "masked_lm":
         return MaskedLM.from_tokenizer(
-            tokenizer, seed=seed, probability=mlm_probability, loss_chunk_tokens=loss_chunk_tokens
+            tokenizer,
+            seed=seed,
+            probability=mlm_probability,
+            loss_chunk_tokens=loss_chunk_tokens,
+            z_loss=z_loss,
         )
     raise ValueError(f"unknown objective {name}")

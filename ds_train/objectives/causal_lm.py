@@ -16,6 +16,7 @@ class CausalLM:
     eos_id: int | None  # None: no document masking, positions run 0..T-1 over the whole row
     pad_id: int | None = None  # padding of a shard set's last row: never a target
     loss_chunk_tokens: int = 0  # > 0: the chunked, target-only head loss (head_loss.py)
+    z_loss: float = 0.0  # model.z_loss: PaLM's z-loss weight (head_loss.lm_loss_sum)
     name: str = "causal_lm"
 
     def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -35,7 +36,7 @@ class CausalLM:
         return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens)
+        return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens, z_loss=self.z_loss)
 
     def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens, by_row=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ds_train.objectives.base import row_cross_entropy, summed_cross_entropy, target_index
+from ds_train.objectives.base import IGNORE_INDEX, row_cross_entropy, summed_cross_entropy, target_index
 
 # HF config attributes of a post-head transformation of the logits (None or 1.0 when unused)
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
@@ -40,35 +40,43 @@ class _LinearCrossEntropy(torch.autograd.Function):
     gradients computed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk: int):
+    def forward(ctx, hidden, weight, bias, labels, chunk: int, z_loss: float):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulators: chunk contributions are summed here, rounded once at the end
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk, None]
-            logp = torch.log_softmax(F.linear(h, weight, bias).float(), dim=-1)
+            logits = F.linear(h, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # log Z, the softmax's normaliser
+            logp = logits.sub_(lse)  # in place: the chunk's logits become its log-probabilities
             total -= logp.gather(1, y).sum()
             grad = logp.exp_()  # d(sum of -log p_y)/d logits = softmax - one_hot(y)
+            if z_loss:  # + z·(log Z)²: d/d logits = 2z·log Z·softmax
+                z_sum += lse.square().sum()
+                grad.mul_(1.0 + 2.0 * z_loss * lse)
             grad.scatter_add_(1, y, torch.full(y.shape, -1.0, device=grad.device))
             grad = grad.to(weight.dtype)
-            if need_h:
-                grad_h[start : start + chunk] = grad @ weight
+            if need_h:  # written in place: no [chunk, hidden] temporary beside the chunk's gradient
+                torch.mm(grad, weight, out=grad_h[start : start + chunk])
             if need_w and weight.dtype == torch.float32:
                 grad_w.addmm_(grad.t(), h)  # in place: no [vocab, hidden] temporary
             elif need_w:  # bf16/fp16: the chunk's product rounds once, the sum stays fp32;
                 grad_w.add_(grad.t() @ h)  # add_ upcasts element by element: no fp32 copy of it
             if need_b:
                 grad_b += grad.float().sum(0)
-            del logp, grad  # freed before the next chunk's logits are allocated, not after
+            del logits, logp, grad  # freed before the next chunk's logits are allocated, not after
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
-        return total
+        z_term = z_loss * z_sum
+        ctx.mark_non_differentiable(z_term)
+        return total + z_term, z_term
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_z_term):
         # Scaled in place: these buffers are this node's alone and backward runs once, so the
         # start of backward (all activations still alive) holds no second weight-sized copy.
         grad_h, grad_w, grad_b = ctx.saved_tensors
@@ -79,21 +87,36 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_b is None else grad_b.mul_(grad_out).to(b_dtype),
             None,
             None,
+            None,
         )
 
 
 def linear_cross_entropy_sum(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, chunk: int
 ) -> torch.Tensor:
-    """sum_i CE(hidden[i] @ weight.T + bias, labels[i]) for hidden `[n, H]`, labels `[n]`, all targets;
-    never more than `chunk` rows of logits at a time. fp32 scalar."""
+    """sum_i CE(hidden[i] @ weight.T + bias, labels[i]), as `linear_cross_entropy_z` without z-loss."""
+    return linear_cross_entropy_z(hidden, weight, bias, labels, chunk)[0]
+
+
+def linear_cross_entropy_z(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk: int,
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum_i CE(hidden[i] @ weight.T + bias, labels[i]) + z-term, z-term) for hidden `[n, H]`,
+    labels `[n]`, all targets; the z-term is z_loss · sum_i (log Z_i)², PaLM's z-loss (0 when
+    z_loss is 0 or without gradients: evaluation leaves it out). Never more than `chunk` rows of
+    logits at a time. fp32 scalars."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, z_loss)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], chunk):
         logits = F.linear(hidden[start : start + chunk], weight, bias).float()
         total += F.cross_entropy(logits, labels[start : start + chunk], reduction="sum")
-    return total
+    return total, torch.zeros_like(total)
 
 
 def linear_cross_entropy_rows(
@@ -137,18 +160,27 @@ def lm_loss_sum(
     chunk: int,
     *,
     by_row: bool = False,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Summed token loss of `model(**inputs)` against `batch["labels"]`: through the chunked,
     target-only head when `chunk` > 0 and the model allows it, else from the full logits.
-    `by_row` (evaluation, no gradient): a `[rows]` tensor, each row's summed loss."""
+    `by_row` (evaluation, no gradient): a `[rows]` tensor, each row's summed loss. `z_loss` > 0
+    (training): PaLM's z-loss added, z · sum over targets of (log Z)², the log of the softmax's
+    normaliser, which keeps the logits from drifting (bf16 stability); that term alone, detached,
+    goes to `batch["z_loss"]`, so the trainer logs the cross-entropy and the z-loss apart."""
     head = fused_head(model) if chunk > 0 else None
     if head is None:
         logits = model(**inputs).logits
-        return (
-            row_cross_entropy(logits, batch["labels"])
-            if by_row
-            else summed_cross_entropy(logits, batch["labels"])
-        )
+        if by_row:
+            return row_cross_entropy(logits, batch["labels"])
+        loss = summed_cross_entropy(logits, batch["labels"])
+        if z_loss and torch.is_grad_enabled():
+            targets = (batch["labels"] != IGNORE_INDEX).reshape(-1).float()  # a mask: no host sync
+            lse = torch.logsumexp(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+            z_term = z_loss * (lse.square() * targets).sum()
+            batch["z_loss"] = z_term.detach()
+            loss = loss + z_term
+        return loss
     labels = batch["labels"].reshape(-1)
     index = batch.get("target_index")
     if index is None:  # a batch not from our collate: find the targets here (a host sync on GPU)
@@ -161,7 +193,10 @@ def lm_loss_sum(
             flat, targets, where = flat.index_select(0, index), labels.index_select(0, index), index
         calls.append(flat.shape[0])
         if not by_row:
-            return linear_cross_entropy_sum(flat, head.weight, head.bias, targets, chunk)
+            loss, z_term = linear_cross_entropy_z(flat, head.weight, head.bias, targets, chunk, z_loss)
+            if z_loss and torch.is_grad_enabled():
+                batch["z_loss"] = z_term
+            return loss
         if where is None:
             where = torch.arange(flat.shape[0], device=flat.device)
         rows = torch.div(where, hidden.shape[1], rounding_mode="floor")  # flat position → row

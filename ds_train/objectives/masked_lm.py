@@ -29,11 +29,12 @@ class MaskedLM:
     seed: int
     probability: float = 0.15
     loss_chunk_tokens: int = 0  # > 0: the head runs on the masked tokens only, chunked (head_loss.py)
+    z_loss: float = 0.0  # model.z_loss: PaLM's z-loss weight (head_loss.lm_loss_sum)
     name: str = "masked_lm"
 
     @classmethod
     def from_tokenizer(
-        cls, tokenizer, *, seed: int, probability: float, loss_chunk_tokens: int = 0
+        cls, tokenizer, *, seed: int, probability: float, loss_chunk_tokens: int = 0, z_loss: float = 0.0
     ) -> MaskedLM:
         require_mask_token(tokenizer, "model.objective=masked_lm")
         return cls(
@@ -43,6 +44,7 @@ class MaskedLM:
             seed=seed,
             probability=probability,
             loss_chunk_tokens=loss_chunk_tokens,
+            z_loss=z_loss,
         )
 
     def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -71,7 +73,9 @@ class MaskedLM:
         return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss_sum(model, {"input_ids": batch["input_ids"]}, batch, self.loss_chunk_tokens)
+        return lm_loss_sum(
+            model, {"input_ids": batch["input_ids"]}, batch, self.loss_chunk_tokens, z_loss=self.z_loss
+        )
 
     def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"]}

@@ -37,10 +37,10 @@ target-only head loss (ds_train/objectives/head_loss.py) saves no logits: per ta
 the hidden state's gradient (e·h, in place of the head's input), and once per micro-batch the fp32
 weight-gradient accumulator (4·V·h, + 4V with a bias); its peak is one chunk of c tokens' logits:
 
-    chunked loss peak:    max(8·c·V, (4 + e)·c·V + e·V·h when e < 4)
-                          (the chunk's fp32 logits and their log-softmax; then the log-softmax
-                          and its model-dtype copy next to the chunk's [V, h] weight-gradient
-                          product, which fp32 accumulates in place)
+    chunked loss peak:    4·c·V when e = 4, else (4 + e)·c·V + e·V·h
+                          (the chunk's fp32 logits, turned into log-probabilities and then their
+                          gradient in place; below fp32, their model-dtype copy next to the
+                          chunk's [V, h] weight-gradient product, which fp32 accumulates in place)
 
 With activation checkpointing of the first K of the L blocks (model.activation_checkpointing_layers;
 all by default) each of those keeps only its input (e·h per token), and one block's activations
@@ -259,8 +259,9 @@ def loss_peak_bytes(
     if not loss.chunked:
         return targets * 8 * v
     c = min(loss.chunk_tokens, targets)
-    product = e * v * shape.hidden if e < 4 else 0  # fp32 accumulates with addmm_, in place
-    return max(8 * c * v, (4 + e) * c * v + product)
+    if e == 4:  # one fp32 chunk, worked on in place; the weight gradient accumulates with addmm_
+        return 4 * c * v
+    return (4 + e) * c * v + e * v * shape.hidden
 
 
 def _layer_bytes_per_token(shape: ModelShape, seq_len: int, precision: Precision, attention: str) -> float:

@@ -21,14 +21,14 @@ def interval_record(
     t: Trainer, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict
 ) -> dict:
     """`pending`: the interval's steps, each [this rank's loss sum, global target tokens, the
-    global gradient norm (NaN: none)];
+    global gradient norm (NaN: none), this rank's z-loss sum];
     `waited`: this rank's seconds in the loader; `side`: evaluation and save seconds, paused out."""
     elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
-    stacked = torch.stack(pending)  # [steps, (local loss sum, global targets, grad norm)]
+    stacked = torch.stack(pending)  # [steps, (local loss sum, global targets, grad norm, local z-loss)]
     # one sum for the interval's losses and the skipped-sample count, one max for the wait
     skipped = torch.tensor([float(t.skipped_samples)], device=stacked.device)
-    sums = all_reduce_sum(torch.cat([stacked[:, 0], skipped]).double())
-    losses, skipped_samples = sums[:-1], int(sums[-1])
+    sums = all_reduce_sum(torch.cat([stacked[:, 0], stacked[:, 3].sum().reshape(1), skipped]).double())
+    losses, z_sum, skipped_samples = sums[:-2], sums[-2], int(sums[-1])
     # Maxima over ranks. The slowest rank's loader wait: every rank waits for it at the next
     # collective, so its stall is the job's (a rank on a slow disk shows, not only rank 0's).
     # Memory: the fullest rank is the one that runs out.
@@ -59,6 +59,10 @@ def interval_record(
         "lr": t._step_lr,  # the rate the interval's last step trained with
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "loss_max": loss_max,
+        # model.z_loss: its term per target token, beside (not in) the cross-entropy `loss`
+        **(
+            {"z_loss": float(z_sum / stacked[:, 1].double().sum().clamp(min=1))} if t.objective_z_loss else {}
+        ),
         "grad_norm_max": grad_norm_max,
         # trained so far, this run's batch size since the resume and the checkpoint's count before
         # it (after run.force_resume with another global_batch_size, step × batch is not that)

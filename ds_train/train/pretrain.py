@@ -209,6 +209,7 @@ def _run(
         document_masking=cfg.model.document_masking,
         mlm_probability=cfg.data.mlm_probability,
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
+        z_loss=cfg.model.z_loss,
     )
     zero_ctx = HfZeroContext(ds_config)
     try:

@@ -218,7 +218,7 @@ class Trainer:
             losses = self._train_step(micro, global_targets)
             self.step += 1
             self._unchecked = (micro, losses)
-            pending.append(torch.stack([losses.sum(), global_targets, self._grad_norm(losses)]))
+            pending.append(torch.stack([losses.sum(), global_targets, self._grad_norm(losses), self._z_sum]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
                 self._log(pending, interval_start, waited, side)
@@ -251,6 +251,11 @@ class Trainer:
         self._say_best()
         self._emit("on_train_end")
         return 0
+
+    @property
+    def objective_z_loss(self) -> float:
+        """model.z_loss of the objective (0: none, or an objective without one)."""
+        return getattr(self.objective, "z_loss", 0.0)
 
     @property
     def final_record(self) -> dict:
@@ -351,12 +356,17 @@ class Trainer:
         """Summed loss of each micro-batch (so a non-finite one can be named)."""
         scale = self.ctx.world_size / global_targets.clamp(min=1)
         losses = torch.zeros(len(micro), device=self.ctx.device)
+        self._z_sum = torch.zeros((), device=self.ctx.device)
         for k, batch in enumerate(micro):
             batch = self._to_device(batch)
             with self.stragglers.clock:
                 loss_sum = self.objective.loss_sum(self.engine, batch)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()
+            z_term = batch.get("z_loss")  # model.z_loss: trained on, logged apart from the loss
+            if z_term is not None:
+                self._z_sum += z_term
+                loss_sum = loss_sum.detach() - z_term
             losses[k] = loss_sum.detach()
         return losses
 

@@ -55,6 +55,31 @@ def test_linear_cross_entropy_matches_full_logits(chunk):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("chunk", [1, 8, 1000])
+def test_z_loss_gradients_match_autograd_of_the_full_logits(chunk):
+    """model.z_loss (pretraining audit): z · sum (log Z)² added in the chunked forward, its
+    gradient 2z·log Z·softmax folded into the logits' gradient; checked against autograd."""
+    from ds_train.objectives.head_loss import linear_cross_entropy_z
+
+    z = 0.05
+    hidden, weight, bias, labels = leaves()
+
+    def full():
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        return summed_cross_entropy(logits, labels) + z * torch.logsumexp(logits, -1).square().sum()
+
+    ref_loss, ref_grads = grads(full, [hidden, weight, bias])
+    loss, got = grads(
+        lambda: linear_cross_entropy_z(hidden, weight, bias, labels, chunk, z)[0], [hidden, weight, bias]
+    )
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-6)
+    for name, a, b in zip(("hidden", "weight", "bias"), got, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    ce = linear_cross_entropy_sum(hidden, weight, bias, labels, chunk)
+    z_term = linear_cross_entropy_z(hidden, weight, bias, labels, chunk, z)[1]
+    assert z_term.item() == pytest.approx(ref_loss.item() - ce.item(), rel=1e-5) and z_term.item() > 0
+
+
 def test_frozen_head_and_no_grad():
     hidden, weight, _, labels = leaves(bias=False)
     weight.requires_grad_(False)  # e.g. LoRA: the head is frozen, only the hidden states need grads
@@ -138,6 +163,24 @@ def compare_objective(model, full, chunked, rows, sample_ids):
     return batch
 
 
+def test_z_loss_of_the_chunked_head_equals_full_logits():
+    """The objective's z-loss is the same through the chunked head and from full logits, and the
+    term alone is handed to the trainer (batch["z_loss"]) to be logged apart from the loss."""
+    model = model_from(MICRO_LLAMA)
+    rows = np.random.default_rng(1).integers(3, VOCAB, (2, 17)).astype(np.uint16)
+    plain = CausalLM(eos_id=2, pad_id=1).loss_sum(model, CausalLM(eos_id=2, pad_id=1).collate(rows, [0, 1]))
+    batch = compare_objective(
+        model, CausalLM(eos_id=2, pad_id=1, z_loss=0.01), CausalLM(eos_id=2, pad_id=1, loss_chunk_tokens=5, z_loss=0.01),
+        rows, [0, 1],
+    )  # fmt: skip
+    assert batch["z_loss"].item() > 0
+    total = CausalLM(eos_id=2, pad_id=1, z_loss=0.01)
+    with_z = total.collate(rows, [0, 1])
+    assert total.loss_sum(model, with_z).item() == pytest.approx(
+        plain.item() + with_z["z_loss"].item(), rel=1e-5
+    )
+
+
 def test_causal_lm_with_padding_equals_full_logits():
     model = model_from(MICRO_LLAMA)
     rows = np.random.default_rng(0).integers(3, VOCAB, (3, 17)).astype(np.uint16)
@@ -153,9 +196,9 @@ def test_masked_lm_runs_the_head_on_masked_tokens_only(monkeypatch):
     rows = np.random.default_rng(1).integers(5, VOCAB, (4, 33)).astype(np.uint16)
     kwargs = {"mask_id": 4, "vocab_size": VOCAB, "special_ids": (0, 1, 2, 3, 4), "seed": 3}
     head_rows = []
-    inner = head_loss.linear_cross_entropy_sum
+    inner = head_loss.linear_cross_entropy_z
     monkeypatch.setattr(
-        head_loss, "linear_cross_entropy_sum", lambda h, *a: head_rows.append(h.shape[0]) or inner(h, *a)
+        head_loss, "linear_cross_entropy_z", lambda h, *a: head_rows.append(h.shape[0]) or inner(h, *a)
     )
     batch = compare_objective(
         model, MaskedLM(**kwargs), MaskedLM(**kwargs, loss_chunk_tokens=16), rows, [0, 1, 2, 3]

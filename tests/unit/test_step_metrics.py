@@ -145,3 +145,20 @@ def test_an_interval_names_its_worst_step(tmp_path, shards):
     assert interval["loss_max"] == pytest.approx(max(r["loss"] for r in steps), rel=1e-9)
     assert interval["grad_norm_max"] == pytest.approx(max(r["grad_norm"] for r in steps), rel=1e-9)
     assert len({r["grad_norm"] for r in steps}) == 3  # three different norms: the maximum is a choice
+
+
+@pytest.mark.slow
+def test_z_loss_trains_and_is_logged_apart_from_the_loss(tmp_path, shards):
+    """model.z_loss: the logged loss stays the cross-entropy (step 1, before any update, equals
+    the run without it), z_loss is logged beside it, and the updates differ."""
+    from tests.helpers import base_config, read_metrics, run_cli, write_config
+
+    out = {}
+    for z in (0.0, 0.01):
+        run = tmp_path / f"z{z:g}"
+        cfg = base_config(run, shards, train={"max_steps": 2, "lr": 1e-2}, model={"z_loss": z})
+        run_cli(["pretrain", write_config(tmp_path / f"z{z:g}.yaml", cfg)])
+        out[z] = [r for r in read_metrics(run) if "loss" in r]
+    assert out[0.01][0]["loss"] == pytest.approx(out[0.0][0]["loss"], rel=1e-6)
+    assert out[0.01][1]["loss"] != pytest.approx(out[0.0][1]["loss"], rel=1e-6)
+    assert all(r["z_loss"] > 0 for r in out[0.01]) and "z_loss" not in out[0.0][0]
