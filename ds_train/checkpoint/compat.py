@@ -142,8 +142,8 @@ def check_data_resume(
             (f"seq_len {data['seq_len']} (shards now: {seq_len})", "point data.train at the original shards")
         )
     if data.get("seed") not in (None, seed):
-        problems.append((f"run.seed={data['seed']} (now {seed}), which fixes the {stream} order",
-                         f"set run.seed={data['seed']}"))  # fmt: skip
+        problems.append((f"data seed {data['seed']} (now {seed}), which fixes the {stream} order",
+                         f"set data.seed={data['seed']}"))  # fmt: skip
     if data.get("fingerprint") not in (None, fingerprint_now):
         restore = "point data.train at the original shards" if changed == SHARDS_CHANGED else "restore them"
         problems.append((changed, restore))

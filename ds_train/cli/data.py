@@ -57,7 +57,7 @@ def _plan_and_layout(args: argparse.Namespace, world_size: int):
     # the same arguments pretrain passes (train/pretrain.py: _plan_on_rank0)
     shuffle = cfg.data.shuffle and not args.valid
     plan = build_plan(
-        spec, seed=cfg.run.seed, shuffle=shuffle, window=cfg.data.shuffle_window, evaluation=args.valid
+        spec, seed=cfg.data_seed, shuffle=shuffle, window=cfg.data.shuffle_window, evaluation=args.valid
     )
     return cfg, plan, batch_layout(cfg.train, world_size)
 

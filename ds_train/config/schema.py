@@ -142,6 +142,12 @@ class DataSection:
         16, "Shards whose rows are shuffled together. Larger mixes better; memory is per-row indices only."
     )
     mlm_probability: float = doc(0.15, "Fraction of tokens masked for the masked_lm objective.")
+    seed: int | None = doc(
+        None,
+        "Seed of the data order (shuffle, mixture draws) and of masked-LM masking. Default: run.seed, "
+        "which then seeds everything. Set apart, a seed study varies the initialisation with the data "
+        "order fixed, or the order with the same initial weights (OLMo-core's data seed).",
+    )
     cache_dir: str | None = doc(
         None, "Local cache for remote shards (http/s3/pipe). Default: <output_dir>/shard_cache."
     )
@@ -450,6 +456,11 @@ class Config:
     zero: ZeroSection = field(default_factory=ZeroSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     profile: ProfileSection = field(default_factory=ProfileSection)
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data order and masking: data.seed, or run.seed."""
+        return self.data.seed if self.data.seed is not None else self.run.seed
 
 
 SECTIONS: dict[str, type] = {

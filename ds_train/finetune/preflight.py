@@ -117,7 +117,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
         # the loader's plan fingerprint: what pretraining's data state records, checked on resume
         fp = build_plan(
             cfg.data.train,
-            seed=cfg.run.seed,
+            seed=cfg.data_seed,
             shuffle=cfg.data.shuffle,
             window=cfg.data.shuffle_window,
             shard_sets=shard_sets["train"],
@@ -220,7 +220,7 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         where=str(ref.path),
         fingerprint_now=pre.data_fingerprint,
         seq_len=None,
-        seed=cfg.run.seed,
+        seed=cfg.data_seed,
         # shards: pretraining's loader and window; JSON lines: one permutation of all rows
         order=order_settings(cfg.data.shuffle, cfg.data.shuffle_window if cfg.data.train else 1),
         force=cfg.run.force_resume,

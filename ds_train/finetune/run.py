@@ -70,7 +70,7 @@ def build_objective(cfg: Config, pre: FinetunePreflight, train_counts: dict[str,
     # continued pretraining: pretraining's masked-LM objective, unchanged
     return MaskedLM.from_tokenizer(
         pre.tokenizer,
-        seed=cfg.run.seed,
+        seed=cfg.data_seed,
         probability=cfg.data.mlm_probability,
         loss_chunk_tokens=chunk,
         z_loss=cfg.model.z_loss,
@@ -184,7 +184,7 @@ def _run(
 
 def _parts(cfg, ctx, pre, model, objective, splits: dict[str, ExampleSet]) -> TrainingParts:
     train_set = splits["train"]
-    layout, seed, collate = pre.layout, cfg.run.seed, collate_fn(objective)
+    layout, seed, collate = pre.layout, cfg.data_seed, collate_fn(objective)
 
     def train_batches(origin: StreamOrigin):
         dataset = ExampleBatches(
@@ -248,7 +248,7 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
     exact and elastic resume, eval over data.valid) with the masks read beside the tokens."""
     sets, layout, d = pre.shard_sets, pre.layout, cfg.data
     plan = build_plan(
-        d.train, seed=cfg.run.seed, shuffle=d.shuffle, window=d.shuffle_window, shard_sets=sets["train"]
+        d.train, seed=cfg.data_seed, shuffle=d.shuffle, window=d.shuffle_window, shard_sets=sets["train"]
     )
     cache_dir = d.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")
 
@@ -269,7 +269,7 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
     if "valid" in sets:
         valid_plan = build_plan(
             d.valid,
-            seed=cfg.run.seed,
+            seed=cfg.data_seed,
             shuffle=False,
             window=d.shuffle_window,
             shard_sets=sets["valid"],

@@ -183,7 +183,7 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
             where=str(pre.resume_from.path),
             fingerprint_now=plan.fingerprint,
             seq_len=plan.seq_len,
-            seed=cfg.run.seed,
+            seed=cfg.data_seed,
             order=plan.order_settings,
             force=cfg.run.force_resume,
         )
@@ -205,7 +205,7 @@ def _run(
     objective = build_objective(
         cfg.model.objective,
         tokenizer=pre.tokenizer,
-        seed=cfg.run.seed,
+        seed=cfg.data_seed,  # masked LM's masks: data
         document_masking=cfg.model.document_masking,
         mlm_probability=cfg.data.mlm_probability,
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
@@ -382,7 +382,7 @@ def _plan_on_rank0(spec, cfg: Config, *, shuffle: bool, evaluation: bool = False
         raise DataError(result[1])
     return build_plan(
         spec,
-        seed=cfg.run.seed,
+        seed=cfg.data_seed,
         shuffle=shuffle,
         window=cfg.data.shuffle_window,
         shard_sets=result[1],

@@ -58,6 +58,11 @@ def test_order_follows_overrides(config, capsys):
     b = run(capsys, "data", "order", config, "run.seed=8", "--steps", 2)
     c = run(capsys, "data", "order", config, "data.shuffle=false", "--steps", 1)
     assert a != b
+    # data.seed fixes the order whatever run.seed (pretraining audit: one seed drove everything)
+    d = run(capsys, "data", "order", config, "run.seed=8", "data.seed=3", "--steps", 2)
+    e = run(capsys, "data", "order", config, "run.seed=9", "data.seed=3", "--steps", 2)
+    f = run(capsys, "data", "order", config, "run.seed=3", "--steps", 2)
+    assert d == e == f and d != b
     rows = [int(x.rsplit(":", 1)[1]) for x in c.split()[2:]]
     assert rows == list(range(8))  # unshuffled: the first rows of the first shard
 

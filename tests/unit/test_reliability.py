@@ -388,7 +388,7 @@ def _resume(force=False, **now):
             True,
         ),
         ({"seq_len": 64}, "seq_len 32 (shards now: 64)", True),
-        ({"seed": 8}, "run.seed=7 (now 8), which fixes the data order", True),
+        ({"seed": 8}, "data seed 7 (now 8), which fixes the data order", True),
         ({"fingerprint_now": "f2"}, "a different shard set", True),
         (
             {"order": {"shuffle": True, "window": 4}},
@@ -420,7 +420,7 @@ def test_resume_mismatch_says_what_differs_and_force_only_waives_the_data(now, e
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert ("run.force_resume=true" in str(info.value)) == forceable
     if "seed" in now:  # the way back named: the seed, not other shards
-        assert "set run.seed=7, or start" in str(info.value) and "original shards" not in str(info.value)
+        assert "set data.seed=7, or start" in str(info.value) and "original shards" not in str(info.value)
     if "order" in now:  # ...and for the order, the settings
         assert "; set data.shuffle=true, data.shuffle_window=16, or start" in str(info.value), str(info.value)
     if forceable:
