@@ -147,6 +147,11 @@ def _check_train(cfg: Config) -> None:
         )
     if t.straggler_ratio and not t.straggler_ratio > 1:
         raise ConfigError(f"train.straggler_ratio must be > 1 (or 0: no warning), got {t.straggler_ratio}")
+    if t.keep_every and (not t.save_every or t.keep_every % t.save_every):
+        raise ConfigError(
+            f"train.keep_every={t.keep_every} keeps checkpoints at its multiples: make it a multiple of "
+            f"train.save_every ({t.save_every}) so there are some"
+        )
     if t.decay_steps is not None:
         if not t.schedule.startswith("wsd"):
             raise ConfigError(
@@ -290,6 +295,10 @@ def validate_finetune(cfg: Config) -> None:
         raise ConfigError(f"finetune.class_weights only applies to task classification (task is {f.task})")
     if f.text_pair_field and f.task != "classification":
         raise ConfigError(f"finetune.text_pair_field only applies to task classification (task is {f.task})")
+    if cfg.model.z_loss and f.task == "classification":  # no softmax over a vocabulary to act on
+        raise ConfigError(
+            "model.z_loss applies to language-model objectives, not finetune.task=classification"
+        )
     if f.text_pair_field is not None and f.text_pair_field in ("", f.text_field):
         raise ConfigError(
             f"finetune.text_pair_field must name a field other than text_field, got {f.text_pair_field!r}"

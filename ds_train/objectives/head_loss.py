@@ -50,11 +50,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
         z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk, None]
+            # The softmax in place, in the chunk's one fp32 buffer: torch.log_softmax and logsumexp
+            # each allocate a second [chunk, vocab] fp32 tensor (the latter internally).
             logits = F.linear(h, weight, bias).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # log Z, the softmax's normaliser
-            logp = logits.sub_(lse)  # in place: the chunk's logits become its log-probabilities
-            total -= logp.gather(1, y).sum()
-            grad = logp.exp_()  # d(sum of -log p_y)/d logits = softmax - one_hot(y)
+            target_logit = logits.gather(1, y)
+            peak = logits.amax(dim=-1, keepdim=True)
+            grad = logits.sub_(peak).exp_()
+            norm = grad.sum(dim=-1, keepdim=True)
+            grad.div_(norm)  # softmax = d(sum of -log p_y)/d logits, before the one-hot below
+            lse = peak + norm.log()  # log Z, the softmax's normaliser
+            total += (lse - target_logit).sum()  # -log p_y = log Z - logit_y
             if z_loss:  # + z·(log Z)²: d/d logits = 2z·log Z·softmax
                 z_sum += lse.square().sum()
                 grad.mul_(1.0 + 2.0 * z_loss * lse)
@@ -68,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_w.add_(grad.t() @ h)  # add_ upcasts element by element: no fp32 copy of it
             if need_b:
                 grad_b += grad.float().sum(0)
-            del logits, logp, grad  # freed before the next chunk's logits are allocated, not after
+            del logits, grad  # freed before the next chunk's logits are allocated, not after
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         z_term = z_loss * z_sum
@@ -173,14 +178,16 @@ def lm_loss_sum(
         logits = model(**inputs).logits
         if by_row:
             return row_cross_entropy(logits, batch["labels"])
-        loss = summed_cross_entropy(logits, batch["labels"])
-        if z_loss and torch.is_grad_enabled():
-            targets = (batch["labels"] != IGNORE_INDEX).reshape(-1).float()  # a mask: no host sync
-            lse = torch.logsumexp(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
-            z_term = z_loss * (lse.square() * targets).sum()
-            batch["z_loss"] = z_term.detach()
-            loss = loss + z_term
-        return loss
+        if not (z_loss and torch.is_grad_enabled()):
+            return summed_cross_entropy(logits, batch["labels"])
+        # one fp32 copy of the logits for both terms (logsumexp's own temporary is transient)
+        flat, labels = logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
+        loss = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        lse = torch.logsumexp(flat, dim=-1)
+        # where, not a product: a non-target position's inf must not make the sum NaN
+        z_term = z_loss * torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
+        batch["z_loss"] = z_term.detach()
+        return loss + z_term
     labels = batch["labels"].reshape(-1)
     index = batch.get("target_index")
     if index is None:  # a batch not from our collate: find the targets here (a host sync on GPU)

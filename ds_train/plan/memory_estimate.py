@@ -37,7 +37,7 @@ target-only head loss (ds_train/objectives/head_loss.py) saves no logits: per ta
 the hidden state's gradient (e·h, in place of the head's input), and once per micro-batch the fp32
 weight-gradient accumulator (4·V·h, + 4V with a bias); its peak is one chunk of c tokens' logits:
 
-    chunked loss peak:    4·c·V when e = 4, else (4 + e)·c·V + e·V·h
+    chunked loss peak:    4·c·V when e = 4, else (4 + e)·c·V + e·V·h (+ 24·c: per-token scalars)
                           (the chunk's fp32 logits, turned into log-probabilities and then their
                           gradient in place; below fp32, their model-dtype copy next to the
                           chunk's [V, h] weight-gradient product, which fp32 accumulates in place)
@@ -259,9 +259,10 @@ def loss_peak_bytes(
     if not loss.chunked:
         return targets * 8 * v
     c = min(loss.chunk_tokens, targets)
+    per_token = 24 * c  # a few fp32 scalars a token: the target's logit, the max, the sum, log Z…
     if e == 4:  # one fp32 chunk, worked on in place; the weight gradient accumulates with addmm_
-        return 4 * c * v
-    return (4 + e) * c * v + e * v * shape.hidden
+        return 4 * c * v + per_token
+    return (4 + e) * c * v + e * v * shape.hidden + per_token
 
 
 def _layer_bytes_per_token(shape: ModelShape, seq_len: int, precision: Precision, attention: str) -> float:

@@ -98,7 +98,7 @@ def evaluation_figures(cfg, task: str | None) -> set[str]:
         names = source_names(cfg.data.valid) if cfg.data.valid else []
     except DataError:
         names = []  # refused with its own message where the sets are read
-    if len(names) > 1:
+    if len(names) > 1 and task in (None, "sft"):  # shard sets: pretraining's and SFT's
         figures |= {f"valid_loss/{n}" for n in names}
     return figures
 

@@ -80,8 +80,18 @@ def schedule_change_note(saved: dict | None, train, step: int) -> str | None:
 
 def warmup_note(train) -> str | None:
     """A warning when the warmup spans the whole run: the schedule never decays, and a warmup
-    longer than the run never reaches train.lr (accepted silently before: sweep audit)."""
-    if train.max_steps is None or not train.warmup_steps or train.warmup_steps < train.max_steps:
+    longer than the run never reaches train.lr (accepted silently before: sweep audit); or when a
+    wsd cooldown does not fit after the warmup (it is cut short)."""
+    if train.max_steps is None:
+        return None
+    if train.schedule.startswith("wsd") and train.warmup_steps < train.max_steps:
+        asked = wsd_decay_steps(train.max_steps, train.decay_steps)
+        room = train.max_steps - train.warmup_steps
+        if asked > room:
+            return (
+                f"the wsd cooldown of {asked} steps is cut to {room}: it starts where train.warmup_steps ends"
+            )
+    if not train.warmup_steps or train.warmup_steps < train.max_steps:
         return None
     peak = min(1.0, train.max_steps / train.warmup_steps)
     return (

@@ -403,8 +403,9 @@ class Trainer:
         """This step's global gradient norm (before clipping) as a device scalar, NaN where
         DeepSpeed has none: kept per step for the interval's maximum, with no host sync."""
         norm = self.engine.get_global_grad_norm()
-        if torch.is_tensor(norm):  # copied: the engine may overwrite its own in place next step
-            return norm.detach().reshape(()).to(like.dtype, copy=True)
+        if torch.is_tensor(norm):  # copied: the engine may overwrite its own in place next step;
+            # on the loss's device: with optimizer offload DeepSpeed's norm is a CPU tensor
+            return norm.detach().reshape(()).to(device=like.device, dtype=like.dtype, copy=True)
         value = float("nan") if norm is None else float(norm)
         return torch.tensor(value, dtype=like.dtype, device=like.device)
 

@@ -54,6 +54,12 @@ CASES = [
         "train.grad_dtype=fp32 needs zero.stage 2 or 3 (got 1)",
     ),
     (
+        "keep-every-without-its-checkpoints",
+        {},
+        ["train.keep_every=3", "train.save_every=2"],
+        "make it a multiple of train.save_every (2)",
+    ),
+    (
         "decay-steps-without-wsd",
         {},
         ["train.decay_steps=5"],

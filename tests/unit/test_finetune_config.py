@@ -90,6 +90,10 @@ def _check(raw):
             "text_pair_field only applies to task classification",
         ),
         ({"finetune": {"text_pair_field": "text"}}, "must name a field other than text_field"),
+        (
+            {"model": {"z_loss": 1e-4}},
+            "model.z_loss applies to language-model objectives, not finetune.task=classification",
+        ),
         ({"finetune": {"class_weights": [1, 2, 3]}}, "finetune.class_weights has 3 weights for 2 classes"),
         ({"finetune": {"class_weights": [1, -2]}}, "a list must hold positive numbers"),
         ({"finetune": {"class_weights": "inverse"}}, "must be none, balanced or a list of numbers"),

@@ -153,6 +153,12 @@ def test_a_warmup_spanning_the_run_is_warned():
     assert warmup_note(SimpleNamespace(**{**vars(t), "warmup_steps": 400})).endswith(
         "and the learning rate peaks at 0.25 × train.lr"
     )
+    wsd = SimpleNamespace(max_steps=100, warmup_steps=90, schedule="wsd", decay_steps=None)
+    assert (
+        warmup_note(wsd)
+        == "the wsd cooldown of 20 steps is cut to 10: it starts where train.warmup_steps ends"
+    )
+    assert warmup_note(SimpleNamespace(**{**vars(wsd), "warmup_steps": 80})) is None
 
 
 def _state(run_dir, step: int) -> dict:
