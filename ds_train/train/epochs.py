@@ -48,6 +48,11 @@ def steps_line(cfg: Config) -> str:
 
     t = cfg.train
     note = warmup_note(t)
+    if note is None and not t.warmup_steps and not cfg.model.init_from and t.schedule != "constant":
+        # a fresh model's first Adam updates at the full rate (pretraining audit: accepted silently)
+        note = (
+            "train.warmup_steps=0 for a model trained from scratch: most recipes warm up over 1-2% of the run"
+        )
     return (
         f"max_steps {t.max_steps}"
         + (f" (train.epochs={t.epochs:g})" if t.epochs is not None else "")

@@ -185,3 +185,20 @@ def test_a_forced_resume_on_other_data_reads_it_from_its_beginning(tmp_path, sha
     again = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
     assert "the data stream" not in again.stderr
     assert _state(tmp_path / "run", 6)["data"]["consumed_samples"] == 3 * 8
+
+
+def test_no_warmup_for_a_fresh_model_is_warned(tmp_path, shards):
+    """A model trained from scratch with train.warmup_steps=0 (pretraining audit: accepted silently)."""
+    from ds_train.config import load_config
+    from ds_train.train.epochs import steps_line
+    from tests.helpers import base_config, write_config
+
+    cfg_file = write_config(tmp_path / "c.yaml", base_config(tmp_path / "run", shards))
+    assert "warning" not in steps_line(load_config(cfg_file))  # warmup_steps=2
+    cold = steps_line(load_config(cfg_file, ["train.warmup_steps=0"]))
+    assert cold.endswith(
+        "warning: train.warmup_steps=0 for a model trained from scratch: most recipes warm up over 1-2% of the run"
+    )
+    assert "warning" not in steps_line(
+        load_config(cfg_file, ["train.warmup_steps=0", "train.schedule=constant"])
+    )
