@@ -79,7 +79,7 @@ def from_dict(raw: dict) -> Config:
     for name, value in raw.items():
         if name not in SECTIONS:
             # a flat key pasted from another stack's config (`learning_rate:` at the top)
-            hint = _suggest_alias(name) or _suggest(name, list(SECTIONS))
+            hint = _suggest_alias(name) or suggest(name, list(SECTIONS))
             raise ConfigError(f"unknown config section '{name}'{hint}")
         if value is None:
             value = {}
@@ -188,7 +188,7 @@ def _resolve_zero_preset(raw: dict) -> None:
     if path is None:
         available = sorted(p.stem for p in (repo_configs_dir() / "zero").glob("*.yaml"))
         raise ConfigError(
-            f"zero.preset '{name}' not found{_suggest(name, available)} (available: {', '.join(available)})"
+            f"zero.preset '{name}' not found{suggest(name, available)} (available: {', '.join(available)})"
         )
     preset = yaml.safe_load(path.read_text()) or {}
     if not isinstance(preset, dict):
@@ -243,7 +243,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if isinstance(value, str) and value.isdigit() and int(value) in choices:
             return int(value)
         shown = ", ".join(repr(c) for c in choices)
-        hint = _suggest(str(value), [str(c) for c in choices])
+        hint = suggest(str(value), [str(c) for c in choices])
         raise ConfigError(f"{key}: {value!r} is not one of {shown}{hint}")
     if tp is bool:
         if isinstance(value, bool):
@@ -320,7 +320,7 @@ def _absolutise_paths(cfg: Config) -> None:
 # --- suggestions --------------------------------------------------------------------------------
 
 
-def _suggest(word: str, options: list[str]) -> str:
+def suggest(word: str, options: list[str]) -> str:
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 

@@ -38,10 +38,28 @@ def resume_origin(state: dict | None, fingerprint: str) -> StreamOrigin:
     fingerprint is `fingerprint` (a fresh start: the stream's beginning)."""
     if not state:
         return FRESH
-    step, data = int(state["step"]), state.get("data") or {}
-    if data.get("fingerprint") not in (None, fingerprint):  # other data (run.force_resume)
+    step = int(state["step"])
+    if _other_data(state, fingerprint):  # run.force_resume
         return StreamOrigin(step, 0)
-    consumed = data.get("consumed_samples", state.get("consumed_samples"))
+    consumed = (state.get("data") or {}).get("consumed_samples", state.get("consumed_samples"))
     return StreamOrigin(
         step, int(consumed) if consumed is not None else step * int(state["global_batch_size"])
     )
+
+
+def forced_resume_note(state: dict | None, fingerprint: str, global_batch_size: int) -> str | None:
+    """What a resume forced onto other data or another global batch does to the stream (None for
+    any other start)."""
+    if not state:
+        return None
+    if not _other_data(state, fingerprint) and state.get("global_batch_size") in (None, global_batch_size):
+        return None
+    origin = resume_origin(state, fingerprint)
+    where = (
+        f"continues at sample {origin.samples}" if origin.samples else "is new: it starts at its beginning"
+    )
+    return f"the data stream {where} at step {origin.step} (run.force_resume)"
+
+
+def _other_data(state: dict, fingerprint: str) -> bool:
+    return (state.get("data") or {}).get("fingerprint") not in (None, fingerprint)

@@ -124,13 +124,11 @@ def check_best_settings(cfg, has_validation: bool, task: str | None = None) -> N
         raise ConfigError(f"{names} need evaluations during the run: set train.eval_every")
     figures = evaluation_figures(cfg, task)
     if t.best_metric not in figures:
-        import difflib
+        from ds_train.config.loader import suggest
 
-        close = difflib.get_close_matches(t.best_metric, sorted(figures), n=1, cutoff=0.5)
         raise ConfigError(
             f"train.best_metric={t.best_metric} is not a figure of this run's evaluations"
-            + (f" (did you mean '{close[0]}'?)" if close else "")
-            + f"; they give {', '.join(sorted(figures))}"
+            f"{suggest(t.best_metric, sorted(figures))}; they give {', '.join(sorted(figures))}"
         )
     if t.keep_best and (not t.save_every or t.eval_every % t.save_every):
         raise ConfigError(

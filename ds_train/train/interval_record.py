@@ -46,7 +46,8 @@ def interval_record(
     slowest_wait, memory = min(maxima[0], elapsed), dict(zip(memory, maxima[1:], strict=True))
     if "alloc_retries" in memory:
         memory["alloc_retries"] = int(memory["alloc_retries"])
-    loss = float(losses.sum() / stacked[:, 1].double().sum().clamp(min=1))
+    targets = stacked[:, 1].double().sum().clamp(min=1)
+    loss = float(losses.sum() / targets)
     # the interval's worst step (each step's loss over its own targets): from the same reduced sums
     loss_max = float((losses / stacked[:, 1].double().clamp(min=1)).max())
     steps = len(pending)
@@ -60,9 +61,7 @@ def interval_record(
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "loss_max": loss_max,
         # model.z_loss: its term per target token, beside (not in) the cross-entropy `loss`
-        **(
-            {"z_loss": float(z_sum / stacked[:, 1].double().sum().clamp(min=1))} if t.objective_z_loss else {}
-        ),
+        **({"z_loss": float(z_sum / targets)} if t.objective_z_loss else {}),
         "grad_norm_max": grad_norm_max,
         # trained so far, this run's batch size since the resume and the checkpoint's count before
         # it (after run.force_resume with another global_batch_size, step × batch is not that)

@@ -48,6 +48,11 @@ def wsd_decay_steps(max_steps: int, decay_steps: int | None) -> int:
 SCHEDULE_KEYS = ("schedule", "warmup_steps", "max_steps", "min_lr_ratio", "decay_steps")
 
 
+def train_lr_multiplier(train) -> Callable[[int], float]:
+    """`lr_multiplier` of a train section's schedule settings."""
+    return lr_multiplier(*(getattr(train, k) for k in SCHEDULE_KEYS))
+
+
 def schedule_settings(train) -> dict:
     """What decides the learning rate at each step (train section), as saved in each checkpoint."""
     return {"lr": train.lr, **{k: getattr(train, k) for k in SCHEDULE_KEYS}}
@@ -68,7 +73,7 @@ def schedule_change_note(saved: dict | None, train, step: int) -> str | None:
     if not changes:
         return None
     before = saved["lr"] * lr_multiplier(*(saved.get(k) for k in SCHEDULE_KEYS))(step)
-    after = train.lr * lr_multiplier(*(getattr(train, k) for k in SCHEDULE_KEYS))(step)
+    after = train.lr * train_lr_multiplier(train)(step)
     if math.isclose(before, after, rel_tol=1e-9):  # no jump (a wsd run extended before its cooldown)
         return None
     return (

@@ -23,7 +23,7 @@ from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
 from ds_train.config import Config, ConfigError, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
-from ds_train.data.stream_origin import StreamOrigin, resume_origin
+from ds_train.data.stream_origin import StreamOrigin, forced_resume_note, resume_origin
 from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
 from ds_train.distributed.engine import (
     DistributedContext,
@@ -40,7 +40,7 @@ from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.epochs import steps_line
 from ds_train.train.run_lock import RunDirLock
-from ds_train.train.schedule import lr_multiplier, schedule_change_note, schedule_settings
+from ds_train.train.schedule import schedule_change_note, schedule_settings, train_lr_multiplier
 from ds_train.train.trainer import Trainer, TrainerSettings
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,7 @@ def build_trainer(
         resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main)
         if universal:
             ds_config = with_universal_loading(ds_config)
-    lr_lambda = lr_multiplier(
-        cfg.train.schedule,
-        cfg.train.warmup_steps,
-        cfg.train.max_steps,
-        cfg.train.min_lr_ratio,
-        cfg.train.decay_steps,
-    )
+    lr_lambda = train_lr_multiplier(cfg.train)
     engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lr_lambda)
     start_step, loaded = 0, {}
     if resume_from is not None:
@@ -195,16 +189,9 @@ def build_trainer(
             log.info("put back what the checkpoint's loading had changed: %s", restored)
     data_fingerprint = parts.data_state(0)["fingerprint"]
     origin = resume_origin(loaded, data_fingerprint)
-    other_data = (loaded.get("data") or {}).get("fingerprint") not in (None, data_fingerprint)
-    other_batch = loaded.get("global_batch_size") not in (None, pre.layout.global_batch_size)
-    if ctx.is_main and (other_data or other_batch):  # only run.force_resume gets here
-        log.warning(
-            "the data stream %s at step %d (run.force_resume)",
-            f"continues at sample {origin.samples}"
-            if origin.samples
-            else "is new: it starts at its beginning",
-            start_step,
-        )
+    note = forced_resume_note(loaded, data_fingerprint, pre.layout.global_batch_size)
+    if note and ctx.is_main:
+        log.warning(note)
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(

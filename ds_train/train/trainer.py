@@ -215,10 +215,10 @@ class Trainer:
             # makes those draws at other steps) cannot shift them, so a resume trains exactly as
             # the uninterrupted run did. Host-side bookkeeping: no device sync.
             torch.manual_seed(step_seed(self.s.seed, self.step, self.ctx.rank))
-            losses = self._train_step(micro, global_targets)
+            losses, z_sum = self._train_step(micro, global_targets)
             self.step += 1
             self._unchecked = (micro, losses)
-            pending.append(torch.stack([losses.sum(), global_targets, self._grad_norm(losses), self._z_sum]))
+            pending.append(torch.stack([losses.sum(), global_targets, self._grad_norm(losses), z_sum]))
             self._emit("on_step_end")
             if self.step % self.s.log_every == 0 or self.step == self.s.max_steps:
                 self._log(pending, interval_start, waited, side)
@@ -352,23 +352,26 @@ class Trainer:
 
     # --- internals ----------------------------------------------------------------------------
 
-    def _train_step(self, micro: list[dict], global_targets: torch.Tensor) -> torch.Tensor:
-        """Summed loss of each micro-batch (so a non-finite one can be named)."""
+    def _train_step(
+        self, micro: list[dict], global_targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed loss of each micro-batch (so a non-finite one can be named), and the step's
+        z-loss sum (model.z_loss; trained on, logged apart from the loss)."""
         scale = self.ctx.world_size / global_targets.clamp(min=1)
         losses = torch.zeros(len(micro), device=self.ctx.device)
-        self._z_sum = torch.zeros((), device=self.ctx.device)
+        z_sum = torch.zeros((), device=self.ctx.device)
         for k, batch in enumerate(micro):
             batch = self._to_device(batch)
             with self.stragglers.clock:
                 loss_sum = self.objective.loss_sum(self.engine, batch)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             self.engine.step()
-            z_term = batch.get("z_loss")  # model.z_loss: trained on, logged apart from the loss
+            z_term = batch.get("z_loss")
             if z_term is not None:
-                self._z_sum += z_term
+                z_sum += z_term
                 loss_sum = loss_sum.detach() - z_term
             losses[k] = loss_sum.detach()
-        return losses
+        return losses, z_sum
 
     def _agree(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, bool]:
         """The step's one collective: the global target-token count, whether any rank wants to stop,
