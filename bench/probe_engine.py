@@ -36,5 +36,10 @@ def build_probe_engine(cfg_path: str) -> ProbeEngine:
     zero_ctx = HfZeroContext(ds_config)
     model = build_model(cfg.model, hf_config, seed=cfg.run.seed, rank=ctx.rank)
     psi = count_params(model)[0]
-    engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lambda step: 1.0)
+    engine = build_engine(
+        model,
+        param_groups(model, cfg.train.weight_decay, cfg.train.embedding_weight_decay),
+        ds_config,
+        lambda step: 1.0,
+    )
     return ProbeEngine(cfg, ctx, ds_config, hf_config, zero_ctx, model, engine, psi)

@@ -55,11 +55,23 @@ def check_resume(
     global_batch_size: int,
     force: bool = False,
     zero_stage: int | None = None,
+    decay_embeddings: bool = True,
 ) -> None:
     """Raise ConfigError naming what differs between the checkpoint and this run. `force`
     (run.force_resume) lets a different global batch size through, never another model, nor a
-    ZeRO stage DeepSpeed cannot load the checkpoint into."""
+    ZeRO stage DeepSpeed cannot load the checkpoint into, nor other parameter groups."""
     problems, forceable = [], []
+    # Checkpoints from before train.embedding_weight_decay decayed the embeddings.
+    saved_decay = state.get("decay_embeddings", True)
+    if saved_decay != decay_embeddings:
+        # The optimizer state is stored group by group (ZeRO: one flat partition per group): moved
+        # to the other group, the embedding rows would take other parameters' Adam moments, or
+        # DeepSpeed's load fails on every rank with a size mismatch.
+        problems.append(
+            f"train.embedding_weight_decay={str(saved_decay).lower()} (this run: {str(decay_embeddings).lower()}), "
+            "which sets the optimizer's "
+            "parameter groups (their state cannot be moved between groups)"
+        )
     saved_stage = state.get("zero_stage")
     if (
         zero_stage is not None

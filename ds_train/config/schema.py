@@ -200,6 +200,14 @@ class TrainSection:
     weight_decay: float = doc(
         0.1, "AdamW weight decay, applied to matrices (ndim ≥ 2) only: never to biases or norm weights."
     )
+    embedding_weight_decay: bool = doc(
+        True,
+        "Decay the embedding tables too (every nn.Embedding: tokens, and positions or token types where "
+        "the model has them), as the transformers Trainer, Megatron and GPT-NeoX do. false: OLMo 2's "
+        "choice (decay pulls rare tokens' rows to zero, and small embedding norms destabilise early "
+        "training); with tied embeddings the output head goes undecayed with them. Fixed for a run: "
+        "it sets the optimizer's parameter groups, so a resume with the other value is refused.",
+    )
     adam_beta1: float = doc(0.9, "AdamW beta1.")
     adam_beta2: float = doc(0.95, "AdamW beta2.")
     adam_eps: float = doc(1e-8, "AdamW epsilon.")

@@ -205,6 +205,7 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         global_batch_size=cfg.train.global_batch_size,
         force=cfg.run.force_resume,
         zero_stage=cfg.zero.stage,
+        decay_embeddings=cfg.train.embedding_weight_decay,
     )
     saved, now = state.get("finetune") or {}, pre.finetune_state(cfg)
     for key in RESUME_KEYS:

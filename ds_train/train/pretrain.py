@@ -132,6 +132,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             global_batch_size=cfg.train.global_batch_size,
             force=cfg.run.force_resume,
             zero_stage=cfg.zero.stage,
+            decay_embeddings=cfg.train.embedding_weight_decay,
         )
         problems = manifest_problems(ref.path, state, checksums=False)  # sizes now, sha256 at load
         if problems:

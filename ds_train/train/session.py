@@ -173,7 +173,12 @@ def build_trainer(
         if universal:
             ds_config = with_universal_loading(ds_config)
     lr_lambda = train_lr_multiplier(cfg.train)
-    engine = build_engine(model, param_groups(model, cfg.train.weight_decay), ds_config, lr_lambda)
+    engine = build_engine(
+        model,
+        param_groups(model, cfg.train.weight_decay, cfg.train.embedding_weight_decay),
+        ds_config,
+        lr_lambda,
+    )
     start_step, loaded = 0, {}
     if resume_from is not None:
         configured = optimizer_settings(engine)
@@ -229,6 +234,7 @@ def build_trainer(
             "tokenizer_sha256": tok_sha,
             "objective": parts.objective_name,
             "zero_stage": cfg.zero.stage,
+            "decay_embeddings": cfg.train.embedding_weight_decay,  # the parameter groups' layout
             "precision": precision,
             "global_batch_size": pre.layout.global_batch_size,
             "seed": cfg.run.seed,
@@ -336,14 +342,18 @@ def _as_list(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only; biases and norm weights are not decayed."""
+def param_groups(model: torch.nn.Module, weight_decay: float, decay_embeddings: bool = True) -> list[dict]:
+    """Weight decay on matrices only; biases and norm weights are not decayed, nor, with
+    `decay_embeddings` off (train.embedding_weight_decay), the nn.Embedding tables."""
+    embeddings = set()
+    if not decay_embeddings:
+        embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        shape = getattr(p, "ds_shape", p.shape)
-        (decay if len(shape) >= 2 else no_decay).append(p)
+        shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 leaves an empty placeholder in p.shape
+        (decay if len(shape) >= 2 and id(p) not in embeddings else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})

@@ -430,3 +430,19 @@ def test_a_zero_stage_deepspeed_cannot_load_is_refused_before_start(tmp_path, sh
         capsys.readouterr()
     for stage in (1, 2):
         assert main(["pretrain", str(cfg), f"zero.stage={stage}", "--check"]) == 0, capsys.readouterr().err
+
+
+def test_a_resume_with_the_other_embedding_decay_is_refused_before_start(tmp_path, shards, capsys):
+    """train.embedding_weight_decay moves the embedding tables between the optimizer's parameter
+    groups, whose state DeepSpeed stores group by group."""
+    from tests.helpers import state_only_checkpoint
+
+    cfg = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards))
+    state_only_checkpoint(cfg, 4, zero_stage=2, world_size=1, global_batch_size=8, decay_embeddings=False)
+    assert main(["pretrain", str(cfg), "train.embedding_weight_decay=false", "--check"]) == 0, (
+        capsys.readouterr()
+    )
+    capsys.readouterr()
+    assert main(["pretrain", str(cfg), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "train.embedding_weight_decay=false (this run: true)" in err and "\n" not in err, err

@@ -195,6 +195,16 @@ def test_force_resume_continues_a_finetune_on_other_data_and_batch_but_never_ano
         _check(raw)
 
 
+def test_resume_refuses_other_parameter_groups(tmp_path, hf_dir):
+    raw = _config(tmp_path, hf_dir)
+    _fake_checkpoint(tmp_path / "run", {"world_size": 1, "decay_embeddings": True})
+    assert _check(raw).resume_from.step == 2
+    raw["train"]["embedding_weight_decay"] = False
+    raw["run"]["force_resume"] = True  # the optimizer state cannot be moved: never forced through
+    with pytest.raises(ConfigError, match="train.embedding_weight_decay=true \\(this run: false\\)"):
+        _check(raw)
+
+
 def test_resume_refuses_another_example_order(tmp_path, hf_dir):
     raw = _config(tmp_path, hf_dir)
     _fake_checkpoint(tmp_path / "run", {"world_size": 1, "data": {"order": {"shuffle": False, "window": 1}}})

@@ -368,7 +368,12 @@ STATE = {
 
 
 def _resume(force=False, **now):
-    args = {"model_sig": {"hidden_size": 32}, "tokenizer_sha": "aaa", "objective": "causal_lm"}
+    args = {
+        "model_sig": {"hidden_size": 32},
+        "tokenizer_sha": "aaa",
+        "objective": "causal_lm",
+        "decay_embeddings": True,
+    }
     args.update({k: v for k, v in now.items() if k in args})
     check_resume(STATE, where="run", global_batch_size=now.get("gbs", 8), force=force, **args)
     data = {"fingerprint_now": "f1", "seq_len": 32, "seed": 7, "order": {"shuffle": True, "window": 16}}
@@ -382,6 +387,11 @@ def _resume(force=False, **now):
         ({"model_sig": {"hidden_size": 64}}, "a different model (hidden_size: 32 → 64)", False),
         ({"tokenizer_sha": "bbb"}, "a different tokenizer", False),
         ({"objective": "masked_lm"}, "objective causal_lm (this run: masked_lm)", False),
+        (  # a checkpoint that does not say decayed its embeddings (the only choice before)
+            {"decay_embeddings": False},
+            "train.embedding_weight_decay=true (this run: false), which sets the optimizer's parameter groups",
+            False,
+        ),
         (
             {"gbs": 16},  # forced, the stream continues at the checkpoint's position (stream_origin.py)
             "train.global_batch_size=8 (this run: 16), which changes the samples per step of the schedule",
@@ -405,6 +415,7 @@ def _resume(force=False, **now):
         "model",
         "tokenizer",
         "objective",
+        "embedding-decay",
         "global-batch",
         "seq-len",
         "seed",

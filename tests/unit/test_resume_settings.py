@@ -202,3 +202,15 @@ def test_no_warmup_for_a_fresh_model_is_warned(tmp_path, shards):
     assert "warning" not in steps_line(
         load_config(cfg_file, ["train.warmup_steps=0", "train.schedule=constant"])
     )
+
+
+@pytest.mark.slow
+def test_the_embedding_decay_choice_is_recorded_and_kept(tmp_path, shards):
+    from tests.helpers import base_config, run_cli, write_config
+
+    cfg = base_config(tmp_path / "run", shards, train={"max_steps": 1, "embedding_weight_decay": False})
+    run_cli(["pretrain", write_config(tmp_path / "a.yaml", cfg)])
+    assert _state(tmp_path / "run", 1)["decay_embeddings"] is False
+    cfg["train"].update(max_steps=2, embedding_weight_decay=True)
+    proc = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)], check=False)
+    assert proc.returncode == 2 and "train.embedding_weight_decay=false (this run: true)" in proc.stderr
