@@ -62,6 +62,14 @@ def register(sub) -> None:
         "does not change the output)",
     )
     p.add_argument(
+        "--bos",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="start each document with the tokenizer's BOS token: auto (default) when the tokenizer adds "
+        "one to every text it encodes (Llama, Mistral, Gemma), so training sees what inference feeds "
+        "the model; always; never",
+    )
+    p.add_argument(
         "--sft",
         action="store_true",
         help="SFT examples (.jsonl with prompt/response or messages): rendered and masked as "
@@ -96,6 +104,7 @@ PLANNED = (
     "rows_per_shard",
     "member_size",
     "piece_size",
+    "bos",
     "chat_template",
     "train_on_inputs",
     "task_index",
@@ -213,6 +222,7 @@ def _tokenize(args: argparse.Namespace) -> dict | None:
         progress=not args.no_progress,
         workers=args.workers,
         keep_work=args.keep_work,
+        bos=args.bos,
     )
     if args.piece_size is not None:
         opts.piece_bytes = args.piece_size
@@ -221,6 +231,10 @@ def _tokenize(args: argparse.Namespace) -> dict | None:
 
         if args.task_index is not None:
             raise ConfigError("--sft runs in one process: no --task-index/--num-tasks")
+        if args.bos != "auto":
+            raise ConfigError(
+                "--bos applies to pretraining corpora: --sft examples start as the chat template has them"
+            )
         return shard_sft(
             args.inputs,
             args.output,

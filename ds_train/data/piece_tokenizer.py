@@ -120,15 +120,23 @@ def tokenize_piece(
     valid_fraction: float,
     text_field: str,
     plan_id: str,
+    bos: int | None = None,
     progress: ProgressFn | None = None,
 ) -> dict:
-    """Tokenize `piece` into `work_dir`; returns (and records) its per-split document/token counts."""
+    """Tokenize `piece` into `work_dir`; returns (and records) its per-split document/token counts.
+    Each document is followed by `separator` and, when `bos` is given, preceded by it."""
     dtype = np.dtype(dtype)
     finals = {s: piece_files(work_dir, piece.index, s) for s in splits}
     tmp = {s: tuple(p.with_name(p.name + f".tmp{os.getpid()}") for p in finals[s]) for s in splits}
-    handles = {s: (open(tmp[s][0], "wb"), open(tmp[s][1], "wb")) for s in splits}
+    marker = done_marker(work_dir, piece.index)
+    marker_tmp = marker.with_name(marker.name + f".tmp{os.getpid()}")
+    handles: dict = {}
     counts = {s: {"documents": 0, "tokens": 0} for s in splits}
+    # Everything from the first file opened to the marker written is inside the try: a stop (the
+    # pool's SIGTERM when another worker fails) may land anywhere, and must leave no temporary file
     try:
+        for s in splits:
+            handles[s] = (open(tmp[s][0], "wb"), open(tmp[s][1], "wb"))
         docs = iter_piece_documents(piece, text_field)
         while batch := list(itertools.islice(docs, TOKENIZE_BATCH)):
             ids = encoder(batch)
@@ -142,38 +150,45 @@ def tokenize_piece(
                 groups = {"train": ids}
             for split, group in groups.items():
                 if group:
-                    _append(group, handles[split], counts[split], separator, dtype)
+                    _append(group, handles[split], counts[split], separator, dtype, bos)
             if progress is not None:
-                progress(len(batch), sum(len(x) + 1 for x in ids))
+                progress(len(batch), sum(len(x) + (1 if bos is None else 2) for x in ids))
+        _close(handles)
+        for s in splits:
+            for t, f in zip(tmp[s], finals[s]):
+                os.replace(t, f)
+        record = {"index": piece.index, "plan": plan_id, "source": piece.describe(), "splits": counts}
+        marker_tmp.write_text(json.dumps(record))
+        os.replace(marker_tmp, marker)  # the piece counts as done from here on
     except BaseException:
         # bad input (or a stop) half-way: nothing of this attempt may stay in the work directory
-        for fh in itertools.chain.from_iterable(handles.values()):
-            fh.close()
-        for t in itertools.chain.from_iterable(tmp.values()):
+        _close(handles)
+        for t in [*itertools.chain.from_iterable(tmp.values()), marker_tmp]:
             t.unlink(missing_ok=True)
         raise
-    finally:
-        for fh in itertools.chain.from_iterable(handles.values()):
-            fh.close()
-    for s in splits:
-        for t, f in zip(tmp[s], finals[s]):
-            os.replace(t, f)
-    record = {"index": piece.index, "plan": plan_id, "source": piece.describe(), "splits": counts}
-    marker = done_marker(work_dir, piece.index)
-    marker.with_suffix(".tmp").write_text(json.dumps(record))
-    os.replace(marker.with_suffix(".tmp"), marker)
     return record
 
 
-def _append(group: list[list[int]], files, count: dict, separator: int, dtype: np.dtype) -> None:
-    lengths = np.fromiter((len(x) + 1 for x in group), dtype=np.int64, count=len(group))
+def _close(handles: dict) -> None:
+    for fh in itertools.chain.from_iterable(handles.values()):
+        fh.close()
+
+
+def _append(
+    group: list[list[int]], files, count: dict, separator: int, dtype: np.dtype, bos: int | None = None
+) -> None:
+    added = 1 if bos is None else 2  # tokens framing each document
+    lengths = np.fromiter((len(x) + added for x in group), dtype=np.int64, count=len(group))
     ends = np.cumsum(lengths)
     flat = np.empty(int(ends[-1]), dtype=dtype)
-    is_sep = np.zeros(len(flat), dtype=bool)
-    is_sep[ends - 1] = True
-    flat[is_sep] = separator
-    flat[~is_sep] = np.fromiter(
-        itertools.chain.from_iterable(group), dtype=dtype, count=len(flat) - len(group)
+    framing = np.zeros(len(flat), dtype=bool)
+    framing[ends - 1] = True
+    flat[ends - 1] = separator
+    if bos is not None:
+        framing[ends - lengths] = True
+        flat[ends - lengths] = bos
+    flat[~framing] = np.fromiter(
+        itertools.chain.from_iterable(group), dtype=dtype, count=len(flat) - added * len(group)
     )
     starts = ends - lengths + count["tokens"]
     files[0].write(flat.tobytes())

@@ -42,6 +42,7 @@ class ShardSet:
     tokenizer: dict
     fingerprint: str
     sft: dict | None = None  # SFT sets (`ds-train shard --sft`): how the examples were rendered
+    bos_token_id: int | None = None  # the BOS starting every document (`ds-train shard --bos`), if any
 
     @property
     def num_rows(self) -> int:
@@ -132,6 +133,7 @@ def shard_set_from_manifest(
         tokenizer=manifest["tokenizer"],
         fingerprint=h.hexdigest(),
         sft=manifest.get("sft"),
+        bos_token_id=manifest.get("bos_token_id"),
     )
 
 

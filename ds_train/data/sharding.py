@@ -71,6 +71,7 @@ class ShardOptions:
     workers: int = 1
     piece_bytes: int | None = None  # the unit of parallel work (None: automatic); never changes the output
     keep_work: bool = False
+    bos: str = "auto"  # auto | always | never: see document_start
 
     def rows_per(self, row_bytes: int) -> tuple[int, int]:
         per_shard = self.rows_per_shard or max(1, self.shard_bytes // row_bytes)
@@ -81,6 +82,53 @@ class ShardOptions:
 def document_separator(tokenizer) -> int | None:
     """The token ending each packed document: EOS, or [SEP] for BERT-style tokenizers without one."""
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+BOS_CHOICES = ("auto", "always", "never")
+
+
+def document_start(tokenizer, mode: str = "auto") -> int | None:
+    """The token starting each packed document, or None.
+
+    auto: BOS when the tokenizer puts one before every text it encodes (Llama, Mistral, Gemma), as
+    their own pretraining data has it: a model trained without it meets a BOS at the start of every
+    prompt at inference that it never saw in training (its embedding still random). Tokenizers that
+    add no BOS (GPT-2, OLMo, BERT's [CLS] is no BOS) and those whose BOS is the separator itself
+    (GPT-2's <|endoftext|>: the previous document's separator already starts the next) get none.
+    always / never: force it (always needs a BOS token)."""
+    if mode not in BOS_CHOICES:
+        raise CorpusError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {mode!r}")
+    bos = tokenizer.bos_token_id
+    if mode == "never":
+        return None
+    if mode == "always":
+        if bos is None:
+            raise CorpusError("--bos always: the tokenizer has no BOS token")
+        return int(bos)
+    if bos is None or bos == document_separator(tokenizer):
+        return None
+    probe = "a b"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    adds_bos = bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
+    return int(bos) if adds_bos else None
+
+
+def missing_bos_note(sources, tokenizer, key: str) -> str | None:
+    """A warning when model.tokenizer puts a BOS before every text it encodes (Llama, Mistral) but
+    shards of `key` start their documents without it (made with --bos never, or before --bos
+    existed): the trained model would meet that BOS at the start of every prompt at inference."""
+    bos = document_start(tokenizer)
+    if bos is None:
+        return None
+    without = [s.location for s in sources if s.sft is None and s.bos_token_id != bos]
+    if not without:
+        return None
+    return (
+        f"{key} ({', '.join(without)}): documents start without the BOS token (id {bos}) model.tokenizer "
+        "puts before every text it encodes, so the model never trains on what starts every prompt at "
+        "inference; re-shard with `ds-train shard` (--bos auto, its default, adds it)"
+    )
 
 
 def work_dir(output: str | os.PathLike) -> Path:
@@ -126,6 +174,9 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
         "rows_per_shard": per_shard,
         "rows_per_member": per_member,
     }
+    bos = document_start(tokenizer, opts.bos)
+    if bos is not None:  # only then: the work of plans made before --bos existed stays resumable
+        plan["bos"] = bos
     if not plan["pieces"]:
         raise CorpusError(f"the inputs hold no data: {', '.join(plan['inputs'])}")
     plan["id"] = hashlib.sha256(json.dumps(plan, sort_keys=True).encode()).hexdigest()[:16]
@@ -202,6 +253,7 @@ def tokenize_task(
         "valid_fraction": plan["valid_fraction"],
         "text_field": plan["text_field"],
         "plan_id": plan["id"],
+        "bos": plan.get("bos"),
     }
     try:
         records = run_tasks(
@@ -292,6 +344,7 @@ def merge_shards(
                 "inputs": plan["inputs"],
                 "valid_fraction": plan["valid_fraction"],
                 "text_field": plan["text_field"],
+                "bos_token_id": plan.get("bos"),  # None: documents start without one
             },
         )
     if not keep_work:

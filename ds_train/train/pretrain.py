@@ -36,6 +36,7 @@ from ds_train.data.loader import (
 )
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError, source_names
+from ds_train.data.sharding import missing_bos_note
 from ds_train.data.stream_origin import StreamOrigin
 from ds_train.distributed.deepspeed_config import (
     BatchLayout,
@@ -178,6 +179,9 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
             )
         # valid's rows may be longer than train's: the first evaluation would index past the table
         check_positions(pre.hf_config, p.seq_len, f"a row of {key} ({p.sources[0].location})")
+        note = missing_bos_note(p.sources, pre.tokenizer, key)
+        if note and key == "data.train":
+            log.warning(note)
     if pre.resume_from is not None:
         check_data_resume(
             pre.resume_from.state(),

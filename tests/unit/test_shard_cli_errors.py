@@ -85,3 +85,14 @@ def test_merge_refuses_layout_options_it_would_ignore(tmp_path, docs, capsys):
     assert main([*merge, "--workers", "2"]) == 0  # what a merge does take
     rows = [s["rows"] for s in json.loads((out / "train" / "index.json").read_text())["shards"]]
     assert len(rows) > 1 and set(rows[:-1]) == {5}  # the planned layout, not the merge's --rows-per-shard
+
+
+def test_bos_is_a_choice_of_the_tokenizing_run(tmp_path, docs, capsys):
+    """--bos shapes the token stream: an --sft run (chat templates carry their own) and a --merge
+    (the tasks planned it) refuse it."""
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "a", "response": "b"}\n')
+    assert main([*shard(tmp_path, sft, "--seq-len", "8"), "--sft", "--bos", "always"]) == 2
+    assert "--bos applies to pretraining corpora" in capsys.readouterr().err
+    assert main(["shard", "--merge", "--output", str(tmp_path / "out"), "--bos", "never"]) == 2
+    assert "takes no --bos" in capsys.readouterr().err

@@ -277,3 +277,71 @@ def test_a_long_document_is_tokenized_in_chunks_to_the_same_ids(tok, corpus):
         assert "".join(text_chunks(big, size)) == big and max(map(len, text_chunks(big, size))) <= size
         chunked = BatchEncoder(tok, chunk_chars=size)([big, "short"])
         assert [list(x) for x in chunked] == [list(x) for x in whole]
+
+
+def _bos_tokenizer(tok):
+    """The test tokenizer with a Llama-style BOS `<s>` put before every text it encodes."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<s>"])
+    bos = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token=tok.eos_token, pad_token=tok.pad_token
+    )
+
+
+def test_documents_start_with_bos_where_the_tokenizer_adds_one(tmp_path, corpus, tok):
+    """A Llama-style tokenizer feeds the model a BOS before every prompt: shards made with it start
+    every document with that BOS (--bos auto), so training sees what inference gives."""
+    from ds_train.data.sharding import document_start
+
+    llama_like = _bos_tokenizer(tok)
+    bos = llama_like.bos_token_id
+    assert llama_like("a b")["input_ids"][0] == bos
+    assert document_start(llama_like) == bos
+    assert document_start(llama_like, "never") is None
+    assert document_start(tok) is None  # GPT-2 style: its BOS is the separator; nothing added
+    assert document_start(tok, "always") == tok.bos_token_id
+
+    out = tmp_path / "bos"
+    manifest = shard_corpus([str(corpus)], out, llama_like, _opts(valid_fraction=0.0))["train"]
+    assert manifest["bos_token_id"] == bos
+    rows, starts = _rows_with_webdataset(out / "train")
+    stream = np.concatenate([rows[0], rows[1:, 1:].ravel()])
+    flat_starts = [i * SEQ + c for i, s in enumerate(starts) for c in s]
+    assert len(flat_starts) == manifest["total_documents"] == 600
+    assert (stream[flat_starts] == bos).all()  # each document starts at its BOS...
+    assert (stream == bos).sum() == 600  # ...and nowhere else holds one
+    # ...right after the previous document's EOS
+    assert (stream[np.array(flat_starts[1:]) - 1] == tok.eos_token_id).all()
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    first_doc = stream[flat_starts[0] + 1 : flat_starts[1] - 1]
+    assert llama_like.decode(first_doc.tolist()) == texts[0]
+
+    plain = shard_corpus(
+        [str(corpus)], tmp_path / "never", llama_like, _opts(valid_fraction=0.0, bos="never")
+    )
+    assert plain["train"]["bos_token_id"] is None
+    plain_rows, _ = _rows_with_webdataset(tmp_path / "never" / "train")
+    assert not (plain_rows == bos).any() and plain["train"]["total_documents"] == 600
+
+
+def test_training_on_shards_without_the_tokenizer_s_bos_is_warned(tmp_path, corpus, tok, caplog):
+    from ds_train.cli import main
+    from tests.helpers import base_config, write_config
+
+    llama_like = _bos_tokenizer(tok)
+    llama_like.save_pretrained(tmp_path / "tok")
+    for bos in ("never", "auto"):
+        shard_corpus([str(corpus)], tmp_path / bos, llama_like, _opts(valid_fraction=0.0, bos=bos))
+        cfg = base_config(tmp_path / f"run-{bos}", tmp_path / bos)
+        cfg["model"]["tokenizer"] = str(tmp_path / "tok")
+        caplog.clear()
+        assert main(["pretrain", str(write_config(tmp_path / f"{bos}.yaml", cfg)), "--check"]) == 0
+        warned = f"documents start without the BOS token (id {llama_like.bos_token_id})" in caplog.text
+        assert warned == (bos == "never"), caplog.text
