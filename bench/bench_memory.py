@@ -8,6 +8,11 @@ This prints the measured bytes per rank next to `ds_train.plan.memory_estimate.m
 accounting, not RSS: on CPU, DeepSpeed's untouched bucket allocations would not show in RSS.
 
     .venv/bin/python bench/bench_memory.py --precisions fp32 bf16 --stages 0 1 2 3 --world-sizes 1 2
+
+`--grad-dtype fp32` measures bf16 runs with train.grad_dtype=fp32 (gradients accumulated and
+reduced in fp32; ZeRO-2/3 only):
+
+    .venv/bin/python bench/bench_memory.py --precisions bf16 --grad-dtype fp32 --stages 2 3 --world-sizes 1 2
 """
 
 from __future__ import annotations
@@ -24,7 +29,13 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ds_train.plan.memory_estimate import PRECISIONS, BucketSizes, buffer_bytes, model_states  # noqa: E402
+from ds_train.plan.memory_estimate import (  # noqa: E402
+    PRECISIONS,
+    BucketSizes,
+    buffer_bytes,
+    model_states,
+    with_grad_dtype,
+)
 from ds_train.plan.model_shape import ModelShape  # noqa: E402
 from tests.helpers import clean_env, free_port  # noqa: E402
 
@@ -63,6 +74,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument(
+        "--grad-dtype", choices=["model", "fp32"], default="model", help="train.grad_dtype (bf16 runs)"
+    )
     ap.add_argument("--json", help="write all measurements here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_memory_"))
@@ -92,6 +106,7 @@ def main() -> None:
                         "global_batch_size": 2 * n,
                         "micro_batch_size": 1,
                         "precision": precision,
+                        "grad_dtype": args.grad_dtype if precision == "bf16" else "model",
                     },
                     "zero": {"stage": stage},
                 }
@@ -100,10 +115,11 @@ def main() -> None:
                 ranks = probe(path, n, args.seq)
                 r0 = ranks[0]
                 psi = r0["psi"]
-                est = model_states(psi, stage, n, PRECISIONS[precision])
+                formula = with_grad_dtype(PRECISIONS[precision], args.grad_dtype)
+                est = model_states(psi, stage, n, formula)
                 shape = ModelShape(psi, 0, 0, 0, 0, 0, 0, True, 0)
-                est_buf = buffer_bytes(shape, stage, PRECISIONS[precision], BucketSizes())
-                paper = PAPER[stage](n) * psi if precision == "bf16" else None
+                est_buf = buffer_bytes(shape, stage, formula, BucketSizes())
+                paper = PAPER[stage](n) * psi if formula.name == "bf16" else None
                 worst = max(abs(r["model_states"] / est.device - 1) for r in ranks)
                 out.append(
                     {
@@ -117,7 +133,7 @@ def main() -> None:
                     }
                 )
                 rows.append(
-                    f"| {precision} | {n} | {stage} | {r0['optimizer_class']} | {r0['params'] / MB:,.1f} | "
+                    f"| {formula.name} | {n} | {stage} | {r0['optimizer_class']} | {r0['params'] / MB:,.1f} | "
                     f"{r0['grads'] / MB:,.1f} | {r0['optimizer'] / MB:,.1f} | {r0['model_states'] / MB:,.1f} | "
                     f"{est.device / MB:,.1f} | {r0['model_states'] / est.device:.4f} | "
                     + (f"{paper / MB:,.1f} | " if paper else "- | ")

@@ -48,7 +48,13 @@ def main(args: argparse.Namespace) -> int:
     from ds_train.model.build import load_hf_config, load_tokenizer
     from ds_train.objectives.head_loss import LOGIT_TRANSFORMS
     from ds_train.plan.choices import RunSettings, make_plan, render
-    from ds_train.plan.memory_estimate import PRECISIONS, SUB_GROUP_SIZE, BucketSizes, HeadLoss
+    from ds_train.plan.memory_estimate import (
+        PRECISIONS,
+        SUB_GROUP_SIZE,
+        BucketSizes,
+        HeadLoss,
+        with_grad_dtype,
+    )
     from ds_train.plan.model_shape import shape_from_config
 
     cfg = load_config(args.config, args.overrides)
@@ -72,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
     plan = make_plan(
         shape,
         world_size=args.world_size,
-        precision=PRECISIONS[precision],
+        precision=with_grad_dtype(PRECISIONS[precision], cfg.train.grad_dtype),
         micro_batch=micro_batch,
         seq_len=seq_len,
         buckets=BucketSizes(
@@ -89,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
     header = [
         f"model: {shape.params:,} parameters (Ψ), {shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}",
-        f"per rank: {args.world_size} data-parallel rank(s), {precision}, micro-batch {micro_batch} × "
+        f"per rank: {args.world_size} data-parallel rank(s), "
+        f"{with_grad_dtype(PRECISIONS[precision], cfg.train.grad_dtype).name}, micro-batch {micro_batch} × "
         f"seq_len {seq_len}, {cfg.model.attn_implementation} attention, "
         + (f"loss in chunks of {chunk} tokens" if chunk else "loss from full logits")
         + "; GiB per rank "

@@ -220,9 +220,9 @@ class TrainSection:
         "bf16 runs: the dtype gradients are accumulated over micro-batches and reduced across ranks "
         "in. model: bf16 (DeepSpeed's and the transformers Trainer's default: half the gradient memory "
         "and reduce traffic); fp32: Megatron's and torchtitan's choice, no bf16 rounding of the sums "
-        "over long accumulations and many ranks, for fp32 gradient buffers (ZeRO-2: 4 "
-        "bytes a parameter on every rank; ZeRO-3: of its partition; ds-train plan does not count them) "
-        "and twice the traffic. "
+        "over long accumulations and many ranks, for fp32 gradient partitions (4 bytes a parameter "
+        "of each rank's partition where bf16 takes 2: ZeRO-2 2Ψ + 16Ψ/N, ZeRO-3 18Ψ/N; ds-train plan "
+        "counts them), twice the reduce-bucket memory and twice the traffic. "
         "fp32 needs zero.stage 2 or 3 (DeepSpeed offers it at stage 1 only through another optimizer).",
     )
     log_every: int = doc(10, "Write a metrics.jsonl line (and TensorBoard scalars) every N steps.")

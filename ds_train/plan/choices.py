@@ -47,7 +47,7 @@ CHOICES: list[tuple[int, str, str, bool]] = [
 
 @dataclass(frozen=True)
 class Plan:
-    estimates: list[Estimate]  # in CHOICES order
+    estimates: list[Estimate]  # in CHOICES order (those the precision allows)
     usable_bytes: float | None  # device memory minus headroom; None: no device memory given
     recommended: Estimate | None
 
@@ -88,6 +88,8 @@ def make_plan(
 
     estimates = []
     for stage, opt, par, ckpt in CHOICES:
+        if precision.fp32_grads and stage < 2:
+            continue  # train.grad_dtype=fp32 is refused there (config/validate.py)
         e = choice(stage, opt, par, shape.layers if ckpt else 0)
         if ckpt and usable is not None and e.device <= usable:
             # the fewest blocks that fit: memory falls as K grows, so the first K that fits

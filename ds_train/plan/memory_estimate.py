@@ -51,7 +51,7 @@ is the larger of the two moments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ds_train.plan.model_shape import ModelShape
 
@@ -85,12 +85,28 @@ class Precision:
     def mixed(self) -> bool:
         return self.param_bytes < 4
 
+    @property
+    def fp32_grads(self) -> bool:
+        """16-bit weights with fp32 gradients (train.grad_dtype=fp32): ZeRO-2/3 only."""
+        return self.mixed and self.grad_bytes == 4
+
 
 PRECISIONS = {
     "bf16": Precision("bf16", 2, 2, 2),
     "fp16": Precision("fp16", 2, 2, 2),
     "fp32": Precision("fp32", 4, 4, 4),
 }
+
+
+def with_grad_dtype(precision: Precision, grad_dtype: str) -> Precision:
+    """train.grad_dtype=fp32 on a bf16 run: DeepSpeed accumulates each rank's gradient partition and
+    reduces in fp32 (g = 4: stage 2 holds 2Ψ + 16Ψ/N, stage 3 18Ψ/N, as bench/bench_memory.py
+    --grad-dtype fp32 measures exactly; the reduce bucket doubles). fp16 keeps its loss-scaled fp16
+    gradients (config validation refuses fp32 there)."""
+    if grad_dtype == "fp32" and precision.name == "bf16":
+        return replace(precision, name="bf16, fp32 grads", grad_bytes=4)
+    return precision
+
 
 ADAM_MOMENTS = 8  # exp_avg + exp_avg_sq, fp32
 MASTER_COPY = 4  # fp32 weights the optimizer steps

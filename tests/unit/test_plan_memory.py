@@ -19,6 +19,7 @@ from ds_train.plan.memory_estimate import (
     loss_peak_bytes,
     model_states,
     saved_activation_bytes,
+    with_grad_dtype,
 )
 from ds_train.plan.model_shape import ModelShape, shape_from_config
 from tests.helpers import MICRO_LLAMA, TOKENIZER, run_cli, write_config
@@ -44,6 +45,36 @@ def test_fp32_states_keep_deepspeeds_master_copy_from_stage_1(n):
     expected = {0: 16 * PSI, 1: 8 * PSI + 12 * PSI / n, 2: 4 * PSI + 16 * PSI / n, 3: 20 * PSI / n}
     for stage, value in expected.items():
         assert model_states(PSI, stage, n, FP32).device == pytest.approx(value, rel=1e-12), stage
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+def test_fp32_gradients_of_a_bf16_run_take_four_bytes_of_the_partition(n):
+    """train.grad_dtype=fp32, as bench/bench_memory.py --grad-dtype fp32 measures it on DeepSpeed."""
+    fp32_grads = with_grad_dtype(BF16, "fp32")
+    assert fp32_grads.fp32_grads and fp32_grads.name == "bf16, fp32 grads"
+    assert with_grad_dtype(BF16, "model") is BF16 and with_grad_dtype(FP32, "fp32") is FP32
+    assert not with_grad_dtype(PRECISIONS["fp16"], "fp32").fp32_grads  # refused there by validation
+    expected = {2: 2 * PSI + 16 * PSI / n, 3: 18 * PSI / n}
+    for stage, value in expected.items():
+        assert model_states(PSI, stage, n, fp32_grads).device == pytest.approx(value, rel=1e-12), stage
+    shape = _shape()
+    assert buffer_bytes(shape, 2, fp32_grads, BucketSizes()) == 2 * buffer_bytes(
+        shape, 2, BF16, BucketSizes()
+    )
+
+
+def test_a_plan_with_fp32_gradients_offers_only_zero_2_and_3():
+    plan = make_plan(
+        _plan_shape(),
+        world_size=2,
+        precision=with_grad_dtype(BF16, "fp32"),
+        micro_batch=2,
+        seq_len=128,
+        buckets=BucketSizes(reduce_bucket=10_000_000),
+        device_memory=100 * 2**30,
+    )
+    assert {e.stage for e in plan.estimates} == {2, 3}
+    assert plan.recommended.stage == 2
 
 
 def test_states_split_into_params_grads_optimizer():
@@ -383,6 +414,10 @@ def test_cli_plan_prints_every_choice_and_the_recommendation(tmp_path):
     full = run_cli(["plan", cfg, "model.loss_chunk_tokens=0", *long]).stdout
     assert "loss from full logits" in full
     assert _activation_column(full) > 4 * _activation_column(chunked) > 0
+    fp32_grads = run_cli(["plan", cfg, "train.grad_dtype=fp32", "zero.stage=2", "--seq-len", "32"]).stdout
+    assert "bf16, fp32 grads" in fp32_grads
+    stages = {line.split()[0].rstrip(",") for line in fp32_grads.splitlines() if line.startswith("ZeRO-")}
+    assert stages == {"ZeRO-2", "ZeRO-3"}
     no_seq = run_cli(["plan", cfg, "--world-size", "2"], check=False)
     assert no_seq.returncode == 2 and "--seq-len" in no_seq.stderr
 
