@@ -304,6 +304,16 @@ class TrainSection:
         "stop", "On a NaN/Inf loss: stop with the step and batch named, or skip the update and count it."
     )
     max_nonfinite: int = doc(3, "With nonfinite=skip: stop after this many consecutive non-finite steps.")
+    skip_spike_sigma: float = doc(
+        0.0,
+        "Skip the update of a step whose loss or gradient norm lies more than this many standard "
+        "deviations above the mean of the last skip_spike_window steps (OLMo-core's SkipStepAdamW; OLMo 2 "
+        "uses 6): weights and Adam's moments stay as they were, the batch is consumed, the step counted "
+        "in metrics.jsonl's skipped_steps. Costs a scalar all-reduce and a host sync per step. 0: off.",
+    )
+    skip_spike_window: int = doc(
+        128, "skip_spike_sigma: steps the mean and deviation are taken over (active once half are seen)."
+    )
     straggler_ratio: float = doc(
         1.2,
         "Warn when one rank's forwards take this many times the other ranks' median in two log intervals in a "

@@ -110,6 +110,7 @@ def _check_train(cfg: Config) -> None:
         "data.prefetch_factor": cfg.data.prefetch_factor,
         "data.shuffle_window": cfg.data.shuffle_window,
         "train.max_nonfinite": t.max_nonfinite,
+        "train.skip_spike_window": t.skip_spike_window,
         "run.collective_timeout_s": cfg.run.collective_timeout_s,
     }
     for key, value in positive.items():
@@ -126,6 +127,7 @@ def _check_train(cfg: Config) -> None:
         "data.num_workers": cfg.data.num_workers,
         "train.grad_clip": t.grad_clip,
         "train.weight_decay": t.weight_decay,
+        "train.skip_spike_sigma": t.skip_spike_sigma,
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be ≥ 0, got {value}")

@@ -240,6 +240,34 @@ def _keep_stage0_grad_norm(engine: Any) -> None:
     engine._take_model_step = take_model_step_keeping_the_norm
 
 
+def gate_optimizer_step(engine: Any, allow: Callable[[Any], bool]) -> None:
+    """Run each optimizer update only if `allow(global gradient norm)` says so (train.skip_spike_sigma).
+
+    DeepSpeed updates the weights inside engine.step(), through the torch optimizer it was built
+    with (engine.basic_optimizer): ZeRO-1/2/3 step it on their fp32 partitions (ZeRO-3 once per
+    sub-group), the bf16 wrapper on its master copy, stage 0 fp32 directly. Each of them has
+    computed (and clipped with) the global gradient norm by then and copies the master weights back
+    to the model after it, so a step skipped here leaves weights and Adam's moments as they were
+    and the rest of DeepSpeed's step (zeroing gradients, the schedule) runs as usual."""
+    inner = engine.basic_optimizer
+    step = inner.step
+
+    def gated_step(*args, **kwargs):
+        if allow(_global_grad_norm_now(engine)):
+            return step(*args, **kwargs)
+        return None
+
+    inner.step = gated_step
+
+
+def _global_grad_norm_now(engine: Any) -> Any:
+    """The norm DeepSpeed computed for the update in progress: its ZeRO/bf16/fp16 optimizer's, or,
+    at stage 0 in fp32, the engine's (kept by _keep_stage0_grad_norm)."""
+    if engine.optimizer is not engine.basic_optimizer:
+        return getattr(engine.optimizer, "_global_grad_norm", None)
+    return engine._global_grad_norm
+
+
 def quiet_deepspeed() -> None:
     """Before deepspeed is imported: pick its CPU accelerator without the 'unable to detect' warning
     on GPU-less machines, and hide torch.distributed's deprecation notices that DeepSpeed triggers."""

@@ -75,6 +75,7 @@ def interval_record(
         "mfu": None,
         "world_size": t.ctx.world_size,
         "nonfinite_steps": t.nonfinite.steps,
+        "skipped_steps": t.spikes.skipped_steps,  # updates skipped on a spike (train.skip_spike_sigma)
         "skipped_samples": skipped_samples,
         **memory,
         # which rank is slowest (ds_train/train/stragglers.py; a collective, so before any rank-0-only work)

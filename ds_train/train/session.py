@@ -246,6 +246,7 @@ def build_trainer(
             "evaluated_step": trainer.evaluated_step,
             "last_evaluation": trainer.last_eval,
             "stopped_early": trainer.stopped_early,
+            "spike_guard": trainer.spikes.state(),  # so a resumed run skips what this one would
             **parts.extra_state,
             **swap_files,
         }
@@ -261,6 +262,8 @@ def build_trainer(
         peak_flops=cfg.train.peak_flops or device_peak_flops(precision),
         nonfinite=cfg.train.nonfinite,
         max_nonfinite=cfg.train.max_nonfinite,
+        skip_spike_sigma=cfg.train.skip_spike_sigma,
+        skip_spike_window=cfg.train.skip_spike_window,
         collective_timeout_s=cfg.run.collective_timeout_s,
         straggler_ratio=cfg.train.straggler_ratio,
         save_async=cfg.train.save_async,

@@ -24,7 +24,7 @@ import torch
 from ds_train.checkpoint.layout import latest_checkpoint, tag_for_step
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.distributed.deepspeed_config import BatchLayout
-from ds_train.distributed.engine import DistributedContext, all_reduce_sum
+from ds_train.distributed.engine import DistributedContext, all_reduce_sum, gate_optimizer_step
 from ds_train.distributed.peers import is_collective_failure, lost_contact
 from ds_train.errors import RunFailure
 from ds_train.model.init import module_seed
@@ -34,6 +34,7 @@ from ds_train.train.evaluation import evaluation_record
 from ds_train.train.interval_record import interval_record
 from ds_train.train.nonfinite import NonFiniteLosses
 from ds_train.train.process_clock import process_age_s
+from ds_train.train.spike_guard import SpikeGuard
 from ds_train.train.stragglers import StragglerWatch
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class TrainerSettings:
     peak_flops: float | None = None  # per device
     nonfinite: str = "stop"
     max_nonfinite: int = 3
+    skip_spike_sigma: float = 0.0  # skip updates whose loss or grad norm spikes (spike_guard.py); 0: off
+    skip_spike_window: int = 128
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
@@ -116,6 +119,11 @@ class Trainer:
             describe_sample or (lambda src, shard, row: f"source {src} shard {shard} row {row}"),
             checkpoints.root,
         )
+        self.spikes = SpikeGuard(
+            settings.skip_spike_sigma, settings.skip_spike_window, ctx.is_main, resumed.get("spike_guard")
+        )
+        if self.spikes.enabled:
+            gate_optimizer_step(engine, self.spikes.allow)
         self.callbacks = callbacks or []
         self.step = self.start_step = start_step
         # samples trained before start_step (the checkpoint's count: batches may have differed;
@@ -365,12 +373,15 @@ class Trainer:
             with self.stragglers.clock:
                 loss_sum = self.objective.loss_sum(self.engine, batch)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
-            self.engine.step()
             z_term = batch.get("z_loss")
             if z_term is not None:
                 z_sum += z_term
                 loss_sum = loss_sum.detach() - z_term
             losses[k] = loss_sum.detach()
+            if self.spikes.enabled and k == len(micro) - 1:  # the update runs in this engine.step()
+                step_loss = all_reduce_sum(losses.sum().reshape(1))[0] / global_targets.clamp(min=1)
+                self.spikes.arm(self.step + 1, step_loss)
+            self.engine.step()
         return losses, z_sum
 
     def _agree(self, local_targets: torch.Tensor) -> tuple[torch.Tensor, bool]:

@@ -451,6 +451,8 @@ def test_fault_spec_parses_points_ranks_and_lists():
         Fault("nan", "step", 3, None),
     ]
     assert parse("slow@step=2,rank=1,ms=250") == [Fault("slow", "step", 2, 1, 250)]
+    assert parse("spike@step=9,x=200") == [Fault("spike", "step", 9, None, factor=200.0)]
+    assert parse("spike@step=9")[0].factor == 100.0
     assert Fault("enospc", "save", 8, 1).fires("save", 8, 1) and not Fault("enospc", "save", 8, 1).fires(
         "save", 8, 0
     )

@@ -5,6 +5,8 @@
     DS_TRAIN_FAULT="hang@step=7,rank=1"   rank 1 stops taking part (alive, sockets open): the others
                                           must give up after run.collective_timeout_s
     DS_TRAIN_FAULT="nan@step=7,rank=1"    rank 1's loss in step 7 is NaN (train.nonfinite decides)
+    DS_TRAIN_FAULT="spike@step=7,x=100"   every rank's loss (and so its gradient) in step 7 is 100×
+                                          as large (train.skip_spike_sigma decides)
     DS_TRAIN_FAULT="slow@step=7,rank=1,ms=200"
                                           from step 7 on, each of rank 1's training forwards takes
                                           200 ms longer, inside its linear layers (a straggler;
@@ -38,6 +40,7 @@ KINDS = {
     "kill": ("step", "save"),
     "hang": ("step",),
     "nan": ("step",),
+    "spike": ("step",),
     "slow": ("step",),
     "enospc": ("save",),
 }
@@ -50,6 +53,7 @@ class Fault:
     step: int
     rank: int | None
     delay_ms: int = 100  # slow: added to each forward
+    factor: float = 1.0  # spike: the loss is multiplied by it
 
     def fires(self, point: str, step: int, rank: int) -> bool:
         return self.point == point and self.step == step and self.rank in (None, rank)
@@ -68,19 +72,24 @@ def parse(spec: str) -> list[Fault]:
         if int(values.get("ms", 0)) < 0:
             raise ValueError(f"{ENV}: {item!r}: ms must be ≥ 0")
         rank = int(values["rank"]) if "rank" in values else None
-        faults.append(Fault(kind, points[0], int(values[points[0]]), rank, int(values.get("ms", 100))))
+        factor = float(values.get("x", 100.0)) if kind == "spike" else 1.0
+        faults.append(
+            Fault(kind, points[0], int(values[points[0]]), rank, int(values.get("ms", 100)), factor)
+        )
     return faults
 
 
-class _NanLoss:
-    """The objective, except that the summed loss is NaN while `armed()` says so."""
+class _ScaledLoss:
+    """The objective, except that the summed loss is multiplied by `factor()` (NaN, or a spike's
+    factor; None: left alone)."""
 
-    def __init__(self, objective, armed):
-        self._objective, self._armed = objective, armed
+    def __init__(self, objective, factor):
+        self._objective, self._factor = objective, factor
 
     def loss_sum(self, model, batch):
         loss = self._objective.loss_sum(model, batch)
-        return loss * float("nan") if self._armed() else loss
+        factor = self._factor()
+        return loss if factor is None else loss * factor
 
     def __getattr__(self, name):
         return getattr(self._objective, name)
@@ -113,7 +122,10 @@ class FaultInjection(Callback):
 
     def _fired(self, trainer, kind: str, point: str, step: int) -> bool:
         fired = any(f.kind == kind and f.fires(point, step, trainer.ctx.rank) for f in self.faults)
-        if fired and kind != "nan":  # when it happened, to time the run's reaction from outside
+        if fired and kind not in (
+            "nan",
+            "spike",
+        ):  # when it happened, to time the run's reaction from outside
             print(
                 f"{ENV}: {kind}@{point}={step} on rank {trainer.ctx.rank} at {time.time():.3f}",
                 file=sys.stderr,
@@ -123,17 +135,26 @@ class FaultInjection(Callback):
 
     def on_train_start(self, trainer) -> None:
         # trainer.step counts finished steps: step N is computed while it reads N - 1
-        if any(f.kind == "nan" for f in self.faults):
-            trainer.objective = _NanLoss(
-                trainer.objective,
-                lambda: trainer.engine.training and self._fired(trainer, "nan", "step", trainer.step + 1),
-            )
+        if any(f.kind in ("nan", "spike") for f in self.faults):
+            trainer.objective = _ScaledLoss(trainer.objective, lambda: self._loss_factor(trainer))
         slow = [f for f in self.faults if f.kind == "slow" and f.rank in (None, trainer.ctx.rank)]
         if slow:
             _slow_down(
                 trainer.engine.module,
                 lambda: sum(f.delay_ms for f in slow if trainer.step + 1 >= f.step) / 1000,
             )
+
+    def _loss_factor(self, trainer) -> float | None:
+        if not trainer.engine.training:
+            return None
+        if self._fired(trainer, "nan", "step", trainer.step + 1):
+            return float("nan")
+        spike = [
+            f
+            for f in self.faults
+            if f.kind == "spike" and f.fires("step", trainer.step + 1, trainer.ctx.rank)
+        ]
+        return spike[0].factor if spike else None
 
     def on_step_end(self, trainer) -> None:
         if self._fired(trainer, "kill", "step", trainer.step):
