@@ -16,7 +16,7 @@ from tests.helpers import base_config, read_metrics, run_on_gloo_ranks, torchrun
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _engine(stage: int, precision: str, world: int, seen: list):
+def _engine(stage: int, precision: str, world: int, seen: list, offload: bool = False):
     from ds_train.distributed.engine import build_engine, gate_optimizer_step
 
     torch.manual_seed(0)
@@ -27,7 +27,10 @@ def _engine(stage: int, precision: str, world: int, seen: list):
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.1}},
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {
+            "stage": stage,
+            **({"offload_optimizer": {"device": "cpu"}} if offload else {}),
+        },
         "zero_allow_untested_optimizer": True,
         **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
     }
@@ -59,17 +62,17 @@ def _weights(engine) -> list[torch.Tensor]:
         return [p.detach().float().clone() for p in params]
 
 
-def _rank_main(rank: int, world: int, stage: int, precision: str, out: str) -> None:
+def _rank_main(rank: int, world: int, stage: int, precision: str, offload: bool, out: str) -> None:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as a launcher sets
     batches = [torch.randn(2, 8, generator=torch.Generator().manual_seed(10 * k + rank)) for k in range(3)]
     seen: list = []
-    skipped, step = _engine(stage, precision, world, seen)
+    skipped, step = _engine(stage, precision, world, seen, offload)
     step(batches[0], True)
     before = _weights(skipped)
     step(batches[1], False)  # refused: nothing may move
     unchanged = all(torch.equal(a, b) for a, b in zip(before, _weights(skipped)))
     step(batches[2], True)
-    plain, step_plain = _engine(stage, precision, world, [])
+    plain, step_plain = _engine(stage, precision, world, [], offload)
     step_plain(batches[0], True)
     step_plain(batches[2], True)  # the same run without the refused batch
     same = all(torch.equal(a, b) for a, b in zip(_weights(skipped), _weights(plain)))
@@ -80,10 +83,19 @@ def _rank_main(rank: int, world: int, stage: int, precision: str, out: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("stage", "precision", "world"), [(0, "fp32", 1), (0, "bf16", 1), (2, "bf16", 2), (3, "fp32", 2)]
+    ("stage", "precision", "world", "offload"),
+    [
+        (0, "fp32", 1, False),
+        (0, "bf16", 1, False),
+        (2, "bf16", 2, False),
+        (3, "fp32", 2, False),
+        (2, "fp32", 1, True),
+    ],
+    ids=["zero0-fp32", "zero0-bf16", "zero2-bf16-2ranks", "zero3-fp32-2ranks", "zero2-cpu-adam"],
 )
-def test_a_refused_update_changes_nothing_deepspeed_keeps(tmp_path, stage, precision, world):
-    run_on_gloo_ranks(_rank_main, world, stage, precision, str(tmp_path))
+def test_a_refused_update_changes_nothing_deepspeed_keeps(tmp_path, stage, precision, world, offload):
+    """The last case steps DeepSpeed's CPU Adam (optimizer offload) instead of torch's AdamW."""
+    run_on_gloo_ranks(_rank_main, world, stage, precision, offload, str(tmp_path))
     for rank in range(world):
         r = json.loads((tmp_path / f"{rank}.json").read_text())
         assert r["unchanged"] and r["moved"], r
