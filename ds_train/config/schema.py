@@ -109,6 +109,14 @@ class ModelSection:
         "Round the embedding size up to a multiple of this (64 or 128 helps GPU matmuls). model.config only: "
         "a model.init_from model keeps its embeddings.",
     )
+    residual_init: Literal["default", "scaled", "depth"] = doc(
+        "default",
+        "Initialisation of the projections that write into the residual stream (each block's attention "
+        "output and MLP down projection; Llama-style blocks). default: the architecture's own "
+        "(transformers' N(0, initializer_range) for Llama, as OLMo 2 trains; GPT-2 already scales). "
+        "scaled: std / √(2 × layers), Megatron's and GPT-2's. depth: std / √(2 × (layer + 1)), "
+        "torchtitan's. A model built fresh from model.config only (set initializer_range in it for std).",
+    )
     loss_chunk_tokens: int = doc(
         1024,
         "Compute the output head and its cross-entropy together, on target tokens only, this many "

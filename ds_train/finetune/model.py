@@ -27,7 +27,7 @@ from transformers import (
 from ds_train.config.schema import ModelSection
 from ds_train.distributed.engine import gathered, is_partitioned
 from ds_train.model.blocks import apply_block_options
-from ds_train.model.build import load_hf_config, make_causal, model_without_init
+from ds_train.model.build import load_hf_config, make_causal, model_without_init, residual_init_for
 from ds_train.model.init import initialize_weights, module_seed
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def build_task_model(
         initialize_new_parameters(model, [*info["missing_keys"], *mismatched], seed, rank)
     else:
         model = model_without_init(cls, config, **kwargs)
-        initialize_weights(model, seed, rank)
+        initialize_weights(model, seed, rank, residual_init_for(section, model))
     model.config.use_cache = False
     apply_block_options(model, section)
     return model

@@ -29,7 +29,7 @@ from ds_train.finetune.lora import check_lora_targets
 from ds_train.finetune.model import TASK_MODELS, task_hf_config
 from ds_train.finetune.records import SplitSpec, check_examples, file_list, split_specs
 from ds_train.model.blocks import check_checkpointing_layers
-from ds_train.model.build import check_positions, load_tokenizer
+from ds_train.model.build import check_positions, check_residual_init, load_tokenizer
 from ds_train.objectives.masked_lm import require_mask_token
 from ds_train.train.best_metric import check_best_settings
 from ds_train.train.epochs import resolve_epochs
@@ -135,6 +135,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
     )
     check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
+    check_residual_init(model_section, hf_config)
     check_positions(hf_config, f.seq_len, "finetune.seq_len")
     check_lora_targets(TASK_MODELS[f.task], hf_config, f)
     pre = FinetunePreflight(

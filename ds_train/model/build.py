@@ -28,7 +28,7 @@ from transformers import (
 from ds_train.config.loader import ConfigError
 from ds_train.config.schema import ModelSection
 from ds_train.model.blocks import apply_block_options
-from ds_train.model.init import initialize_weights, parameter_checksums
+from ds_train.model.init import ResidualScale, initialize_weights, parameter_checksums, residual_scale
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,34 @@ def build_model(
     else:
         model = model_without_init(cls, config, **kwargs)
         if fresh_weights:
-            initialize_weights(model, seed, rank)
+            initialize_weights(model, seed, rank, residual_init_for(section, model))
     model.config.use_cache = False
     apply_block_options(model, section)
     return model
+
+
+def residual_init_for(section: ModelSection, model: torch.nn.Module) -> ResidualScale | None:
+    """model.residual_init for this built model (None: the architecture's own init)."""
+    try:
+        return residual_scale(section.residual_init, (n for n, _ in model.named_modules()))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_residual_init(section: ModelSection, hf_config: PretrainedConfig) -> None:
+    """Refuse model.residual_init where it cannot apply, before any process group or weight exists
+    (`--check` included): the module names come from the model built on the meta device."""
+    if section.residual_init == "default":
+        return
+    if section.init_from:
+        raise ConfigError(
+            f"model.residual_init={section.residual_init} initialises a model built fresh from model.config; "
+            "model.init_from's weights are already trained"
+        )
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        residual_init_for(section, AutoModel.from_config(hf_config))
 
 
 def check_positions(hf_config: PretrainedConfig, seq_len: int, where: str) -> None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import re
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -26,8 +29,41 @@ def module_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+# The projections that write into the residual stream in Llama-style blocks (Llama, Mistral, Qwen,
+# Gemma, OLMo): each block's attention output and MLP down projection.
+RESIDUAL_OUTPUT = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.o_proj|mlp\.down_proj)$")
+
+ResidualScale = Callable[[str], float]  # module name → factor on its drawn weight
+
+
+def residual_scale(mode: str, module_names: Iterable[str]) -> ResidualScale | None:
+    """model.residual_init as a factor per module name (None: the architecture's own init).
+    scaled: 1/√(2L) for L blocks (Megatron's scaled init); depth: 1/√(2(l + 1)) for block l
+    (torchtitan's)."""
+    if mode == "default":
+        return None
+    blocks = [int(m.group(1)) for n in module_names if (m := RESIDUAL_OUTPUT.search(n))]
+    if not blocks:
+        raise ValueError(
+            f"model.residual_init={mode} knows Llama-style blocks (layers.N.self_attn.o_proj, "
+            "layers.N.mlp.down_proj); this model has none: use default"
+        )
+
+    def scale(name: str) -> float:
+        m = RESIDUAL_OUTPUT.search(name)
+        if m is None:
+            return 1.0
+        return 1 / math.sqrt(2 * (layers if mode == "scaled" else int(m.group(1)) + 1))
+
+    layers = max(blocks) + 1
+
+    return scale
+
+
 @torch.no_grad()
-def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
+def initialize_weights(
+    model: torch.nn.Module, seed: int, rank: int, residual: ResidualScale | None = None
+) -> None:
     """Re-initialise every parameter of an HF model with `model._init_weights`, per module.
 
     The model may have been built without any initialisation (`model_without_init`): each module's
@@ -40,7 +76,10 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
     round at the same time, then each module is gathered and its drawer's values broadcast. Rank 0
     drawing all of them while the others wait would make a fresh start's draw N times longer
     (a seeded CPU draw runs at ~100 M values/s per core: minutes for a 70B model), and drawing a
-    round at a time keeps one module's values per rank in host memory."""
+    round at a time keeps one module's values per rank in host memory.
+
+    `residual` (model.residual_init) scales the weight each module draws by its factor: a normal
+    draw times a factor is the same draw at that factor × std."""
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     writers = _ancestor_writers(model)
     # modules with buffers only (rotary) compute them: nothing is drawn
@@ -50,14 +89,14 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
             entry = (name, module, params, writers.get(name, []))
             (partitioned if any(map(is_partitioned, params)) else local).append(entry)
     for name, module, params, ancestors in local:
-        for p, value in zip(params, _draw(model, name, module, params, ancestors, seed)):
+        for p, value in zip(params, _draw(model, name, module, params, ancestors, seed, residual)):
             if value is not p.data:
                 p.data.copy_(value)
             p._is_hf_initialized = True
     for start in range(0, len(partitioned), world):
         rounds = partitioned[start : start + world]
         mine = rounds[rank] if rank < len(rounds) else None
-        values = _draw(model, *mine, seed) if mine is not None else None
+        values = _draw(model, *mine, seed, residual) if mine is not None else None
         for drawer, (_, _, params, _) in enumerate(rounds):
             with gathered(params, modifier_rank=drawer):  # drawer's values broadcast on exit
                 if drawer == rank:
@@ -68,7 +107,13 @@ def initialize_weights(model: torch.nn.Module, seed: int, rank: int) -> None:
 
 
 def _draw(
-    model: torch.nn.Module, name: str, module: torch.nn.Module, params: list, ancestors: list, seed: int
+    model: torch.nn.Module,
+    name: str,
+    module: torch.nn.Module,
+    params: list,
+    ancestors: list,
+    seed: int,
+    residual: ResidualScale | None = None,
 ) -> list:
     """`module`'s full-size values, drawn on the CPU in fp32 under its own seed, then redrawn where
     `ancestors` (name, module) re-initialise them, in transformers' order (children first), each
@@ -94,6 +139,9 @@ def _draw(
         untouched = [p for p in params if p.numel() and bool(p.data.sum().isnan())]
         if untouched:
             _reset_untouched(module, name, untouched, seed)
+        factor = residual(name) if residual is not None else 1.0
+        if factor != 1.0:
+            module.weight.data.mul_(factor)
         return [p.data for p in params]
     finally:
         for p, orig in zip(params, originals):

@@ -54,6 +54,7 @@ from ds_train.model.blocks import check_checkpointing_layers
 from ds_train.model.build import (
     build_model,
     check_positions,
+    check_residual_init,
     load_hf_config,
     load_tokenizer,
     make_causal,
@@ -97,6 +98,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     if cfg.model.objective == "causal_lm":
         make_causal(hf_config)
     check_checkpointing_layers(cfg.model.activation_checkpointing_layers, hf_config)
+    check_residual_init(cfg.model, hf_config)
     if cfg.model.objective == "masked_lm":
         require_mask_token(tokenizer, "model.objective=masked_lm")
     run_dir = Path(cfg.run.output_dir)

@@ -113,3 +113,23 @@ def test_tied_head_under_zero3_matches_full_logits(tmp_path, shards):
     for step, ref in out["reference"].items():
         assert out["zero3"][step] == pytest.approx(ref, rel=1e-4), f"step {step}"
     assert out["zero3"][4] < out["zero3"][1]
+
+
+def test_residual_init_is_the_same_under_zero3(tmp_path, shards):
+    """model.residual_init scales the drawn weights inside the per-module draw, which ZeRO-3 makes
+    in rounds across ranks: 2-rank ZeRO-3 starts and trains as 1-rank ZeRO-0 does, and unlike the
+    default init."""
+    out = {}
+    runs = (
+        ("zero3", 3, "depth", torchrun),
+        ("reference", 0, "depth", run_cli),
+        ("default", 0, "default", run_cli),
+    )
+    for name, stage, init, launch in runs:
+        cfg = base_config(tmp_path / name, shards, train={"max_steps": 3, "lr": 1e-2}, zero={"stage": stage})
+        cfg["model"]["residual_init"] = init
+        launch(["pretrain", write_config(tmp_path / f"{name}.yaml", cfg)])
+        out[name] = train_losses(tmp_path / name)
+    for step, ref in out["reference"].items():
+        assert out["zero3"][step] == pytest.approx(ref, rel=1e-4), f"step {step}"
+    assert out["default"][1] != pytest.approx(out["reference"][1], rel=1e-6)

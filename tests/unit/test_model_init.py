@@ -191,7 +191,9 @@ def test_a_resumed_run_builds_its_model_without_drawing(monkeypatch):
     from ds_train.model import build
 
     drawn = []
-    monkeypatch.setattr(build, "initialize_weights", lambda model, seed, rank: drawn.append(seed))
+    monkeypatch.setattr(
+        build, "initialize_weights", lambda model, seed, rank, residual=None: drawn.append(seed)
+    )
     section = ModelSection(config=str(MICRO_LLAMA))
     build.build_model(section, _hf_config("micro-llama.json"), seed=1, rank=0, fresh_weights=False)
     assert drawn == []
@@ -219,3 +221,62 @@ def test_rows_longer_than_learned_positions_are_refused_rotary_ones_warned(
     else:
         check_positions(config, 65, "finetune.seq_len")
         assert ("extrapolated" in caplog.text) == (model_type == "llama")
+
+
+def test_residual_init_scales_only_the_residual_projections():
+    """model.residual_init: the same draws, with each block's o_proj and down_proj weights times
+    1/√(2L) (scaled) or 1/√(2(l + 1)) (depth); every other weight bit-identical to default."""
+    from ds_train.model.init import residual_scale
+
+    default, scaled, depth = _model(0), _model(0), _model(0)
+    names = [n for n, _ in default.named_modules()]
+    layers = default.config.num_hidden_layers
+    assert layers >= 2
+    initialize_weights(default, seed=7, rank=0)
+    initialize_weights(scaled, seed=7, rank=0, residual=residual_scale("scaled", names))
+    initialize_weights(depth, seed=7, rank=0, residual=residual_scale("depth", names))
+    residual = 0
+    for (name, d), s, h in zip(default.named_parameters(), scaled.parameters(), depth.parameters()):
+        block = name.split(".")[2] if name.startswith("model.layers.") else None
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            residual += 1
+            assert torch.allclose(s, d / math.sqrt(2 * layers), rtol=1e-6, atol=0), name
+            assert torch.allclose(h, d / math.sqrt(2 * (int(block) + 1)), rtol=1e-6, atol=0), name
+        else:
+            assert torch.equal(s, d) and torch.equal(h, d), name
+    assert residual == 2 * layers
+    assert residual_scale("default", names) is None
+
+
+def test_residual_init_is_refused_where_it_cannot_apply(tmp_path):
+    from ds_train.config import ConfigError
+    from ds_train.config.schema import ModelSection
+    from ds_train.model.build import check_residual_init
+
+    gpt2 = AutoConfig.for_model("gpt2", n_layer=2, n_embd=16, n_head=2)
+    with pytest.raises(ConfigError, match="model.residual_init=scaled knows Llama-style blocks"):
+        check_residual_init(ModelSection(config="x.json", residual_init="scaled"), gpt2)
+    check_residual_init(ModelSection(config="x.json"), gpt2)  # default: anything goes
+    raw = json.loads(MICRO_LLAMA.read_text())
+    llama = AutoConfig.for_model(raw.pop("model_type"), vocab_size=256, **raw)
+    check_residual_init(ModelSection(config="x.json", residual_init="depth"), llama)
+    with pytest.raises(ConfigError, match="model.init_from's weights are already trained"):
+        check_residual_init(ModelSection(init_from=str(tmp_path), residual_init="depth"), llama)
+
+
+def test_a_fresh_model_is_built_with_the_residual_init(tmp_path, shards):
+    from ds_train.config import load_config
+    from ds_train.model.build import build_model
+    from ds_train.train.pretrain import preflight
+    from tests.helpers import base_config, write_config
+
+    cfg = load_config(
+        write_config(tmp_path / "c.yaml", base_config(tmp_path / "run", shards)),
+        ["model.residual_init=scaled"],
+    )
+    pre = preflight(cfg)
+    model = build_model(cfg.model, pre.hf_config, seed=7, rank=0)
+    layers = pre.hf_config.num_hidden_layers
+    std = torch.cat([m.mlp.down_proj.weight.flatten() for m in model.model.layers]).std().item()
+    expected = pre.hf_config.initializer_range / math.sqrt(2 * layers)
+    assert abs(std - expected) / expected < 0.1
