@@ -56,6 +56,9 @@ def variants(micro: int, layers: int) -> list[Variant]:
         # the cost of fp32 gradient accumulation (Megatron's default; ds-train's is bf16): numerics, not speed
         Variant("fp32_grads", "grads", "train.grad_dtype=fp32 (gradients accumulated and reduced in fp32)",
                 ["train.grad_dtype=fp32"], same_math=False),
+        # the cost of train.skip_spike_sigma: one scalar all-reduce and a host sync per step (off by default)
+        Variant("skip_spikes", "spikes", "train.skip_spike_sigma=6 (OLMo-core's loss/grad-norm spike skipping)",
+                ["train.skip_spike_sigma=6"], tunable=False),
         Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
                 ["model.loss_chunk_tokens=0"]),
         Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",
