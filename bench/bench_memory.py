@@ -93,6 +93,11 @@ def main() -> None:
     for precision in args.precisions:
         for n in args.world_sizes:
             for stage in args.stages:
+                if args.grad_dtype == "fp32" and precision == "bf16" and stage < 2:
+                    print(
+                        f"| bf16, fp32 grads | {n} | {stage} | refused: train.grad_dtype=fp32 needs ZeRO-2/3 |"
+                    )
+                    continue
                 cfg = {
                     "run": {"output_dir": str(tmp / "run"), "seed": 1},
                     "model": {

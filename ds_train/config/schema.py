@@ -114,8 +114,10 @@ class ModelSection:
         "Initialisation of the projections that write into the residual stream (each block's attention "
         "output and MLP down projection; Llama-style blocks). default: the architecture's own "
         "(transformers' N(0, initializer_range) for Llama, as OLMo 2 trains; GPT-2 already scales). "
-        "scaled: std / √(2 × layers), Megatron's and GPT-2's. depth: std / √(2 × (layer + 1)), "
-        "torchtitan's. A model built fresh from model.config only (set initializer_range in it for std).",
+        "scaled: std / √(2 × layers), Megatron's and GPT-2's. depth: std / √(2 × (layer + 1)), the "
+        "depth scaling torchtitan gives these projections (its other choices, truncated normals and "
+        "up_proj's std, are not copied). A model built fresh from model.config only (set "
+        "initializer_range in it for std); mixtures of experts are refused.",
     )
     loss_chunk_tokens: int = doc(
         1024,
@@ -214,7 +216,8 @@ class TrainSection:
         "the model has them), as the transformers Trainer, Megatron and GPT-NeoX do. false: OLMo 2's "
         "choice (decay pulls rare tokens' rows to zero, and small embedding norms destabilise early "
         "training); with tied embeddings the output head goes undecayed with them. Fixed for a run: "
-        "it sets the optimizer's parameter groups, so a resume with the other value is refused.",
+        "it sets the optimizer's parameter groups, so a resume with the other value is refused (not under "
+        "LoRA, which trains no embedding table).",
     )
     adam_beta1: float = doc(0.9, "AdamW beta1.")
     adam_beta2: float = doc(0.95, "AdamW beta2.")

@@ -110,7 +110,6 @@ def _check_train(cfg: Config) -> None:
         "data.prefetch_factor": cfg.data.prefetch_factor,
         "data.shuffle_window": cfg.data.shuffle_window,
         "train.max_nonfinite": t.max_nonfinite,
-        "train.skip_spike_window": t.skip_spike_window,
         "run.collective_timeout_s": cfg.run.collective_timeout_s,
     }
     for key, value in positive.items():
@@ -131,6 +130,8 @@ def _check_train(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be ≥ 0, got {value}")
+    if t.skip_spike_window < 4:  # half of it, at least 2 steps, must be seen before judging
+        raise ConfigError(f"train.skip_spike_window must be ≥ 4, got {t.skip_spike_window}")
     if not t.lr > 0:
         raise ConfigError(f"train.lr must be > 0, got {t.lr}")
     for key, value in {"train.adam_beta1": t.adam_beta1, "train.adam_beta2": t.adam_beta2}.items():
@@ -217,6 +218,15 @@ def _check_zero(cfg: Config) -> None:
         )
     if z.offload_optimizer == "nvme" and z.stage != 3:
         raise ConfigError("zero.offload_optimizer=nvme is only supported with zero.stage=3")
+    offload = (z.ds_config_overrides.get("zero_optimization") or {}).get("offload_optimizer") or {}
+    if cfg.train.skip_spike_sigma and (offload.get("super_offload") or offload.get("ratio", 1) < 1):
+        # both step part of the model through an optimizer of their own (ZeRO-3's backup_optimizer
+        # for the sub-groups kept on the GPU, SuperOffload's CPU step), which the spike gate does not see
+        raise ConfigError(
+            "train.skip_spike_sigma cannot gate DeepSpeed's partial optimizer offload "
+            "(offload_optimizer.ratio < 1) or super_offload in zero.ds_config_overrides: a skipped step "
+            "would still update part of the model"
+        )
 
 
 def _check_profile(cfg: Config) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ds_train.data.corpus_pieces import CorpusError, Piece, plan_pieces
+from ds_train.data.document_framing import document_separator, document_start
 from ds_train.data.packing import cut_rows, effective_pad, packed_row_count, row_doc_starts
 from ds_train.data.piece_tokenizer import BatchEncoder, done_marker, is_valid_doc, tokenize_piece
 from ds_train.data.remote import is_remote, with_retries
@@ -46,7 +47,6 @@ from ds_train.data.worker_pool import run_tasks
 
 __all__ = [
     "ShardOptions",
-    "document_separator",
     "is_valid_doc",
     "merge_shards",
     "prepare_plan",
@@ -77,58 +77,6 @@ class ShardOptions:
         per_shard = self.rows_per_shard or max(1, self.shard_bytes // row_bytes)
         per_member = max(1, min(per_shard, self.member_bytes // row_bytes))
         return per_shard, per_member
-
-
-def document_separator(tokenizer) -> int | None:
-    """The token ending each packed document: EOS, or [SEP] for BERT-style tokenizers without one."""
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-
-
-BOS_CHOICES = ("auto", "always", "never")
-
-
-def document_start(tokenizer, mode: str = "auto") -> int | None:
-    """The token starting each packed document, or None.
-
-    auto: BOS when the tokenizer puts one before every text it encodes (Llama, Mistral, Gemma), as
-    their own pretraining data has it: a model trained without it meets a BOS at the start of every
-    prompt at inference that it never saw in training (its embedding still random). Tokenizers that
-    add no BOS (GPT-2, OLMo, BERT's [CLS] is no BOS) and those whose BOS is the separator itself
-    (GPT-2's <|endoftext|>: the previous document's separator already starts the next) get none.
-    always / never: force it (always needs a BOS token)."""
-    if mode not in BOS_CHOICES:
-        raise CorpusError(f"--bos must be one of {', '.join(BOS_CHOICES)}, got {mode!r}")
-    bos = tokenizer.bos_token_id
-    if mode == "never":
-        return None
-    if mode == "always":
-        if bos is None:
-            raise CorpusError("--bos always: the tokenizer has no BOS token")
-        return int(bos)
-    if bos is None or bos == document_separator(tokenizer):
-        return None
-    probe = "a b"
-    with_special = tokenizer(probe)["input_ids"]
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    adds_bos = bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
-    return int(bos) if adds_bos else None
-
-
-def missing_bos_note(sources, tokenizer, key: str) -> str | None:
-    """A warning when model.tokenizer puts a BOS before every text it encodes (Llama, Mistral) but
-    shards of `key` start their documents without it (made with --bos never, or before --bos
-    existed): the trained model would meet that BOS at the start of every prompt at inference."""
-    bos = document_start(tokenizer)
-    if bos is None:
-        return None
-    without = [s.location for s in sources if s.sft is None and s.bos_token_id != bos]
-    if not without:
-        return None
-    return (
-        f"{key} ({', '.join(without)}): documents start without the BOS token (id {bos}) model.tokenizer "
-        "puts before every text it encodes, so the model never trains on what starts every prompt at "
-        "inference; re-shard with `ds-train shard` (--bos auto, its default, adds it)"
-    )
 
 
 def work_dir(output: str | os.PathLike) -> Path:
@@ -192,6 +140,12 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
                     f"{changed} changed (size or modification time) since the sharding work in {work} "
                     "began: its finished pieces hold the old content; remove the work directory to start over"
                 )
+            if _without(old, "id") == _without(plan, "id", "bos"):
+                raise CorpusError(
+                    f"{work} holds sharding work begun before --bos existed, without a BOS before each "
+                    f"document; --bos auto now adds this tokenizer's (id {plan['bos']}): continue it with "
+                    "--bos never, or remove the work directory to start over with the BOS"
+                )
             raise CorpusError(
                 f"{work} holds the work of another sharding run (other inputs or options); "
                 "remove it, or run with the same arguments to continue it"
@@ -201,6 +155,10 @@ def prepare_plan(inputs: list[str], output: str | os.PathLike, tokenizer, opts: 
     tmp.write_text(json.dumps(plan, indent=1))
     os.replace(tmp, path)
     return plan
+
+
+def _without(plan: dict, *keys: str) -> dict:
+    return {k: v for k, v in plan.items() if k not in keys}
 
 
 def input_stamps(pieces: list[Piece]) -> dict[str, list[int]]:

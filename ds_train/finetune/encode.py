@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from ds_train.config.schema import FinetuneSection
+from ds_train.data.document_framing import document_separator
 from ds_train.data.packing import Packer
 from ds_train.data.shard_format import token_dtype
-from ds_train.data.sharding import document_separator
 from ds_train.finetune.chat import ChatFormat, to_messages
 from ds_train.finetune.packing import ExamplePacker
 from ds_train.finetune.records import Example, label_id

@@ -206,7 +206,11 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         global_batch_size=cfg.train.global_batch_size,
         force=cfg.run.force_resume,
         zero_stage=cfg.zero.stage,
-        decay_embeddings=cfg.train.embedding_weight_decay,
+        # LoRA trains no embedding table (peft's lora_embedding_A/B are matrices, decayed either
+        # way): the parameter groups are the same whatever the setting, so a flip is no mismatch
+        decay_embeddings=state.get("decay_embeddings", True)
+        if cfg.finetune.adapter == "lora"
+        else cfg.train.embedding_weight_decay,
     )
     saved, now = state.get("finetune") or {}, pre.finetune_state(cfg)
     for key in RESUME_KEYS:

@@ -31,7 +31,7 @@ def module_seed(seed: int, name: str) -> int:
 
 # The projections that write into the residual stream in Llama-style blocks (Llama, Mistral, Qwen,
 # Gemma, OLMo): each block's attention output and MLP down projection.
-RESIDUAL_OUTPUT = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn\.o_proj|mlp\.down_proj)$")
+RESIDUAL_OUTPUT = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)$")
 
 ResidualScale = Callable[[str], float]  # module name → factor on its drawn weight
 
@@ -42,12 +42,18 @@ def residual_scale(mode: str, module_names: Iterable[str]) -> ResidualScale | No
     (torchtitan's)."""
     if mode == "default":
         return None
-    blocks = [int(m.group(1)) for n in module_names if (m := RESIDUAL_OUTPUT.search(n))]
-    if not blocks:
+    found: dict[int, set[str]] = {}
+    for n in module_names:
+        if m := RESIDUAL_OUTPUT.search(n):
+            found.setdefault(int(m.group(1)), set()).add(m.group(2))
+    # every block both ways: a mixture of experts (experts' down projections are one 3-D parameter)
+    # or another MLP naming would be half scaled, silently
+    if not found or any(len(kinds) != 2 for kinds in found.values()):
         raise ValueError(
-            f"model.residual_init={mode} knows Llama-style blocks (layers.N.self_attn.o_proj, "
-            "layers.N.mlp.down_proj); this model has none: use default"
+            f"model.residual_init={mode} knows Llama-style blocks, each with a layers.N.self_attn.o_proj "
+            "and a layers.N.mlp.down_proj linear layer; this model's blocks are not all so: use default"
         )
+    blocks = list(found)
 
     def scale(name: str) -> float:
         m = RESIDUAL_OUTPUT.search(name)

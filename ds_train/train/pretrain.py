@@ -26,6 +26,7 @@ from ds_train.checkpoint.layout import (
     latest_checkpoint,
 )
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
+from ds_train.data.document_framing import missing_bos_note
 from ds_train.data.loader import (
     DataPlan,
     MicroBatches,
@@ -36,7 +37,6 @@ from ds_train.data.loader import (
 )
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError, source_names
-from ds_train.data.sharding import missing_bos_note
 from ds_train.data.stream_origin import StreamOrigin
 from ds_train.distributed.deepspeed_config import (
     BatchLayout,

@@ -34,7 +34,12 @@ def _engine(stage: int, precision: str, world: int, seen: list, offload: bool = 
         "zero_allow_untested_optimizer": True,
         **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
     }
-    engine = build_engine(model, [{"params": list(model.parameters())}], ds_config, lambda step: 1.0)
+    # two groups, as ds-train's (ZeRO-1/2 step the optimizer once per group: one decision for both)
+    groups = [
+        {"params": [p for p in model.parameters() if p.ndim == 2], "weight_decay": 0.1},
+        {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
+    ]
+    engine = build_engine(model, groups, ds_config, lambda step: 1.0)
     verdicts = iter([])
 
     def allow(norm) -> bool:
@@ -45,11 +50,15 @@ def _engine(stage: int, precision: str, world: int, seen: list, offload: bool = 
 
     def step(x: torch.Tensor, run: bool) -> None:
         nonlocal verdicts
-        verdicts = iter([run] * 8)  # ZeRO-3 asks once per sub-group
+        verdicts = iter([run] * 8)  # asked once per group (ZeRO-1/2) or sub-group (ZeRO-3)
         dtype = next(engine.module.parameters()).dtype
         loss = engine(x.to(dtype)).float().pow(2).sum()
         engine.backward(loss)
+        asked = len(seen)
         engine.step()
+        # the gate saw this step's norm (not the previous step's), however often it was asked
+        norm = float(engine.get_global_grad_norm())
+        assert len(seen) > asked and all(n == pytest.approx(norm, rel=1e-6) for n in seen[asked:])
 
     return engine, step
 
@@ -87,11 +96,19 @@ def _rank_main(rank: int, world: int, stage: int, precision: str, offload: bool,
     [
         (0, "fp32", 1, False),
         (0, "bf16", 1, False),
+        (1, "bf16", 2, False),
         (2, "bf16", 2, False),
         (3, "fp32", 2, False),
         (2, "fp32", 1, True),
     ],
-    ids=["zero0-fp32", "zero0-bf16", "zero2-bf16-2ranks", "zero3-fp32-2ranks", "zero2-cpu-adam"],
+    ids=[
+        "zero0-fp32",
+        "zero0-bf16",
+        "zero1-bf16-2ranks",
+        "zero2-bf16-2ranks",
+        "zero3-fp32-2ranks",
+        "zero2-cpu-adam",
+    ],
 )
 def test_a_refused_update_changes_nothing_deepspeed_keeps(tmp_path, stage, precision, world, offload):
     """The last case steps DeepSpeed's CPU Adam (optimizer offload) instead of torch's AdamW."""

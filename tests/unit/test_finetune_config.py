@@ -203,6 +203,9 @@ def test_resume_refuses_other_parameter_groups(tmp_path, hf_dir):
     raw["run"]["force_resume"] = True  # the optimizer state cannot be moved: never forced through
     with pytest.raises(ConfigError, match="train.embedding_weight_decay=true \\(this run: false\\)"):
         _check(raw)
+    raw["run"]["force_resume"] = False
+    raw["finetune"]["adapter"] = "lora"  # trains no embedding table: the same groups either way
+    assert _check(raw).resume_from.step == 2
 
 
 def test_resume_refuses_another_example_order(tmp_path, hf_dir):

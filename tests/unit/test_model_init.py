@@ -254,8 +254,14 @@ def test_residual_init_is_refused_where_it_cannot_apply(tmp_path):
     from ds_train.model.build import check_residual_init
 
     gpt2 = AutoConfig.for_model("gpt2", n_layer=2, n_embd=16, n_head=2)
-    with pytest.raises(ConfigError, match="model.residual_init=scaled knows Llama-style blocks"):
-        check_residual_init(ModelSection(config="x.json", residual_init="scaled"), gpt2)
+    # a mixture of experts matches o_proj but not its experts' down projections: half would be scaled
+    mixtral = AutoConfig.for_model(
+        "mixtral", num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, vocab_size=64,
+    )  # fmt: skip
+    for other in (gpt2, mixtral):
+        with pytest.raises(ConfigError, match="model.residual_init=scaled knows Llama-style blocks"):
+            check_residual_init(ModelSection(config="x.json", residual_init="scaled"), other)
     check_residual_init(ModelSection(config="x.json"), gpt2)  # default: anything goes
     raw = json.loads(MICRO_LLAMA.read_text())
     llama = AutoConfig.for_model(raw.pop("model_type"), vocab_size=256, **raw)

@@ -298,7 +298,7 @@ def _bos_tokenizer(tok):
 def test_documents_start_with_bos_where_the_tokenizer_adds_one(tmp_path, corpus, tok):
     """A Llama-style tokenizer feeds the model a BOS before every prompt: shards made with it start
     every document with that BOS (--bos auto), so training sees what inference gives."""
-    from ds_train.data.sharding import document_start
+    from ds_train.data.document_framing import document_start
 
     llama_like = _bos_tokenizer(tok)
     bos = llama_like.bos_token_id
@@ -345,3 +345,12 @@ def test_training_on_shards_without_the_tokenizer_s_bos_is_warned(tmp_path, corp
         assert main(["pretrain", str(write_config(tmp_path / f"{bos}.yaml", cfg)), "--check"]) == 0
         warned = f"documents start without the BOS token (id {llama_like.bos_token_id})" in caplog.text
         assert warned == (bos == "never"), caplog.text
+
+
+def test_work_begun_before_bos_existed_says_how_to_continue(tmp_path, corpus, tok):
+    llama_like = _bos_tokenizer(tok)
+    plan = prepare_plan([str(corpus)], tmp_path, llama_like, _opts(bos="never"))
+    assert "bos" not in plan  # as every plan before --bos: its id unchanged
+    with pytest.raises(CorpusError, match="begun before --bos existed.*continue it with --bos never"):
+        prepare_plan([str(corpus)], tmp_path, llama_like, _opts())
+    assert prepare_plan([str(corpus)], tmp_path, llama_like, _opts(bos="never"))["id"] == plan["id"]

@@ -75,7 +75,17 @@ def test_the_config_validates_the_settings(tmp_path, shards):
     cfg_file = write_config(tmp_path / "c.yaml", base_config(tmp_path / "run", shards))
     for override, message in (
         ("train.skip_spike_sigma=-1", "train.skip_spike_sigma must be ≥ 0"),
-        ("train.skip_spike_window=0", "train.skip_spike_window must be > 0"),
+        ("train.skip_spike_window=3", "train.skip_spike_window must be ≥ 4"),
+        (
+            'zero.ds_config_overrides={"zero_optimization": {"offload_optimizer": {"ratio": 0.5}}}',
+            "cannot gate DeepSpeed's partial optimizer offload",
+        ),
     ):
         with pytest.raises(ConfigError, match=message):
-            validate(load_config(cfg_file, [override]))
+            validate(load_config(cfg_file, ["train.skip_spike_sigma=6", override]))
+    validate(
+        load_config(
+            cfg_file,
+            ['zero.ds_config_overrides={"zero_optimization": {"offload_optimizer": {"ratio": 0.5}}}'],
+        )
+    )
