@@ -66,6 +66,8 @@ def test_a_slow_loader_shows_as_data_wait_and_a_ready_one_does_not():
         assert r["data_wait_s"] < MICRO * delay
         assert r["data_wait_frac"] < 0.5  # the stand-in step's own sleep is the larger part
     assert "data wait" not in format_record({**ready[-1], "data_wait_frac": 0.001})
+    assert "spikes skipped" not in format_record(ready[-1]) and ready[-1]["skipped_steps"] == 0
+    assert "spikes skipped 2" in format_record({**ready[-1], "skipped_steps": 2})
     assert "data wait 30% (rank 5)" in format_record(
         {**ready[-1], "data_wait_frac": 0.3, "data_wait_rank": 5}
     )

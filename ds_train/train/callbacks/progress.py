@@ -58,6 +58,8 @@ def format_record(record: dict) -> str:
         parts.append(f"mem {record['peak_reserved_gib']:.1f} GiB")
         if record.get("alloc_retries"):  # the allocator is thrashing near the limit: say so
             parts.append(f"alloc retries {record['alloc_retries']}")
+    if record.get("skipped_steps"):  # each skip is warned once; the line keeps the count in view
+        parts.append(f"spikes skipped {record['skipped_steps']}")
     if record.get("data_wait_frac", 0) >= 0.01:  # an input stall is worth a glance; none is noise
         rank = f" (rank {record['data_wait_rank']})" if "data_wait_rank" in record else ""
         parts.append(f"data wait {100 * record['data_wait_frac']:.0f}%{rank}")
