@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ds_train.report.series import RunMetrics, Series
+from ds_train.report.series import RunMetrics, Series, skip_steps
 
 PANELS = ("loss", "throughput", "mfu", "optimizer")
 
@@ -76,6 +76,10 @@ def build_figure(metrics: RunMetrics, title: str):
         ax_loss.plot(
             series.steps, series.values, "^--", color=f"C{3 + k % 7}", markersize=4, label=f"valid: {name}"
         )
+    skipped = set(skip_steps(metrics))
+    if skipped:  # the interval's loss, which includes the spike that was not trained on
+        at = [(st, v) for st, v in zip(metrics.loss.steps, metrics.loss.values) if st in skipped]
+        ax_loss.plot(*zip(*at), "x", color="C3", markersize=8, label="update skipped (spike)")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("cross-entropy (nats/token)")
     _mark_resumes(ax_loss, metrics)
@@ -176,6 +180,13 @@ def summary(metrics: RunMetrics) -> list[str]:
         )
     if len(metrics.slowest_forward_ratio):
         lines.append(_stragglers(metrics))
+    skipped = skip_steps(metrics)
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", …" if len(skipped) > 10 else "")
+        lines.append(
+            f"updates skipped on a loss or gradient-norm spike: {metrics.skipped_steps.values[-1]:.0f}, "
+            f"in the log intervals ending at step(s) {shown}"
+        )
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
     return lines

@@ -39,6 +39,7 @@ class RunMetrics:
     lr: Series
     slowest_rank: Series
     slowest_forward_ratio: Series
+    skipped_steps: Series  # updates skipped on a spike so far (train.skip_spike_sigma)
     resumes: list[int]  # checkpoint steps a resumed attempt restarted from
     world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
 
@@ -56,7 +57,19 @@ TRAIN_KEYS = (
     "lr",
     "slowest_rank",
     "slowest_forward_ratio",
+    "skipped_steps",
 )
+
+
+def skip_steps(metrics: RunMetrics) -> list[int]:
+    """The log steps whose interval skipped an update on a spike: where the count rises (it is
+    kept across resumes, so the resumed lineage counts on from its checkpoint)."""
+    s, before, out = metrics.skipped_steps, 0.0, []
+    for step, count in zip(s.steps, s.values):
+        if count > before:
+            out.append(step)
+        before = count
+    return out
 
 
 def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> RunMetrics:

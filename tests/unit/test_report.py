@@ -147,3 +147,24 @@ def test_summary_names_the_rank_most_often_slowest(tmp_path):
     ]
     _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])  # one rank, or an older ds-train: no line
     assert not any(line.startswith("slowest rank") for line in summary(load_run_metrics(tmp_path)))
+
+
+def test_skipped_updates_are_marked_and_summarised(tmp_path):
+    """train.skip_spike_sigma: the log lines whose interval skipped an update get a marker on the
+    loss curve and a summary line; a run without skips gets neither."""
+    counts = {1: 0, 2: 0, 3: 1, 4: 1, 5: 3, 6: 3}
+    _write(tmp_path, [{**_train(s, 5.0 + (s in (3, 5))), "skipped_steps": n} for s, n in counts.items()])
+    m = load_run_metrics(tmp_path)
+    lines = {line.get_label(): line for line in build_figure(m, "spiky").axes[0].get_lines()}
+    marks = lines["update skipped (spike)"]
+    assert list(marks.get_xdata()) == [3, 5] and list(marks.get_ydata()) == [6.0, 6.0]
+    assert (
+        "updates skipped on a loss or gradient-norm spike: 3, in the log intervals ending at step(s) 3, 5"
+        in summary(m)
+    )
+    _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])  # none, or an older ds-train
+    m = load_run_metrics(tmp_path)
+    assert not any("skipped" in line for line in summary(m))
+    assert "update skipped (spike)" not in {
+        line.get_label() for line in build_figure(m, "x").axes[0].get_lines()
+    }
