@@ -69,8 +69,7 @@ def check_resume(
         # DeepSpeed's load fails on every rank with a size mismatch.
         problems.append(
             f"train.embedding_weight_decay={str(saved_decay).lower()} (this run: {str(decay_embeddings).lower()}), "
-            "which sets the optimizer's "
-            "parameter groups (their state cannot be moved between groups)"
+            "which sets the optimizer's parameter groups (their state cannot be moved between groups)"
         )
     saved_stage = state.get("zero_stage")
     if (

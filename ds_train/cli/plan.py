@@ -75,10 +75,11 @@ def main(args: argparse.Namespace) -> int:
         bias=shape.head_bias,
     )
     z = cfg.zero
+    planned = with_grad_dtype(PRECISIONS[precision], cfg.train.grad_dtype)
     plan = make_plan(
         shape,
         world_size=args.world_size,
-        precision=with_grad_dtype(PRECISIONS[precision], cfg.train.grad_dtype),
+        precision=planned,
         micro_batch=micro_batch,
         seq_len=seq_len,
         buckets=BucketSizes(
@@ -95,8 +96,7 @@ def main(args: argparse.Namespace) -> int:
     header = [
         f"model: {shape.params:,} parameters (Ψ), {shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}",
-        f"per rank: {args.world_size} data-parallel rank(s), "
-        f"{with_grad_dtype(PRECISIONS[precision], cfg.train.grad_dtype).name}, micro-batch {micro_batch} × "
+        f"per rank: {args.world_size} data-parallel rank(s), {planned.name}, micro-batch {micro_batch} × "
         f"seq_len {seq_len}, {cfg.model.attn_implementation} attention, "
         + (f"loss in chunks of {chunk} tokens" if chunk else "loss from full logits")
         + "; GiB per rank "

@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from ds_train.data.document_framing import BOS_CHOICES
+
 
 def parse_size(text: str) -> int:
     units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "B": 1}
@@ -63,7 +65,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--bos",
-        choices=("auto", "always", "never"),
+        choices=BOS_CHOICES,
         default="auto",
         help="start each document with the tokenizer's BOS token: auto (default) when the tokenizer adds "
         "one to every text it encodes (Llama, Mistral, Gemma), so training sees what inference feeds "

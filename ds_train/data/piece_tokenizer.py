@@ -152,7 +152,7 @@ def tokenize_piece(
                 if group:
                     _append(group, handles[split], counts[split], separator, dtype, bos)
             if progress is not None:
-                progress(len(batch), sum(len(x) + (1 if bos is None else 2) for x in ids))
+                progress(len(batch), sum(len(x) + _framing_tokens(bos) for x in ids))
         _close(handles)
         for s in splits:
             for t, f in zip(tmp[s], finals[s]):
@@ -169,6 +169,11 @@ def tokenize_piece(
     return record
 
 
+def _framing_tokens(bos: int | None) -> int:
+    """Tokens added around each document: its separator, and its BOS if any."""
+    return 1 if bos is None else 2
+
+
 def _close(handles: dict) -> None:
     for fh in itertools.chain.from_iterable(handles.values()):
         fh.close()
@@ -177,7 +182,7 @@ def _close(handles: dict) -> None:
 def _append(
     group: list[list[int]], files, count: dict, separator: int, dtype: np.dtype, bos: int | None = None
 ) -> None:
-    added = 1 if bos is None else 2  # tokens framing each document
+    added = _framing_tokens(bos)
     lengths = np.fromiter((len(x) + added for x in group), dtype=np.int64, count=len(group))
     ends = np.cumsum(lengths)
     flat = np.empty(int(ends[-1]), dtype=dtype)

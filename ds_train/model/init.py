@@ -53,15 +53,13 @@ def residual_scale(mode: str, module_names: Iterable[str]) -> ResidualScale | No
             f"model.residual_init={mode} knows Llama-style blocks, each with a layers.N.self_attn.o_proj "
             "and a layers.N.mlp.down_proj linear layer; this model's blocks are not all so: use default"
         )
-    blocks = list(found)
+    layers = max(found) + 1
 
     def scale(name: str) -> float:
         m = RESIDUAL_OUTPUT.search(name)
         if m is None:
             return 1.0
         return 1 / math.sqrt(2 * (layers if mode == "scaled" else int(m.group(1)) + 1))
-
-    layers = max(blocks) + 1
 
     return scale
 

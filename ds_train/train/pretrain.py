@@ -181,8 +181,8 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
             )
         # valid's rows may be longer than train's: the first evaluation would index past the table
         check_positions(pre.hf_config, p.seq_len, f"a row of {key} ({p.sources[0].location})")
-        note = missing_bos_note(p.sources, pre.tokenizer, key)
-        if note and key == "data.train":
+        note = missing_bos_note(p.sources, pre.tokenizer, key) if key == "data.train" else None
+        if note:
             log.warning(note)
     if pre.resume_from is not None:
         check_data_resume(

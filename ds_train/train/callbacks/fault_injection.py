@@ -44,6 +44,10 @@ KINDS = {
     "slow": ("step",),
     "enospc": ("save",),
 }
+LOSS_FAULTS = (
+    "nan",
+    "spike",
+)  # they scale the loss (silently: train.nonfinite / the spike guard report them)
 
 
 @dataclass(frozen=True)
@@ -122,10 +126,7 @@ class FaultInjection(Callback):
 
     def _fired(self, trainer, kind: str, point: str, step: int) -> bool:
         fired = any(f.kind == kind and f.fires(point, step, trainer.ctx.rank) for f in self.faults)
-        if fired and kind not in (
-            "nan",
-            "spike",
-        ):  # when it happened, to time the run's reaction from outside
+        if fired and kind not in LOSS_FAULTS:  # when it happened, to time the run's reaction from outside
             print(
                 f"{ENV}: {kind}@{point}={step} on rank {trainer.ctx.rank} at {time.time():.3f}",
                 file=sys.stderr,
@@ -135,7 +136,7 @@ class FaultInjection(Callback):
 
     def on_train_start(self, trainer) -> None:
         # trainer.step counts finished steps: step N is computed while it reads N - 1
-        if any(f.kind in ("nan", "spike") for f in self.faults):
+        if any(f.kind in LOSS_FAULTS for f in self.faults):
             trainer.objective = _ScaledLoss(trainer.objective, lambda: self._loss_factor(trainer))
         slow = [f for f in self.faults if f.kind == "slow" and f.rank in (None, trainer.ctx.rank)]
         if slow:
@@ -149,12 +150,10 @@ class FaultInjection(Callback):
             return None
         if self._fired(trainer, "nan", "step", trainer.step + 1):
             return float("nan")
-        spike = [
-            f
-            for f in self.faults
-            if f.kind == "spike" and f.fires("step", trainer.step + 1, trainer.ctx.rank)
-        ]
-        return spike[0].factor if spike else None
+        step, rank = trainer.step + 1, trainer.ctx.rank
+        return next(
+            (f.factor for f in self.faults if f.kind == "spike" and f.fires("step", step, rank)), None
+        )
 
     def on_step_end(self, trainer) -> None:
         if self._fired(trainer, "kill", "step", trainer.step):
