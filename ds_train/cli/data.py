@@ -5,6 +5,10 @@
   locate). The output does not depend on W: that is the elastic-resume guarantee, made visible.
 - `show CONFIG [overrides] --step S`: the text of the samples of one global step (find the batch
   behind a loss spike).
+
+  Both number steps as the training log and metrics.jsonl do: step 1 is the first update. Where
+  `run.output_dir` holds a run resumed with `run.force_resume` onto other data or another batch,
+  they follow its data_stream.jsonl, and refuse steps this config did not train.
 - `verify DIR`: every shard of a local shard set against its manifest (size, sha256, structure).
 """
 
@@ -21,14 +25,14 @@ def register(sub) -> None:
     o = dsub.add_parser("order", help="print the (shard, row) ids of each global batch")
     _run_arguments(o)
     o.add_argument("--steps", type=int, default=10, help="global steps to print (default 10)")
-    o.add_argument("--start-step", type=int, default=0, help="first step to print")
+    o.add_argument("--start-step", type=int, default=1, help="first step to print (1: the first update)")
     o.add_argument("--world-size", type=int, default=1, help="data-parallel ranks (output is the same)")
     o.add_argument("--json", action="store_true", help="one JSON object per step")
     o.set_defaults(func=order)
 
     s = dsub.add_parser("show", help="decode the samples of one global step")
     _run_arguments(s)
-    s.add_argument("--step", type=int, required=True)
+    s.add_argument("--step", type=int, required=True, help="the step as logged (1: the first update)")
     s.add_argument("--max-chars", type=int, default=300, help="characters per sample (0: all)")
     s.set_defaults(func=show)
 
@@ -45,9 +49,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--valid", action="store_true", help="data.valid instead of data.train")
 
 
-def _plan_and_layout(args: argparse.Namespace, world_size: int):
+def _plan_and_positions(args: argparse.Namespace, world_size: int):
+    import numpy as np
+
     from ds_train.config import ConfigError, load_config
-    from ds_train.data.loader import build_plan
+    from ds_train.data.loader import build_plan, global_batch_positions
+    from ds_train.data.stream_origin import origin_at, read_history
     from ds_train.distributed.deepspeed_config import batch_layout
 
     cfg = load_config(args.config, args.overrides)
@@ -59,20 +66,31 @@ def _plan_and_layout(args: argparse.Namespace, world_size: int):
     plan = build_plan(
         spec, seed=cfg.data_seed, shuffle=shuffle, window=cfg.data.shuffle_window, evaluation=args.valid
     )
-    return cfg, plan, batch_layout(cfg.train, world_size)
+    layout = batch_layout(cfg.train, world_size)
+    history = [] if args.valid else read_history(cfg.run.output_dir)
+
+    def positions(step: int) -> np.ndarray:
+        """The global batch of the step logged as `step` (the loader counts from 0)."""
+        if step < 1:
+            raise ConfigError(f"step {step}: steps count from 1, as the training log does")
+        try:
+            origin = origin_at(history, step - 1, plan.fingerprint, layout.global_batch_size)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.run.output_dir}: {e}") from None
+        return global_batch_positions(step - 1, layout, origin)
+
+    return cfg, plan, positions
 
 
 def order(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError
-    from ds_train.data.loader import global_batch_positions
 
-    if args.world_size < 1 or args.steps < 0 or args.start_step < 0:
-        raise ConfigError("--world-size must be ≥ 1, --steps and --start-step ≥ 0")
-    _, plan, layout = _plan_and_layout(args, args.world_size)
+    if args.world_size < 1 or args.steps < 0 or args.start_step < 1:
+        raise ConfigError("--world-size and --start-step must be ≥ 1, --steps ≥ 0")
+    _, plan, batch_positions = _plan_and_positions(args, args.world_size)
     multi = len(plan.sources) > 1
     for step in range(args.start_step, args.start_step + args.steps):
-        positions = global_batch_positions(step, layout)
-        source, shard, row = plan.locate(positions)
+        source, shard, row = plan.locate(batch_positions(step))
         if args.json:
             samples = [
                 {"source": int(a), "shard": plan.sources[a].names[b], "row": int(r)}
@@ -91,13 +109,12 @@ def order(args: argparse.Namespace) -> int:
 def show(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ds_train.data.loader import global_batch_positions
     from ds_train.data.reader import RowReader
     from ds_train.model.build import load_tokenizer
 
-    cfg, plan, layout = _plan_and_layout(args, 1)
+    cfg, plan, batch_positions = _plan_and_positions(args, 1)
     tokenizer = load_tokenizer(cfg.model)
-    positions = global_batch_positions(args.step, layout)
+    positions = batch_positions(args.step)
     source, shard, row = plan.locate(positions)
     cache = cfg.data.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")  # as pretraining
     rows, _ = RowReader(plan.sources, cache).read(source, shard, row)

@@ -164,11 +164,11 @@ def rank_positions(
     return np.arange(start, start + layout.micro_batch_size, dtype=np.int64)
 
 
-def global_batch_positions(step: int, layout: BatchLayout) -> np.ndarray:
+def global_batch_positions(step: int, layout: BatchLayout, origin: StreamOrigin = FRESH) -> np.ndarray:
     """Every rank's micro-batches of `step`, in rank order: what the whole job consumes that step."""
     return np.concatenate(
         [
-            rank_positions(step, micro, layout, rank)
+            rank_positions(step, micro, layout, rank, origin)
             for rank in range(layout.data_parallel_size)
             for micro in range(layout.grad_accum)
         ]

@@ -17,7 +17,9 @@ of the same data continues it.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,100 @@ def forced_resume_note(state: dict | None, fingerprint: str, global_batch_size: 
 
 def _other_data(state: dict, fingerprint: str) -> bool:
     return (state.get("data") or {}).get("fingerprint") not in (None, fingerprint)
+
+
+# --- the run directory's record of forced changes ------------------------------------------------
+# `ds-train data order|show` map a step to its samples with the formula above. After a forced
+# resume the origin lives only in the attempt that trained the steps, so each attempt that moves it
+# writes the change to <run_dir>/data_stream.jsonl; without a forced resume the file never exists.
+
+HISTORY_FILE = "data_stream.jsonl"
+
+
+@dataclass(frozen=True)
+class StreamSegment:
+    """Steps from `origin.step` on (until the next segment) read `fingerprint`'s data from
+    `origin.samples`, `global_batch_size` samples a step."""
+
+    origin: StreamOrigin
+    fingerprint: str
+    global_batch_size: int
+
+    def as_json(self) -> str:
+        o = self.origin
+        return json.dumps(
+            {
+                "step": o.step,
+                "samples": o.samples,
+                "fingerprint": self.fingerprint,
+                "global_batch_size": self.global_batch_size,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> StreamSegment:
+        d = json.loads(line)
+        return cls(
+            StreamOrigin(int(d["step"]), int(d["samples"])), d["fingerprint"], int(d["global_batch_size"])
+        )
+
+
+def read_history(run_dir: str | Path) -> list[StreamSegment]:
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return []
+    return [StreamSegment.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def record_segment(run_dir: str | Path, state: dict | None, segment: StreamSegment) -> None:
+    """At an attempt's start (rank 0), after resuming from the checkpoint `state` (None: fresh).
+
+    Segments from the resumed step on belong to a timeline this attempt replaces (a resume from an
+    older checkpoint) and are dropped. The new segment is written only where it moves the origin:
+    a run resumed as it was keeps no file. The first forced change also records the segment before
+    it, the checkpoint's data and batch from step 0 (origins forced before this file existed, in
+    2026-12, are not known)."""
+    path = Path(run_dir) / HISTORY_FILE
+    start = segment.origin.step
+    history = [s for s in read_history(run_dir) if s.origin.step < start]
+    if history:
+        last = history[-1]
+        same = (last.fingerprint, last.global_batch_size) == (segment.fingerprint, segment.global_batch_size)
+        if not (same and last.origin.position(start, last.global_batch_size) == segment.origin.samples):
+            history.append(segment)
+    elif state and forced_resume_note(state, segment.fingerprint, segment.global_batch_size):
+        before = (state.get("data") or {}).get("fingerprint", segment.fingerprint)
+        history = [StreamSegment(FRESH, before, int(state["global_batch_size"])), segment]
+    if len(history) < 2:  # at most the stream from step 0: nothing forced
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(s.as_json() + "\n" for s in history))
+    tmp.replace(path)
+
+
+def origin_at(
+    history: list[StreamSegment], step: int, fingerprint: str, global_batch_size: int
+) -> StreamOrigin:
+    """The origin step `step` (counted from 0 as origins are: the step logged as `step + 1`) of a
+    run with this `history` read its samples from, for a config whose data has `fingerprint` and
+    batch `global_batch_size`; ValueError when that config did not train the step (the run was
+    forced onto other data or another batch before or after it)."""
+    segments = [s for s in history if s.origin.step <= step]
+    if not segments:
+        return FRESH
+    seg = segments[-1]
+    if (seg.fingerprint, seg.global_batch_size) == (fingerprint, global_batch_size):
+        return seg.origin
+    later = [s.origin.step for s in history if s.origin.step > seg.origin.step]
+    first = seg.origin.step + 1  # as logged
+    steps = f"steps {first}-{later[0]}" if later else f"the steps from {first} on"
+    what = []
+    if seg.fingerprint != fingerprint:
+        what.append("other data than this config's")
+    if seg.global_batch_size != global_batch_size:
+        what.append(f"a global batch of {seg.global_batch_size} (this config: {global_batch_size})")
+    raise ValueError(
+        f"step {step + 1} was trained on {' and '.join(what)} (the run was resumed with "
+        f"run.force_resume): give the config of the attempt that trained {steps}"
+    )

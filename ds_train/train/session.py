@@ -23,7 +23,13 @@ from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
 from ds_train.config import Config, ConfigError, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
-from ds_train.data.stream_origin import StreamOrigin, forced_resume_note, resume_origin
+from ds_train.data.stream_origin import (
+    StreamOrigin,
+    StreamSegment,
+    forced_resume_note,
+    record_segment,
+    resume_origin,
+)
 from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
 from ds_train.distributed.engine import (
     DistributedContext,
@@ -197,6 +203,9 @@ def build_trainer(
     note = forced_resume_note(loaded, data_fingerprint, pre.layout.global_batch_size)
     if note and ctx.is_main:
         log.warning(note)
+    if ctx.is_main:  # for `ds-train data order|show` on this run
+        segment = StreamSegment(origin, data_fingerprint, pre.layout.global_batch_size)
+        record_segment(cfg.run.output_dir, loaded, segment)
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(

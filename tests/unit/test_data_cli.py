@@ -32,8 +32,8 @@ def test_order_does_not_depend_on_world_size(config, capsys):
     outputs = {w: run(capsys, "data", "order", config, "--steps", 5, "--world-size", w) for w in (1, 2, 4, 8)}
     assert len(set(outputs.values())) == 1
     lines = outputs[1].splitlines()
-    assert len(lines) == 5 and lines[0].startswith("step 0: train-")
-    assert len(lines[0].split()) == 2 + 8  # "step", "0:", then the 8 samples of the global batch
+    assert len(lines) == 5 and lines[0].startswith("step 1: train-")  # numbered as the training log
+    assert len(lines[0].split()) == 2 + 8  # "step", "1:", then the 8 samples of the global batch
 
 
 def test_order_is_what_the_loader_feeds_the_ranks(config, shards, capsys):
@@ -45,7 +45,9 @@ def test_order_is_what_the_loader_feeds_the_ranks(config, shards, capsys):
     for s in steps:
         got = []
         for rank in (0, 1):
-            ds = MicroBatches(plan, lay, rank, s["step"], CausalLM(0, 1), None)
+            ds = MicroBatches(
+                plan, lay, rank, s["step"] - 1, CausalLM(0, 1), None
+            )  # the loader counts from 0
             for k in range(lay.grad_accum):
                 b = ds[k]
                 got += [(plan.sources[0].names[i], r) for i, r in zip(b["shard"].tolist(), b["row"].tolist())]
@@ -70,6 +72,8 @@ def test_order_follows_overrides(config, capsys):
 def test_order_refuses_a_world_size_that_does_not_divide_the_batch(config, capsys):
     assert main(["data", "order", str(config), "--world-size", "3"]) == 2
     assert "global_batch_size" in capsys.readouterr().err
+    assert main(["data", "show", str(config), "--step", "0"]) == 2
+    assert "steps count from 1, as the training log does" in capsys.readouterr().err
 
 
 def test_show_decodes_the_samples_of_a_step(config, shards, capsys):
@@ -77,10 +81,11 @@ def test_show_decodes_the_samples_of_a_step(config, shards, capsys):
 
     from tests.helpers import TOKENIZER
 
-    out = run(capsys, "data", "show", config, "--step", 1, "--max-chars", 0)
-    blocks = out.split("--- step 1 sample ")[1:]
+    out = run(capsys, "data", "show", config, "--step", 2, "--max-chars", 0)
+    blocks = out.split("--- step 2 sample ")[1:]
     assert len(blocks) == 8
     plan = build_plan(str(shards / "train"), seed=7, shuffle=True, window=16)
+    # the step logged as 2 is the loader's step 1 (the trainer logs a step once it is taken)
     b = MicroBatches(plan, BatchLayout(8, 8, 1, 1), 0, 1, CausalLM(0, 1), None)[0]
     tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
     for block, ids in zip(blocks, b["input_ids"].tolist()):

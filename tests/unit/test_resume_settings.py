@@ -5,6 +5,7 @@ LambdaLR, the objects DeepSpeed saves and restores, with `engine.lr_scheduler` a
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -136,6 +137,24 @@ def test_a_forced_resume_with_another_batch_counts_what_was_trained(tmp_path, sh
     # the stream went on from sample 32, not from 4 × 16 = 64 (samples 32..63 were skipped)
     assert "the data stream continues at sample 32 at step 4" in proc.stderr
     assert _state(tmp_path / "run", 6)["data"]["consumed_samples"] == 32 + 2 * 16
+    # `ds-train data order` on the run follows it: steps 5-6 read what steps 5-8 of batch 8 would have
+    cfg_b = tmp_path / "b.yaml"
+    order = [json.loads(x)["samples"] for x in _order(cfg_b, 5, 2).splitlines()]
+    ref = {**cfg, "run": {**cfg["run"], "output_dir": str(tmp_path / "fresh")}, "train": {**cfg["train"]}}
+    ref["train"]["global_batch_size"] = 8
+    fresh = [
+        json.loads(x)["samples"] for x in _order(write_config(tmp_path / "r.yaml", ref), 5, 4).splitlines()
+    ]
+    assert order == [fresh[0] + fresh[1], fresh[2] + fresh[3]]
+    ref["run"]["output_dir"] = str(tmp_path / "run")  # the first attempt's config, on the run
+    assert (
+        _order(write_config(tmp_path / "a2.yaml", ref), 1, 4).splitlines()
+        == _order(tmp_path / "r.yaml", 1, 4).splitlines()
+    )
+    refused = run_cli(["data", "order", cfg_b, "--start-step", 4, "--steps", 1], check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "step 4 was trained on a global batch of 8 (this config: 16)" in refused.stderr
+    assert "give the config of the attempt that trained steps 1-4" in refused.stderr
     # a restart of the finished run evaluated its final checkpoint again: a second valid line for step 6
     run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
     evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if "valid_loss" in r]
@@ -161,6 +180,12 @@ def test_a_warmup_spanning_the_run_is_warned():
     assert warmup_note(SimpleNamespace(**{**vars(wsd), "warmup_steps": 80})) is None
 
 
+def _order(config, start: int, steps: int) -> str:
+    from tests.helpers import run_cli
+
+    return run_cli(["data", "order", config, "--start-step", start, "--steps", steps, "--json"]).stdout
+
+
 def _state(run_dir, step: int) -> dict:
     import json
 
@@ -180,6 +205,16 @@ def test_a_forced_resume_on_other_data_reads_it_from_its_beginning(tmp_path, sha
     proc = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
     assert "the data stream is new: it starts at its beginning at step 3" in proc.stderr
     assert _state(tmp_path / "run", 5)["data"]["consumed_samples"] == 2 * 8
+    # `ds-train data order` on the run: steps 4-5 (the anneal's) read the new data's first batches
+    annealed = [json.loads(x)["samples"] for x in _order(tmp_path / "b.yaml", 4, 2).splitlines()]
+    cfg["run"]["output_dir"] = str(tmp_path / "fresh")
+    fresh = [
+        json.loads(x)["samples"] for x in _order(write_config(tmp_path / "r.yaml", cfg), 1, 2).splitlines()
+    ]
+    assert annealed == fresh
+    refused = run_cli(["data", "show", tmp_path / "b.yaml", "--step", 3], check=False)
+    assert refused.returncode == 2 and "step 3 was trained on other data than this config's" in refused.stderr
+    cfg["run"]["output_dir"] = str(tmp_path / "run")
     # a later resume of the same data continues its stream
     cfg["train"]["max_steps"] = 6
     again = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
