@@ -233,7 +233,7 @@ def main() -> None:
     cfg_path.write_text(yaml.safe_dump(base_config(args, tmp, shards)))
 
     model_config = json.loads(Path(base_config(args, tmp, shards)["model"]["config"]).read_text())
-    all_variants = variants(args.micro, model_config["num_hidden_layers"])
+    all_variants = variants(args.micro, model_config["num_hidden_layers"], args.warmup)
     wanted = set(args.variants or [v.name for v in all_variants]) | {"baseline"}
     if toy and not args.variants:
         wanted = {"baseline", "no_doc_mask", "zero1", f"micro_{args.micro * 2}", "act_ckpt", "act_ckpt_half"}

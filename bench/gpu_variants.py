@@ -23,9 +23,10 @@ class Variant:
         return self.compile or "model.compile=true" in self.overrides
 
 
-def variants(micro: int, layers: int) -> list[Variant]:
+def variants(micro: int, layers: int, log_every: int = 1) -> list[Variant]:
     """In the order they run: the likeliest to matter first, so a --budget-s run keeps those.
-    `layers`: the model's transformer blocks (for checkpointing half of them).
+    `layers`: the model's transformer blocks (for checkpointing half of them); `log_every`: the
+    runs' log interval (per-layer norms are measured at most that often).
 
     Second comes "candidate", the combination most likely to reach the MFU goal (compiled blocks,
     FlexAttention's block-sparse document mask, micro-batch ×2, 4k-token loss chunks), so a lease
@@ -59,6 +60,10 @@ def variants(micro: int, layers: int) -> list[Variant]:
         # the cost of train.skip_spike_sigma: one scalar all-reduce and a host sync per step (off by default)
         Variant("skip_spikes", "spikes", "train.skip_spike_sigma=6 (OLMo-core's loss/grad-norm spike skipping)",
                 ["train.skip_spike_sigma=6"], tunable=False),
+        # the cost of train.layer_norms_every at its most frequent (every log line): a pass over the
+        # gradients and weights, one small all-reduce
+        Variant("layer_norms", "layer_norms", f"train.layer_norms_every={log_every} (per-layer norms at every log line)",
+                [f"train.layer_norms_every={log_every}"], tunable=False),
         Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
                 ["model.loss_chunk_tokens=0"]),
         Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",

@@ -325,6 +325,14 @@ class TrainSection:
     skip_spike_window: int = doc(
         128, "skip_spike_sigma: steps the mean and deviation are taken over (active once half are seen)."
     )
+    layer_norms_every: int = doc(
+        0,
+        "Every N steps (a multiple of log_every), log each block's gradient norm and fp32 weight norm, and "
+        "those of every other module (embeddings, final norm, head), to metrics.jsonl, TensorBoard and W&B; "
+        "`ds-train report` draws them per layer over the run. Finds where a spike or a divergence starts. "
+        "Costs, at those steps, a pass over this rank's gradient and weight partition and one small "
+        "all-reduce. 0: off.",
+    )
     straggler_ratio: float = doc(
         1.2,
         "Warn when one rank's forwards take this many times the other ranks' median in two log intervals in a "

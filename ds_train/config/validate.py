@@ -130,6 +130,11 @@ def _check_train(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be ≥ 0, got {value}")
+    if t.layer_norms_every < 0 or t.layer_norms_every % t.log_every:
+        raise ConfigError(
+            f"train.layer_norms_every={t.layer_norms_every} must be 0 or a multiple of train.log_every={t.log_every}: "
+            "the norms are written with a log line"
+        )
     if t.skip_spike_window < 4:  # half of it, at least 2 steps, must be seen before judging
         raise ConfigError(f"train.skip_spike_window must be ≥ 4, got {t.skip_spike_window}")
     if not t.lr > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ds_train.report.layer_norms import summary_line
 from ds_train.report.series import RunMetrics, Series, skip_steps
 
 PANELS = ("loss", "throughput", "mfu", "optimizer")
@@ -187,6 +188,9 @@ def summary(metrics: RunMetrics) -> list[str]:
             f"updates skipped on a loss or gradient-norm spike: {metrics.skipped_steps.values[-1]:.0f}, "
             f"in the log intervals ending at step(s) {shown}"
         )
+    layers = summary_line(metrics.layers)
+    if layers:
+        lines.append(layers)
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
     return lines

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds_train.report.layer_norms import LayerNormSeries, layer_norm_series
 from ds_train.train.callbacks.metrics_file import read_metrics
 
 
@@ -42,6 +43,7 @@ class RunMetrics:
     skipped_steps: Series  # updates skipped on a spike so far (train.skip_spike_sigma)
     resumes: list[int]  # checkpoint steps a resumed attempt restarted from
     world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
+    layers: LayerNormSeries  # per-layer norms (train.layer_norms_every), empty when not logged
 
 
 TRAIN_KEYS = (
@@ -114,5 +116,6 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
         valid_loss_by_set=by_set,
         resumes=sorted(set(resumes)),
         world_sizes=world_sizes,
+        layers=layer_norm_series(train),
         **out,
     )

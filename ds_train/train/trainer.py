@@ -32,6 +32,7 @@ from ds_train.train.best_metric import BestMetric
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.evaluation import evaluation_record
 from ds_train.train.interval_record import interval_record
+from ds_train.train.layer_norms import LayerNorms
 from ds_train.train.nonfinite import NonFiniteLosses
 from ds_train.train.process_clock import process_age_s
 from ds_train.train.spike_guard import SpikeGuard
@@ -57,6 +58,7 @@ class TrainerSettings:
     max_nonfinite: int = 3
     skip_spike_sigma: float = 0.0  # skip updates whose loss or grad norm spikes (spike_guard.py); 0: off
     skip_spike_window: int = 128
+    layer_norms_every: int = 0  # per-layer gradient and weight norms every N steps (layer_norms.py); 0: off
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
@@ -124,6 +126,11 @@ class Trainer:
         )
         if self.spikes.enabled:
             gate_optimizer_step(engine, self.spikes.allow)
+        self.layer_norms = (
+            LayerNorms(settings.layer_norms_every, engine.module, ctx.rank, ctx.device)
+            if settings.layer_norms_every
+            else None
+        )
         self.callbacks = callbacks or []
         self.step = self.start_step = start_step
         # samples trained before start_step (the checkpoint's count: batches may have differed;
@@ -381,6 +388,8 @@ class Trainer:
             if self.spikes.enabled and k == len(micro) - 1:  # the update runs in this engine.step()
                 step_loss = all_reduce_sum(losses.sum().reshape(1))[0] / global_targets.clamp(min=1)
                 self.spikes.arm(self.step + 1, step_loss)
+            if self.layer_norms and k == len(micro) - 1 and self.layer_norms.due(self.step + 1):
+                self.layer_norms.measure(self.engine)  # the reduced gradients, before the update
             self.engine.step()
         return losses, z_sum
 
@@ -425,6 +434,8 @@ class Trainer:
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
         record = interval_record(self, pending, interval_start, waited, side)
+        if self.layer_norms:
+            record.update(self.layer_norms.take())
         self.last_record = record
         if self.ctx.is_main:
             self._emit("on_log", record)

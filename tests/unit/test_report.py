@@ -168,3 +168,40 @@ def test_skipped_updates_are_marked_and_summarised(tmp_path):
     assert "update skipped (spike)" not in {
         line.get_label() for line in build_figure(m, "x").axes[0].get_lines()
     }
+
+
+def test_layer_norms_are_drawn_per_layer_and_their_largest_excursion_named(tmp_path):
+    """train.layer_norms_every: a heatmap per norm (rows: layers in model order) and a summary
+    line naming the layer whose gradient norm rose furthest above its own median; none without."""
+    import math
+
+    from ds_train.report.layer_norms import largest_excursion, write_layer_figure
+
+    groups = ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
+    records = []
+    for s in (2, 4, 6, 8):
+        grad = {g: 10.0 * (g == "lm_head") + 1.0 for g in groups}
+        if s == 6:
+            grad["model.layers.1"] = 7.0  # 7x its median of 1
+        records.append(
+            {**_train(s, 5.0), "layer_grad_norm": grad, "layer_weight_norm": dict.fromkeys(groups, 3.0)}
+        )
+    _write(tmp_path, [_train(1, 5.0), *records])
+    m = load_run_metrics(tmp_path)
+    assert m.layers.steps == [2, 4, 6, 8] and m.layers.groups == groups
+    assert m.layers.grad[2] == [1.0, 1.0, 7.0, 1.0] and m.layers.weight[0] == [3.0] * 4
+    assert largest_excursion(m.layers) == ("model.layers.1", 6, 7.0)  # not the head, large throughout
+    assert (
+        "layer norms: 4 layers at 4 steps; largest gradient norm against its layer's median: model.layers.1, 7.0x at step 6"
+        in summary(m)
+    )
+    out = write_layer_figure(m.layers, tmp_path / "layer_norms.png", "t")
+    assert out.stat().st_size > 10_000
+    # a layer first measured later (a resume with more layers unfrozen) is blank before
+    records[-1]["layer_grad_norm"]["extra"] = 2.0
+    _write(tmp_path, records)
+    m = load_run_metrics(tmp_path)
+    assert m.layers.groups[-1] == "extra" and all(math.isnan(v) for v in m.layers.grad[-1][:3])
+    _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])
+    m = load_run_metrics(tmp_path)
+    assert not len(m.layers) and not any(line.startswith("layer norms") for line in summary(m))

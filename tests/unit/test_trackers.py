@@ -85,3 +85,20 @@ def test_tensorboard_purges_what_an_interrupted_attempt_wrote_after_the_checkpoi
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Scalars("train/loss")
     assert [e.step for e in events] == list(range(1, 21))  # each step once
     assert [e.value for e in events if e.step > 10] == [2.0] * 10  # the resumed attempt's
+
+
+def test_per_layer_norms_become_one_scalar_per_layer():
+    from ds_train.train.callbacks.trackers import _scalars
+
+    record = {
+        "step": 4,
+        "loss": 2.0,
+        "ok": True,
+        "layer_grad_norm": {"model.layers.0": 0.5, "lm_head": 1},
+        "host": "n1",
+    }
+    assert _scalars(record) == {
+        "loss": 2.0,
+        "layer_grad_norm/model.layers.0": 0.5,
+        "layer_grad_norm/lm_head": 1.0,
+    }

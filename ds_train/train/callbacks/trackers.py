@@ -19,11 +19,19 @@ log = logging.getLogger(__name__)
 
 
 def _scalars(record: dict) -> dict[str, float]:
-    return {
-        k: float(v)
-        for k, v in record.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
-    }
+    """The record's numbers; a dict of them (train.layer_norms_every's per-layer norms) becomes
+    one scalar per key, `layer_grad_norm/model.layers.3`."""
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if isinstance(v, dict):
+            out.update({f"{k}/{name}": float(x) for name, x in v.items() if _number(x)})
+        elif _number(v) and k != "step":
+            out[k] = float(v)
+    return out
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class TensorBoard(Callback):
