@@ -80,10 +80,21 @@ def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
             "log_every": 1,
             "save_every": 0,
             "precision": "fp32",
+            "layer_norms_every": 2,
         },
         "zero": {"stage": 3},
     }
     torchrun(["finetune", write_config(tmp_path / "lora.yaml", cfg)])
+
+    # per-layer norms of what LoRA trains (the adapters, the new head) under ZeRO-3: they make up
+    # the global gradient norm, and the frozen base model is no group
+    measured = [r for r in read_metrics(run) if "layer_grad_norm" in r]
+    assert [r["step"] for r in measured] == [2, 4]
+    for r in measured:
+        groups = r["layer_grad_norm"]
+        assert {"bert.encoder.layer.0", "bert.encoder.layer.1"} <= groups.keys(), groups
+        assert not any("embeddings" in g for g in groups), groups
+        assert sum(v**2 for v in groups.values()) ** 0.5 == pytest.approx(r["grad_norm"], rel=1e-3)
 
     # adapters: every targeted module of both layers, B trained away from its zero init, the head
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
