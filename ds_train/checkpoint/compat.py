@@ -12,6 +12,7 @@ import json
 import logging
 
 from ds_train.config.loader import ConfigError
+from ds_train.data.batch_schedule import BatchSchedule
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def check_resume(
     tokenizer_sha: str | None,
     objective: str,
     global_batch_size: int,
+    batch_ramp: list | tuple = (),
     force: bool = False,
     zero_stage: int | None = None,
     decay_embeddings: bool = True,
@@ -100,13 +102,23 @@ def check_resume(
         problems.append("a different tokenizer")
     if state.get("objective") and state["objective"] != objective:
         problems.append(f"objective {state['objective']} (this run: {objective})")
-    if state.get("global_batch_size") and state["global_batch_size"] != global_batch_size:
-        # forced, the data stream continues at the checkpoint's position (stream_origin.py) and
-        # the schedule at its step: what changes is the samples a step takes from then on
-        forceable.append(
-            f"train.global_batch_size={state['global_batch_size']} (this run: {global_batch_size}), "
-            "which changes the samples per step of the schedule"
-        )
+    saved_batch = BatchSchedule.from_state(state) if state.get("global_batch_size") else None
+    batch = BatchSchedule.of(global_batch_size, batch_ramp)
+    step = int(state.get("step", 0))
+    # forced, the data stream continues at the checkpoint's position (stream_origin.py) and the
+    # schedule at its step: what changes is the samples a step takes from then on. A ramp that
+    # differs only before the checkpoint's step (a finished one removed) changes nothing
+    if saved_batch is not None and not saved_batch.same_from(batch, step):
+        if not saved_batch.ramp and not batch.ramp:
+            forceable.append(
+                f"train.global_batch_size={saved_batch.final} (this run: {global_batch_size}), "
+                "which changes the samples per step of the schedule"
+            )
+        else:
+            forceable.append(
+                f"{saved_batch.describe()} (this run: {batch.describe()}; train.global_batch_size, "
+                f"train.batch_ramp), which changes the samples per step from step {step + 1} on"
+            )
     if problems or (forceable and not force):
         hint = "" if problems else " (or run.force_resume=true to continue anyway)"
         raise ConfigError(

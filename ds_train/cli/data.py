@@ -74,7 +74,7 @@ def _plan_and_positions(args: argparse.Namespace, world_size: int):
         if step < 1:
             raise ConfigError(f"step {step}: steps count from 1, as the training log does")
         try:
-            origin = origin_at(history, step - 1, plan.fingerprint, layout.global_batch_size)
+            origin = origin_at(history, step - 1, plan.fingerprint, layout.schedule)
         except ValueError as e:
             raise ConfigError(f"{cfg.run.output_dir}: {e}") from None
         return global_batch_positions(step - 1, layout, origin)

@@ -186,6 +186,16 @@ class TrainSection:
         REQUIRED,
         "Sequences per forward pass on one rank. Gradient accumulation is derived, never configured.",
     )
+    batch_ramp: list = doc(
+        [],
+        "Pretraining: smaller global batches first, as GPT-3, Megatron's rampup and Llama 3's stages do. "
+        "A list of [last step, global batch] stages: [[500, 256], [1500, 512]] trains steps 1-500 with "
+        "batches of 256, 501-1500 with 512, then global_batch_size. Each batch is at most global_batch_size "
+        "and a multiple of micro_batch_size × ranks (the stages accumulate fewer micro-batches). The "
+        "learning-rate schedule still counts steps; the data stream and samples/tokens count what each "
+        "step took. Resumes mid-ramp are exact; a resume whose stages differ from its step on needs "
+        "run.force_resume, like another global_batch_size. []: none.",
+    )
     lr: float = doc(
         3e-4,
         "Peak learning rate. A resume uses this value (and the optimizer settings below), not the checkpoint's. "

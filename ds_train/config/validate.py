@@ -148,6 +148,7 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {t.min_lr_ratio}")
     if not 0 < cfg.data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability must be within (0, 1), got {cfg.data.mlm_probability}")
+    _check_batch_ramp(t)
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
@@ -176,6 +177,31 @@ def _check_train(cfg: Config) -> None:
         )
     if t.peak_flops is not None and t.peak_flops <= 0:
         raise ConfigError("train.peak_flops must be > 0 (FLOP/s of one device)")
+
+
+def _check_batch_ramp(t) -> None:
+    """train.batch_ramp: [last step, global batch] stages, steps increasing, each batch a multiple
+    of micro_batch_size and at most global_batch_size (DeepSpeed is set up for the largest)."""
+    previous = 0
+    for stage in t.batch_ramp:
+        if not (
+            isinstance(stage, list)
+            and len(stage) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)
+        ):
+            raise ConfigError(f"train.batch_ramp: each stage is [last step, global batch], got {stage!r}")
+        until, size = stage
+        if until <= previous:
+            raise ConfigError(
+                f"train.batch_ramp: the stages' last steps must increase from 1, got {until} after {previous}"
+            )
+        if not 0 < size <= t.global_batch_size or size % t.micro_batch_size:
+            raise ConfigError(
+                f"train.batch_ramp: the batch to step {until} is {size}; each stage's global batch must be "
+                f"a multiple of train.micro_batch_size={t.micro_batch_size} and at most "
+                f"train.global_batch_size={t.global_batch_size} (a ramp grows to it)"
+            )
+        previous = until
 
 
 def _check_zero(cfg: Config) -> None:
@@ -263,6 +289,11 @@ def _check_profile(cfg: Config) -> None:
 def validate_finetune(cfg: Config) -> None:
     """Checks of the `finetune` section (`ds-train finetune` only); raise ConfigError (one line)."""
     f = cfg.finetune
+    if cfg.train.batch_ramp:
+        raise ConfigError(
+            "train.batch_ramp is for pretraining: fine-tuning runs are short and their batches, epochs and "
+            "example order assume one global batch; remove it"
+        )
     if cfg.data.train and f.task != "sft":
         raise ConfigError(
             f"ds-train finetune (task {f.task}) reads examples from finetune.train_file (JSON lines), not "

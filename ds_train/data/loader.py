@@ -159,9 +159,9 @@ def rank_positions(
 ) -> np.ndarray:
     """Stream positions of micro-batch `micro` of optimizer step `step` on `rank` (`origin`: where
     a resumed attempt's steps count from, stream_origin.py)."""
-    start = origin.position(step, layout.global_batch_size) + rank * layout.per_rank
-    start += micro * layout.micro_batch_size
-    return np.arange(start, start + layout.micro_batch_size, dtype=np.int64)
+    here = layout.at(step)  # this step's batch (train.batch_ramp)
+    start = origin.position(step, layout.schedule) + rank * here.per_rank + micro * here.micro_batch_size
+    return np.arange(start, start + here.micro_batch_size, dtype=np.int64)
 
 
 def global_batch_positions(step: int, layout: BatchLayout, origin: StreamOrigin = FRESH) -> np.ndarray:
@@ -170,7 +170,7 @@ def global_batch_positions(step: int, layout: BatchLayout, origin: StreamOrigin 
         [
             rank_positions(step, micro, layout, rank, origin)
             for rank in range(layout.data_parallel_size)
-            for micro in range(layout.grad_accum)
+            for micro in range(layout.at(step).grad_accum)
         ]
     )
 
@@ -215,8 +215,8 @@ class MicroBatches(Dataset):
         self._reader: RowReader | None = None
 
     def __getitem__(self, k: int) -> dict:
-        step = self.start_step + k // self.layout.grad_accum
-        positions = rank_positions(step, k % self.layout.grad_accum, self.layout, self.rank, self.origin)
+        step, micro = self.layout.micro_batch_at(self.start_step, k)
+        positions = rank_positions(step, micro, self.layout, self.rank, self.origin)
         batch = self.batch_at(positions, step)
         if self.limit is not None and positions.max(initial=-1) >= self.limit:
             ignore_rows(batch, torch.from_numpy(positions >= self.limit))

@@ -12,7 +12,8 @@ resumed with `run.force_resume` may change what that formula assumes:
 So positions count from an origin: the resumed step and the stream position there, which is the
 checkpoint's `consumed_samples` for the same data, or 0 for other data. A fresh run's origin is
 (0, 0) and the formula above is unchanged; checkpoints record the stream position, so a later resume
-of the same data continues it.
+of the same data continues it. With a batch-size ramp (data/batch_schedule.py) the steps from the
+origin take the schedule's batches, not `global_batch_size` each.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ds_train.data.batch_schedule import BatchSchedule
+
 
 @dataclass(frozen=True)
 class StreamOrigin:
     step: int = 0  # the step an attempt resumed at
     samples: int = 0  # the stream position there
 
-    def position(self, step: int, global_batch_size: int) -> int:
-        """The stream position at which step `step` starts (the samples consumed before it)."""
-        return self.samples + (step - self.step) * global_batch_size
+    def position(self, step: int, batch: BatchSchedule | int) -> int:
+        """The stream position at which step `step` starts (the samples consumed before it), with
+        `batch` the run's schedule or its one global batch."""
+        schedule = BatchSchedule(batch) if isinstance(batch, int) else batch
+        return self.samples + schedule.samples_between(self.step, step)
 
 
 FRESH = StreamOrigin()  # a run from its first step (immutable: safe as a default argument)
@@ -44,17 +49,17 @@ def resume_origin(state: dict | None, fingerprint: str) -> StreamOrigin:
     if _other_data(state, fingerprint):  # run.force_resume
         return StreamOrigin(step, 0)
     consumed = (state.get("data") or {}).get("consumed_samples", state.get("consumed_samples"))
-    return StreamOrigin(
-        step, int(consumed) if consumed is not None else step * int(state["global_batch_size"])
-    )
+    if consumed is None:  # a checkpoint from before the position was recorded
+        consumed = BatchSchedule.from_state(state).samples_between(0, step)
+    return StreamOrigin(step, int(consumed))
 
 
-def forced_resume_note(state: dict | None, fingerprint: str, global_batch_size: int) -> str | None:
-    """What a resume forced onto other data or another global batch does to the stream (None for
-    any other start)."""
+def forced_resume_note(state: dict | None, fingerprint: str, batch: BatchSchedule) -> str | None:
+    """What a resume forced onto other data or other batches (from its step on) does to the
+    stream (None for any other start)."""
     if not state:
         return None
-    if not _other_data(state, fingerprint) and state.get("global_batch_size") in (None, global_batch_size):
+    if not _other_data(state, fingerprint) and not _other_batches(state, batch):
         return None
     origin = resume_origin(state, fingerprint)
     where = (
@@ -67,10 +72,18 @@ def _other_data(state: dict, fingerprint: str) -> bool:
     return (state.get("data") or {}).get("fingerprint") not in (None, fingerprint)
 
 
-# --- the run directory's record of forced changes ------------------------------------------------
-# `ds-train data order|show` map a step to its samples with the formula above. After a forced
-# resume the origin lives only in the attempt that trained the steps, so each attempt that moves it
-# writes the change to <run_dir>/data_stream.jsonl; without a forced resume the file never exists.
+def _other_batches(state: dict, batch: BatchSchedule) -> bool:
+    """Whether the steps from the checkpoint's on take other batches than its run's would have."""
+    if not state.get("global_batch_size"):
+        return False
+    return not BatchSchedule.from_state(state).same_from(batch, int(state["step"]))
+
+
+# --- the run directory's record of changes -------------------------------------------------------
+# `ds-train data order|show` map a step to its samples with the formula above. After a resume that
+# changed the data or the batch schedule, the origin lives only in the attempt that trained the
+# steps, so each attempt that moves it writes the change to <run_dir>/data_stream.jsonl; a run
+# resumed only as it was keeps no such file.
 
 HISTORY_FILE = "data_stream.jsonl"
 
@@ -78,29 +91,29 @@ HISTORY_FILE = "data_stream.jsonl"
 @dataclass(frozen=True)
 class StreamSegment:
     """Steps from `origin.step` on (until the next segment) read `fingerprint`'s data from
-    `origin.samples`, `global_batch_size` samples a step."""
+    `origin.samples`, taking `batch`'s global batches."""
 
     origin: StreamOrigin
     fingerprint: str
-    global_batch_size: int
+    batch: BatchSchedule
 
     def as_json(self) -> str:
         o = self.origin
         return json.dumps(
-            {
-                "step": o.step,
-                "samples": o.samples,
-                "fingerprint": self.fingerprint,
-                "global_batch_size": self.global_batch_size,
-            }
+            {"step": o.step, "samples": o.samples, "fingerprint": self.fingerprint, **self.batch.as_state()}
         )
 
     @classmethod
     def from_json(cls, line: str) -> StreamSegment:
         d = json.loads(line)
         return cls(
-            StreamOrigin(int(d["step"]), int(d["samples"])), d["fingerprint"], int(d["global_batch_size"])
+            StreamOrigin(int(d["step"]), int(d["samples"])), d["fingerprint"], BatchSchedule.from_state(d)
         )
+
+    def continued_by(self, other: StreamSegment) -> bool:
+        """Whether `other` (a later start) reads on exactly as this segment would."""
+        same = (self.fingerprint, self.batch) == (other.fingerprint, other.batch)
+        return same and self.origin.position(other.origin.step, self.batch) == other.origin.samples
 
 
 def read_history(run_dir: str | Path) -> list[StreamSegment]:
@@ -114,22 +127,20 @@ def record_segment(run_dir: str | Path, state: dict | None, segment: StreamSegme
     """At an attempt's start (rank 0), after resuming from the checkpoint `state` (None: fresh).
 
     Segments from the resumed step on belong to a timeline this attempt replaces (a resume from an
-    older checkpoint) and are dropped. The new segment is written only where it moves the origin:
-    a run resumed as it was keeps no file. The first forced change also records the segment before
-    it, the checkpoint's data and batch from step 0 (origins forced before this file existed, in
-    2026-12, are not known)."""
+    older checkpoint) and are dropped. The new segment is written only where it changes something:
+    other data, another batch schedule (even one that takes the same batches from here on: the
+    steps before differ), or another stream position. The first change also records the segment
+    before it, the checkpoint's data and batches from step 0 (changes made before this file
+    existed, in 2026-12, are not known)."""
     path = Path(run_dir) / HISTORY_FILE
     start = segment.origin.step
     history = [s for s in read_history(run_dir) if s.origin.step < start]
-    if history:
-        last = history[-1]
-        same = (last.fingerprint, last.global_batch_size) == (segment.fingerprint, segment.global_batch_size)
-        if not (same and last.origin.position(start, last.global_batch_size) == segment.origin.samples):
-            history.append(segment)
-    elif state and forced_resume_note(state, segment.fingerprint, segment.global_batch_size):
+    if not history and state:
         before = (state.get("data") or {}).get("fingerprint", segment.fingerprint)
-        history = [StreamSegment(FRESH, before, int(state["global_batch_size"])), segment]
-    if len(history) < 2:  # at most the stream from step 0: nothing forced
+        history = [StreamSegment(FRESH, before, BatchSchedule.from_state(state))]
+    if history and not history[-1].continued_by(segment):
+        history.append(segment)
+    if len(history) < 2:  # at most the stream from step 0: nothing changed
         path.unlink(missing_ok=True)
         return
     tmp = path.with_suffix(".tmp")
@@ -138,17 +149,17 @@ def record_segment(run_dir: str | Path, state: dict | None, segment: StreamSegme
 
 
 def origin_at(
-    history: list[StreamSegment], step: int, fingerprint: str, global_batch_size: int
+    history: list[StreamSegment], step: int, fingerprint: str, batch: BatchSchedule
 ) -> StreamOrigin:
     """The origin step `step` (counted from 0 as origins are: the step logged as `step + 1`) of a
     run with this `history` read its samples from, for a config whose data has `fingerprint` and
-    batch `global_batch_size`; ValueError when that config did not train the step (the run was
-    forced onto other data or another batch before or after it)."""
+    batches `batch`; ValueError when that config did not train the step (the run was resumed
+    onto other data or other batches before or after it)."""
     segments = [s for s in history if s.origin.step <= step]
     if not segments:
         return FRESH
     seg = segments[-1]
-    if (seg.fingerprint, seg.global_batch_size) == (fingerprint, global_batch_size):
+    if (seg.fingerprint, seg.batch) == (fingerprint, batch):
         return seg.origin
     later = [s.origin.step for s in history if s.origin.step > seg.origin.step]
     first = seg.origin.step + 1  # as logged
@@ -156,9 +167,9 @@ def origin_at(
     what = []
     if seg.fingerprint != fingerprint:
         what.append("other data than this config's")
-    if seg.global_batch_size != global_batch_size:
-        what.append(f"a global batch of {seg.global_batch_size} (this config: {global_batch_size})")
+    if seg.batch != batch:
+        what.append(f"{seg.batch.describe()} (this config: {batch.describe()})")
     raise ValueError(
-        f"step {step + 1} was trained on {' and '.join(what)} (the run was resumed with "
-        f"run.force_resume): give the config of the attempt that trained {steps}"
+        f"step {step + 1} was trained on {' and '.join(what)} (the run was resumed with another "
+        f"config): give the config of the attempt that trained {steps}"
     )

@@ -2,7 +2,9 @@
 
 `global_batch_size = micro_batch_size × gradient_accumulation × data_parallel_size`: the user
 gives the first two, the launcher gives the last, and accumulation is derived here and nowhere
-else. Everything DeepSpeed needs (batch, precision, optimizer, ZeRO stage and offload) comes from
+else. With a batch-size ramp (`train.batch_ramp`, data/batch_schedule.py) the early steps
+accumulate fewer micro-batches; DeepSpeed is configured for the final, largest batch and told each
+step's last micro-batch by the trainer. Everything DeepSpeed needs (batch, precision, optimizer, ZeRO stage and offload) comes from
 the run config through `build_deepspeed_config`; `zero.ds_config_overrides` is merged last.
 """
 
@@ -10,36 +12,72 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ds_train.config.loader import ConfigError, deep_merge
 from ds_train.config.schema import Config, TrainSection
+from ds_train.data.batch_schedule import BatchSchedule
 
 
 @dataclass(frozen=True)
 class BatchLayout:
+    """The batch of the steps after any ramp (`global_batch_size`, `grad_accum`) and the ramp's
+    stages before them (`ramp`: (last step as logged, global batch) pairs); `at(step)` gives one
+    step's layout."""
+
     global_batch_size: int
     micro_batch_size: int
     grad_accum: int
     data_parallel_size: int
+    ramp: tuple[tuple[int, int], ...] = ()
 
     @property
     def per_rank(self) -> int:
-        """Sequences one rank consumes per optimizer step."""
+        """Sequences one rank consumes per optimizer step (after the ramp)."""
         return self.micro_batch_size * self.grad_accum
+
+    @property
+    def schedule(self) -> BatchSchedule:
+        return BatchSchedule(self.global_batch_size, self.ramp)
+
+    @property
+    def steady(self) -> BatchLayout:
+        """This layout without its ramp: the steps after it, and evaluation."""
+        return replace(self, ramp=())
+
+    def at(self, step: int) -> BatchLayout:
+        """The layout of step `step` (counted from 0), without a ramp."""
+        if not self.ramp:
+            return self
+        g = self.schedule.size(step)
+        return BatchLayout(g, self.micro_batch_size, g // (self.micro_batch_size * self.data_parallel_size),
+                           self.data_parallel_size)  # fmt: skip
+
+    def micro_batch_at(self, start_step: int, k: int) -> tuple[int, int]:
+        """(step, micro-batch within it) of the k-th micro-batch a rank consumes from `start_step` on."""
+        step = start_step
+        while True:
+            accum = self.at(step).grad_accum
+            end = next((until for until, _ in self.ramp if until > step), None)  # this stage's end
+            if end is None or k < (end - step) * accum:
+                return step + k // accum, k % accum
+            k, step = k - (end - step) * accum, end
 
 
 def batch_layout(train: TrainSection, data_parallel_size: int) -> BatchLayout:
     g, m, w = train.global_batch_size, train.micro_batch_size, data_parallel_size
-    if g % (m * w):
-        raise ConfigError(
-            f"train.global_batch_size={g} must equal micro_batch_size × grad accumulation × data-parallel size, "
-            f"but {g} / ({m} × {w}) = {g / (m * w):g} is not a whole number of accumulation steps; "
-            f"use a global batch that is a multiple of {m * w}"
-        )
-    return BatchLayout(g, m, g // (m * w), w)
+    schedule = BatchSchedule.of(g, train.batch_ramp)
+    for until, size in ((None, g), *schedule.ramp):
+        if size % (m * w):
+            key = "train.global_batch_size" if until is None else f"train.batch_ramp's batch to step {until}"
+            raise ConfigError(
+                f"{key}={size} must equal micro_batch_size × grad accumulation × data-parallel size, "
+                f"but {size} / ({m} × {w}) = {size / (m * w):g} is not a whole number of accumulation steps; "
+                f"use a global batch that is a multiple of {m * w}"
+            )
+    return BatchLayout(g, m, g // (m * w), w, schedule.ramp)
 
 
 def resolve_precision(precision: str) -> str:

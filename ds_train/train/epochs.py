@@ -6,6 +6,8 @@ the other, once, before anything reads `train.max_steps`:
 
     max_steps = ceil(epochs × rows / global_batch_size)
 
+(with `train.batch_ramp`, the steps that take epochs × rows samples, the ramp's smaller ones first).
+
 `rows` is what one pass reads: the training shard sets' rows together (pretraining, SFT shards), or
 the tokenized train split's rows (finetune.train_file: examples, or packed rows). The last step may
 run into the next pass by up to a global batch (rows wrap into the next epoch, as in any step).
@@ -17,6 +19,7 @@ import logging
 import math
 
 from ds_train.config import Config
+from ds_train.data.batch_schedule import BatchSchedule
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +30,9 @@ def resolve_epochs(cfg: Config, rows: int, what: str) -> None:
     t = cfg.train
     if t.epochs is None:
         return
-    t.max_steps = max(1, math.ceil(t.epochs * rows / t.global_batch_size))
+    t.max_steps = max(
+        1, BatchSchedule.of(t.global_batch_size, t.batch_ramp).steps_for(math.ceil(t.epochs * rows))
+    )
     t.from_epochs = True  # not a field: validate() must not read it as the user setting both
     log.info(
         "train.epochs=%g: %d rows of %s a pass, %d rows a step → train.max_steps=%d",
@@ -53,8 +58,10 @@ def steps_line(cfg: Config) -> str:
         note = (
             "train.warmup_steps=0 for a model trained from scratch: most recipes warm up over 1-2% of the run"
         )
+    ramp = BatchSchedule.of(t.global_batch_size, t.batch_ramp)
     return (
         f"max_steps {t.max_steps}"
         + (f" (train.epochs={t.epochs:g})" if t.epochs is not None else "")
+        + (f"; {ramp.describe()} (train.batch_ramp)" if ramp.ramp else "")
         + (f"; warning: {note}" if note else "")
     )

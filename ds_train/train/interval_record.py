@@ -51,8 +51,9 @@ def interval_record(
     # the interval's worst step (each step's loss over its own targets): from the same reduced sums
     loss_max = float((losses / stacked[:, 1].double().clamp(min=1)).max())
     steps = len(pending)
-    tokens_step = t.layout.global_batch_size * t.s.seq_len
-    tps = steps * tokens_step / max(elapsed, 1e-9)
+    # the interval's samples (a batch-size ramp's steps take fewer)
+    tokens = t.layout.schedule.samples_between(t.step - steps, t.step) * t.s.seq_len
+    tps = tokens / max(elapsed, 1e-9)
     grad_norm = t.engine.get_global_grad_norm()
     record = {
         "step": t.step,

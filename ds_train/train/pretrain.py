@@ -133,6 +133,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             tokenizer_sha=tokenizer_fingerprint(tokenizer)["sha256"],
             objective=cfg.model.objective,
             global_batch_size=cfg.train.global_batch_size,
+            batch_ramp=cfg.train.batch_ramp,
             force=cfg.run.force_resume,
             zero_stage=cfg.zero.stage,
             decay_embeddings=cfg.train.embedding_weight_decay,
@@ -249,7 +250,7 @@ def _run(
         if valid_plan is not None:
             valid_ds = MicroBatches(
                 valid_plan,
-                pre.layout,
+                pre.layout.steady,  # evaluation batches are the full global batch, ramp or not
                 ctx.rank,
                 0,
                 objective,

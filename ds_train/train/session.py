@@ -200,11 +200,11 @@ def build_trainer(
             log.info("put back what the checkpoint's loading had changed: %s", restored)
     data_fingerprint = parts.data_state(0)["fingerprint"]
     origin = resume_origin(loaded, data_fingerprint)
-    note = forced_resume_note(loaded, data_fingerprint, pre.layout.global_batch_size)
+    note = forced_resume_note(loaded, data_fingerprint, pre.layout.schedule)
     if note and ctx.is_main:
         log.warning(note)
     if ctx.is_main:  # for `ds-train data order|show` on this run
-        segment = StreamSegment(origin, data_fingerprint, pre.layout.global_batch_size)
+        segment = StreamSegment(origin, data_fingerprint, pre.layout.schedule)
         record_segment(cfg.run.output_dir, loaded, segment)
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
@@ -234,7 +234,7 @@ def build_trainer(
     trainer: Trainer | None = None
 
     def state_fn(step: int) -> dict:
-        consumed = origin.position(step, pre.layout.global_batch_size)  # the stream position
+        consumed = origin.position(step, pre.layout.schedule)  # the stream position
         return {
             "consumed_samples": consumed,
             "data": parts.data_state(consumed),
@@ -245,7 +245,7 @@ def build_trainer(
             "zero_stage": cfg.zero.stage,
             "decay_embeddings": cfg.train.embedding_weight_decay,  # the parameter groups' layout
             "precision": precision,
-            "global_batch_size": pre.layout.global_batch_size,
+            **pre.layout.schedule.as_state(),  # global_batch_size, batch_ramp
             "seed": cfg.run.seed,
             "ds_train_version": __version__,
             "metrics": trainer.final_record,

@@ -208,7 +208,7 @@ class Trainer:
                 self._startup_s = time.monotonic() - self._process_start
             self._emit("on_step_start")
             t0 = time.perf_counter()
-            micro = [next(batches) for _ in range(self.layout.grad_accum)]
+            micro = [next(batches) for _ in range(self.layout.at(self.step).grad_accum)]
             waited += time.perf_counter() - t0
             if int(micro[0]["step"]) != self.step:  # the data position travels with the batch
                 raise RuntimeError(f"data loader is at step {int(micro[0]['step'])}, trainer at {self.step}")
@@ -281,9 +281,10 @@ class Trainer:
     def samples_trained(self, step: int | None = None) -> int:
         """Samples trained up to `step` (default: now), across resumes with other batch sizes."""
         step = self.step if step is None else step
+        batches = self.layout.schedule
         if self.start_samples is None:  # a fresh start, or a checkpoint from before the count
-            return step * self.layout.global_batch_size
-        return self.start_samples + (step - self.start_step) * self.layout.global_batch_size
+            return batches.samples_between(0, step)
+        return self.start_samples + batches.samples_between(self.start_step, step)
 
     def _say_early_stop(self) -> None:
         if self.ctx.is_main:
@@ -376,6 +377,8 @@ class Trainer:
         losses = torch.zeros(len(micro), device=self.ctx.device)
         z_sum = torch.zeros((), device=self.ctx.device)
         for k, batch in enumerate(micro):
+            if self.layout.ramp:  # DeepSpeed counts micro-batches in its configured (final) accumulation
+                self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
             batch = self._to_device(batch)
             with self.stragglers.clock:
                 loss_sum = self.objective.loss_sum(self.engine, batch)

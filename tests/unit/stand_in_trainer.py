@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.trainer import Trainer, TrainerSettings
 
@@ -103,7 +104,7 @@ def stand_in_trainer(
         ctx=SimpleNamespace(rank=rank, world_size=world, is_main=rank == 0, device=torch.device("cpu")),
         engine=StandInEngine(),
         objective=ConstantLoss(),
-        layout=SimpleNamespace(grad_accum=MICRO, global_batch_size=MICRO * world),
+        layout=BatchLayout(MICRO * world, 1, MICRO, world),
         train_batches=stand_in_batches() if batches is None else batches,
         checkpoints=checkpoints
         or SimpleNamespace(

@@ -153,7 +153,7 @@ def test_a_forced_resume_with_another_batch_counts_what_was_trained(tmp_path, sh
     )
     refused = run_cli(["data", "order", cfg_b, "--start-step", 4, "--steps", 1], check=False)
     assert refused.returncode == 2, refused.stderr
-    assert "step 4 was trained on a global batch of 8 (this config: 16)" in refused.stderr
+    assert "step 4 was trained on a global batch of 8 (this config: a global batch of 16)" in refused.stderr
     assert "give the config of the attempt that trained steps 1-4" in refused.stderr
     # a restart of the finished run evaluated its final checkpoint again: a second valid line for step 6
     run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
