@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 
 from ds_train.report.layer_norms import summary_line
-from ds_train.report.series import RunMetrics, Series, skip_steps
+from ds_train.report.series import RunMetrics, Series, batch_changes, skip_steps
 
 PANELS = ("loss", "throughput", "mfu", "optimizer")
 
@@ -96,6 +96,11 @@ def build_figure(metrics: RunMetrics, title: str):
         ax_tps.yaxis.set_major_formatter(_formatter(lambda v: f"{v:,.0f}"))
         if metrics.world_sizes:
             ax_tps.set_title(f"throughput ({_ranks_label(metrics.world_sizes)})")
+        for i, (step, before, after) in enumerate(batch_changes(metrics)):  # smaller batches run slower
+            ax_tps.axvline(step, color="C1", linestyle="-.", linewidth=1,
+                           label="global batch changed" if i == 0 else None)  # fmt: skip
+            ax_tps.annotate(f"{before}→{after}", (step, 0), xytext=(2, 4), textcoords="offset points",
+                            fontsize=7, color="C1")  # fmt: skip
         _mark_resumes(ax_tps, metrics)
         ax_tps.legend(loc="lower right")
     else:
@@ -191,6 +196,10 @@ def summary(metrics: RunMetrics) -> list[str]:
     layers = summary_line(metrics.layers)
     if layers:
         lines.append(layers)
+    changes = batch_changes(metrics)
+    if changes:
+        shown = ", ".join(f"{a} → {b} by step {step}" for step, a, b in changes)
+        lines.append(f"global batch: {shown} (train.batch_ramp, or a forced resume)")
     if metrics.resumes:
         lines.append(f"resumed at step(s) {', '.join(map(str, metrics.resumes))}")
     return lines

@@ -41,6 +41,7 @@ class RunMetrics:
     slowest_rank: Series
     slowest_forward_ratio: Series
     skipped_steps: Series  # updates skipped on a spike so far (train.skip_spike_sigma)
+    global_batch_size: Series  # the last step's global batch of each log line (train.batch_ramp)
     resumes: list[int]  # checkpoint steps a resumed attempt restarted from
     world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
     layers: LayerNormSeries  # per-layer norms (train.layer_norms_every), empty when not logged
@@ -60,6 +61,7 @@ TRAIN_KEYS = (
     "slowest_rank",
     "slowest_forward_ratio",
     "skipped_steps",
+    "global_batch_size",
 )
 
 
@@ -72,6 +74,17 @@ def skip_steps(metrics: RunMetrics) -> list[int]:
             out.append(step)
         before = count
     return out
+
+
+def batch_changes(metrics: RunMetrics) -> list[tuple[int, int, int]]:
+    """(first log step, batch before, batch after) where the global batch changed: a ramp's stages,
+    or a resume forced onto another batch. The change happened within the interval ending there."""
+    s = metrics.global_batch_size
+    return [
+        (s.steps[i], int(s.values[i - 1]), int(s.values[i]))
+        for i in range(1, len(s))
+        if s.values[i] != s.values[i - 1]
+    ]
 
 
 def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> RunMetrics:

@@ -68,6 +68,7 @@ def interval_record(
         # it (after run.force_resume with another global_batch_size, step × batch is not that)
         "tokens": t.samples_trained() * t.s.seq_len,
         "samples": t.samples_trained(),
+        "global_batch_size": t.layout.at(t.step - 1).global_batch_size,  # the last step's (train.batch_ramp)
         "tokens_per_s": tps,
         "tokens_per_s_per_device": tps / t.ctx.world_size,
         "step_time_s": elapsed / steps,

@@ -36,6 +36,7 @@ def test_a_ramped_run_trains_what_plain_runs_of_each_batch_train(tmp_path, shard
     records = {r["step"]: r for r in read_metrics(ramped_dir) if "loss" in r}
     assert [records[s]["samples"] for s in (1, 3, 4, 5, 6, 7)] == [4, 12, 20, 28, 44, 60]
     assert records[7]["tokens"] == 60 * 32
+    assert [records[s]["global_batch_size"] for s in range(1, 8)] == [4, 4, 4, 8, 8, 16, 16]
     state = json.loads((ramped_dir / "checkpoints" / "step_00000004" / "ds_train_state.json").read_text())
     assert state["batch_ramp"] == RAMP and state["data"]["consumed_samples"] == 20
 

@@ -205,3 +205,18 @@ def test_layer_norms_are_drawn_per_layer_and_their_largest_excursion_named(tmp_p
     _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])
     m = load_run_metrics(tmp_path)
     assert not len(m.layers) and not any(line.startswith("layer norms") for line in summary(m))
+
+
+def test_changes_of_the_global_batch_are_marked_on_the_throughput(tmp_path):
+    """train.batch_ramp: smaller batches run at fewer tokens/s; the report says where they changed."""
+    batches = {1: 4, 2: 4, 3: 8, 4: 8, 5: 16, 6: 16}
+    _write(tmp_path, [{**_train(s, 5.0), "global_batch_size": b} for s, b in batches.items()])
+    m = load_run_metrics(tmp_path)
+    assert (
+        "global batch: 4 → 8 by step 3, 8 → 16 by step 5 (train.batch_ramp, or a forced resume)" in summary(m)
+    )
+    tps = next(ax for ax in build_figure(m, "ramp").axes if ax.get_gid() == "throughput")
+    marks = [line for line in tps.get_lines() if line.get_linestyle() == "-."]
+    assert [line.get_xdata()[0] for line in marks] == [3, 5]
+    _write(tmp_path, [_train(s, 5.0) for s in (1, 2)])  # one batch, or an older ds-train
+    assert not any(line.startswith("global batch") for line in summary(load_run_metrics(tmp_path)))
