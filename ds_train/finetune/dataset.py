@@ -93,8 +93,10 @@ def data_fingerprint(
     tokenizer_sha256: str,
     chat: ChatFormat | None,
     class_names: list[str],
+    document_start: int | None = None,
 ) -> str:
-    """What the arrays are a function of (reads every source file once)."""
+    """What the arrays are a function of (reads every source file once). `document_start`: the
+    token each masked-LM document starts with (RoBERTa's <s>; data/document_framing.py)."""
     options = {
         "format": FORMAT,
         "task": section.task,
@@ -113,6 +115,12 @@ def data_fingerprint(
         "tokenizer": tokenizer_sha256,
         # (only when set: an unpaired run's fingerprint, and so its resume, stays as it was)
         **({"text_pair_field": section.text_pair_field} if section.text_pair_field else {}),
+        # (likewise: added in 2026-12, so only runs whose documents now start with it re-tokenize)
+        **(
+            {"document_start": document_start}
+            if section.task == "masked_lm" and document_start is not None
+            else {}
+        ),
         "template": None if chat is None else [chat.name, getattr(chat.tokenizer, "chat_template", None)],
         "splits": {name: spec.sha256() for name, spec in specs.items()},
     }

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from ds_train.config.schema import FinetuneSection
-from ds_train.data.document_framing import document_separator
+from ds_train.data.document_framing import document_separator, document_start
 from ds_train.data.packing import Packer
 from ds_train.data.shard_format import token_dtype
 from ds_train.finetune.chat import ChatFormat, to_messages
@@ -165,11 +165,13 @@ def _encode_masked_lm(section, examples, tokenizer) -> tuple[dict, dict]:
         origin.append(max(0, len(where) - 1))  # the document being added when the row filled
 
     packer = Packer(section.seq_len, document_separator(tokenizer), tokenizer.pad_token_id, sink)
+    # each document framed as `ds-train shard --bos auto` frames it: RoBERTa's and XLM-R's <s> first
+    start = [] if (bos := document_start(tokenizer)) is None else [bos]
     for batch in _batched(examples):
         enc = tokenizer([ex.record[section.text_field] for ex in batch], add_special_tokens=False)
         for ex, ids in zip(batch, enc["input_ids"]):
             where.append((ex.file, ex.line))
-            packer.add(ids)
+            packer.add(start + ids)
     packer.finish()
     width = section.seq_len + 1
     arrays = {

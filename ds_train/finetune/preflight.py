@@ -17,6 +17,7 @@ from ds_train.checkpoint.compat import check_data_resume, check_resume, model_si
 from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
 from ds_train.config import Config, ConfigError, validate
 from ds_train.config.validate import validate_finetune
+from ds_train.data.document_framing import document_start
 from ds_train.data.loader import build_plan, load_shard_sets, order_settings
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.shard_set import DataError, ShardSet
@@ -130,7 +131,10 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None) -> FinetunePreflight
                 f"finetune.class_weights has {len(f.class_weights)} weights for {len(class_names)} classes "
                 f"{class_names}"
             )
-        fp = data_fingerprint(f, specs, tokenizer_sha256=tok_sha, chat=chat, class_names=class_names)
+        fp = data_fingerprint(
+            f, specs, tokenizer_sha256=tok_sha, chat=chat, class_names=class_names,
+            document_start=document_start(tokenizer),
+        )  # fmt: skip
     hf_config = task_hf_config(
         f.task, model_section, None if source is None else source.config_dir, tokenizer, class_names
     )

@@ -318,3 +318,63 @@ def test_sentence_pairs_need_the_second_field_and_no_segments_for_llama_tokenize
             "input_ids"
         ]
     )
+
+
+def _roberta_like(tokenizer):
+    """The test tokenizer as RoBERTa frames text: `<s> $A </s>`, with a mask token."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.add_special_tokens(["<s>", "</s>", "<mask>"])
+    bos, eos = backend.token_to_id("<s>"), backend.token_to_id("</s>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", mask_token="<mask>", pad_token="<pad>"
+    )
+
+
+def test_masked_lm_documents_start_as_the_tokenizer_starts_a_text(tmp_path, tokenizer):
+    """RoBERTa-style tokenizers put <s> before every text: each packed document starts with it (as
+    `ds-train shard --bos auto` frames pretraining shards), and the data fingerprint says so. A
+    tokenizer that adds no BOS packs as before, under the same fingerprint."""
+    from types import SimpleNamespace
+
+    from ds_train.data.document_framing import document_start
+    from ds_train.finetune.encode import _encode_masked_lm
+
+    roberta = _roberta_like(tokenizer)
+    texts = [f"document {i} " + "word " * (i % 5) for i in range(12)]
+    examples = [SimpleNamespace(record={"text": t}, file=0, line=i + 1) for i, t in enumerate(texts)]
+    section = FinetuneSection(task="masked_lm", train_file="unused", seq_len=24)
+
+    def stream(tok) -> list[int]:
+        """The packed token stream (rows overlap by one token), the last row's padding cut off."""
+        rows = _encode_masked_lm(section, examples, tok)[0]["tokens"]
+        flat = rows[:, :-1].reshape(-1).tolist() + rows[-1, -1:].tolist()
+        while flat and flat[-1] == tok.pad_token_id:
+            flat.pop()
+        return flat
+
+    bos, eos = roberta.bos_token_id, roberta.eos_token_id
+    framed = [t for x in texts for t in [bos, *roberta(x, add_special_tokens=False)["input_ids"], eos]]
+    assert document_start(roberta) == bos and stream(roberta) == framed
+    # GPT-2 style: its BOS is its EOS, the separator already there; nothing is added
+    assert document_start(tokenizer) is None
+    sep = tokenizer.eos_token_id
+    assert stream(tokenizer) == [
+        t for x in texts for t in [*tokenizer(x, add_special_tokens=False)["input_ids"], sep]
+    ]
+    path = _jsonl(tmp_path / "t.jsonl", [{"text": t} for t in texts])
+    mlm = FinetuneSection(task="masked_lm", train_file=path, seq_len=24)
+
+    def fp(start):
+        return data_fingerprint(mlm, split_specs(mlm), tokenizer_sha256="t", chat=None, class_names=[],
+                                document_start=start)  # fmt: skip
+
+    assert fp(None) != fp(bos)
+    assert fp(None) == data_fingerprint(
+        mlm, split_specs(mlm), tokenizer_sha256="t", chat=None, class_names=[]
+    )
