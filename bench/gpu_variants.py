@@ -60,10 +60,10 @@ def variants(micro: int, layers: int, log_every: int = 1) -> list[Variant]:
         # the cost of train.skip_spike_sigma: one scalar all-reduce and a host sync per step (off by default)
         Variant("skip_spikes", "spikes", "train.skip_spike_sigma=6 (OLMo-core's loss/grad-norm spike skipping)",
                 ["train.skip_spike_sigma=6"], tunable=False),
-        # the cost of train.layer_norms_every at its most frequent (every log line): a pass over the
+        # the cost of train.per_layer_norms_every at its most frequent (every log line): a pass over the
         # gradients and weights, one small all-reduce
-        Variant("layer_norms", "layer_norms", f"train.layer_norms_every={log_every} (per-layer norms at every log line)",
-                [f"train.layer_norms_every={log_every}"], tunable=False),
+        Variant("per_layer_norms", "per_layer_norms", f"train.per_layer_norms_every={log_every} (per-layer norms at every log line)",
+                [f"train.per_layer_norms_every={log_every}"], tunable=False),
         Variant("full_logits", "loss", "model.loss_chunk_tokens=0 (the loss from full logits, as transformers does)",
                 ["model.loss_chunk_tokens=0"]),
         Variant("unfused_adamw", "adamw", "torch AdamW without fused=True (foreach)",

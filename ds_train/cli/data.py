@@ -67,6 +67,8 @@ def _plan_and_positions(args: argparse.Namespace, world_size: int):
         spec, seed=cfg.data_seed, shuffle=shuffle, window=cfg.data.shuffle_window, evaluation=args.valid
     )
     layout = batch_layout(cfg.train, world_size)
+    if args.valid:  # evaluation reads whole global batches, ramp or not (train/pretrain.py)
+        layout = layout.steady
     history = [] if args.valid else read_history(cfg.run.output_dir)
 
     def positions(step: int) -> np.ndarray:

@@ -23,7 +23,7 @@ def register(sub) -> None:
 def main(args: argparse.Namespace) -> int:
     from ds_train.config import ConfigError
     from ds_train.report.goodput import goodput
-    from ds_train.report.layer_norms import write_layer_figure
+    from ds_train.report.per_layer_norms import write_layer_figure
     from ds_train.report.plots import summary, write_report
     from ds_train.report.series import load_run_metrics
     from ds_train.train.callbacks.metrics_file import METRICS_FILE, read_metrics
@@ -38,9 +38,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir / METRICS_FILE} holds no logged steps yet")
     out = write_report(run_dir, args.output, dpi=args.dpi, metrics=metrics)
     written = [out]
-    if len(metrics.layers):  # train.layer_norms_every: a second figure next to the first
+    if len(metrics.layers):  # train.per_layer_norms_every: a second figure next to the first
         title = f"{run_dir.resolve().name}: per-layer norms"
-        written.append(write_layer_figure(metrics.layers, out.with_name("layer_norms.png"), title, args.dpi))
+        written.append(
+            write_layer_figure(metrics.layers, out.with_name("per_layer_norms.png"), title, args.dpi)
+        )
     run_time = goodput(records)
     for line in [*summary(metrics), *([run_time.describe()] if run_time else []), *profile_lines(run_dir)]:
         print(line)

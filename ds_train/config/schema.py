@@ -335,7 +335,7 @@ class TrainSection:
     skip_spike_window: int = doc(
         128, "skip_spike_sigma: steps the mean and deviation are taken over (active once half are seen)."
     )
-    layer_norms_every: int = doc(
+    per_layer_norms_every: int = doc(
         0,
         "Every N steps (a multiple of log_every), log each block's gradient norm and fp32 weight norm, and "
         "those of every other module (embeddings, final norm, head), to metrics.jsonl, TensorBoard and W&B; "

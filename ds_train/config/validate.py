@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ds_train.config.batch_ramp import check_ramp
 from ds_train.config.ds_overrides import check_ds_config_overrides
 from ds_train.config.loader import ConfigError
 from ds_train.config.schema import Config
@@ -130,9 +131,15 @@ def _check_train(cfg: Config) -> None:
     }.items():
         if value < 0:
             raise ConfigError(f"{key} must be ≥ 0, got {value}")
-    if t.layer_norms_every < 0 or t.layer_norms_every % t.log_every:
+    if t.per_layer_norms_every and cfg.zero.offload_optimizer == "nvme":
+        # ZeRO-3 swaps a whole sub-group in from NVMe to read one parameter's piece: per parameter,
+        # twice a measurement
         raise ConfigError(
-            f"train.layer_norms_every={t.layer_norms_every} must be 0 or a multiple of train.log_every={t.log_every}: "
+            "train.per_layer_norms_every cannot read optimizer states offloaded to NVMe; set it to 0"
+        )
+    if t.per_layer_norms_every < 0 or t.per_layer_norms_every % t.log_every:
+        raise ConfigError(
+            f"train.per_layer_norms_every={t.per_layer_norms_every} must be 0 or a multiple of train.log_every={t.log_every}: "
             "the norms are written with a log line"
         )
     if t.skip_spike_window < 4:  # half of it, at least 2 steps, must be seen before judging
@@ -148,7 +155,12 @@ def _check_train(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr_ratio must be within [0, 1], got {t.min_lr_ratio}")
     if not 0 < cfg.data.mlm_probability < 1:
         raise ConfigError(f"data.mlm_probability must be within (0, 1), got {cfg.data.mlm_probability}")
-    _check_batch_ramp(t)
+    check_ramp(t.batch_ramp, t.global_batch_size, t.micro_batch_size)
+    if t.batch_ramp and cfg.zero.ds_config_overrides.get("managed_gradient_accumulation") is False:
+        raise ConfigError(
+            "train.batch_ramp needs DeepSpeed's managed gradient accumulation: the trainer marks each ramp "
+            "step's last micro-batch (remove managed_gradient_accumulation from zero.ds_config_overrides)"
+        )
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size="
@@ -177,31 +189,6 @@ def _check_train(cfg: Config) -> None:
         )
     if t.peak_flops is not None and t.peak_flops <= 0:
         raise ConfigError("train.peak_flops must be > 0 (FLOP/s of one device)")
-
-
-def _check_batch_ramp(t) -> None:
-    """train.batch_ramp: [last step, global batch] stages, steps increasing, each batch a multiple
-    of micro_batch_size and at most global_batch_size (DeepSpeed is set up for the largest)."""
-    previous = 0
-    for stage in t.batch_ramp:
-        if not (
-            isinstance(stage, list)
-            and len(stage) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in stage)
-        ):
-            raise ConfigError(f"train.batch_ramp: each stage is [last step, global batch], got {stage!r}")
-        until, size = stage
-        if until <= previous:
-            raise ConfigError(
-                f"train.batch_ramp: the stages' last steps must increase from 1, got {until} after {previous}"
-            )
-        if not 0 < size <= t.global_batch_size or size % t.micro_batch_size:
-            raise ConfigError(
-                f"train.batch_ramp: the batch to step {until} is {size}; each stage's global batch must be "
-                f"a multiple of train.micro_batch_size={t.micro_batch_size} and at most "
-                f"train.global_batch_size={t.global_batch_size} (a ramp grows to it)"
-            )
-        previous = until
 
 
 def _check_zero(cfg: Config) -> None:

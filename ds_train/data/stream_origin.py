@@ -54,29 +54,29 @@ def resume_origin(state: dict | None, fingerprint: str) -> StreamOrigin:
     return StreamOrigin(step, int(consumed))
 
 
-def forced_resume_note(state: dict | None, fingerprint: str, batch: BatchSchedule) -> str | None:
+def forced_resume_note(state: dict | None, fingerprint: str, schedule: BatchSchedule) -> str | None:
     """What a resume forced onto other data or other batches (from its step on) does to the
     stream (None for any other start)."""
     if not state:
         return None
-    if not _other_data(state, fingerprint) and not _other_batches(state, batch):
+    if not _other_data(state, fingerprint) and not _other_batches(state, schedule):
         return None
     origin = resume_origin(state, fingerprint)
     where = (
         f"continues at sample {origin.samples}" if origin.samples else "is new: it starts at its beginning"
     )
-    return f"the data stream {where} at step {origin.step} (run.force_resume)"
+    return f"the data stream {where} from step {origin.step + 1} on (run.force_resume)"
 
 
 def _other_data(state: dict, fingerprint: str) -> bool:
     return (state.get("data") or {}).get("fingerprint") not in (None, fingerprint)
 
 
-def _other_batches(state: dict, batch: BatchSchedule) -> bool:
+def _other_batches(state: dict, schedule: BatchSchedule) -> bool:
     """Whether the steps from the checkpoint's on take other batches than its run's would have."""
     if not state.get("global_batch_size"):
         return False
-    return not BatchSchedule.from_state(state).same_from(batch, int(state["step"]))
+    return not BatchSchedule.from_state(state).same_from(schedule, int(state["step"]))
 
 
 # --- the run directory's record of changes -------------------------------------------------------
@@ -95,12 +95,17 @@ class StreamSegment:
 
     origin: StreamOrigin
     fingerprint: str
-    batch: BatchSchedule
+    schedule: BatchSchedule
 
     def as_json(self) -> str:
         o = self.origin
         return json.dumps(
-            {"step": o.step, "samples": o.samples, "fingerprint": self.fingerprint, **self.batch.as_state()}
+            {
+                "step": o.step,
+                "samples": o.samples,
+                "fingerprint": self.fingerprint,
+                **self.schedule.as_state(),
+            }
         )
 
     @classmethod
@@ -112,8 +117,8 @@ class StreamSegment:
 
     def continued_by(self, other: StreamSegment) -> bool:
         """Whether `other` (a later start) reads on exactly as this segment would."""
-        same = (self.fingerprint, self.batch) == (other.fingerprint, other.batch)
-        return same and self.origin.position(other.origin.step, self.batch) == other.origin.samples
+        same = (self.fingerprint, self.schedule) == (other.fingerprint, other.schedule)
+        return same and self.origin.position(other.origin.step, self.schedule) == other.origin.samples
 
 
 def read_history(run_dir: str | Path) -> list[StreamSegment]:
@@ -149,17 +154,19 @@ def record_segment(run_dir: str | Path, state: dict | None, segment: StreamSegme
 
 
 def origin_at(
-    history: list[StreamSegment], step: int, fingerprint: str, batch: BatchSchedule
+    history: list[StreamSegment], step: int, fingerprint: str, schedule: BatchSchedule
 ) -> StreamOrigin:
     """The origin step `step` (counted from 0 as origins are: the step logged as `step + 1`) of a
     run with this `history` read its samples from, for a config whose data has `fingerprint` and
-    batches `batch`; ValueError when that config did not train the step (the run was resumed
+    batches `schedule`; ValueError when that config did not train the step (the run was resumed
     onto other data or other batches before or after it)."""
     segments = [s for s in history if s.origin.step <= step]
     if not segments:
         return FRESH
     seg = segments[-1]
-    if (seg.fingerprint, seg.batch) == (fingerprint, batch):
+    # another schedule that takes the same batches over the segment's steps (a finished ramp
+    # removed) reads the same positions there
+    if seg.fingerprint == fingerprint and seg.schedule.same_from(schedule, seg.origin.step):
         return seg.origin
     later = [s.origin.step for s in history if s.origin.step > seg.origin.step]
     first = seg.origin.step + 1  # as logged
@@ -167,8 +174,8 @@ def origin_at(
     what = []
     if seg.fingerprint != fingerprint:
         what.append("other data than this config's")
-    if seg.batch != batch:
-        what.append(f"{seg.batch.describe()} (this config: {batch.describe()})")
+    if not seg.schedule.same_from(schedule, seg.origin.step):
+        what.append(f"{seg.schedule.describe()} (this config: {schedule.describe()})")
     raise ValueError(
         f"step {step + 1} was trained on {' and '.join(what)} (the run was resumed with another "
         f"config): give the config of the attempt that trained {steps}"

@@ -1,6 +1,6 @@
 """The part of each parameter's gradient and fp32 master weight that this rank holds, per ZeRO stage.
 
-Per-layer norms (train/layer_norms.py) add up the squares of these local pieces and all-reduce one
+Per-layer norms (train/per_layer_norms.py) add up the squares of these local pieces and all-reduce one
 small vector. DeepSpeed's public `safe_get_full_grad` would gather each parameter's full gradient
 instead, one collective of the parameter's size per parameter. Each element is held by exactly
 one rank:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ds_train.report.layer_norms import summary_line
+from ds_train.report.per_layer_norms import summary_line
 from ds_train.report.series import RunMetrics, Series, batch_changes, skip_steps
 
 PANELS = ("loss", "throughput", "mfu", "optimizer")

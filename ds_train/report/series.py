@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ds_train.report.layer_norms import LayerNormSeries, layer_norm_series
+from ds_train.report.per_layer_norms import LayerNormSeries, layer_norm_series
 from ds_train.train.callbacks.metrics_file import read_metrics
 
 
@@ -44,7 +44,7 @@ class RunMetrics:
     global_batch_size: Series  # the last step's global batch of each log line (train.batch_ramp)
     resumes: list[int]  # checkpoint steps a resumed attempt restarted from
     world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
-    layers: LayerNormSeries  # per-layer norms (train.layer_norms_every), empty when not logged
+    layers: LayerNormSeries  # per-layer norms (train.per_layer_norms_every), empty when not logged
 
 
 TRAIN_KEYS = (

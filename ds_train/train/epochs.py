@@ -35,11 +35,12 @@ def resolve_epochs(cfg: Config, rows: int, what: str) -> None:
     )
     t.from_epochs = True  # not a field: validate() must not read it as the user setting both
     log.info(
-        "train.epochs=%g: %d rows of %s a pass, %d rows a step → train.max_steps=%d",
+        "train.epochs=%g: %d rows of %s a pass, %d rows a step%s → train.max_steps=%d",
         t.epochs,
         rows,
         what,
         t.global_batch_size,
+        " after train.batch_ramp" if t.batch_ramp else "",
         t.max_steps,
     )
     from ds_train.config.validate import check_profile_window

@@ -273,7 +273,7 @@ def build_trainer(
         max_nonfinite=cfg.train.max_nonfinite,
         skip_spike_sigma=cfg.train.skip_spike_sigma,
         skip_spike_window=cfg.train.skip_spike_window,
-        layer_norms_every=cfg.train.layer_norms_every,
+        per_layer_norms_every=cfg.train.per_layer_norms_every,
         collective_timeout_s=cfg.run.collective_timeout_s,
         straggler_ratio=cfg.train.straggler_ratio,
         save_async=cfg.train.save_async,

@@ -1,6 +1,6 @@
 """The training loop shared by pretraining and fine-tuning.
 
-One optimizer step = `grad_accum` micro-batches on each rank. The loss that is back-propagated is
+One optimizer step = `grad_accum` micro-batches on each rank (fewer in a `train.batch_ramp` stage). The loss that is back-propagated is
 each micro-batch's *summed* token loss divided by the token count of the whole global batch
 (all-reduced before the first forward), times the data-parallel size that DeepSpeed divides by.
 So every target token weighs the same whatever the micro-batch size, accumulation or world size,
@@ -32,8 +32,8 @@ from ds_train.train.best_metric import BestMetric
 from ds_train.train.callbacks.base import Callback
 from ds_train.train.evaluation import evaluation_record
 from ds_train.train.interval_record import interval_record
-from ds_train.train.layer_norms import LayerNorms
 from ds_train.train.nonfinite import NonFiniteLosses
+from ds_train.train.per_layer_norms import PerLayerNorms
 from ds_train.train.process_clock import process_age_s
 from ds_train.train.spike_guard import SpikeGuard
 from ds_train.train.stragglers import StragglerWatch
@@ -58,7 +58,9 @@ class TrainerSettings:
     max_nonfinite: int = 3
     skip_spike_sigma: float = 0.0  # skip updates whose loss or grad norm spikes (spike_guard.py); 0: off
     skip_spike_window: int = 128
-    layer_norms_every: int = 0  # per-layer gradient and weight norms every N steps (layer_norms.py); 0: off
+    per_layer_norms_every: int = (
+        0  # per-layer gradient and weight norms every N steps (layer_norms.py); 0: off
+    )
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
@@ -126,9 +128,9 @@ class Trainer:
         )
         if self.spikes.enabled:
             gate_optimizer_step(engine, self.spikes.allow)
-        self.layer_norms = (
-            LayerNorms(settings.layer_norms_every, engine.module, ctx.rank, ctx.device)
-            if settings.layer_norms_every
+        self.per_layer_norms = (
+            PerLayerNorms(settings.per_layer_norms_every, engine.module, ctx.rank, ctx.device)
+            if settings.per_layer_norms_every
             else None
         )
         self.callbacks = callbacks or []
@@ -391,8 +393,8 @@ class Trainer:
             if self.spikes.enabled and k == len(micro) - 1:  # the update runs in this engine.step()
                 step_loss = all_reduce_sum(losses.sum().reshape(1))[0] / global_targets.clamp(min=1)
                 self.spikes.arm(self.step + 1, step_loss)
-            if self.layer_norms and k == len(micro) - 1 and self.layer_norms.due(self.step + 1):
-                self.layer_norms.measure(self.engine)  # the reduced gradients, before the update
+            if self.per_layer_norms and k == len(micro) - 1 and self.per_layer_norms.due(self.step + 1):
+                self.per_layer_norms.measure(self.engine)  # the reduced gradients, before the update
             self.engine.step()
         return losses, z_sum
 
@@ -437,8 +439,8 @@ class Trainer:
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
         record = interval_record(self, pending, interval_start, waited, side)
-        if self.layer_norms:
-            record.update(self.layer_norms.take())
+        if self.per_layer_norms:
+            record.update(self.per_layer_norms.take())
         self.last_record = record
         if self.ctx.is_main:
             self._emit("on_log", record)

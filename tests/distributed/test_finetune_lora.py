@@ -80,7 +80,7 @@ def test_lora_zero3_adapters_merge_to_base_plus_adapter(tmp_path, tiny_bert):
             "log_every": 1,
             "save_every": 0,
             "precision": "fp32",
-            "layer_norms_every": 2,
+            "per_layer_norms_every": 2,
         },
         "zero": {"stage": 3},
     }

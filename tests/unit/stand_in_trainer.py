@@ -88,6 +88,7 @@ def stand_in_trainer(
     save_async: bool = False,
     checkpoints: object | None = None,
     save_final: bool = True,
+    layout: BatchLayout | None = None,
 ) -> Trainer:
     settings = TrainerSettings(
         max_steps=max_steps,
@@ -104,7 +105,7 @@ def stand_in_trainer(
         ctx=SimpleNamespace(rank=rank, world_size=world, is_main=rank == 0, device=torch.device("cpu")),
         engine=StandInEngine(),
         objective=ConstantLoss(),
-        layout=BatchLayout(MICRO * world, 1, MICRO, world),
+        layout=layout or BatchLayout(MICRO * world, 1, MICRO, world),
         train_batches=stand_in_batches() if batches is None else batches,
         checkpoints=checkpoints
         or SimpleNamespace(

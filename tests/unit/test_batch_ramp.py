@@ -169,7 +169,7 @@ def test_the_stream_continues_under_the_new_schedule_and_is_recorded(tmp_path):
     assert forced_resume_note(state, "f", RAMP) is None
     assert (
         forced_resume_note(state, "f", BatchSchedule(32))
-        == "the data stream continues at sample 40 at step 4 (run.force_resume)"
+        == "the data stream continues at sample 40 from step 5 on (run.force_resume)"
     )
     # a checkpoint without a recorded position counts its schedule's batches
     assert resume_origin({**state, "data": {"fingerprint": "f"}}, "f") == StreamOrigin(4, 40)
@@ -177,6 +177,99 @@ def test_the_stream_continues_under_the_new_schedule_and_is_recorded(tmp_path):
     assert read_history(tmp_path) == []  # resumed as it was
     record_segment(tmp_path, state, StreamSegment(StreamOrigin(4, 40), "f", BatchSchedule(32)))
     history = read_history(tmp_path)
-    assert [s.batch for s in history] == [RAMP, BatchSchedule(32)]
+    assert [s.schedule for s in history] == [RAMP, BatchSchedule(32)]
     assert origin_at(history, 2, "f", RAMP).position(2, RAMP) == 16
     assert origin_at(history, 5, "f", BatchSchedule(32)).position(5, 32) == 72
+
+
+def test_the_trainer_takes_each_stage_micro_batches_and_marks_their_last_for_deepspeed():
+    """With a ramp, DeepSpeed (configured for the final accumulation) is told each step's last
+    micro-batch; without one it counts them itself and is never told."""
+    import torch
+
+    from tests.unit.stand_in_trainer import LogRecords, StandInEngine, stand_in_trainer
+
+    class Engine(StandInEngine):
+        def __init__(self):
+            super().__init__()
+            self.boundaries: list[bool] = []
+
+        def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+            self.boundaries.append(is_boundary)
+
+    layout = BatchLayout(4, 1, 4, 1, ((2, 1), (3, 2)))  # accumulation 1, 1, 2, then 4
+
+    def batches():
+        for step in range(5):
+            for _ in range(layout.at(step).grad_accum):
+                yield {"step": torch.tensor(step), "num_targets": torch.tensor(8)}
+
+    logs = LogRecords()
+    trainer = stand_in_trainer([logs], batches(), max_steps=5, log_every=1, layout=layout)
+    trainer.engine = Engine()
+    assert trainer.fit() == 0
+    accum = [1, 1, 2, 4, 4]
+    assert trainer.engine.boundaries == [k == n - 1 for n in accum for k in range(n)]
+    assert [r["samples"] for r in logs.records] == [1, 2, 4, 8, 12]
+    assert [r["global_batch_size"] for r in logs.records] == [1, 1, 2, 4, 4]
+    plain = stand_in_trainer([], max_steps=2)
+    plain.engine = Engine()
+    assert plain.fit() == 0 and plain.engine.boundaries == []
+
+
+def test_fp16_gradients_are_unscaled_before_their_norms():
+    from types import SimpleNamespace
+
+    from ds_train.distributed.param_shards import loss_scale
+
+    def engine(fp16: bool, **optimizer):
+        return SimpleNamespace(fp16_enabled=lambda: fp16, optimizer=SimpleNamespace(**optimizer))
+
+    assert loss_scale(engine(False, loss_scale=1024.0)) == 1.0  # bf16/fp32: nothing to undo
+    assert loss_scale(engine(True, loss_scale=1024.0)) == 1024.0  # ZeRO optimizers
+    assert loss_scale(engine(True, cur_scale=512.0)) == 512.0  # FP16_Optimizer
+
+
+def test_a_config_without_the_finished_ramp_still_shows_the_steps_after_it(tmp_path):
+    """A resume that dropped a finished ramp needs no force and writes a segment; the config with the
+    ramp and the one without both read steps after it as the run did, and only the one with the
+    ramp reads the ramp's steps."""
+    from ds_train.data.stream_origin import StreamSegment, origin_at, read_history, record_segment
+
+    state = {**_state(5, batch_ramp=[[3, 8], [5, 16]]), "data": {"fingerprint": "f", "consumed_samples": 56}}
+    record_segment(tmp_path, state, StreamSegment(StreamOrigin(5, 56), "f", BatchSchedule(32)))
+    history = read_history(tmp_path)
+    assert len(history) == 2
+    assert (
+        origin_at(history, 6, "f", RAMP)
+        == origin_at(history, 6, "f", BatchSchedule(32))
+        == StreamOrigin(5, 56)
+    )
+    assert origin_at(history, 2, "f", RAMP).position(2, RAMP) == 16
+    with pytest.raises(ValueError, match="step 3 was trained on global batches of 8 to step 3"):
+        origin_at(history, 2, "f", BatchSchedule(32))
+
+
+def test_data_order_valid_reads_whole_batches_and_the_ramp_refuses_what_it_cannot_drive(
+    tmp_path, shards, capsys
+):
+    import json
+
+    from ds_train.cli import main
+    from ds_train.config import load_config, validate
+    from tests.helpers import base_config, write_config
+
+    raw = base_config(tmp_path / "run", shards, train={"global_batch_size": 8, "batch_ramp": [[2, 4]]},
+                      data={"valid": str(shards / "valid")})  # fmt: skip
+    cfg = write_config(tmp_path / "c.yaml", raw)
+    assert main(["data", "order", str(cfg), "--steps", "3", "--json"]) == 0
+    assert [len(json.loads(x)["samples"]) for x in capsys.readouterr().out.splitlines()] == [4, 4, 8]
+    assert main(["data", "order", str(cfg), "--valid", "--steps", "2", "--json"]) == 0
+    assert [len(json.loads(x)["samples"]) for x in capsys.readouterr().out.splitlines()] == [8, 8]
+    with pytest.raises(ConfigError, match="train.batch_ramp needs DeepSpeed's managed gradient accumulation"):
+        validate(load_config(cfg, ['zero.ds_config_overrides={"managed_gradient_accumulation": false}']))
+    with pytest.raises(
+        ConfigError, match="per_layer_norms_every cannot read optimizer states offloaded to NVMe"
+    ):
+        validate(load_config(cfg, ["train.per_layer_norms_every=1", "zero.stage=3", "zero.offload_optimizer=nvme",
+                                   f"zero.nvme_path={tmp_path}"]))  # fmt: skip

@@ -83,8 +83,10 @@ def test_variants_run_baseline_first_and_once_each():
     assert "train.micro_batch_size=8" in candidate.overrides and candidate.needs == "cuda"
     half = next(v for v in variants(4, 16) if v.name == "act_ckpt_half")
     assert "model.activation_checkpointing_layers=8" in half.overrides and half.knob == "micro"
-    norms = next(v for v in variants(4, 16, log_every=5) if v.name == "layer_norms")
-    assert norms.overrides == ["train.layer_norms_every=5"] and not norms.tunable  # a cost, never tuned in
+    norms = next(v for v in variants(4, 16, log_every=5) if v.name == "per_layer_norms")
+    assert (
+        norms.overrides == ["train.per_layer_norms_every=5"] and not norms.tunable
+    )  # a cost, never tuned in
 
 
 def test_the_tuned_run_takes_each_knobs_best_gain_and_never_a_measuring_or_math_changing_variant():

@@ -171,11 +171,11 @@ def test_skipped_updates_are_marked_and_summarised(tmp_path):
 
 
 def test_layer_norms_are_drawn_per_layer_and_their_largest_excursion_named(tmp_path):
-    """train.layer_norms_every: a heatmap per norm (rows: layers in model order) and a summary
+    """train.per_layer_norms_every: a heatmap per norm (rows: layers in model order) and a summary
     line naming the layer whose gradient norm rose furthest above its own median; none without."""
     import math
 
-    from ds_train.report.layer_norms import largest_excursion, write_layer_figure
+    from ds_train.report.per_layer_norms import largest_excursion, write_layer_figure
 
     groups = ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
     records = []
@@ -195,7 +195,7 @@ def test_layer_norms_are_drawn_per_layer_and_their_largest_excursion_named(tmp_p
         "layer norms: 4 layers at 4 steps; largest gradient norm against its layer's median: model.layers.1, 7.0x at step 6"
         in summary(m)
     )
-    out = write_layer_figure(m.layers, tmp_path / "layer_norms.png", "t")
+    out = write_layer_figure(m.layers, tmp_path / "per_layer_norms.png", "t")
     assert out.stat().st_size > 10_000
     # a layer first measured later (a resume with more layers unfrozen) is blank before
     records[-1]["layer_grad_norm"]["extra"] = 2.0

@@ -135,7 +135,7 @@ def test_a_forced_resume_with_another_batch_counts_what_was_trained(tmp_path, sh
     assert samples[4] == (32, 32 * 32) and samples[5] == (32 + 16, 48 * 32) and samples[6] == (64, 64 * 32)
     assert "the learning-rate schedule changed since the checkpoint (train.max_steps 4 → 6)" in proc.stderr
     # the stream went on from sample 32, not from 4 × 16 = 64 (samples 32..63 were skipped)
-    assert "the data stream continues at sample 32 at step 4" in proc.stderr
+    assert "the data stream continues at sample 32 from step 5 on" in proc.stderr
     assert _state(tmp_path / "run", 6)["data"]["consumed_samples"] == 32 + 2 * 16
     # `ds-train data order` on the run follows it: steps 5-6 read what steps 5-8 of batch 8 would have
     cfg_b = tmp_path / "b.yaml"
@@ -203,7 +203,7 @@ def test_a_forced_resume_on_other_data_reads_it_from_its_beginning(tmp_path, sha
     cfg["train"]["max_steps"] = 5
     cfg["run"]["force_resume"] = True
     proc = run_cli(["pretrain", write_config(tmp_path / "b.yaml", cfg)])
-    assert "the data stream is new: it starts at its beginning at step 3" in proc.stderr
+    assert "the data stream is new: it starts at its beginning from step 4 on" in proc.stderr
     assert _state(tmp_path / "run", 5)["data"]["consumed_samples"] == 2 * 8
     # `ds-train data order` on the run: steps 4-5 (the anneal's) read the new data's first batches
     annealed = [json.loads(x)["samples"] for x in _order(tmp_path / "b.yaml", 4, 2).splitlines()]

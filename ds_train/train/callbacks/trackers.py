@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def _scalars(record: dict) -> dict[str, float]:
-    """The record's numbers; a dict of them (train.layer_norms_every's per-layer norms) becomes
+    """The record's numbers; a dict of them (train.per_layer_norms_every's per-layer norms) becomes
     one scalar per key, `layer_grad_norm/model.layers.3`."""
     out: dict[str, float] = {}
     for k, v in record.items():

@@ -1,4 +1,4 @@
-"""train.layer_norms_every on DeepSpeed itself: the per-layer norms that each rank adds up from
+"""train.per_layer_norms_every on DeepSpeed itself: the per-layer norms that each rank adds up from
 the gradient and weight pieces it holds (distributed/param_shards.py) equal the norms of the full
 gradients and fp32 weights that DeepSpeed's own gather returns, at every ZeRO stage, in fp32 and
 bf16, on 2 ranks and with CPU Adam; together they make up the global norm DeepSpeed clips with."""
@@ -40,7 +40,7 @@ def _rank_main(
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from ds_train.distributed.engine import build_engine
-    from ds_train.train.layer_norms import LayerNorms, layer_group
+    from ds_train.train.per_layer_norms import PerLayerNorms, layer_group
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as a launcher sets
     torch.manual_seed(0)
@@ -64,7 +64,7 @@ def _rank_main(
         {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
     ]
     engine = build_engine(model, groups, ds_config, lambda step: 1.0)
-    norms = LayerNorms(1, engine.module, rank, torch.device("cpu"))
+    norms = PerLayerNorms(1, engine.module, rank, torch.device("cpu"))
     results = []
     for step in range(2):  # the second step measures weights an update has moved
         for micro in range(2):
@@ -133,7 +133,7 @@ def test_a_run_logs_its_layer_norms_and_reports_them(tmp_path, shards):
     from ds_train.cli import main
 
     cfg = base_config(
-        tmp_path / "run", shards, train={"max_steps": 4, "layer_norms_every": 2}, zero={"stage": 2}
+        tmp_path / "run", shards, train={"max_steps": 4, "per_layer_norms_every": 2}, zero={"stage": 2}
     )
     torchrun(["pretrain", write_config(tmp_path / "run.yaml", cfg)])
     records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
@@ -146,4 +146,4 @@ def test_a_run_logs_its_layer_norms_and_reports_them(tmp_path, shards):
         total = sum(v**2 for v in r["layer_grad_norm"].values()) ** 0.5
         assert total == pytest.approx(r["grad_norm"], rel=1e-3)
     assert main(["report", str(tmp_path / "run")]) == 0
-    assert (tmp_path / "run" / "layer_norms.png").stat().st_size > 10_000
+    assert (tmp_path / "run" / "per_layer_norms.png").stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""Per-layer gradient and weight norms every `train.layer_norms_every` steps.
+"""Per-layer gradient and weight norms every `train.per_layer_norms_every` steps.
 
 A loss spike or a slow divergence usually starts in a few layers (the embeddings, the last
 blocks, one attention projection): the global gradient norm says that something moved, these say
@@ -34,7 +34,7 @@ def layer_group(name: str) -> str:
     return ".".join(parts[:-1]) or parts[0]
 
 
-class LayerNorms:
+class PerLayerNorms:
     """Measures at the steps (as logged: 1 is the first) that are multiples of `every`."""
 
     def __init__(self, every: int, model: torch.nn.Module, rank: int, device: torch.device):
@@ -58,6 +58,11 @@ class LayerNorms:
 
     def measure(self, engine: Any) -> None:
         """Call after the step's last backward, before its engine.step()."""
+        if self.device.type == "cuda":
+            # With optimizer offload, ZeRO-1/2 copy the reduced gradients to pinned host memory
+            # without blocking and wait for the copies only inside step(): read them after they land
+            # (a sync every `every` steps, none in between)
+            torch.cuda.synchronize(self.device)
         squares = torch.zeros(2, len(self.params), device=self.device)
         for k, param in enumerate(self.params):
             grad, weight = local_pieces(param, self.rank)

@@ -1,4 +1,4 @@
-"""The per-layer norms of a run (train.layer_norms_every) as heatmaps: one row per layer, one
+"""The per-layer norms of a run (train.per_layer_norms_every) as heatmaps: one row per layer, one
 column per measured step, a log colour scale. A layer whose gradient norm leaves its row's usual
 range stands out, and the column says when.
 

@@ -1,12 +1,12 @@
-"""train.layer_norms_every's grouping of parameters into layers, its arithmetic on one process (the
-ZeRO stages: tests/distributed/test_layer_norms.py), and its config check."""
+"""train.per_layer_norms_every's grouping of parameters into layers, its arithmetic on one process (the
+ZeRO stages: tests/distributed/test_per_layer_norms.py), and its config check."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ds_train.train.layer_norms import LayerNorms, layer_group
+from ds_train.train.per_layer_norms import PerLayerNorms, layer_group
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_norms_per_group_of_full_gradients_on_one_rank():
     for layer in model["layers"]:
         x = layer(x)
     x.sum().backward()
-    norms = LayerNorms(2, model, rank=0, device=torch.device("cpu"))
+    norms = PerLayerNorms(2, model, rank=0, device=torch.device("cpu"))
     assert norms.due(4) and not norms.due(3)
     assert norms.take() == {}  # nothing measured yet
     norms.measure(_Stage0Engine())
@@ -60,7 +60,7 @@ def test_norms_per_group_of_full_gradients_on_one_rank():
         assert got["layer_weight_norm"][f"layers.{i}"] == pytest.approx(float(weight), rel=1e-6)
     assert norms.take() == {}  # taken once
     # another rank holds the same full gradients at stage 0: only rank 0 counts them
-    other = LayerNorms(2, model, rank=1, device=torch.device("cpu"))
+    other = PerLayerNorms(2, model, rank=1, device=torch.device("cpu"))
     other.measure(_Stage0Engine())
     assert set(other.take()["layer_grad_norm"].values()) == {0.0}
 
@@ -70,9 +70,10 @@ def test_the_interval_must_fall_on_log_lines(tmp_path, shards):
     from tests.helpers import base_config, write_config
 
     cfg = write_config(tmp_path / "c.yaml", base_config(tmp_path / "run", shards))
-    validate(load_config(cfg, ["train.log_every=5", "train.layer_norms_every=10"]))
+    validate(load_config(cfg, ["train.log_every=5", "train.per_layer_norms_every=10"]))
     for every in (7, -5):
         with pytest.raises(
-            ConfigError, match=f"train.layer_norms_every={every} must be 0 or a multiple of train.log_every=5"
+            ConfigError,
+            match=f"train.per_layer_norms_every={every} must be 0 or a multiple of train.log_every=5",
         ):
-            validate(load_config(cfg, ["train.log_every=5", f"train.layer_norms_every={every}"]))
+            validate(load_config(cfg, ["train.log_every=5", f"train.per_layer_norms_every={every}"]))
