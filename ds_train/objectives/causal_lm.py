@@ -17,6 +17,7 @@ class CausalLM:
     pad_id: int | None = None  # padding of a shard set's last row: never a target
     loss_chunk_tokens: int = 0  # > 0: the chunked, target-only head loss (head_loss.py)
     z_loss: float = 0.0  # model.z_loss: PaLM's z-loss weight (head_loss.lm_loss_sum)
+    train_sources: int = 0  # > 1: a mixture's per-source training loss (head_loss.lm_loss_sum's by_source)
     name: str = "causal_lm"
 
     def collate(self, rows: np.ndarray, sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -36,7 +37,14 @@ class CausalLM:
         return batch
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens, z_loss=self.z_loss)
+        return lm_loss_sum(
+            model,
+            _inputs(batch),
+            batch,
+            self.loss_chunk_tokens,
+            z_loss=self.z_loss,
+            by_source=self.train_sources,
+        )
 
     def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return lm_loss_sum(model, _inputs(batch), batch, self.loss_chunk_tokens, by_row=True)

@@ -37,10 +37,11 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of `hidden @ weight.T + bias` against `labels` (every one a target),
-    gradients computed chunk by chunk in the forward."""
+    gradients computed chunk by chunk in the forward; with `groups` (a group id per target), also
+    the cross-entropy summed per group, from the same per-token values (no gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk: int, z_loss: float):
+    def forward(ctx, hidden, weight, bias, labels, chunk: int, z_loss: float, groups, num_groups: int):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(hidden) if need_h else None
         # fp32 accumulators: chunk contributions are summed here, rounded once at the end
@@ -48,6 +49,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         z_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        group_sums = torch.zeros(
+            num_groups if groups is not None else 0, dtype=torch.float32, device=hidden.device
+        )
         for start in range(0, hidden.shape[0], chunk):
             h, y = hidden[start : start + chunk], labels[start : start + chunk, None]
             # The softmax in place, in the chunk's one fp32 buffer: torch.log_softmax and logsumexp
@@ -59,7 +63,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             norm = grad.sum(dim=-1, keepdim=True)
             grad.div_(norm)  # softmax = d(sum of -log p_y)/d logits, before the one-hot below
             lse = peak + norm.log()  # log Z, the softmax's normaliser
-            total += (lse - target_logit).sum()  # -log p_y = log Z - logit_y
+            token_loss = lse - target_logit  # -log p_y = log Z - logit_y
+            total += token_loss.sum()
+            if groups is not None:  # one index_add of `chunk` values: small beside the chunk's matmul
+                group_sums.index_add_(0, groups[start : start + chunk], token_loss.squeeze(1))
             if z_loss:  # + z·(log Z)²: d/d logits = 2z·log Z·softmax
                 z_sum += lse.square().sum()
                 grad.mul_(1.0 + 2.0 * z_loss * lse)
@@ -77,11 +84,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         z_term = z_loss * z_sum
-        ctx.mark_non_differentiable(z_term)
-        return total + z_term, z_term
+        ctx.mark_non_differentiable(z_term, group_sums)
+        return total + z_term, z_term, group_sums
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_z_term):
+    def backward(ctx, grad_out, _grad_z_term, _grad_group_sums):
         # Scaled in place: these buffers are this node's alone and backward runs once, so the
         # start of backward (all activations still alive) holds no second weight-sized copy.
         grad_h, grad_w, grad_b = ctx.saved_tensors
@@ -90,6 +97,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None if grad_h is None else grad_h.mul_(grad_out.to(grad_h.dtype)),
             None if grad_w is None else grad_w.mul_(grad_out).to(w_dtype),
             None if grad_b is None else grad_b.mul_(grad_out).to(b_dtype),
+            None,
+            None,
             None,
             None,
             None,
@@ -110,18 +119,29 @@ def linear_cross_entropy_z(
     labels: torch.Tensor,
     chunk: int,
     z_loss: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum_i CE(hidden[i] @ weight.T + bias, labels[i]) + z-term, z-term) for hidden `[n, H]`,
-    labels `[n]`, all targets; the z-term is z_loss · sum_i (log Z_i)², PaLM's z-loss (0 when
-    z_loss is 0 or without gradients: evaluation leaves it out). Never more than `chunk` rows of
-    logits at a time. fp32 scalars."""
+    groups: torch.Tensor | None = None,
+    num_groups: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sum_i CE(hidden[i] @ weight.T + bias, labels[i]) + z-term, z-term, per-group CE sums) for
+    hidden `[n, H]`, labels `[n]`, all targets; the z-term is z_loss · sum_i (log Z_i)², PaLM's
+    z-loss (0 when z_loss is 0 or without gradients: evaluation leaves it out); with `groups`
+    (`[n]` ids below `num_groups`), each group's summed cross-entropy (`[num_groups]`, else
+    empty), without gradient. Never more than `chunk` rows of logits at a time. fp32."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, z_loss)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, labels, chunk, z_loss, groups, num_groups)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    group_sums = torch.zeros(
+        num_groups if groups is not None else 0, dtype=torch.float32, device=hidden.device
+    )
     for start in range(0, hidden.shape[0], chunk):
         logits = F.linear(hidden[start : start + chunk], weight, bias).float()
-        total += F.cross_entropy(logits, labels[start : start + chunk], reduction="sum")
-    return total, torch.zeros_like(total)
+        if groups is None:
+            total += F.cross_entropy(logits, labels[start : start + chunk], reduction="sum")
+            continue
+        losses = F.cross_entropy(logits, labels[start : start + chunk], reduction="none")
+        total += losses.sum()
+        group_sums.index_add_(0, groups[start : start + chunk], losses)
+    return total, torch.zeros_like(total), group_sums
 
 
 def linear_cross_entropy_rows(
@@ -141,6 +161,17 @@ def linear_cross_entropy_rows(
         losses = F.cross_entropy(logits, labels[start : start + chunk], reduction="none")
         out.index_add_(0, rows[start : start + chunk], losses)
     return out
+
+
+def _source_sums(
+    batch: dict, losses: torch.Tensor, is_target: torch.Tensor, rows: torch.Tensor, n: int
+) -> None:
+    """batch["source_loss"]: each source's summed token loss and target count, detached (`losses`
+    per position, 0 where not a target; `rows`: each position's row)."""
+    sources = batch["source"].index_select(0, rows)
+    out = torch.zeros(n, 2, dtype=torch.float32, device=losses.device)  # no bincount: it syncs on GPU
+    out.index_add_(0, sources, torch.stack([losses.detach().float(), is_target.float()], 1))
+    batch["source_loss"] = out
 
 
 def fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
@@ -166,23 +197,34 @@ def lm_loss_sum(
     *,
     by_row: bool = False,
     z_loss: float = 0.0,
+    by_source: int = 0,
 ) -> torch.Tensor:
     """Summed token loss of `model(**inputs)` against `batch["labels"]`: through the chunked,
     target-only head when `chunk` > 0 and the model allows it, else from the full logits.
     `by_row` (evaluation, no gradient): a `[rows]` tensor, each row's summed loss. `z_loss` > 0
     (training): PaLM's z-loss added, z · sum over targets of (log Z)², the log of the softmax's
     normaliser, which keeps the logits from drifting (bf16 stability); that term alone, detached,
-    goes to `batch["z_loss"]`, so the trainer logs the cross-entropy and the z-loss apart."""
+    goes to `batch["z_loss"]`, so the trainer logs the cross-entropy and the z-loss apart.
+    `by_source` > 1 (training on a mixture of that many sources): each source's cross-entropy sum
+    and target count, detached, go to `batch["source_loss"]` (`[by_source, 2]`), by the source of
+    each row (`batch["source"]`), from the same per-token values."""
+    grouped = by_source > 1 and torch.is_grad_enabled() and not by_row
     head = fused_head(model) if chunk > 0 else None
     if head is None:
         logits = model(**inputs).logits
         if by_row:
             return row_cross_entropy(logits, batch["labels"])
-        if not (z_loss and torch.is_grad_enabled()):
+        if not ((z_loss or grouped) and torch.is_grad_enabled()):
             return summed_cross_entropy(logits, batch["labels"])
-        # one fp32 copy of the logits for both terms (logsumexp's own temporary is transient)
+        # one fp32 copy of the logits for every term (logsumexp's own temporary is transient)
         flat, labels = logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-        loss = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        losses = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        loss = losses.sum()
+        if grouped:
+            rows = torch.arange(labels.shape[0], device=labels.device) // batch["labels"].shape[1]
+            _source_sums(batch, losses, labels != IGNORE_INDEX, rows, by_source)
+        if not z_loss:
+            return loss
         lse = torch.logsumexp(flat, dim=-1)
         # where, not a product: a non-target position's inf must not make the sum NaN
         z_term = z_loss * torch.where(labels != IGNORE_INDEX, lse.square(), 0.0).sum()
@@ -199,15 +241,26 @@ def lm_loss_sum(
         if index.shape[0] != flat.shape[0]:  # shapes are known on the host: no sync
             flat, targets, where = flat.index_select(0, index), labels.index_select(0, index), index
         calls.append(flat.shape[0])
-        if not by_row:
-            loss, z_term = linear_cross_entropy_z(flat, head.weight, head.bias, targets, chunk, z_loss)
-            if z_loss and torch.is_grad_enabled():
-                batch["z_loss"] = z_term
-            return loss
-        if where is None:
-            where = torch.arange(flat.shape[0], device=flat.device)
-        rows = torch.div(where, hidden.shape[1], rounding_mode="floor")  # flat position → row
-        return linear_cross_entropy_rows(flat, head.weight, head.bias, targets, chunk, rows, hidden.shape[0])
+        rows = None
+        if by_row or grouped:  # each target's row
+            if where is None:
+                where = torch.arange(flat.shape[0], device=flat.device)
+            rows = torch.div(where, hidden.shape[1], rounding_mode="floor")
+        if by_row:
+            return linear_cross_entropy_rows(
+                flat, head.weight, head.bias, targets, chunk, rows, hidden.shape[0]
+            )
+        groups = batch["source"].index_select(0, rows) if grouped else None
+        loss, z_term, group_sums = linear_cross_entropy_z(
+            flat, head.weight, head.bias, targets, chunk, z_loss, groups, by_source
+        )
+        if z_loss and torch.is_grad_enabled():
+            batch["z_loss"] = z_term
+        if grouped:  # the sums came from the head's own per-token values; the counts here
+            counts = group_sums.new_zeros(by_source)
+            counts.index_add_(0, groups, torch.ones(groups.shape[0], device=groups.device))
+            batch["source_loss"] = torch.stack([group_sums, counts], 1)
+        return loss
 
     head.forward = forward  # an instance attribute: the module's hooks still run around it
     try:

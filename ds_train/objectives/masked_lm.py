@@ -30,6 +30,7 @@ class MaskedLM:
     probability: float = 0.15
     loss_chunk_tokens: int = 0  # > 0: the head runs on the masked tokens only, chunked (head_loss.py)
     z_loss: float = 0.0  # model.z_loss: PaLM's z-loss weight (head_loss.lm_loss_sum)
+    train_sources: int = 0  # > 1: a mixture's per-source training loss (head_loss.lm_loss_sum's by_source)
     name: str = "masked_lm"
 
     @classmethod
@@ -74,7 +75,12 @@ class MaskedLM:
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return lm_loss_sum(
-            model, {"input_ids": batch["input_ids"]}, batch, self.loss_chunk_tokens, z_loss=self.z_loss
+            model,
+            {"input_ids": batch["input_ids"]},
+            batch,
+            self.loss_chunk_tokens,
+            z_loss=self.z_loss,
+            by_source=self.train_sources,
         )
 
     def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

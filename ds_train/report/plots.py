@@ -73,6 +73,10 @@ def build_figure(metrics: RunMetrics, title: str):
         ax_loss.plot(
             metrics.valid_loss.steps, metrics.valid_loss.values, "o-", color="C1", markersize=5, label="valid"
         )
+    for k, (name, series) in enumerate(sorted(metrics.loss_by_source.items())):
+        ax_loss.plot(
+            series.steps, series.values, ":", color=f"C{3 + k % 7}", linewidth=1, label=f"train: {name}"
+        )
     for k, (name, series) in enumerate(sorted(metrics.valid_loss_by_set.items())):
         ax_loss.plot(
             series.steps, series.values, "^--", color=f"C{3 + k % 7}", markersize=4, label=f"valid: {name}"

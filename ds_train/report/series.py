@@ -29,6 +29,7 @@ class RunMetrics:
     loss: Series
     valid_loss: Series
     valid_loss_by_set: dict[str, Series]  # data.valid set name → its own validation loss
+    loss_by_source: dict[str, Series]  # data.train mixture source → its own training loss
     tokens_per_s: Series
     tokens_per_s_per_device: Series
     mfu: Series
@@ -107,12 +108,18 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
         elif "valid_loss" in r:
             valid[step] = r
     out = {k: Series() for k in TRAIN_KEYS}
+    by_source: dict[str, Series] = {}
     for step in sorted(train):
         for key in TRAIN_KEYS:
             value = train[step].get(key)
             if value is not None:
                 out[key].steps.append(step)
                 out[key].values.append(float(value))
+        for key, value in train[step].items():
+            if key.startswith("loss/"):
+                series = by_source.setdefault(key.removeprefix("loss/"), Series())
+                series.steps.append(step)
+                series.values.append(float(value))
     valid_loss, by_set = Series(), {}
     for step in sorted(valid):
         valid_loss.steps.append(step)
@@ -127,6 +134,7 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
     return RunMetrics(
         valid_loss=valid_loss,
         valid_loss_by_set=by_set,
+        loss_by_source=by_source,
         resumes=sorted(set(resumes)),
         world_sizes=world_sizes,
         layers=layer_norm_series(train),

@@ -6,6 +6,7 @@ group exists or a file is written; `run` is the only function that touches the r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -219,6 +220,9 @@ def _run(
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
         z_loss=cfg.model.z_loss,
     )
+    train_set_names = source_names(cfg.data.train) if len(plan.sources) > 1 else None
+    if train_set_names:  # a mixture: each source's training loss too (`loss/<name>` in metrics.jsonl)
+        objective = dataclasses.replace(objective, train_sources=len(plan.sources))
     zero_ctx = HfZeroContext(ds_config)
     try:
         model = build_model(
@@ -284,6 +288,7 @@ def _run(
             eval_batches=eval_batches,
             describe_sample=plan.describe,
             eval_set_names=source_names(cfg.data.valid) if cfg.data.valid else None,
+            train_set_names=train_set_names,
         )
         trainer = build_trainer(
             cfg, ctx, pre, parts, ds_config, [*standard_callbacks(cfg, ctx, preemption), *extra_callbacks]

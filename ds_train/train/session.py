@@ -47,7 +47,8 @@ from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.epochs import steps_line
 from ds_train.train.run_lock import RunDirLock
 from ds_train.train.schedule import schedule_change_note, schedule_settings, train_lr_multiplier
-from ds_train.train.trainer import Trainer, TrainerSettings
+from ds_train.train.settings import TrainerSettings
+from ds_train.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,9 @@ class TrainingParts:
     eval_batches: Callable[[], Iterable[dict]] | None = None
     describe_sample: Callable[[int, int, int], str] | None = None
     eval_set_names: list[str] | None = None  # one per data.valid set: a validation loss for each
+    train_set_names: list[str] | None = (
+        None  # one per data.train source of a mixture: a training loss for each
+    )
     extra_state: dict = field(default_factory=dict)  # more keys for ds_train_state.json
 
 
@@ -298,6 +302,7 @@ def build_trainer(
         eval_batches=parts.eval_batches,
         describe_sample=parts.describe_sample,
         eval_set_names=parts.eval_set_names,
+        train_set_names=parts.train_set_names,
         callbacks=callbacks,
         resumed=loaded,
     )

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +34,8 @@ from ds_train.train.interval_record import interval_record
 from ds_train.train.nonfinite import NonFiniteLosses
 from ds_train.train.per_layer_norms import PerLayerNorms
 from ds_train.train.process_clock import process_age_s
+from ds_train.train.settings import TrainerSettings
+from ds_train.train.source_losses import SourceLosses
 from ds_train.train.spike_guard import SpikeGuard
 from ds_train.train.stragglers import StragglerWatch
 
@@ -42,33 +43,6 @@ log = logging.getLogger(__name__)
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpointed on a signal; the batch script requeues
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: checkpointed on Ctrl-C, the status a shell expects
-
-
-@dataclass
-class TrainerSettings:
-    max_steps: int
-    log_every: int
-    save_every: int
-    eval_every: int
-    eval_steps: int
-    seq_len: int
-    flops_per_token: float | None = None
-    peak_flops: float | None = None  # per device
-    nonfinite: str = "stop"
-    max_nonfinite: int = 3
-    skip_spike_sigma: float = 0.0  # skip updates whose loss or grad norm spikes (spike_guard.py); 0: off
-    skip_spike_window: int = 128
-    per_layer_norms_every: int = (
-        0  # per-layer gradient and weight norms every N steps (layer_norms.py); 0: off
-    )
-    collective_timeout_s: float = 600.0
-    straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
-    save_async: bool = False  # periodic saves: copy to host memory, write in the background
-    save_final: bool = True  # a checkpoint at max_steps
-    best_metric: str = "valid_loss"  # which evaluation is best (best_metric.py)
-    keep_best: bool = False  # never prune the best evaluation's checkpoint
-    early_stopping_patience: int = 0  # evaluations without a better best_metric before stopping (0: never)
-    seed: int = 0  # run.seed: with the step and rank, it seeds each step's dropout (`step_seed`)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -93,6 +67,7 @@ class Trainer:
         eval_batches: Callable[[], Iterable[dict]] | None = None,
         describe_sample: Callable[[int, int, int], str] | None = None,
         eval_set_names: list[str] | None = None,
+        train_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
         resumed: dict | None = None,
     ):
@@ -134,6 +109,8 @@ class Trainer:
             else None
         )
         self.callbacks = callbacks or []
+        # a mixture's training loss per source (`loss/<name>`), summed on the device between log lines
+        self.source_losses = SourceLosses(train_set_names, ctx.device) if train_set_names else None
         self.step = self.start_step = start_step
         # samples trained before start_step (the checkpoint's count: batches may have differed;
         # before 2026-12-07 only the stream position was saved, the same count unless forced)
@@ -384,6 +361,8 @@ class Trainer:
             batch = self._to_device(batch)
             with self.stragglers.clock:
                 loss_sum = self.objective.loss_sum(self.engine, batch)
+            if self.source_losses is not None:
+                self.source_losses.add(batch)
             self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
             z_term = batch.get("z_loss")
             if z_term is not None:
@@ -439,6 +418,8 @@ class Trainer:
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
         record = interval_record(self, pending, interval_start, waited, side)
+        if self.source_losses is not None:
+            record.update(self.source_losses.take())
         if self.per_layer_norms:
             record.update(self.per_layer_norms.take())
         self.last_record = record

@@ -13,7 +13,8 @@ import torch
 
 from ds_train.distributed.deepspeed_config import BatchLayout
 from ds_train.train.callbacks.base import Callback
-from ds_train.train.trainer import Trainer, TrainerSettings
+from ds_train.train.settings import TrainerSettings
+from ds_train.train.trainer import Trainer
 
 MICRO = 2  # micro-batches per step
 COMPUTE_S = 0.01  # the stand-in engine's step

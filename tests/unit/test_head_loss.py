@@ -342,3 +342,52 @@ def test_row_losses_when_every_position_is_a_target():
         for i in range(3)
     ]
     torch.testing.assert_close(got, torch.stack(ref), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 5])
+@pytest.mark.parametrize(
+    "objective,auto,config,rows",
+    [
+        ("causal", AutoModelForCausalLM, MICRO_LLAMA, _causal_rows()),
+        ("masked", AutoModelForMaskedLM, REPO / "configs/model/tiny-bert.json", None),
+    ],
+)
+def test_a_mixture_sums_each_sources_training_loss_without_changing_the_loss(
+    chunk, objective, auto, config, rows
+):
+    """`train_sources` > 1: batch["source_loss"] holds each source's summed token loss and target
+    count (the rows' own losses, summed by source), through the chunked head and the full logits
+    alike, detached, while the loss and every gradient stay those of the plain objective."""
+    import dataclasses
+
+    model = model_from(config, auto)
+    if objective == "causal":
+        plain = CausalLM(eos_id=2, pad_id=1, loss_chunk_tokens=chunk)
+    else:
+        kwargs = {"mask_id": 4, "vocab_size": VOCAB, "special_ids": (0, 1, 2, 3, 4), "seed": 3}
+        plain = MaskedLM(**kwargs, loss_chunk_tokens=chunk)
+        rows = np.random.default_rng(5).integers(5, VOCAB, (4, 33)).astype(np.uint16)
+    mixture = dataclasses.replace(plain, train_sources=3)
+    source = torch.tensor([2, 0, 2, 0][: len(rows)])  # source 1 has no row in this batch
+    out = []
+    for obj in (plain, mixture):
+        model.zero_grad()
+        batch = {**obj.collate(rows, np.arange(len(rows))), "source": source}
+        loss = obj.loss_sum(model, batch)
+        loss.backward()
+        out.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None], batch))
+    (ref_loss, ref_grads, plain_batch), (loss, got_grads, batch) = out
+    assert "source_loss" not in plain_batch
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    for a, b in zip(got_grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    got = batch["source_loss"]
+    assert got.shape == (3, 2) and not got.requires_grad
+    with torch.no_grad():
+        per_row = plain.row_losses(model, batch)
+    targets = (batch["labels"] != IGNORE_INDEX).sum(1).float()
+    for s in range(3):
+        mine = source == s
+        assert got[s, 0].item() == pytest.approx(per_row[mine].sum().item(), rel=1e-5, abs=1e-6), s
+        assert got[s, 1].item() == targets[mine].sum().item()
+    assert got[1].tolist() == [0.0, 0.0] and got[:, 1].sum().item() == batch["num_targets"].item()

@@ -36,7 +36,8 @@ from ds_train.data.shard_set import DataError
 from ds_train.distributed.launch_env import LaunchEnv
 from ds_train.train.callbacks.fault_injection import Fault, parse
 from ds_train.train.nonfinite import NonFiniteLossError
-from ds_train.train.trainer import Trainer, TrainerSettings
+from ds_train.train.settings import TrainerSettings
+from ds_train.train.trainer import Trainer
 from tests.helpers import base_config, write_config
 
 

@@ -91,6 +91,20 @@ def test_each_validation_set_is_a_curve(tmp_path):
     assert list(lines["valid: code"].get_ydata()) == [2.0, 1.0] and "valid: web" in lines
 
 
+def test_each_training_source_of_a_mixture_is_a_curve(tmp_path):
+    _write(
+        tmp_path,
+        [{**_train(s, 5.0), "loss/web": 4.0 / s, **({"loss/code": 6.0} if s > 1 else {})} for s in (1, 2)],
+    )
+    m = load_run_metrics(tmp_path)
+    assert {k: (v.steps, v.values) for k, v in m.loss_by_source.items()} == {
+        "web": ([1, 2], [4.0, 2.0]),
+        "code": ([2], [6.0]),  # no row of it in the first interval
+    }
+    lines = {line.get_label(): line for line in build_figure(m, "mix").axes[0].get_lines()}
+    assert list(lines["train: web"].get_ydata()) == [4.0, 2.0] and "train: code" in lines
+
+
 def test_without_mfu_the_panel_shows_step_time(tmp_path):
     _write(tmp_path, [_train(s, 5.0, mfu=None) for s in range(1, 4)])
     fig = build_figure(load_run_metrics(tmp_path), "cpu run")
