@@ -19,9 +19,7 @@ class TrainerSettings:
     max_nonfinite: int = 3
     skip_spike_sigma: float = 0.0  # skip updates whose loss or grad norm spikes (spike_guard.py); 0: off
     skip_spike_window: int = 128
-    per_layer_norms_every: int = (
-        0  # per-layer gradient and weight norms every N steps (layer_norms.py); 0: off
-    )
+    per_layer_norms_every: int = 0  # per-layer gradient and weight norms every N steps; 0: off
     collective_timeout_s: float = 600.0
     straggler_ratio: float = 1.2  # warn when a rank's forwards take this × the other ranks' median (0: never)
     save_async: bool = False  # periodic saves: copy to host memory, write in the background
