@@ -26,7 +26,13 @@ class SourceLosses:
             self._sums += batch["source_loss"]
 
     def take(self) -> dict:
-        """`loss/<name>` over the interval, for the sources it read (collective: every rank calls it)."""
+        """`loss/<name>` over the interval, for the sources it read, and `mix/<name>`, each one's
+        share of the interval's target tokens: the mixture the weights gave (collective: every
+        rank calls it)."""
         sums = all_reduce_sum(self._sums.double()).tolist()
         self._sums.zero_()
-        return {f"loss/{name}": s / n for name, (s, n) in zip(self.names, sums, strict=True) if n > 0}
+        total = sum(n for _, n in sums)
+        record = {f"loss/{name}": s / n for name, (s, n) in zip(self.names, sums, strict=True) if n > 0}
+        if total > 0:
+            record.update({f"mix/{name}": n / total for name, (_, n) in zip(self.names, sums, strict=True)})
+        return record

@@ -30,6 +30,8 @@ def test_each_source_of_a_mixture_has_its_training_loss(tmp_path, shards):
         for source in ("web", "code"):
             assert two[f"loss/{source}"] == pytest.approx(one[f"loss/{source}"], rel=1e-4), (step, source)
         # the run's loss lies between the sources' (a token-weighted mean of them)
+        # weights 3:1, over 2 steps of 8 rows: about three quarters of the tokens are web's
+        assert two["mix/web"] + two["mix/code"] == pytest.approx(1.0) and 0.5 < two["mix/web"] < 1.0
         low, high = sorted([two["loss/web"], two["loss/code"]])
         assert low <= two["loss"] <= high and high - low > 1e-3, two
     plain = base_config(tmp_path / "plain", shards, train={"max_steps": 2, "log_every": 2})
