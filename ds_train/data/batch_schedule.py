@@ -54,7 +54,11 @@ class BatchSchedule:
 
     def same_from(self, other: BatchSchedule, step: int) -> bool:
         """Whether both take the same batches from step `step` on (a resume there sees no change)."""
-        bounds = sorted({step, *(u for u, _ in self.ramp + other.ramp if u > step)})
+        return self.same_between(other, step, None)
+
+    def same_between(self, other: BatchSchedule, start: int, end: int | None) -> bool:
+        """Whether both take the same batches in steps start..end (both counted from 0; None: on)."""
+        bounds = {start, *(u for u, _ in self.ramp + other.ramp if u > start and (end is None or u <= end))}
         return all(self.size(s) == other.size(s) for s in bounds)
 
     def describe(self) -> str:

@@ -164,9 +164,10 @@ def origin_at(
     if not segments:
         return FRESH
     seg = segments[-1]
-    # another schedule that takes the same batches over the segment's steps (a finished ramp
-    # removed) reads the same positions there
-    if seg.fingerprint == fingerprint and seg.schedule.same_from(schedule, seg.origin.step):
+    # another schedule that takes the same batches over the segment's steps up to this one (a
+    # finished ramp removed) reads the same positions there
+    same_batches = seg.schedule.same_between(schedule, seg.origin.step, step)
+    if seg.fingerprint == fingerprint and same_batches:
         return seg.origin
     later = [s.origin.step for s in history if s.origin.step > seg.origin.step]
     first = seg.origin.step + 1  # as logged
@@ -174,7 +175,7 @@ def origin_at(
     what = []
     if seg.fingerprint != fingerprint:
         what.append("other data than this config's")
-    if not seg.schedule.same_from(schedule, seg.origin.step):
+    if not same_batches:
         what.append(f"{seg.schedule.describe()} (this config: {schedule.describe()})")
     raise ValueError(
         f"step {step + 1} was trained on {' and '.join(what)} (the run was resumed with another "

@@ -236,7 +236,8 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
         force=cfg.run.force_resume,
         changed="other data: the contents of finetune.train_file/valid_file (or the data.train shards), "
         "the tokenizer or an option that shapes the examples (seq_len, packing, fields, template, "
-        "labels) changed",
+        "labels) changed, or (masked_lm) ds-train's document framing: since 2026-12-07 each document "
+        "starts with the tokenizer's BOS where it adds one, as RoBERTa's does",
         stream="example",
     )
     return ref

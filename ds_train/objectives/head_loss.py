@@ -218,11 +218,13 @@ def lm_loss_sum(
             return summed_cross_entropy(logits, batch["labels"])
         # one fp32 copy of the logits for every term (logsumexp's own temporary is transient)
         flat, labels = logits.float().reshape(-1, logits.shape[-1]), batch["labels"].reshape(-1)
-        losses = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="none")
-        loss = losses.sum()
-        if grouped:
+        if grouped:  # per position, for the sums by source
+            losses = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="none")
+            loss = losses.sum()
             rows = torch.arange(labels.shape[0], device=labels.device) // batch["labels"].shape[1]
             _source_sums(batch, losses, labels != IGNORE_INDEX, rows, by_source)
+        else:
+            loss = F.cross_entropy(flat, labels, ignore_index=IGNORE_INDEX, reduction="sum")
         if not z_loss:
             return loss
         lse = torch.logsumexp(flat, dim=-1)
@@ -245,7 +247,7 @@ def lm_loss_sum(
         if by_row or grouped:  # each target's row
             if where is None:
                 where = torch.arange(flat.shape[0], device=flat.device)
-            rows = torch.div(where, hidden.shape[1], rounding_mode="floor")
+            rows = torch.div(where, batch["labels"].shape[1], rounding_mode="floor")  # labels: [rows, T]
         if by_row:
             return linear_cross_entropy_rows(
                 flat, head.weight, head.bias, targets, chunk, rows, hidden.shape[0]

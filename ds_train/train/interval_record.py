@@ -25,9 +25,13 @@ def interval_record(
     `waited`: this rank's seconds in the loader; `side`: evaluation and save seconds, paused out."""
     elapsed = time.perf_counter() - interval_start - side["eval_s"] - side["save_s"]
     stacked = torch.stack(pending)  # [steps, (local loss sum, global targets, grad norm, local z-loss)]
-    # one sum for the interval's losses and the skipped-sample count, one max for the wait
+    # one sum for the interval's losses, the skipped-sample count and a mixture's per-source sums,
+    # one max for the wait
     skipped = torch.tensor([float(t.skipped_samples)], device=stacked.device)
-    sums = all_reduce_sum(torch.cat([stacked[:, 0], stacked[:, 3].sum().reshape(1), skipped]).double())
+    per_source = t.source_losses.pending() if t.source_losses is not None else skipped.new_zeros(0)
+    own = torch.cat([stacked[:, 0], stacked[:, 3].sum().reshape(1), skipped]).double()
+    sums = all_reduce_sum(torch.cat([own, per_source.double()]))
+    sums, source_sums = sums[: len(own)], sums[len(own) :]
     losses, z_sum, skipped_samples = sums[:-2], sums[-2], int(sums[-1])
     # Maxima over ranks. The slowest rank's loader wait: every rank waits for it at the next
     # collective, so its stall is the job's (a rank on a slow disk shows, not only rank 0's).
@@ -92,6 +96,8 @@ def interval_record(
         record["startup_s"] = t._startup_s
     if t.s.flops_per_token and t.s.peak_flops:
         record["mfu"] = t.s.flops_per_token * tps / (t.s.peak_flops * t.ctx.world_size)
+    if t.source_losses is not None:
+        record.update(t.source_losses.record(source_sums.tolist()))
     record.update(job_identity())
     return record
 

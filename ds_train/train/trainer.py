@@ -418,8 +418,6 @@ class Trainer:
 
     def _log(self, pending: list[torch.Tensor], interval_start: float, waited: float, side: dict) -> None:
         record = interval_record(self, pending, interval_start, waited, side)
-        if self.source_losses is not None:
-            record.update(self.source_losses.take())
         if self.per_layer_norms:
             record.update(self.per_layer_norms.take())
         self.last_record = record

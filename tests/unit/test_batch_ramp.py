@@ -273,3 +273,17 @@ def test_data_order_valid_reads_whole_batches_and_the_ramp_refuses_what_it_canno
     ):
         validate(load_config(cfg, ["train.per_layer_norms_every=1", "zero.stage=3", "zero.offload_optimizer=nvme",
                                    f"zero.nvme_path={tmp_path}"]))  # fmt: skip
+
+
+def test_a_step_is_read_as_trained_when_the_batches_up_to_it_agree():
+    """Schedules compared over a segment's steps up to the one asked about, not beyond it."""
+    from ds_train.data.stream_origin import StreamSegment, origin_at
+
+    trained = BatchSchedule(32, ((3, 8), (20, 16)))
+    history = [
+        StreamSegment(StreamOrigin(0, 0), "f", trained),
+        StreamSegment(StreamOrigin(10, 152), "f", BatchSchedule(32)),
+    ]
+    other = BatchSchedule(16, ((3, 8),))  # the same batches through step 10, another beyond
+    assert trained.same_between(other, 0, 9) and not trained.same_from(other, 0)
+    assert origin_at(history, 5, "f", other) == StreamOrigin(0, 0)

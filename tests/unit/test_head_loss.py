@@ -349,6 +349,8 @@ def test_row_losses_when_every_position_is_a_target():
     "objective,auto,config,rows",
     [
         ("causal", AutoModelForCausalLM, MICRO_LLAMA, _causal_rows()),
+        # every position a target (no padding): the head reads all rows, no target index
+        ("causal_z", AutoModelForCausalLM, MICRO_LLAMA, np.random.default_rng(7).integers(3, VOCAB, (4, 17))),
         ("masked", AutoModelForMaskedLM, REPO / "configs/model/tiny-bert.json", None),
     ],
 )
@@ -363,6 +365,8 @@ def test_a_mixture_sums_each_sources_training_loss_without_changing_the_loss(
     model = model_from(config, auto)
     if objective == "causal":
         plain = CausalLM(eos_id=2, pad_id=1, loss_chunk_tokens=chunk)
+    elif objective == "causal_z":  # with z-loss: the sums are the cross-entropy's alone
+        plain = CausalLM(eos_id=2, pad_id=None, loss_chunk_tokens=chunk, z_loss=0.01)
     else:
         kwargs = {"mask_id": 4, "vocab_size": VOCAB, "special_ids": (0, 1, 2, 3, 4), "seed": 3}
         plain = MaskedLM(**kwargs, loss_chunk_tokens=chunk)

@@ -93,6 +93,8 @@ class _ScaledLoss:
     def loss_sum(self, model, batch):
         loss = self._objective.loss_sum(model, batch)
         factor = self._factor()
+        if factor is not None and "source_loss" in batch:  # a mixture's per-source sums alike
+            batch["source_loss"][:, 0] *= factor
         return loss if factor is None else loss * factor
 
     def __getattr__(self, name):
