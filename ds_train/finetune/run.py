@@ -9,6 +9,7 @@ adapters, and evaluation metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -251,6 +252,9 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
         d.train, seed=cfg.data_seed, shuffle=d.shuffle, window=d.shuffle_window, shard_sets=sets["train"]
     )
     cache_dir = d.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")
+    train_set_names = source_names(d.train) if len(plan.sources) > 1 else None
+    if train_set_names:  # a mixture: each source's training loss too (`loss/<name>`)
+        objective = dataclasses.replace(objective, train_sources=len(plan.sources))
 
     def train_batches(origin: StreamOrigin):
         dataset = SftShardBatches(
@@ -306,6 +310,7 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
         eval_batches=eval_batches,
         describe_sample=plan.describe,
         eval_set_names=source_names(d.valid) if "valid" in sets else None,
+        train_set_names=train_set_names,
         extra_state={"finetune": pre.finetune_state(cfg)},
     )
 

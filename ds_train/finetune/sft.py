@@ -21,6 +21,7 @@ from ds_train.objectives.head_loss import lm_loss_sum
 class SupervisedFineTuning:
     loss_chunk_tokens: int = 0  # > 0: the head runs on response tokens only, chunked (head_loss.py)
     z_loss: float = 0.0  # model.z_loss: PaLM's z-loss weight (head_loss.lm_loss_sum)
+    train_sources: int = 0  # > 1: a data.train mixture's per-source training loss (head_loss.lm_loss_sum)
     name: str = "sft"
 
     def collate(self, arrays: dict[str, np.ndarray], sample_ids: np.ndarray) -> dict[str, torch.Tensor]:
@@ -42,7 +43,9 @@ class SupervisedFineTuning:
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # the same forward and summed cross-entropy as causal-LM pretraining
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
-        return lm_loss_sum(model, inputs, batch, self.loss_chunk_tokens, z_loss=self.z_loss)
+        return lm_loss_sum(
+            model, inputs, batch, self.loss_chunk_tokens, z_loss=self.z_loss, by_source=self.train_sources
+        )
 
     def row_losses(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}

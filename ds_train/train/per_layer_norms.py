@@ -9,7 +9,8 @@ transformer block is one group (every parameter under `...layers.<i>.`), and eve
 The norms are those of the step's reduced gradients (before clipping) and of the fp32 master
 weights before the update. Each rank sums the squares of the pieces it holds
 (distributed/param_shards.py), and one all-reduce of a 2 × groups vector adds them up. There is
-no gather of full gradients, and no host sync until the log line reads the values.
+no gather of full gradients; on a GPU, one device sync per measurement (offloaded gradients land
+in host memory asynchronously), and none at the steps in between.
 """
 
 from __future__ import annotations

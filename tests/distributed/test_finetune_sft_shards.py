@@ -52,3 +52,35 @@ def test_sft_from_shards_equals_sft_from_jsonl(tmp_path):
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5), f"step {step}: shards {a[step]} jsonl {b[step]}"
     assert a[4] < a[1]
+
+
+def test_sft_on_a_mixture_of_shard_sets_logs_each_sources_training_loss(tmp_path):
+    from ds_train.demo.finetune_data import write_sft_data
+    from tests.helpers import read_metrics
+
+    write_sft_data(tmp_path / "sft", max_examples=120, valid_fraction=0.0)
+    for name, rows in (("chat", slice(0, 60)), ("code", slice(60, 120))):  # two halves, two sets
+        lines = (tmp_path / "sft" / "train.jsonl").read_text().splitlines()[rows]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+        shard = [
+            "shard",
+            tmp_path / f"{name}.jsonl",
+            "--sft",
+            "--output",
+            tmp_path / name,
+            "--tokenizer",
+            TOKENIZER,
+        ]
+        run_cli([*shard, "--seq-len", SEQ_LEN, "--no-progress"])
+    mixture = [
+        {"path": str(tmp_path / "chat" / "train"), "weight": 1, "name": "chat"},
+        {"path": str(tmp_path / "code" / "train"), "weight": 1, "name": "code"},
+    ]
+    cfg = _config(tmp_path / "run", {"train": mixture}, {})
+    run_cli(["finetune", write_config(tmp_path / "mix.yaml", cfg), "zero.stage=0"])
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 4
+    for r in records:
+        assert r["mix/chat"] + r["mix/code"] == pytest.approx(1.0) and r["mix/chat"] > 0
+        low, high = sorted([r["loss/chat"], r["loss/code"]])
+        assert low <= r["loss"] <= high
