@@ -39,31 +39,15 @@ def _rank_main(
 ) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    from ds_train.distributed.engine import build_engine
     from ds_train.train.per_layer_norms import PerLayerNorms, layer_group
+    from tests.distributed.toy_engine import toy_engine
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))  # as a launcher sets
     torch.manual_seed(0)
     model = Toy()
-    ds_config = {
-        "train_batch_size": 2 * 2 * world,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 2,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.1}},
-        "zero_optimization": {
-            "stage": stage,
-            **({"offload_optimizer": {"device": "cpu"}} if offload else {}),
-        },
-        "zero_allow_untested_optimizer": True,
-        **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
-        **({"data_types": {"grad_accum_dtype": "fp32"}} if fp32_grads else {}),
-    }
-    groups = [
-        {"params": [p for p in model.parameters() if p.ndim == 2], "weight_decay": 0.1},
-        {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
-    ]
-    engine = build_engine(model, groups, ds_config, lambda step: 1.0)
+    engine = toy_engine(
+        model, stage, precision, world, offload=offload, accumulation=2, fp32_grads=fp32_grads
+    )
     norms = PerLayerNorms(1, engine.module, rank, torch.device("cpu"))
     results = []
     for step in range(2):  # the second step measures weights an update has moved

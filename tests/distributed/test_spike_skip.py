@@ -17,29 +17,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
 def _engine(stage: int, precision: str, world: int, seen: list, offload: bool = False):
-    from ds_train.distributed.engine import build_engine, gate_optimizer_step
+    from ds_train.distributed.engine import gate_optimizer_step
+    from tests.distributed.toy_engine import toy_engine
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
-    ds_config = {
-        "train_batch_size": 2 * world,
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 0.05, "weight_decay": 0.1}},
-        "zero_optimization": {
-            "stage": stage,
-            **({"offload_optimizer": {"device": "cpu"}} if offload else {}),
-        },
-        "zero_allow_untested_optimizer": True,
-        **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
-    }
-    # two groups, as ds-train's (ZeRO-1/2 step the optimizer once per group: one decision for both)
-    groups = [
-        {"params": [p for p in model.parameters() if p.ndim == 2], "weight_decay": 0.1},
-        {"params": [p for p in model.parameters() if p.ndim == 1], "weight_decay": 0.0},
-    ]
-    engine = build_engine(model, groups, ds_config, lambda step: 1.0)
+    engine = toy_engine(model, stage, precision, world, offload=offload)
     verdicts = iter([])
 
     def allow(norm) -> bool:
