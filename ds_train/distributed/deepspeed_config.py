@@ -4,8 +4,8 @@
 gives the first two, the launcher gives the last, and accumulation is derived here and nowhere
 else. With a batch-size ramp (`train.batch_ramp`, data/batch_schedule.py) the early steps
 accumulate fewer micro-batches; DeepSpeed is configured for the final, largest batch and told each
-step's last micro-batch by the trainer. Everything DeepSpeed needs (batch, precision, optimizer, ZeRO stage and offload) comes from
-the run config through `build_deepspeed_config`; `zero.ds_config_overrides` is merged last.
+step's last micro-batch by the trainer. Everything DeepSpeed needs (batch, precision, optimizer,
+ZeRO stage and offload) comes from the run config through `build_deepspeed_config`; `zero.ds_config_overrides` is merged last.
 """
 
 from __future__ import annotations

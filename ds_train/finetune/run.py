@@ -9,7 +9,6 @@ adapters, and evaluation metrics.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from pathlib import Path
@@ -47,6 +46,7 @@ from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.pretrain import seed_everything, standard_callbacks
 from ds_train.train.session import TrainingParts, build_trainer, run_on_this_rank
+from ds_train.train.source_losses import for_mixture
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +252,8 @@ def _shard_parts(cfg, ctx, pre, model, objective) -> TrainingParts:
         d.train, seed=cfg.data_seed, shuffle=d.shuffle, window=d.shuffle_window, shard_sets=sets["train"]
     )
     cache_dir = d.cache_dir or str(Path(cfg.run.output_dir) / "shard_cache")
-    train_set_names = source_names(d.train) if len(plan.sources) > 1 else None
-    if train_set_names:  # a mixture: each source's training loss too (`loss/<name>`)
-        objective = dataclasses.replace(objective, train_sources=len(plan.sources))
+    # a mixture: each source's training loss too (`loss/<name>`)
+    objective, train_set_names = for_mixture(objective, d.train, len(plan.sources))
 
     def train_batches(origin: StreamOrigin):
         dataset = SftShardBatches(

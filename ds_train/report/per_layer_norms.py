@@ -13,6 +13,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds_train.report.agg_pyplot import agg_pyplot
+
 FIELDS = ("layer_grad_norm", "layer_weight_norm")
 
 
@@ -69,10 +71,7 @@ def summary_line(series: LayerNormSeries) -> str | None:
 
 def write_layer_figure(series: LayerNormSeries, out: Path, title: str, dpi: int = 110) -> Path:
     """Two heatmaps (gradient norms, weight norms) to `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    plt = agg_pyplot()
     import numpy as np
     from matplotlib.colors import LogNorm
 

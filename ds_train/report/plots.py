@@ -10,19 +10,11 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from ds_train.report.agg_pyplot import agg_pyplot
 from ds_train.report.per_layer_norms import summary_line
 from ds_train.report.series import RunMetrics, Series, batch_changes, skip_steps
 
 PANELS = ("loss", "throughput", "mfu", "optimizer")
-
-
-def _figure_module():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _formatter(fn):
@@ -58,7 +50,7 @@ def _median_line(ax, s: Series, fmt) -> None:
 def build_figure(metrics: RunMetrics, title: str):
     """The report figure (2×2 panels), not yet saved; axes carry `gid`s naming their panel
     (loss, throughput, mfu or step_time, optimizer, and lr for the twin axis)."""
-    plt = _figure_module()
+    plt = agg_pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
     fig.suptitle(title, fontsize=13)
     ax_loss, ax_tps, ax_mfu, ax_opt = axes.flat
@@ -234,5 +226,5 @@ def write_report(
     out = Path(output) if output else run_dir / "report.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
-    _figure_module().close(fig)
+    agg_pyplot().close(fig)
     return out

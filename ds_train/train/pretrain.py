@@ -6,7 +6,6 @@ group exists or a file is written; `run` is the only function that touches the r
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -76,6 +75,7 @@ from ds_train.train.epochs import resolve_epochs
 from ds_train.train.hf_export import PeriodicHfExport, export_final
 from ds_train.train.output_dir import check_output_dir
 from ds_train.train.session import TrainingParts, build_trainer, check_startup, run_on_this_rank
+from ds_train.train.source_losses import for_mixture
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +220,8 @@ def _run(
         loss_chunk_tokens=cfg.model.loss_chunk_tokens,
         z_loss=cfg.model.z_loss,
     )
-    train_set_names = source_names(cfg.data.train) if len(plan.sources) > 1 else None
-    if train_set_names:  # a mixture: each source's training loss too (`loss/<name>` in metrics.jsonl)
-        objective = dataclasses.replace(objective, train_sources=len(plan.sources))
+    # a mixture: each source's training loss too (`loss/<name>` in metrics.jsonl)
+    objective, train_set_names = for_mixture(objective, cfg.data.train, len(plan.sources))
     zero_ctx = HfZeroContext(ds_config)
     try:
         model = build_model(

@@ -150,9 +150,7 @@ class TrainingParts:
     eval_batches: Callable[[], Iterable[dict]] | None = None
     describe_sample: Callable[[int, int, int], str] | None = None
     eval_set_names: list[str] | None = None  # one per data.valid set: a validation loss for each
-    train_set_names: list[str] | None = (
-        None  # one per data.train source of a mixture: a training loss for each
-    )
+    train_set_names: list[str] | None = None  # one per source of a data.train mixture: a loss each
     extra_state: dict = field(default_factory=dict)  # more keys for ds_train_state.json
 
 

@@ -10,7 +10,21 @@ the interval's losses (interval_record.py), which turns them into means over tar
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
+
+from ds_train.data.shard_set import source_names
+
+
+def for_mixture(objective: Any, train_spec: Any, num_sources: int) -> tuple[Any, list[str] | None]:
+    """(the objective, each source's name) for training on `train_spec` (data.train) of
+    `num_sources` sources: a mixture's objective sums each source's loss (`train_sources`); a
+    single source's is returned as it is, with no names."""
+    if num_sources < 2:
+        return objective, None
+    return dataclasses.replace(objective, train_sources=num_sources), source_names(train_spec)
 
 
 class SourceLosses:

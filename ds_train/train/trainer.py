@@ -1,8 +1,9 @@
 """The training loop shared by pretraining and fine-tuning.
 
-One optimizer step = `grad_accum` micro-batches on each rank (fewer in a `train.batch_ramp` stage). The loss that is back-propagated is
-each micro-batch's *summed* token loss divided by the token count of the whole global batch
-(all-reduced before the first forward), times the data-parallel size that DeepSpeed divides by.
+One optimizer step = `grad_accum` micro-batches on each rank (fewer in a `train.batch_ramp`
+stage). The loss that is back-propagated is each micro-batch's *summed* token loss divided by the
+token count of the whole global batch (all-reduced before the first forward), times the
+data-parallel size that DeepSpeed divides by.
 So every target token weighs the same whatever the micro-batch size, accumulation or world size,
 and 1 rank with 2× accumulation matches 2 ranks step for step.
 
@@ -356,8 +357,9 @@ class Trainer:
         losses = torch.zeros(len(micro), device=self.ctx.device)
         z_sum = torch.zeros((), device=self.ctx.device)
         for k, batch in enumerate(micro):
+            last = k == len(micro) - 1  # the update runs in this micro-batch's engine.step()
             if self.layout.ramp:  # DeepSpeed counts micro-batches in its configured (final) accumulation
-                self.engine.set_gradient_accumulation_boundary(k == len(micro) - 1)
+                self.engine.set_gradient_accumulation_boundary(last)
             batch = self._to_device(batch)
             with self.stragglers.clock:
                 loss_sum = self.objective.loss_sum(self.engine, batch)
@@ -369,10 +371,10 @@ class Trainer:
                 z_sum += z_term
                 loss_sum = loss_sum.detach() - z_term
             losses[k] = loss_sum.detach()
-            if self.spikes.enabled and k == len(micro) - 1:  # the update runs in this engine.step()
+            if self.spikes.enabled and last:
                 step_loss = all_reduce_sum(losses.sum().reshape(1))[0] / global_targets.clamp(min=1)
                 self.spikes.arm(self.step + 1, step_loss)
-            if self.per_layer_norms and k == len(micro) - 1 and self.per_layer_norms.due(self.step + 1):
+            if self.per_layer_norms and last and self.per_layer_norms.due(self.step + 1):
                 self.per_layer_norms.measure(self.engine)  # the reduced gradients, before the update
             self.engine.step()
         return losses, z_sum

@@ -44,10 +44,8 @@ KINDS = {
     "slow": ("step",),
     "enospc": ("save",),
 }
-LOSS_FAULTS = (
-    "nan",
-    "spike",
-)  # they scale the loss (silently: train.nonfinite / the spike guard report them)
+# they scale the loss (silently: train.nonfinite and the spike guard report them)
+LOSS_FAULTS = ("nan", "spike")
 
 
 @dataclass(frozen=True)
