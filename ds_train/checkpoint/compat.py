@@ -46,6 +46,10 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+OWN_REMEDY = "use another run.output_dir, or run.resume=never with a fresh one"
+BRANCH_REMEDY = "branch off another checkpoint, or start afresh without run.start_from"
+
+
 def check_resume(
     state: dict,
     *,
@@ -58,8 +62,10 @@ def check_resume(
     force: bool = False,
     zero_stage: int | None = None,
     decay_embeddings: bool = True,
+    remedy: str = OWN_REMEDY,
 ) -> None:
-    """Raise ConfigError naming what differs between the checkpoint and this run. `force`
+    """Raise ConfigError naming what differs between the checkpoint and this run, ending with
+    `remedy` (what to do instead). `force`
     (run.force_resume) lets a different global batch size through, never another model, nor a
     ZeRO stage DeepSpeed cannot load the checkpoint into, nor other parameter groups."""
     problems, forceable = [], []
@@ -123,7 +129,7 @@ def check_resume(
         hint = "" if problems else " (or run.force_resume=true to continue anyway)"
         raise ConfigError(
             f"{where} holds a checkpoint (step {state.get('step')}) of {'; '.join(problems + forceable)}: "
-            f"use another run.output_dir, or run.resume=never with a fresh one{hint}"
+            f"{remedy}{hint}"
         )
     if forceable:
         log.warning("run.force_resume: resuming %s despite %s", where, "; ".join(forceable))

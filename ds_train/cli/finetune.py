@@ -22,6 +22,7 @@ def register(sub) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ds_train.checkpoint.start_point import start_note
     from ds_train.config import dump_yaml, load_config
     from ds_train.finetune import preflight, run
     from ds_train.train.epochs import steps_line
@@ -44,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
             f"ok: task {cfg.finetune.task} | {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × "
             f"{pre.layout.grad_accum} accum × {pre.layout.data_parallel_size} ranks | {steps_line(cfg)} | {splits}"
             + (f" | classes {pre.class_names}" if pre.class_names else "")
-            + (f" | resumes from {pre.resume_from.path}" if pre.resume_from else "")
+            + (f" | {start_note(pre.resume_from, cfg.run.output_dir)}" if pre.resume_from else "")
         )
         return 0
     return run.run(cfg)

@@ -33,6 +33,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from ds_train.checkpoint.start_point import start_note
     from ds_train.config import dump_yaml, load_config
     from ds_train.train import pretrain
     from ds_train.train.epochs import steps_line
@@ -46,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
         print(
             f"ok: {pre.layout.global_batch_size} = {pre.layout.micro_batch_size} micro × {pre.layout.grad_accum} "
             f"accum × {pre.layout.data_parallel_size} ranks; {steps_line(cfg)}"
-            + (f"; resumes from {pre.resume_from.path}" if pre.resume_from else "")
+            + (f"; {start_note(pre.resume_from, cfg.run.output_dir)}" if pre.resume_from else "")
         )
         return 0
     return pretrain.run(cfg)

@@ -27,6 +27,7 @@ from ds_train.config.schema import SECTIONS, Config
 # (written into the run dir and every checkpoint) means the same thing from any directory.
 PATH_FIELDS = {
     ("run", "output_dir"),
+    ("run", "start_from"),
     ("model", "config"),
     ("model", "init_from"),
     ("model", "tokenizer"),

@@ -44,6 +44,15 @@ class RunSection:
         False,
         "Resume even though the data (shard set, seq_len, run.seed) or train.global_batch_size differ from the checkpoint's: training continues from its step on the new data stream. A different model or tokenizer is always refused.",
     )
+    start_from: str | None = doc(
+        None,
+        "Another run's checkpoint to branch this run off while output_dir holds none of its own: a run "
+        "directory (its latest checkpoint), its checkpoints/ or a step directory (checkpoints/step_00001000). "
+        "Loads what a resume loads (weights, optimizer, LR schedule position, data position, RNG) and trains on "
+        "from its step under this config: e.g. a WSD schedule's decay taken from a stable-phase checkpoint. "
+        "Other data or batches need run.force_resume, as on a resume. The best-evaluation record starts afresh. "
+        "Once this run has saved, it resumes from its own checkpoints. The other run's directory is only read.",
+    )
     tensorboard: bool = doc(True, "Write TensorBoard event files under <output_dir>/tensorboard.")
     wandb: bool = doc(
         False,
@@ -215,7 +224,7 @@ class TrainSection:
     decay_steps: int | None = doc(
         None,
         "wsd / wsd_sqrt: steps of the final cooldown. Default: 20% of max_steps. With keep_every, the "
-        "stable phase's checkpoints stay to branch other cooldowns from.",
+        "stable phase's checkpoints stay to branch other cooldowns from (run.start_from).",
     )
     weight_decay: float = doc(
         0.1, "AdamW weight decay, applied to matrices (ndim ≥ 2) only: never to biases or norm weights."
@@ -258,7 +267,7 @@ class TrainSection:
     keep_every: int = doc(
         0,
         "Also keep every checkpoint whose step is a multiple of N: keep_last never prunes them (e.g. a "
-        "wsd run's stable phase, to resume with a cooldown from any of them). 0: none.",
+        "wsd run's stable phase, to branch a cooldown off any of them with run.start_from). 0: none.",
     )
     keep_last: int = doc(
         3, "Complete checkpoints to keep; older ones are deleted after a new one is complete."

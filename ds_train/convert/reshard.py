@@ -118,11 +118,14 @@ def needs_universal(state: dict, world_size: int) -> bool:
     return state.get("world_size") not in (None, world_size)
 
 
-def elastic_resume(ref: CheckpointRef, world_size: int, *, is_main: bool) -> tuple[CheckpointRef, bool]:
+def elastic_resume(
+    ref: CheckpointRef, world_size: int, *, is_main: bool, into: Path | None = None
+) -> tuple[CheckpointRef, bool]:
     """(checkpoint to load, whether DeepSpeed must load it as universal) for resuming on `world_size`.
 
-    A checkpoint from another world size is converted once, by rank 0, next to the original
-    (`<tag>.universal`, removed after the next checkpoint completes); ZeRO-0 checkpoints hold full
+    A checkpoint from another world size is converted once, by rank 0, next to the original, or
+    under `into` (a branch's own checkpoints/ directory: another run's is only read), as
+    `<tag>.universal`, removed after the next checkpoint completes; ZeRO-0 checkpoints hold full
     tensors and load anywhere as they are. Collective: every rank calls it.
     """
     from ds_train.distributed.engine import broadcast_object
@@ -132,7 +135,7 @@ def elastic_resume(ref: CheckpointRef, world_size: int, *, is_main: bool) -> tup
         return ref, True
     if not needs_universal(state, world_size):
         return ref, False
-    target = CheckpointRef(ref.root, ref.tag + UNIVERSAL_SUFFIX)
+    target = CheckpointRef(into or ref.root, ref.tag + UNIVERSAL_SUFFIX)
     result = ("ok", "")
     if is_main:
         log.warning(
@@ -145,6 +148,7 @@ def elastic_resume(ref: CheckpointRef, world_size: int, *, is_main: bool) -> tup
         )
         try:
             if not (target.path / STATE_FILE).is_file():
+                target.root.mkdir(parents=True, exist_ok=True)
                 to_universal(ref.path, target.path)
         except Exception as e:  # every rank must hear about it rather than wait
             result = ("error", str(e))

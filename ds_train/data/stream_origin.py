@@ -128,8 +128,15 @@ def read_history(run_dir: str | Path) -> list[StreamSegment]:
     return [StreamSegment.from_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def record_segment(run_dir: str | Path, state: dict | None, segment: StreamSegment) -> None:
+def record_segment(
+    run_dir: str | Path,
+    state: dict | None,
+    segment: StreamSegment,
+    inherited: list[StreamSegment] | None = None,
+) -> None:
     """At an attempt's start (rank 0), after resuming from the checkpoint `state` (None: fresh).
+    `inherited`: the history of the run a branch (run.start_from) was taken from, in place of
+    this run directory's own.
 
     Segments from the resumed step on belong to a timeline this attempt replaces (a resume from an
     older checkpoint) and are dropped. The new segment is written only where it changes something:
@@ -139,7 +146,8 @@ def record_segment(run_dir: str | Path, state: dict | None, segment: StreamSegme
     existed, in 2026-12, are not known)."""
     path = Path(run_dir) / HISTORY_FILE
     start = segment.origin.step
-    history = [s for s in read_history(run_dir) if s.origin.step < start]
+    earlier = read_history(run_dir) if inherited is None else inherited
+    history = [s for s in earlier if s.origin.step < start]
     if not history and state:
         before = (state.get("data") or {}).get("fingerprint", segment.fingerprint)
         history = [StreamSegment(FRESH, before, BatchSchedule.from_state(state))]

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ds_train.checkpoint.compat import check_data_resume, check_resume, model_signature
-from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
+from ds_train.checkpoint.layout import CheckpointRef
+from ds_train.checkpoint.start_point import described, start_point
 from ds_train.config import Config, ConfigError, validate
 from ds_train.config.validate import validate_finetune
 from ds_train.data.document_framing import document_start
@@ -191,19 +192,15 @@ def check(cfg: Config, *, world_size: int | None = None) -> FinetunePreflight:
 
 def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> CheckpointRef | None:
     run_dir = Path(cfg.run.output_dir)
-    ref = latest_checkpoint(checkpoints_dir(run_dir))
-    if ref is not None and cfg.run.resume == "never":
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints (latest: step {ref.step}) and run.resume=never"
-        )
-    if ref is None and cfg.run.resume == "require":
-        raise ConfigError(f"run.resume=require but {run_dir} holds no complete checkpoint")
+    ref = start_point(cfg.run)
     if ref is None:
         return None
     state = ref.state()
+    where, remedy = described(ref, run_dir)
     check_resume(
         state,
-        where=str(run_dir),
+        where=where,
+        remedy=remedy,
         model_sig=model_signature(pre.hf_config),
         tokenizer_sha=tok_sha,
         objective=cfg.finetune.task,
@@ -220,8 +217,8 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
     for key in RESUME_KEYS:
         if key in saved and saved[key] != now[key]:
             raise ConfigError(
-                f"{run_dir} holds a checkpoint (step {ref.step}) trained with finetune {key} {saved[key]!r} "
-                f"(this run: {now[key]!r}): use another run.output_dir, or run.resume=never with a fresh one"
+                f"{where} holds a checkpoint (step {ref.step}) trained with finetune {key} {saved[key]!r} "
+                f"(this run: {now[key]!r}): {remedy}"
             )
     # Another world size is fine: the example order depends on the global batch only, and the
     # session resumes such a checkpoint through DeepSpeed's universal format (convert/reshard.py).

@@ -59,6 +59,10 @@ def build_figure(metrics: RunMetrics, title: str):
         ax.grid(True, alpha=0.3)
 
     ax_loss.set_title("loss")
+    if len(metrics.before_branch):  # the run this one branched off (run.start_from), up to the branch
+        parent = Path(metrics.lineage[-1]["run_dir"]).name
+        ax_loss.plot(metrics.before_branch.steps, metrics.before_branch.values, "--", color="0.55",
+                     linewidth=1, label=f"train: {parent}, before the branch")  # fmt: skip
     if len(metrics.loss):
         ax_loss.plot(metrics.loss.steps, metrics.loss.values, color="C0", linewidth=1.5, label="train")
     if len(metrics.valid_loss):
@@ -147,7 +151,7 @@ def build_figure(metrics: RunMetrics, title: str):
 
 def summary(metrics: RunMetrics) -> list[str]:
     """Plain-text lines to print next to the figure."""
-    lines = []
+    lines = [f"branched off {a['checkpoint']} (step {a['step']})" for a in metrics.lineage[-1:]]
     if len(metrics.loss):
         lines.append(f"train loss: {metrics.loss.values[0]:.4f} → {metrics.loss.values[-1]:.4f} "
                      f"(step {metrics.loss.steps[-1]})")  # fmt: skip

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ds_train.checkpoint.start_point import read_lineage
 from ds_train.report.per_layer_norms import LayerNormSeries, layer_norm_series
-from ds_train.train.callbacks.metrics_file import read_metrics
+from ds_train.train.callbacks.metrics_file import METRICS_FILE, read_metrics
 
 
 @dataclass
@@ -46,6 +47,8 @@ class RunMetrics:
     resumes: list[int]  # checkpoint steps a resumed attempt restarted from
     world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
     layers: LayerNormSeries  # per-layer norms (train.per_layer_norms_every), empty when not logged
+    lineage: list[dict] = field(default_factory=list)  # the runs this one branched off (run.start_from)
+    before_branch: Series = field(default_factory=Series)  # their train loss up to the branch point
 
 
 TRAIN_KEYS = (
@@ -88,8 +91,9 @@ def batch_changes(metrics: RunMetrics) -> list[tuple[int, int, int]]:
     ]
 
 
-def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> RunMetrics:
-    """RUN_DIR's metrics.jsonl as series (`records`: the file's lines, when already read)."""
+def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None, depth: int = 8) -> RunMetrics:
+    """RUN_DIR's metrics.jsonl as series (`records`: the file's lines, when already read), with
+    the training loss of the runs it branched off (`depth` of them at most) up to the branch."""
     records = read_metrics(run_dir) if records is None else records
     train: dict[int, dict] = {}
     valid: dict[int, dict] = {}
@@ -138,5 +142,22 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None) -> 
         resumes=sorted(set(resumes)),
         world_sizes=world_sizes,
         layers=layer_norm_series(train),
+        lineage=read_lineage(run_dir),
+        before_branch=_before_branch(run_dir, depth),
         **out,
     )
+
+
+def _before_branch(run_dir: str | Path, depth: int) -> Series:
+    """The train loss the run's parent (and its parents) logged up to the step it branched off at;
+    empty for a run started afresh, or when the parent's directory is gone."""
+    ancestry = read_lineage(run_dir)
+    if not ancestry or depth <= 0:
+        return Series()
+    parent, step = Path(ancestry[-1]["run_dir"]), int(ancestry[-1]["step"])
+    if not (parent / METRICS_FILE).is_file():
+        return Series()
+    m = load_run_metrics(parent, depth=depth - 1)
+    pairs = [*zip(m.before_branch.steps, m.before_branch.values), *zip(m.loss.steps, m.loss.values)]
+    kept = [(s, v) for s, v in pairs if s <= step]
+    return Series([s for s, _ in kept], [v for _, v in kept])

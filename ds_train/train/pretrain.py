@@ -22,9 +22,8 @@ from ds_train.checkpoint.layout import (
     HF_CONFIG_DIR,
     TOKENIZER_DIR,
     CheckpointRef,
-    checkpoints_dir,
-    latest_checkpoint,
 )
+from ds_train.checkpoint.start_point import described, start_point
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
 from ds_train.data.document_framing import missing_bos_note
 from ds_train.data.loader import (
@@ -118,18 +117,14 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
         _check_local_sources(cfg.data.valid, "data.valid")
     check_best_settings(cfg, has_validation=bool(cfg.data.valid))
     _warn_on_launcher_zero_settings(cfg)
-    ref = latest_checkpoint(checkpoints_dir(run_dir))
-    if ref is not None and cfg.run.resume == "never":
-        raise ConfigError(
-            f"{run_dir} already holds checkpoints (latest: step {ref.step}) and run.resume=never"
-        )
-    if ref is None and cfg.run.resume == "require":
-        raise ConfigError(f"run.resume=require but {run_dir} holds no complete checkpoint")
+    ref = start_point(cfg.run)
     if ref is not None:
         state = ref.state()
+        where, remedy = described(ref, run_dir)
         check_resume(
             state,
-            where=str(run_dir),
+            where=where,
+            remedy=remedy,
             model_sig=model_signature(hf_config),
             tokenizer_sha=tokenizer_fingerprint(tokenizer)["sha256"],
             objective=cfg.model.objective,

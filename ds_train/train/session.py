@@ -21,12 +21,14 @@ from ds_train.checkpoint.compat import fingerprint, model_signature
 from ds_train.checkpoint.layout import checkpoints_dir, latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
+from ds_train.checkpoint.start_point import is_own, lineage, own_step, run_dir_of, write_lineage
 from ds_train.config import Config, ConfigError, dump_yaml
 from ds_train.data.shard_format import tokenizer_fingerprint
 from ds_train.data.stream_origin import (
     StreamOrigin,
     StreamSegment,
     forced_resume_note,
+    read_history,
     record_segment,
     resume_origin,
 )
@@ -74,7 +76,7 @@ def run_on_this_rank(
     lock = None
     if pre.launch.rank == 0:
         lock = RunDirLock(cfg.run.output_dir).acquire()
-        if _latest_step(cfg) != (pre.resume_from.step if pre.resume_from else None):
+        if _latest_step(cfg) != own_step(pre.resume_from, cfg.run.output_dir):
             pre = preflight(cfg)  # a run that held the directory saved after this start looked
     try:
         ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
@@ -106,6 +108,11 @@ def nothing_to_train(cfg: Config, pre: Any) -> str | None:
     ref = pre.resume_from
     if ref is None or ref.step < cfg.train.max_steps:
         return None
+    if not is_own(ref, cfg.run.output_dir):
+        return (
+            f"run.start_from's checkpoint {ref.path} is at step {ref.step}, not before train.max_steps="
+            f"{cfg.train.max_steps}; nothing to train. Raise train.max_steps to train on from it."
+        )
     if ref.step > cfg.train.max_steps:
         return (
             f"{cfg.run.output_dir}: its checkpoint {ref.tag} is beyond train.max_steps={cfg.train.max_steps}; "
@@ -167,6 +174,8 @@ def build_trainer(
     n_params, n_embed = count_params(model)
     fpt = flops_per_token(model, parts.seq_len)
     resume_from = pre.resume_from
+    branch = resume_from is not None and not is_own(resume_from, cfg.run.output_dir)
+    ancestry = lineage(resume_from.state(), resume_from, cfg.run.output_dir) if resume_from else []
     checkpoints = CheckpointManager(
         cfg.run.output_dir, ctx, cfg.train.keep_last, keep_host_memory=cfg.train.save_async_keep_memory
     )
@@ -177,7 +186,9 @@ def build_trainer(
         checkpoints.verify(resume_from, resume_from.state())
         from ds_train.convert.reshard import elastic_resume
 
-        resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main)
+        # a branch's conversion goes under its own checkpoints/: the other run's is only read
+        into = None if is_own(resume_from, cfg.run.output_dir) else checkpoints.root
+        resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main, into=into)
         if universal:
             ds_config = with_universal_loading(ds_config)
     lr_lambda = train_lr_multiplier(cfg.train)
@@ -200,6 +211,11 @@ def build_trainer(
             log.warning(note)
         if restored and ctx.is_main:
             log.info("put back what the checkpoint's loading had changed: %s", restored)
+        if branch:  # its best evaluation, early stopping and all, is the other run's
+            loaded = {k: v for k, v in loaded.items() if k not in ("best_metric", "stopped_early")}
+            if ctx.is_main:
+                log.info("branching off %s at step %d (run.start_from)", pre.resume_from.path, start_step)
+                write_lineage(cfg.run.output_dir, ancestry)
     data_fingerprint = parts.data_state(0)["fingerprint"]
     origin = resume_origin(loaded, data_fingerprint)
     note = forced_resume_note(loaded, data_fingerprint, pre.layout.schedule)
@@ -207,7 +223,9 @@ def build_trainer(
         log.warning(note)
     if ctx.is_main:  # for `ds-train data order|show` on this run
         segment = StreamSegment(origin, data_fingerprint, pre.layout.schedule)
-        record_segment(cfg.run.output_dir, loaded, segment)
+        # a branch carries on the other run's record of its data stream up to the branch point
+        inherited = read_history(run_dir_of(pre.resume_from)) if branch else None
+        record_segment(cfg.run.output_dir, loaded, segment, inherited)
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(
@@ -258,6 +276,7 @@ def build_trainer(
             "last_evaluation": trainer.last_eval,
             "stopped_early": trainer.stopped_early,
             "spike_guard": trainer.spikes.state(),  # so a resumed run skips what this one would
+            "lineage": ancestry,  # the runs this one branched off (run.start_from), oldest first
             **parts.extra_state,
             **swap_files,
         }
