@@ -44,9 +44,11 @@ class RunMetrics:
     slowest_forward_ratio: Series
     skipped_steps: Series  # updates skipped on a spike so far (train.skip_spike_sigma)
     global_batch_size: Series  # the last step's global batch of each log line (train.batch_ramp)
+    tokens: Series  # tokens trained by each log line's step (the comparison's x-axis by tokens)
     resumes: list[int]  # checkpoint steps a resumed attempt restarted from
     world_sizes: list[int]  # the ranks of each attempt, in order, repeats removed (elastic resume)
     layers: LayerNormSeries  # per-layer norms (train.per_layer_norms_every), empty when not logged
+    run_dir: str = ""  # the run directory, resolved
     lineage: list[dict] = field(default_factory=list)  # the runs this one branched off (run.start_from)
     before_branch: Series = field(default_factory=Series)  # their train loss up to the branch point
 
@@ -66,6 +68,7 @@ TRAIN_KEYS = (
     "slowest_forward_ratio",
     "skipped_steps",
     "global_batch_size",
+    "tokens",
 )
 
 
@@ -142,6 +145,7 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None, dep
         resumes=sorted(set(resumes)),
         world_sizes=world_sizes,
         layers=layer_norm_series(train),
+        run_dir=str(Path(run_dir).resolve()),
         lineage=read_lineage(run_dir),
         before_branch=_before_branch(run_dir, depth),
         **out,
