@@ -153,6 +153,7 @@ def check_data_resume(
     force: bool = False,
     changed: str = SHARDS_CHANGED,
     stream: str = "data",
+    instead: str = "start a new run.output_dir",
 ) -> None:
     """Raise ConfigError unless this run's data continues the checkpoint's stream (or `force`).
 
@@ -183,7 +184,7 @@ def check_data_resume(
         restore = " and ".join(dict.fromkeys(r for _, r in problems))  # each way back once, in order
         raise ConfigError(
             f"{where} was trained with {what}: resuming would not continue the same {stream} stream; "
-            f"{restore}, or start a new run.output_dir (or run.force_resume=true to continue on this data)"
+            f"{restore}, or {instead} (or run.force_resume=true to continue on this data)"
         )
 
 

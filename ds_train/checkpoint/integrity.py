@@ -23,14 +23,17 @@ class CheckpointDamaged(RunFailure):
     """A checkpoint's files differ from its manifest (missing, truncated, altered)."""
 
 
-def damaged_message(ref: CheckpointRef, problems: list[str]) -> str:
+def damaged_message(ref: CheckpointRef, problems: list[str], *, own: bool = True) -> str:
+    """`own`: a checkpoint of the run being started; otherwise another run's (run.start_from), whose
+    `latest` is that run's to move, never the branch's."""
     shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
     older = [r for r in complete_checkpoints(ref.root) if r.step < ref.step]
-    hint = (
-        f"to resume from the one before, write {older[-1].tag} into {ref.root / LATEST}"
-        if older
-        else "no earlier checkpoint is left"
-    )
+    if not older:
+        hint = "no earlier checkpoint is left"
+    elif own:
+        hint = f"to resume from the one before, write {older[-1].tag} into {ref.root / LATEST}"
+    else:
+        hint = f"to branch off the one before, set run.start_from={older[-1].path}"
     return f"checkpoint {ref.path} is damaged ({shown}): refusing to load it; {hint}"
 
 

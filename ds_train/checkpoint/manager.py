@@ -261,7 +261,9 @@ class CheckpointManager:
         )
         problems = [p for rank_problems in all_gather_object(mine) for p in rank_problems]
         if problems:
-            damaged = CheckpointDamaged(damaged_message(ref, problems))
+            damaged = CheckpointDamaged(
+                damaged_message(ref, problems, own=ref.root.resolve() == self.root.resolve())
+            )
             damaged.every_rank = True  # every rank has the gathered list
             raise damaged
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from ds_train.checkpoint.layout import (
     STATE_FILE,
@@ -38,7 +39,24 @@ def start_point(run: RunSection) -> CheckpointRef | None:
         if own is None and run.resume == "require":
             raise ConfigError(f"run.resume=require but {run_dir} holds no complete checkpoint")
         return own
-    return _branch_point(run.start_from, run_dir)
+    return _pinned(run_dir, run.start_from) or _branch_point(run.start_from, run_dir)
+
+
+def _pinned(run_dir: Path, start_from: str) -> CheckpointRef | None:
+    """The branch point an earlier attempt of this run chose for the same run.start_from (killed
+    before its first save): a run directory's latest may have moved on since, and the branch
+    must not restart from another step."""
+    record = _lineage_record(run_dir)
+    if not record or record.get("start_from") != start_from or not record.get("lineage"):
+        return None
+    path = Path(record["lineage"][-1]["checkpoint"])
+    ref = CheckpointRef(path.parent, path.name)
+    if not (ref.path / STATE_FILE).is_file():
+        raise ConfigError(
+            f"run.start_from: {ref.path}, the checkpoint this run branched off at its first start, is gone "
+            f"(pruned or moved); point run.start_from at another checkpoint (a step directory) to branch anew"
+        )
+    return ref
 
 
 def _branch_point(start_from: str, run_dir: Path) -> CheckpointRef:
@@ -87,20 +105,29 @@ def lineage(state: dict, ref: CheckpointRef, run_dir: str | Path) -> list[dict]:
     return [*inherited, entry]
 
 
-LINEAGE_FILE = "lineage.json"  # <run_dir>/lineage.json: `lineage` for `ds-train report`, before any save
+# <run_dir>/lineage.json: the branch point, pinned before the first load (a requeue before the first
+# save branches off the same checkpoint), and the lineage for `ds-train report`
+LINEAGE_FILE = "lineage.json"
 
 
-def write_lineage(run_dir: str | Path, ancestry: list[dict]) -> None:
-    """Record a branch's ancestry in its run directory (rank 0, at the branch's first start)."""
+def write_lineage(run_dir: str | Path, start_from: str, ancestry: list[dict]) -> None:
+    """Record a branch's run.start_from and ancestry in its run directory (rank 0, before it loads
+    the branch point)."""
     path = Path(run_dir) / LINEAGE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ancestry, indent=1) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"start_from": start_from, "lineage": ancestry}, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _lineage_record(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / LINEAGE_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def read_lineage(run_dir: str | Path) -> list[dict]:
     """The runs `run_dir` branched off, oldest first ([] for a run started afresh)."""
-    path = Path(run_dir) / LINEAGE_FILE
-    return json.loads(path.read_text()) if path.is_file() else []
+    return _lineage_record(run_dir).get("lineage", [])
 
 
 def run_dir_of(ref: CheckpointRef) -> Path:
@@ -108,13 +135,20 @@ def run_dir_of(ref: CheckpointRef) -> Path:
     return ref.root.parent if ref.root.name == "checkpoints" else ref.root
 
 
-def described(ref: CheckpointRef, run_dir: str | Path) -> tuple[str, str]:
-    """(where the checkpoint is, what to do instead) for the messages refusing to resume from it."""
+class Described(NamedTuple):
+    """How the messages refusing to resume from a checkpoint name it and the way out."""
+
+    where: str  # the checkpoint: the run directory, or run.start_from's path
+    remedy: str  # what to do instead of resuming (check_resume)
+    instead: str  # what to start instead of continuing on other data (check_data_resume)
+
+
+def described(ref: CheckpointRef, run_dir: str | Path) -> Described:
     from ds_train.checkpoint.compat import BRANCH_REMEDY, OWN_REMEDY
 
     if is_own(ref, run_dir):
-        return str(run_dir), OWN_REMEDY
-    return f"run.start_from's {ref.path}", BRANCH_REMEDY
+        return Described(str(run_dir), OWN_REMEDY, "start a new run.output_dir")
+    return Described(f"run.start_from's {ref.path}", BRANCH_REMEDY, "branch off another checkpoint")
 
 
 def start_note(ref: CheckpointRef | None, run_dir: str | Path) -> str:

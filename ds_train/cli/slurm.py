@@ -112,7 +112,13 @@ def prepare(args: argparse.Namespace) -> int:
         f"ds_train: job {alloc.job_id} attempt r{alloc.restart}: {args.train_command} on {len(alloc.nodes)} node(s) "
         f"× {alloc.ranks_per_node} rank(s), launcher {args.launcher}, rendezvous "
         f"{alloc.master_addr}:{alloc.master_port}; "
-        + (f"resumes from step {step}" if step is not None else "no checkpoint yet: starts from step 0")
+        + (
+            f"resumes from step {step}"
+            if step is not None
+            else f"no checkpoint of its own yet: branches off {cfg.run.start_from}"
+            if cfg.run.start_from
+            else "no checkpoint yet: starts from step 0"
+        )
     )
     sys.stdout.write(
         shell_assignments(

@@ -42,6 +42,9 @@ def validate(cfg: Config, *, needs_train_data: bool = True) -> None:
         if isinstance(value, str) and not value.strip():
             # `run.output_dir=$OUT` with OUT unset: an empty path would mean the current directory
             raise ConfigError(f"required key '{key}' is empty (an unset shell variable?)")
+    if cfg.run.start_from is not None and not str(cfg.run.start_from).strip():
+        # `run.start_from=$CKPT` with CKPT unset would start a fresh model where a branch was meant
+        raise ConfigError("run.start_from is empty (an unset shell variable?)")
     if needs_train_data:
         train = cfg.data.train
         if train in (None, "", []):

@@ -110,7 +110,10 @@ class StreamSegment:
 
     @classmethod
     def from_json(cls, line: str) -> StreamSegment:
-        d = json.loads(line)
+        return cls.from_dict(json.loads(line))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StreamSegment:
         return cls(
             StreamOrigin(int(d["step"]), int(d["samples"])), d["fingerprint"], BatchSchedule.from_state(d)
         )
@@ -126,6 +129,21 @@ def read_history(run_dir: str | Path) -> list[StreamSegment]:
     if not path.is_file():
         return []
     return [StreamSegment.from_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def history_state(run_dir: str | Path) -> list[dict]:
+    """The run's record of changes as checkpoints keep it (`data_stream` in ds_train_state.json),
+    so a branch off a checkpoint inherits the history up to it even if its run is later resumed
+    elsewhere."""
+    return [json.loads(s.as_json()) for s in read_history(run_dir)]
+
+
+def inherited_history(state: dict, run_dir: str | Path) -> list[StreamSegment]:
+    """What a branch off the checkpoint `state` of the run in `run_dir` inherits: the checkpoint's
+    own record, or (checkpoints from before it was kept, 2026-12) its run's file as it is now."""
+    if "data_stream" in state:
+        return [StreamSegment.from_dict(d) for d in state["data_stream"]]
+    return read_history(run_dir)
 
 
 def record_segment(

@@ -196,11 +196,11 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
     if ref is None:
         return None
     state = ref.state()
-    where, remedy = described(ref, run_dir)
+    named = described(ref, run_dir)
     check_resume(
         state,
-        where=where,
-        remedy=remedy,
+        where=named.where,
+        remedy=named.remedy,
         model_sig=model_signature(pre.hf_config),
         tokenizer_sha=tok_sha,
         objective=cfg.finetune.task,
@@ -217,14 +217,15 @@ def _resume_point(cfg: Config, pre: FinetunePreflight, tok_sha: str) -> Checkpoi
     for key in RESUME_KEYS:
         if key in saved and saved[key] != now[key]:
             raise ConfigError(
-                f"{where} holds a checkpoint (step {ref.step}) trained with finetune {key} {saved[key]!r} "
-                f"(this run: {now[key]!r}): {remedy}"
+                f"{named.where} holds a checkpoint (step {ref.step}) trained with finetune {key} {saved[key]!r} "
+                f"(this run: {now[key]!r}): {named.remedy}"
             )
     # Another world size is fine: the example order depends on the global batch only, and the
     # session resumes such a checkpoint through DeepSpeed's universal format (convert/reshard.py).
     check_data_resume(
         state,
         where=str(ref.path),
+        instead=named.instead,
         fingerprint_now=pre.data_fingerprint,
         seq_len=None,
         seed=cfg.data_seed,

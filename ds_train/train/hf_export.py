@@ -62,7 +62,13 @@ class PeriodicHfExport(Callback):
     def on_train_start(self, trainer: Trainer) -> None:
         self.last_step = trainer.step  # the checkpoint resumed from, if any: its attempt exported it…
         tag = tag_for_step(trainer.step)
-        if trainer.step and self.due(trainer.step) and not (self.run_dir / EXPORTS_DIR / tag).exists():
+        own = (checkpoints_dir(self.run_dir) / tag).is_dir()  # not a branch point (run.start_from)
+        if (
+            trainer.step
+            and own
+            and self.due(trainer.step)
+            and not (self.run_dir / EXPORTS_DIR / tag).exists()
+        ):
             self._export(trainer.step)  # …unless it was killed first
 
     def on_step_end(self, trainer: Trainer) -> None:

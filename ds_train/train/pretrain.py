@@ -23,7 +23,7 @@ from ds_train.checkpoint.layout import (
     TOKENIZER_DIR,
     CheckpointRef,
 )
-from ds_train.checkpoint.start_point import described, start_point
+from ds_train.checkpoint.start_point import described, is_own, start_point
 from ds_train.config import Config, ConfigError, dump_yaml, to_dict, validate
 from ds_train.data.document_framing import missing_bos_note
 from ds_train.data.loader import (
@@ -120,11 +120,11 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
     ref = start_point(cfg.run)
     if ref is not None:
         state = ref.state()
-        where, remedy = described(ref, run_dir)
+        named = described(ref, run_dir)
         check_resume(
             state,
-            where=where,
-            remedy=remedy,
+            where=named.where,
+            remedy=named.remedy,
             model_sig=model_signature(hf_config),
             tokenizer_sha=tokenizer_fingerprint(tokenizer)["sha256"],
             objective=cfg.model.objective,
@@ -136,7 +136,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
         )
         problems = manifest_problems(ref.path, state, checksums=False)  # sizes now, sha256 at load
         if problems:
-            raise CheckpointDamaged(damaged_message(ref, problems))
+            raise CheckpointDamaged(damaged_message(ref, problems, own=is_own(ref, run_dir)))
     return Preflight(launch, layout, tokenizer, hf_config, ref)
 
 
@@ -185,6 +185,7 @@ def data_plans(cfg: Config, pre: Preflight) -> tuple[DataPlan, DataPlan | None]:
         check_data_resume(
             pre.resume_from.state(),
             where=str(pre.resume_from.path),
+            instead=described(pre.resume_from, cfg.run.output_dir).instead,
             fingerprint_now=plan.fingerprint,
             seq_len=plan.seq_len,
             seed=cfg.data_seed,

@@ -18,7 +18,7 @@ import torch
 
 from ds_train import __version__
 from ds_train.checkpoint.compat import fingerprint, model_signature
-from ds_train.checkpoint.layout import checkpoints_dir, latest_checkpoint
+from ds_train.checkpoint.layout import CheckpointRef, checkpoints_dir, latest_checkpoint
 from ds_train.checkpoint.manager import CheckpointManager
 from ds_train.checkpoint.nvme_optimizer import elastic_resume_problem, swap_layout
 from ds_train.checkpoint.start_point import is_own, lineage, own_step, run_dir_of, write_lineage
@@ -28,13 +28,15 @@ from ds_train.data.stream_origin import (
     StreamOrigin,
     StreamSegment,
     forced_resume_note,
-    read_history,
+    history_state,
+    inherited_history,
     record_segment,
     resume_origin,
 )
 from ds_train.distributed.deepspeed_config import resolve_precision, with_universal_loading
 from ds_train.distributed.engine import (
     DistributedContext,
+    broadcast_object,
     build_engine,
     configure_logging,
     init_distributed,
@@ -174,7 +176,9 @@ def build_trainer(
     n_params, n_embed = count_params(model)
     fpt = flops_per_token(model, parts.seq_len)
     resume_from = pre.resume_from
-    branch = resume_from is not None and not is_own(resume_from, cfg.run.output_dir)
+    branch_point = None  # the other run's checkpoint this run branches off (run.start_from)
+    if resume_from is not None and not is_own(resume_from, cfg.run.output_dir):
+        resume_from = branch_point = _agree_on_branch_point(cfg, ctx, resume_from)
     ancestry = lineage(resume_from.state(), resume_from, cfg.run.output_dir) if resume_from else []
     checkpoints = CheckpointManager(
         cfg.run.output_dir, ctx, cfg.train.keep_last, keep_host_memory=cfg.train.save_async_keep_memory
@@ -211,11 +215,10 @@ def build_trainer(
             log.warning(note)
         if restored and ctx.is_main:
             log.info("put back what the checkpoint's loading had changed: %s", restored)
-        if branch:  # its best evaluation, early stopping and all, is the other run's
+        if branch_point is not None:  # its best evaluation, early stopping and all, is the other run's
             loaded = {k: v for k, v in loaded.items() if k not in ("best_metric", "stopped_early")}
             if ctx.is_main:
-                log.info("branching off %s at step %d (run.start_from)", pre.resume_from.path, start_step)
-                write_lineage(cfg.run.output_dir, ancestry)
+                log.info("branching off %s at step %d (run.start_from)", branch_point.path, start_step)
     data_fingerprint = parts.data_state(0)["fingerprint"]
     origin = resume_origin(loaded, data_fingerprint)
     note = forced_resume_note(loaded, data_fingerprint, pre.layout.schedule)
@@ -224,8 +227,9 @@ def build_trainer(
     if ctx.is_main:  # for `ds-train data order|show` on this run
         segment = StreamSegment(origin, data_fingerprint, pre.layout.schedule)
         # a branch carries on the other run's record of its data stream up to the branch point
-        inherited = read_history(run_dir_of(pre.resume_from)) if branch else None
+        inherited = inherited_history(loaded, run_dir_of(branch_point)) if branch_point is not None else None
         record_segment(cfg.run.output_dir, loaded, segment, inherited)
+    stream_history = history_state(cfg.run.output_dir) if ctx.is_main else []  # rank 0 writes the state
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(
@@ -277,6 +281,7 @@ def build_trainer(
             "stopped_early": trainer.stopped_early,
             "spike_guard": trainer.spikes.state(),  # so a resumed run skips what this one would
             "lineage": ancestry,  # the runs this one branched off (run.start_from), oldest first
+            "data_stream": stream_history,  # the changes of data or batches so far (stream_origin.py)
             **parts.extra_state,
             **swap_files,
         }
@@ -323,7 +328,19 @@ def build_trainer(
         callbacks=callbacks,
         resumed=loaded,
     )
+    if branch_point is not None:  # the branch point is the other run's checkpoint, not yet one of its own
+        trainer.last_saved_step = -1
     return trainer
+
+
+def _agree_on_branch_point(cfg: Config, ctx: DistributedContext, ref: CheckpointRef) -> CheckpointRef:
+    """Every rank branches off rank 0's choice, pinned in lineage.json before anything is loaded:
+    each rank resolved run.start_from on its own, and a run directory's latest moves when that run
+    saves between them; a requeue before the branch's first save finds the same one there."""
+    if ctx.is_main:
+        write_lineage(cfg.run.output_dir, cfg.run.start_from, lineage(ref.state(), ref, cfg.run.output_dir))
+    path = Path(broadcast_object(str(ref.path)))
+    return CheckpointRef(path.parent, path.name)
 
 
 OPTIMIZER_KEYS = ("initial_lr", "betas", "eps", "weight_decay")  # what a resume takes from the config

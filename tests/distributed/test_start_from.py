@@ -53,7 +53,7 @@ def test_branch_continues_exactly_and_resumes_from_its_own(tmp_path, shards, par
     assert ref.step == 8
     (entry,) = ref.state()["lineage"]
     assert entry["step"] == 4 and entry["checkpoint"] == str(Path(start).resolve())
-    assert json.loads((branch / "lineage.json").read_text()) == [entry]
+    assert json.loads((branch / "lineage.json").read_text()) == {"start_from": start, "lineage": [entry]}
 
     # the same command with more steps (a requeue, say) resumes from the branch's own step 8
     more = write_config(
@@ -73,13 +73,23 @@ def test_branch_on_one_rank_with_a_decay_schedule(tmp_path, shards, parent):
     universal conversion goes under the branch's checkpoints/, and the schedule is the branch's."""
     before = _tree(parent)
     branch = tmp_path / "decay"
-    train = {**TRAIN, "max_steps": 12, "schedule": "wsd", "decay_steps": 4, "save_every": 0}
+    train = {
+        **TRAIN,
+        "max_steps": 12,
+        "schedule": "wsd",
+        "decay_steps": 4,
+        "save_every": 0,
+        "export_hf_every": 1,
+    }
     cfg = write_config(
         tmp_path / "decay.yaml",
         base_config(branch, shards, train=train, run={"start_from": str(parent)}),
     )
-    torchrun(["pretrain", cfg], nproc=1)
+    proc = torchrun(["pretrain", cfg], nproc=1)
     assert _tree(parent) == before and not list(parent.rglob("*.universal"))
+    # the periodic export takes the branch's own checkpoints only: the branch point is not one
+    assert sorted(p.name for p in (branch / "exports").iterdir()) == ["step_00000012"]
+    assert "background export exited" not in proc.stderr
     records = {r["step"]: r for r in read_metrics(branch) if "loss" in r}
     assert sorted(records) == [9, 10, 11, 12]
     # the loaded weights go on from the parent's loss, far below a fresh model's

@@ -402,7 +402,7 @@ def test_prepare_prints_bash_the_batch_script_can_eval(tmp_path, command):
     }
     script = (
         f'eval "$({sys.executable} -m ds_train slurm prepare {command} "$1" "$2")" || exit 9\n'
-        'printf "%s\\n" "$run_dir" "$log" "$MASTER_ADDR" "$MASTER_PORT" "${step_cmd[@]}"\n'
+        'printf "%s\\n" "$run_dir" "$log" "$MASTER_ADDR" "$MASTER_PORT" "$summary" "${step_cmd[@]}"\n'
     )
     proc = subprocess.run(
         ["bash", "-c", script, "bash", str(cfg), override], capture_output=True, text=True, env=env, cwd=REPO
@@ -415,7 +415,8 @@ def test_prepare_prints_bash_the_batch_script_can_eval(tmp_path, command):
         "n1",
         str(rendezvous_port("777", 2)),
     ]
-    assert lines[4:] == [
+    assert lines[4].endswith("no checkpoint yet: starts from step 0")
+    assert lines[5:] == [
         "srun",
         "--nodes=2",
         "--ntasks=4",
@@ -450,6 +451,15 @@ def test_prepare_prints_bash_the_batch_script_can_eval(tmp_path, command):
     )
     assert bad.returncode == 2 and "DS_TRAIN_MAX_FAILURES must be a positive integer" in bad.stderr
     assert len(AttemptLog(run).records()) == 1  # no second start recorded
+    # a branch (run.start_from) says where it starts until it has a checkpoint of its own
+    branch = subprocess.run(
+        ["bash", "-c", script, "bash", str(cfg), f"run.start_from={tmp_path / 'base'}"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert branch.returncode == 0, branch.stderr
+    assert branch.stdout.splitlines()[4].endswith(
+        f"no checkpoint of its own yet: branches off {tmp_path / 'base'}"
+    )
 
 
 def test_the_merge_job_keeps_the_users_sbatch_defaults(tmp_path, monkeypatch):

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from ds_train.checkpoint.layout import tag_for_step
+from ds_train.checkpoint.layout import checkpoints_dir, tag_for_step
 from ds_train.train.hf_export import EXPORTS_DIR, PeriodicHfExport
 
 
-def _attempt(run_dir, saves: list[int], *, start: int = 0, every: int = 2) -> list[int]:
-    """One attempt from `start` whose saves complete at `saves`; the steps it exports."""
+def _attempt(run_dir, saves: list[int], *, start: int = 0, every: int = 2, branch: bool = False) -> list[int]:
+    """One attempt from `start` (the run's own checkpoint, or with `branch` another run's,
+    run.start_from) whose saves complete at `saves`; the steps it exports."""
+    if start and not branch:
+        (checkpoints_dir(run_dir) / tag_for_step(start)).mkdir(parents=True, exist_ok=True)
     cb = PeriodicHfExport(run_dir, every, save_every=2, max_steps=11)
     exported: list[int] = []
     cb._export = exported.append
@@ -40,3 +43,9 @@ def test_a_resumed_attempt_exports_what_an_uninterrupted_run_would(tmp_path):
     # an attempt killed after saving step 8, before its export existed: the next one makes it
     assert _attempt(tmp_path, [10, 11], start=8) == [8, 11]
     assert _attempt(tmp_path, [8], start=6) == [8]  # resumed from a checkpoint not due: nothing at start
+
+
+def test_a_branch_does_not_export_the_other_runs_checkpoint(tmp_path):
+    """A branch (run.start_from) starts at another run's checkpoint: not one of its own to convert."""
+    assert _attempt(tmp_path, [10, 11], start=8, branch=True) == [11]
+    assert _attempt(tmp_path, [10, 11], start=8) == [8, 11]  # the run's own step 8, export lost: made

@@ -37,7 +37,7 @@ def runs(tmp_path):
     cooldown = _write(tmp_path / "cooldown", range(5, 11), lambda s: 4.5 - 0.3 * s, tokens_per_step=64,
                       valid={8: 2.0})  # fmt: skip
     ckpt = base / "checkpoints" / "step_00000004"
-    write_lineage(cooldown, [{"checkpoint": str(ckpt), "step": 4, "run_dir": str(base)}])
+    write_lineage(cooldown, str(ckpt), [{"checkpoint": str(ckpt), "step": 4, "run_dir": str(base)}])
     return base, wide, cooldown
 
 

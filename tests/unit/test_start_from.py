@@ -20,7 +20,14 @@ from ds_train.checkpoint.start_point import (
 )
 from ds_train.config import ConfigError, load_config
 from ds_train.data.batch_schedule import BatchSchedule
-from ds_train.data.stream_origin import FRESH, StreamOrigin, StreamSegment, read_history, record_segment
+from ds_train.data.stream_origin import (
+    FRESH,
+    StreamOrigin,
+    StreamSegment,
+    inherited_history,
+    read_history,
+    record_segment,
+)
 from ds_train.report.plots import summary
 from ds_train.report.series import load_run_metrics
 from ds_train.train import pretrain
@@ -71,6 +78,8 @@ def test_own_checkpoints_win_over_start_from(tmp_path, shards, parent):
 
 
 def test_start_from_refusals(tmp_path, shards, parent):
+    with pytest.raises(ConfigError, match=r"run.start_from is empty \(an unset shell variable\?\)"):
+        pretrain.check(_branch(tmp_path, shards, ""), world_size=2)
     with pytest.raises(ConfigError, match="run.start_from: no checkpoint found under"):
         start_point(_branch(tmp_path, shards, tmp_path / "nowhere").run)
     (parent / "checkpoints" / "step_00000006").mkdir()  # a plain DeepSpeed save: no ds_train state
@@ -89,6 +98,40 @@ def test_start_from_refusals(tmp_path, shards, parent):
         start_point(cfg.run)
 
 
+def test_a_requeued_branch_keeps_its_branch_point(tmp_path, shards, parent):
+    """Killed before its first save, a branch off a run directory restarts from the checkpoint it
+    chose at its first start, though that run has saved a newer one since."""
+    cfg = _branch(tmp_path, shards, parent)
+    first = start_point(cfg.run)
+    ancestry = lineage(first.state(), first, cfg.run.output_dir)
+    write_lineage(cfg.run.output_dir, cfg.run.start_from, ancestry)  # as the first start does
+    state_only_checkpoint(tmp_path / "parent.yaml", 6, **STATE)  # the parent saves on
+    assert start_point(_branch(tmp_path, shards, parent).run).step == 4
+    assert read_lineage(cfg.run.output_dir) == ancestry
+    # another run.start_from given before the first save: branches anew
+    step2 = parent / "checkpoints" / "step_00000002"
+    assert start_point(_branch(tmp_path, shards, step2).run).step == 2
+    # the pinned checkpoint pruned meanwhile: refused, not silently another step
+    (parent / "checkpoints" / "step_00000004" / "ds_train_state.json").unlink()
+    with pytest.raises(ConfigError, match="the checkpoint this run branched off at its first start, is gone"):
+        start_point(_branch(tmp_path, shards, parent).run)
+
+
+def test_a_damaged_branch_point_names_an_older_one_never_the_other_runs_latest(tmp_path, shards, parent):
+    step4 = parent / "checkpoints" / "step_00000004"
+    state = json.loads((step4 / "ds_train_state.json").read_text())
+    (step4 / "ds_train_state.json").write_text(
+        json.dumps({**state, "files": {"mp_rank_00_model_states.pt": 10}})
+    )
+    with pytest.raises(Exception) as e:
+        pretrain.check(_branch(tmp_path, shards, parent), world_size=2)
+    assert f"set run.start_from={parent / 'checkpoints' / 'step_00000002'}" in str(e.value)
+    assert "latest" not in str(e.value)
+    with pytest.raises(Exception) as e:  # the run's own: its own latest pointer
+        pretrain.check(load_config(tmp_path / "parent.yaml"), world_size=2)
+    assert "write step_00000002 into" in str(e.value)
+
+
 def test_preflight_checks_the_branch_point_like_a_resume(tmp_path, shards, parent):
     cfg = _branch(tmp_path, shards, parent)
     assert pretrain.check(cfg, world_size=2).resume_from.step == 4
@@ -99,6 +142,13 @@ def test_preflight_checks_the_branch_point_like_a_resume(tmp_path, shards, paren
     assert "run.force_resume=true" in str(e.value)
     forced = _branch(tmp_path, shards, parent, "train.global_batch_size=16", "run.force_resume=true")
     assert pretrain.check(forced, world_size=2).resume_from.step == 4
+    # other data: the way out is another branch point, not another run directory
+    step4 = parent / "checkpoints" / "step_00000004"
+    state = json.loads((step4 / "ds_train_state.json").read_text())
+    (step4 / "ds_train_state.json").write_text(json.dumps({**state, "data": {"fingerprint": "other"}}))
+    with pytest.raises(ConfigError) as e:
+        pretrain.check(_branch(tmp_path, shards, parent), world_size=2)
+    assert "or branch off another checkpoint (or run.force_resume=true" in str(e.value)
 
 
 def test_a_branch_at_or_past_max_steps_has_nothing_to_train(tmp_path, shards, parent):
@@ -119,6 +169,20 @@ def test_lineage_appends_the_branch_point(tmp_path, parent):
     own = CheckpointRef(tmp_path / "branch" / "checkpoints", "step_00000006")
     assert lineage({"lineage": chain}, own, tmp_path / "branch") == chain
     assert lineage({}, own, tmp_path / "branch") == []
+
+
+def test_branch_inherits_the_history_its_checkpoint_recorded(tmp_path):
+    """The parent was later resumed from before the branch point onto other data: its file no
+    longer says what the branch point's steps trained; the checkpoint's own record does."""
+    batch = BatchSchedule.of(8, ())
+    kept = [StreamSegment(FRESH, "old", batch), StreamSegment(StreamOrigin(3, 24), "new", batch)]
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    rewritten = [StreamSegment(FRESH, "old", batch), StreamSegment(StreamOrigin(2, 16), "other", batch)]
+    (parent / "data_stream.jsonl").write_text("".join(s.as_json() + "\n" for s in rewritten))
+    state = {"step": 5, "data_stream": [json.loads(s.as_json()) for s in kept]}
+    assert inherited_history(state, parent) == kept
+    assert inherited_history({"step": 5}, parent) == rewritten  # checkpoints from before the record
 
 
 def test_branch_carries_the_parents_data_stream_history(tmp_path):
@@ -152,7 +216,7 @@ def test_report_draws_the_parent_before_the_branch(tmp_path):
         lines = [{"step": s, "loss": base - 0.1 * s, "interval_steps": 1} for s in steps]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     ckpt = parent / "checkpoints" / "step_00000004"
-    write_lineage(branch, [{"checkpoint": str(ckpt), "step": 4, "run_dir": str(parent)}])
+    write_lineage(branch, str(ckpt), [{"checkpoint": str(ckpt), "step": 4, "run_dir": str(parent)}])
     assert read_lineage(branch)[0]["step"] == 4
     metrics = load_run_metrics(branch)
     assert metrics.before_branch.steps == [1, 2, 3, 4]  # the parent's, up to the branch point
