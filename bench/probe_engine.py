@@ -27,7 +27,7 @@ def build_probe_engine(cfg_path: str) -> ProbeEngine:
     from ds_train.distributed.launch_env import detect
     from ds_train.model.build import build_model, load_hf_config, load_tokenizer
     from ds_train.model.flops import count_params
-    from ds_train.train.session import param_groups
+    from ds_train.train.optimizer_groups import param_groups
 
     cfg = load_config(cfg_path)
     ctx = init_distributed(detect(), 600)

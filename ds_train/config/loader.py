@@ -32,6 +32,7 @@ PATH_FIELDS = {
     ("model", "init_from"),
     ("model", "tokenizer"),
     ("data", "cache_dir"),
+    ("data", "downstream"),
     ("zero", "nvme_path"),
 }
 
@@ -316,6 +317,12 @@ def _absolutise_paths(cfg: Config) -> None:
         # a blank path stays blank, for validation to refuse: made absolute it would be the cwd
         if isinstance(value, str) and value.strip() and "://" not in value:
             setattr(section, fname, str(Path(value).expanduser().absolute()))
+        elif isinstance(value, list):  # a list of local files (data.downstream)
+            setattr(section, fname, [_absolute(v) for v in value])
+
+
+def _absolute(value):
+    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value.strip() else value
 
 
 # --- suggestions --------------------------------------------------------------------------------

@@ -155,6 +155,16 @@ class DataSection:
         "Validation shards, same forms as `train`. Omit to skip validation. Several sets are each "
         "reported too (`valid_loss/<name>`; `{path, name}` names one, else the end of its path).",
     )
+    downstream: list = doc(
+        [],
+        "Multiple-choice tasks scored at each evaluation (causal_lm pretraining): JSON-lines files, one "
+        'question a line: {"context": "...", "choices": ["...", "..."], "label": 0}. Each choice is scored '
+        "by its log-likelihood after the context, as lm-evaluation-harness does; metrics "
+        "`downstream/<file name>/acc` and `acc_norm` (per character), usable as train.best_metric.",
+    )
+    downstream_max_examples: int = doc(
+        0, "Score only the first N questions of each data.downstream file (0: all of them)."
+    )
     num_workers: int = doc(1, "DataLoader worker processes per rank. Order and contents do not depend on it.")
     shuffle: bool = doc(True, "Shuffle shard order per epoch and rows within a window of shards.")
     shuffle_window: int = doc(

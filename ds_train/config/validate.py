@@ -52,9 +52,27 @@ def validate(cfg: Config, *, needs_train_data: bool = True) -> None:
         if any(isinstance(t, str) and not t.strip() for t in (train if isinstance(train, list) else [train])):
             raise ConfigError("data.train has an empty entry (an unset shell variable?)")
     _check_model(cfg)
+    _check_downstream(cfg)
     _check_train(cfg)
     _check_zero(cfg)
     _check_profile(cfg)
+
+
+def _check_downstream(cfg: Config) -> None:
+    d = cfg.data
+    if not isinstance(d.downstream, list) or not all(isinstance(p, str) and p.strip() for p in d.downstream):
+        raise ConfigError(f"data.downstream must be a list of JSON-lines files, got {d.downstream!r}")
+    if d.downstream and cfg.model.objective != "causal_lm":
+        raise ConfigError(
+            "data.downstream scores choices by next-token log-likelihood: model.objective=causal_lm only"
+        )
+    missing = [p for p in d.downstream if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"data.downstream: no such file {missing[0]}")
+    if not isinstance(d.downstream_max_examples, int) or d.downstream_max_examples < 0:
+        raise ConfigError(
+            f"data.downstream_max_examples must be an integer >= 0, got {d.downstream_max_examples!r}"
+        )
 
 
 def _check_model(cfg: Config) -> None:
@@ -283,6 +301,10 @@ def validate_finetune(cfg: Config) -> None:
         raise ConfigError(
             "train.batch_ramp is for pretraining: fine-tuning runs are short and their batches, epochs and "
             "example order assume one global batch; remove it"
+        )
+    if cfg.data.downstream:
+        raise ConfigError(
+            "data.downstream (multiple-choice tasks) is scored in ds-train pretrain runs; remove it"
         )
     if cfg.data.train and f.task != "sft":
         raise ConfigError(

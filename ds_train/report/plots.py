@@ -161,6 +161,11 @@ def summary(metrics: RunMetrics) -> list[str]:
             f"valid loss: last {metrics.valid_loss.values[-1]:.4f}, best {metrics.valid_loss.values[best]:.4f} "
             f"(step {metrics.valid_loss.steps[best]})"
         )
+    for name, s in sorted(metrics.downstream.items()):  # data.downstream: task/acc, task/acc_norm
+        best = max(range(len(s)), key=lambda i: s.values[i])
+        lines.append(
+            f"downstream {name}: {s.values[-1]:.4f} at step {s.steps[-1]} (best {s.values[best]:.4f} at step {s.steps[best]})"
+        )
     if len(metrics.tokens_per_s):
         steady = metrics.tokens_per_s.values[1:] or metrics.tokens_per_s.values
         lines.append(

@@ -31,6 +31,7 @@ class RunMetrics:
     valid_loss: Series
     valid_loss_by_set: dict[str, Series]  # data.valid set name → its own validation loss
     loss_by_source: dict[str, Series]  # data.train mixture source → its own training loss
+    downstream: dict[str, Series]  # "<task>/acc", "<task>/acc_norm" (data.downstream) → by step
     tokens_per_s: Series
     tokens_per_s_per_device: Series
     mfu: Series
@@ -112,7 +113,7 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None, dep
                 resumes.append(step - int(r.get("interval_steps", 0)))
             last_step = step
             train[step] = r
-        elif "valid_loss" in r:
+        elif "valid_loss" in r or any(k.startswith("downstream/") for k in r):
             valid[step] = r
     out = {k: Series() for k in TRAIN_KEYS}
     by_source: dict[str, Series] = {}
@@ -127,20 +128,23 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None, dep
                 series = by_source.setdefault(key.removeprefix("loss/"), Series())
                 series.steps.append(step)
                 series.values.append(float(value))
-    valid_loss, by_set = Series(), {}
+    valid_loss, by_set, downstream = Series(), {}, {}
     for step in sorted(valid):
-        valid_loss.steps.append(step)
-        valid_loss.values.append(float(valid[step]["valid_loss"]))
+        if "valid_loss" in valid[step]:
+            valid_loss.steps.append(step)
+            valid_loss.values.append(float(valid[step]["valid_loss"]))
         for key, value in valid[step].items():
-            if key.startswith("valid_loss/"):
-                series = by_set.setdefault(key.removeprefix("valid_loss/"), Series())
-                series.steps.append(step)
-                series.values.append(float(value))
+            for prefix, into in (("valid_loss/", by_set), ("downstream/", downstream)):
+                if key.startswith(prefix):
+                    series = into.setdefault(key.removeprefix(prefix), Series())
+                    series.steps.append(step)
+                    series.values.append(float(value))
     worlds = [int(train[s]["world_size"]) for s in sorted(train) if train[s].get("world_size")]
     world_sizes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
     return RunMetrics(
         valid_loss=valid_loss,
         valid_loss_by_set=by_set,
+        downstream=downstream,
         loss_by_source=by_source,
         resumes=sorted(set(resumes)),
         world_sizes=world_sizes,

@@ -100,6 +100,12 @@ def evaluation_figures(cfg, task: str | None) -> set[str]:
         names = []  # refused with its own message where the sets are read
     if len(names) > 1 and task in (None, "sft"):  # shard sets: pretraining's and SFT's
         figures |= {f"valid_loss/{n}" for n in names}
+    if task is None and not cfg.data.valid:  # pretraining without validation shards: no loss
+        figures = set()
+    if task is None and isinstance(cfg.data.downstream, list):  # multiple-choice tasks (train/downstream.py)
+        from ds_train.train.downstream import PREFIX, task_name
+
+        figures |= {f"{PREFIX}/{task_name(p)}/{m}" for p in cfg.data.downstream for m in ("acc", "acc_norm")}
     return figures
 
 
@@ -118,7 +124,7 @@ def check_best_settings(cfg, has_validation: bool, task: str | None = None) -> N
     names = " and ".join(f"train.{k}" for k in wanted)
     if not has_validation:
         raise ConfigError(
-            f"{names} need validation data (data.valid, or finetune.valid_file / valid_fraction)"
+            f"{names} need validation data (data.valid or data.downstream, or finetune.valid_file / valid_fraction)"
         )
     if not t.eval_every:
         raise ConfigError(f"{names} need evaluations during the run: set train.eval_every")

@@ -70,6 +70,7 @@ from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.callbacks.progress import Progress
 from ds_train.train.callbacks.step_profiler import StepProfiler, wants_profiler, window_notes
 from ds_train.train.callbacks.trackers import TensorBoard, wandb_callback
+from ds_train.train.downstream import downstream_scorer, load_tasks
 from ds_train.train.epochs import resolve_epochs
 from ds_train.train.hf_export import PeriodicHfExport, export_final
 from ds_train.train.output_dir import check_output_dir
@@ -115,7 +116,7 @@ def preflight(cfg: Config, launch: LaunchEnv | None = None, *, needs_train_data:
             resolve_epochs(cfg, rows, "data.train")
     if cfg.data.valid:
         _check_local_sources(cfg.data.valid, "data.valid")
-    check_best_settings(cfg, has_validation=bool(cfg.data.valid))
+    check_best_settings(cfg, has_validation=bool(cfg.data.valid or cfg.data.downstream))
     _warn_on_launcher_zero_settings(cfg)
     ref = start_point(cfg.run)
     if ref is not None:
@@ -156,7 +157,8 @@ def check(cfg: Config, *, world_size: int | None = None) -> Preflight:
     process, with no process group; `world_size`: as a launch of that many ranks would see it."""
     pre = preflight(cfg, launch_for_check(world_size))
     check_startup(cfg, pre)
-    data_plans(cfg, pre)
+    plan, _ = data_plans(cfg, pre)
+    load_tasks(cfg.data.downstream, pre.tokenizer, plan.seq_len, cfg.data.downstream_max_examples)
     return pre
 
 
@@ -281,6 +283,9 @@ def _run(
             data_state=plan.state,
             write_extras=write_extras,
             eval_batches=eval_batches,
+            downstream=downstream_scorer(
+                cfg.data, pre.tokenizer, objective, plan.seq_len, pre.layout.micro_batch_size, ctx
+            ),
             describe_sample=plan.describe,
             eval_set_names=source_names(cfg.data.valid) if cfg.data.valid else None,
             train_set_names=train_set_names,

@@ -71,11 +71,13 @@ class Trainer:
         train_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
         resumed: dict | None = None,
+        downstream: Callable[[Any], dict] | None = None,
     ):
         self.s = settings
         self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
         self.train_batches = train_batches
         self.eval_batches, self.eval_set_names = eval_batches, eval_set_names
+        self.downstream = downstream  # engine → the multiple-choice tasks' figures (train/downstream.py)
         # `resumed`: the ds_train_state.json of the checkpoint this attempt resumes from
         resumed = resumed or {}
         self.best = BestMetric.from_state(settings.best_metric, resumed.get("best_metric"))
@@ -324,18 +326,22 @@ class Trainer:
         self._activity = None
 
     def evaluate(self) -> dict | None:
-        if self.eval_batches is None:
+        if self.eval_batches is None and self.downstream is None:
             return None
         self.engine.eval()
         self._activity = f"while evaluating after step {self.step}"
-        record = evaluation_record(
-            self.engine,
-            self.objective,
-            self.eval_batches(),
-            self._to_device,
-            self.ctx.device,
-            self.eval_set_names,
-        )
+        record = {}
+        if self.eval_batches is not None:
+            record = evaluation_record(
+                self.engine,
+                self.objective,
+                self.eval_batches(),
+                self._to_device,
+                self.ctx.device,
+                self.eval_set_names,
+            )
+        if self.downstream is not None:
+            record.update(self.downstream(self.engine))
         self.engine.train()
         self._activity = None
         record = {"step": self.step, **record}

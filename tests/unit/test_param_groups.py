@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from ds_train.train.session import param_groups
+from ds_train.train.optimizer_groups import param_groups
 from tests.helpers import MICRO_LLAMA
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ds_train.train.optimizer_groups import optimizer_settings, restore_optimizer_settings
 from ds_train.train.schedule import lr_multiplier
-from ds_train.train.session import optimizer_settings, restore_optimizer_settings
 
 
 def _engine(lr: float, weight_decay: float, betas: tuple, max_steps: int = 10):

@@ -33,7 +33,9 @@ class Progress(Callback):
             print(f"step {record['step']}/{self.max_steps} {text}", file=sys.stderr, flush=True)
 
     def on_eval(self, trainer, record: dict) -> None:
-        line = f"eval step {record['step']}: valid_loss {record['valid_loss']:.4f}"
+        line = f"eval step {record['step']}:"
+        if "valid_loss" in record:  # data.downstream alone evaluates no loss
+            line += f" valid_loss {record['valid_loss']:.4f}"
         if "valid_ppl" in record:
             line += f" valid_ppl {record['valid_ppl']:.2f}"
         per_set = [
@@ -43,6 +45,13 @@ class Progress(Callback):
         ]
         if per_set:
             line += f" ({', '.join(per_set)})"
+        tasks = [
+            f"{k.removeprefix('downstream/')} {v:.3f}"
+            for k, v in record.items()
+            if k.startswith("downstream/")
+        ]
+        if tasks:  # data.downstream
+            line += (" |" if "valid_loss" in record else "") + f" {', '.join(tasks)}"
         (self.bar.write if self.bar is not None else lambda s: print(s, file=sys.stderr, flush=True))(line)
 
     def on_train_end(self, trainer) -> None:

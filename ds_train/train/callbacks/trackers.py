@@ -57,7 +57,8 @@ class TensorBoard(Callback):
 
     def on_eval(self, trainer, record: dict) -> None:
         for k, v in _scalars(record).items():
-            self.writer.add_scalar(f"valid/{k.removeprefix('valid_')}", v, global_step=record["step"])
+            tag = k if k.startswith("downstream/") else f"valid/{k.removeprefix('valid_')}"
+            self.writer.add_scalar(tag, v, global_step=record["step"])
 
     def on_train_end(self, trainer) -> None:
         if self.writer is not None:

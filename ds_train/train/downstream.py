@@ -1,0 +1,225 @@
+"""In-loop downstream evaluation: multiple-choice tasks scored by log-likelihood, at each evaluation.
+
+A validation loss says the model fits the data better; whether it answers better is another
+question, which OLMo-core (in-loop evaluators) and llm-foundry (ICL tasks) answer during the run.
+`data.downstream` lists JSON-lines files, one question a line:
+
+    {"context": "The cat sat on the", "choices": ["mat", "moon"], "label": 0}
+
+Each choice is scored as lm-evaluation-harness scores it: the summed log-probability of the
+choice's tokens after the context (joined by one space unless either side has it), the pair
+tokenized whole and split where the context's tokens end, so a tokenizer that merges across the
+boundary scores the choice's own tokens. The answer is the choice scored highest (`acc`), or
+highest per character of the choice (`acc_norm`, lm-eval's length normalisation). Each document
+starts as the training data's do (the tokenizer's BOS where it adds one). A context too long for
+`seq_len` keeps its end.
+
+Every rank holds the tokenized questions (evaluation sets are small: thousands of lines) and
+scores its slice of each global batch; one all-reduce gathers the scores. Under ZeRO-3 every rank
+must run the same forwards, so the last batch is padded with rows that count for nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ds_train.config import ConfigError
+from ds_train.data.document_framing import document_separator, document_start
+from ds_train.distributed.engine import all_reduce_sum
+from ds_train.objectives.base import IGNORE_INDEX, target_index
+
+log = logging.getLogger(__name__)
+
+PREFIX = "downstream"  # record keys: downstream/<task>/acc, downstream/<task>/acc_norm
+
+
+@dataclass
+class ScoredRow:
+    """One (question, choice) pair: its tokens and how many of the last ones are the choice's."""
+
+    tokens: list[int]
+    choice_tokens: int
+
+
+@dataclass
+class MultipleChoiceTask:
+    name: str
+    rows: list[ScoredRow] = field(default_factory=list)  # each question's choices, in order
+    choices: list[int] = field(default_factory=list)  # choices per question
+    labels: list[int] = field(default_factory=list)
+    choice_chars: list[int] = field(default_factory=list)  # per row: the choice's length in characters
+
+
+def task_name(path: str) -> str:
+    return Path(path).name.removesuffix(".jsonl").removesuffix(".json")
+
+
+def load_tasks(paths: list[str], tokenizer, seq_len: int, max_examples: int = 0) -> list[MultipleChoiceTask]:
+    """Read and tokenize each file (the first `max_examples` questions when > 0); ConfigError
+    (one line, naming the file and line) for anything malformed."""
+    names = [task_name(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"data.downstream: two files share a task name ({', '.join(names)}): rename one")
+    start = document_start(tokenizer)
+    prefix = [] if start is None else [start]
+    tasks = []
+    for path, name in zip(paths, names):
+        task = MultipleChoiceTask(name)
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                if max_examples and len(task.labels) == max_examples:
+                    break
+                context, choices, label = _question(line, f"{path}:{number}")
+                # nothing before the choice: its first token is predicted from the end of a
+                # document, as lm-eval does (the EOS token)
+                before = prefix if prefix or context else [document_separator(tokenizer)]
+                for choice in choices:
+                    tokens, n_choice = _encode_pair(tokenizer, before, context, choice)
+                    if n_choice > seq_len:
+                        raise ConfigError(
+                            f"data.downstream {path}:{number}: a choice of {n_choice} tokens does not fit seq_len {seq_len}"
+                        )
+                    task.rows.append(ScoredRow(tokens[-(seq_len + 1) :], n_choice))  # the context's end
+                    task.choice_chars.append(len(choice))
+                task.choices.append(len(choices))
+                task.labels.append(label)
+        if not task.labels:
+            raise ConfigError(f"data.downstream: {path} holds no questions")
+        tasks.append(task)
+    return tasks
+
+
+def _question(line: str, where: str) -> tuple[str, list[str], int]:
+    try:
+        q = json.loads(line)
+        context, choices, label = q["context"], q["choices"], q["label"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(
+            f"data.downstream {where}: expected a JSON object with context, choices and label ({e})"
+        ) from None
+    ok = isinstance(context, str) and isinstance(choices, list) and len(choices) >= 2
+    if not ok or not all(isinstance(c, str) and c for c in choices):
+        raise ConfigError(f"data.downstream {where}: context must be text and choices two or more texts")
+    if not isinstance(label, int) or not 0 <= label < len(choices):
+        raise ConfigError(f"data.downstream {where}: label must index choices (0..{len(choices) - 1})")
+    return context, choices, label
+
+
+def _encode_pair(tokenizer, prefix: list[int], context: str, choice: str) -> tuple[list[int], int]:
+    """(tokens, how many at the end are the choice's), as lm-evaluation-harness splits a pair:
+    trailing spaces of the context move to the choice, the pair is encoded whole and the
+    context's own encoding says where the choice begins."""
+    if context and not context[-1].isspace() and not choice[0].isspace():
+        choice = " " + choice
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, choice = context[:-spaces], context[-spaces:] + choice
+    whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
+    n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
+    n_choice = len(whole) - n_context
+    if n_choice < 1:
+        raise ConfigError(f"data.downstream: the choice {choice!r} encodes to no token of its own")
+    return prefix + whole, n_choice
+
+
+def _padded_length(n: int) -> int:
+    """Batches padded to a power of two (at least 32): few distinct shapes for compiled blocks."""
+    return max(32, 1 << (n - 1).bit_length())
+
+
+def _batch(rows: list[ScoredRow], pad_id: int, chunked: bool) -> dict[str, torch.Tensor]:
+    width = _padded_length(max(len(r.tokens) - 1 for r in rows))
+    inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, r in enumerate(rows):
+        t = torch.tensor(r.tokens, dtype=torch.long)
+        inputs[i, : len(t) - 1] = t[:-1]
+        labels[i, len(t) - 1 - r.choice_tokens : len(t) - 1] = t[-r.choice_tokens :]
+    batch = {"input_ids": inputs, "labels": labels, "num_targets": (labels != IGNORE_INDEX).sum().float()}
+    if chunked:
+        batch["target_index"] = target_index(labels)
+    return batch
+
+
+@torch.no_grad()
+def choice_scores(
+    model: torch.nn.Module,
+    objective,
+    rows: list[ScoredRow],
+    micro_batch_size: int,
+    to_device: Callable[[dict], dict],
+    device: torch.device,
+    rank: int,
+    world_size: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """Each row's summed log-probability of its choice tokens, on every rank (collective)."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))  # tight batches
+    per_step = micro_batch_size * world_size
+    scores = torch.zeros(len(rows), dtype=torch.float64, device=device)
+    chunked = bool(getattr(objective, "loss_chunk_tokens", 0))
+    for first in range(0, len(order), per_step):
+        mine = order[first + rank * micro_batch_size : first + (rank + 1) * micro_batch_size]
+        # a rank past the end still runs a forward (ZeRO-3 gathers parameters with every rank)
+        batch = _batch([rows[i] for i in mine] or [rows[order[0]]], pad_id, chunked)
+        row_loss = objective.row_losses(model, to_device(batch)).double()
+        if mine:
+            scores[torch.tensor(mine, device=device)] = -row_loss[: len(mine)]
+    return all_reduce_sum(scores)
+
+
+def task_record(tasks: list[MultipleChoiceTask], scores: list[float]) -> dict:
+    """`downstream/<task>/acc` and `acc_norm` from the rows' scores (tasks' rows in order)."""
+    record, at = {}, 0  # `at`: the task's first row among all tasks' rows
+    for task in tasks:
+        right = right_norm = own = 0  # `own`: the question's first row within the task
+        for n, label in zip(task.choices, task.labels):
+            ll, chars = scores[at + own : at + own + n], task.choice_chars[own : own + n]
+            right += max(range(n), key=lambda k: ll[k]) == label  # ties: the first, as numpy's argmax
+            right_norm += max(range(n), key=lambda k: ll[k] / max(chars[k], 1)) == label
+            own += n
+        at += own
+        record[f"{PREFIX}/{task.name}/acc"] = right / len(task.labels)
+        record[f"{PREFIX}/{task.name}/acc_norm"] = right_norm / len(task.labels)
+    return record
+
+
+def chance(task: MultipleChoiceTask) -> float:
+    """The accuracy of guessing: the mean of 1/choices."""
+    return math.fsum(1 / n for n in task.choices) / len(task.choices)
+
+
+def downstream_scorer(
+    data, tokenizer, objective, seq_len: int, micro_batch_size: int, ctx
+) -> Callable[[torch.nn.Module], dict] | None:
+    """The trainer's evaluation hook for `data` (the config's data section) on this rank, or None
+    without data.downstream: the tasks are read and tokenized once, here."""
+    if not data.downstream:
+        return None
+    tasks = load_tasks(data.downstream, tokenizer, seq_len, data.downstream_max_examples)
+    if ctx.is_main:
+        for t in tasks:
+            log.info("data.downstream: %s, %d questions (chance %.3f)", t.name, len(t.labels), chance(t))
+    pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+
+    def to_device(batch: dict) -> dict:
+        return {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
+
+    rows = [r for t in tasks for r in t.rows]
+
+    def score(model: torch.nn.Module) -> dict:
+        scores = choice_scores(
+            model, objective, rows, micro_batch_size, to_device, ctx.device, ctx.rank, ctx.world_size, pad_id
+        )
+        return task_record(tasks, scores.tolist())
+
+    return score
