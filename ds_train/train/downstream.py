@@ -131,13 +131,14 @@ def _encode_pair(tokenizer, prefix: list[int], context: str, choice: str) -> tup
     return prefix + whole, n_choice
 
 
-def _padded_length(n: int) -> int:
-    """Batches padded to a power of two (at least 32): few distinct shapes for compiled blocks."""
-    return max(32, 1 << (n - 1).bit_length())
+def _padded_length(n: int, limit: int) -> int:
+    """Batches padded to a power of two (at least 32): few distinct shapes for compiled blocks;
+    never past `limit`, the longest row (within seq_len, so within the model's positions)."""
+    return min(max(32, 1 << (n - 1).bit_length()), limit)
 
 
-def _batch(rows: list[ScoredRow], pad_id: int, chunked: bool) -> dict[str, torch.Tensor]:
-    width = _padded_length(max(len(r.tokens) - 1 for r in rows))
+def _batch(rows: list[ScoredRow], pad_id: int, chunked: bool, limit: int) -> dict[str, torch.Tensor]:
+    width = _padded_length(max(len(r.tokens) - 1 for r in rows), limit)
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -164,13 +165,14 @@ def choice_scores(
 ) -> torch.Tensor:
     """Each row's summed log-probability of its choice tokens, on every rank (collective)."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))  # tight batches
+    longest = len(rows[order[0]].tokens) - 1
     per_step = micro_batch_size * world_size
     scores = torch.zeros(len(rows), dtype=torch.float64, device=device)
     chunked = bool(getattr(objective, "loss_chunk_tokens", 0))
     for first in range(0, len(order), per_step):
         mine = order[first + rank * micro_batch_size : first + (rank + 1) * micro_batch_size]
         # a rank past the end still runs a forward (ZeRO-3 gathers parameters with every rank)
-        batch = _batch([rows[i] for i in mine] or [rows[order[0]]], pad_id, chunked)
+        batch = _batch([rows[i] for i in mine] or [rows[order[0]]], pad_id, chunked, longest)
         row_loss = objective.row_losses(model, to_device(batch)).double()
         if mine:
             scores[torch.tensor(mine, device=device)] = -row_loss[: len(mine)]

@@ -20,6 +20,7 @@ from ds_train.train.downstream import (
     MultipleChoiceTask,
     ScoredRow,
     _encode_pair,
+    _padded_length,
     choice_scores,
     load_tasks,
     task_record,
@@ -219,3 +220,8 @@ def test_report_summarises_each_task(tmp_path):
     metrics = load_run_metrics(tmp_path)
     assert metrics.downstream["quiz/acc"].steps == [2, 4] and not len(metrics.valid_loss)
     assert "downstream quiz/acc: 0.2500 at step 4 (best 0.5000 at step 2)" in summary(metrics)
+
+
+def test_batches_pad_to_powers_of_two_within_the_longest_row():
+    assert [_padded_length(n, 2048) for n in (5, 32, 33, 100, 1500)] == [32, 32, 64, 128, 2048]
+    assert _padded_length(900, 1000) == 1000  # never past seq_len: a model's positions end there
