@@ -10,6 +10,11 @@ from rank 0 share and may outlive it by seconds; a POSIX lock belongs to the pro
 NFS serves it across hosts). The holder writes its host, pid and start
 time into the file, for the refusal to name. A file system without locks (Lustre mounted without
 `flock`) gets a warning and no lock: it cannot be enforced there.
+
+The same lock guards `zero.nvme_path` on each node (`NvmeSwapLock`, held by each node's local rank
+0): DeepSpeed swaps to fixed file names there (`zero_stage_3/optimizer/rank0/...`), so two runs on
+one node with the same path (a branch's config copied from its parent, say) overwrite each other's
+optimizer state and parameters, silently.
 """
 
 from __future__ import annotations
@@ -34,8 +39,12 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 class RunDirLock:
     """Held by rank 0 from before the run writes anything until it ends (`release`, or exit)."""
 
-    def __init__(self, run_dir: str | os.PathLike):
+    key = "run.output_dir"
+    clash = "two runs in one directory overwrite each other's checkpoints; wait for it to end, or use another run.output_dir"
+
+    def __init__(self, run_dir: str | os.PathLike, run: str | None = None):
         self.path = Path(run_dir) / LOCK_FILE
+        self.run = run  # the run holding it, for a refusal to name (the lock's own directory if None)
         self._fd: int | None = None
         self._made_dir = False  # the directory did not exist: removed again if nothing else is written
 
@@ -46,9 +55,7 @@ class RunDirLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise ConfigError(
-                f"run.output_dir {self.path.parent}: cannot be written ({e.strerror})"
-            ) from None
+            raise ConfigError(f"{self.key} {self.path.parent}: cannot be written ({e.strerror})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -56,20 +63,19 @@ class RunDirLock:
                 holder = _describe(fd)
                 os.close(fd)
                 raise ConfigError(
-                    f"run.output_dir {self.path.parent} is in use by another run ({holder}): two runs in one "
-                    "directory overwrite each other's checkpoints; wait for it to end, or use another "
-                    "run.output_dir"
+                    f"{self.key} {self.path.parent} is in use by another run ({holder}): {self.clash}"
                 ) from None
             os.close(fd)
             if e.errno in _NO_LOCKS:
                 log.warning(
                     "%s: this file system does not support locks, so nothing stops a second run from "
-                    "starting in this directory at the same time",
+                    "using this directory at the same time",
                     self.path.parent,
                 )
                 return self
             raise
         owner = {
+            **({"run": self.run} if self.run else {}),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -90,9 +96,20 @@ class RunDirLock:
         self._fd = None
 
 
+class NvmeSwapLock(RunDirLock):
+    """Held by each node's local rank 0 on zero.nvme_path while the run swaps there."""
+
+    key = "zero.nvme_path"
+    clash = (
+        "DeepSpeed swaps each rank's optimizer state and parameters to fixed file names there, so two runs "
+        "on one node would overwrite each other's; give each run its own zero.nvme_path"
+    )
+
+
 def _describe(fd: int) -> str:
     try:
         owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {owner['pid']} on {owner['host']}, since {owner['since']}"
+        run = f"{owner['run']}, " if owner.get("run") else ""
+        return f"{run}pid {owner['pid']} on {owner['host']}, since {owner['since']}"
     except (ValueError, KeyError, TypeError, OSError):
         return "its owner did not record itself"

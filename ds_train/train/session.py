@@ -50,7 +50,7 @@ from ds_train.train.callbacks.base import Callback
 from ds_train.train.callbacks.preemption import PreemptionHandler
 from ds_train.train.epochs import steps_line
 from ds_train.train.optimizer_groups import optimizer_settings, param_groups, restore_optimizer_settings
-from ds_train.train.run_lock import RunDirLock
+from ds_train.train.run_lock import NvmeSwapLock, RunDirLock
 from ds_train.train.schedule import schedule_change_note, schedule_settings, train_lr_multiplier
 from ds_train.train.settings import TrainerSettings
 from ds_train.train.trainer import Trainer
@@ -76,12 +76,14 @@ def run_on_this_rank(
         log.warning(done)
         return 0, None
     check_startup(cfg, pre)
-    lock = None
-    if pre.launch.rank == 0:
-        lock = RunDirLock(cfg.run.output_dir).acquire()
-        if _latest_step(cfg) != own_step(pre.resume_from, cfg.run.output_dir):
-            pre = preflight(cfg)  # a run that held the directory saved after this start looked
+    lock = swap_lock = None
     try:
+        if pre.launch.rank == 0:
+            lock = RunDirLock(cfg.run.output_dir).acquire()
+            if _latest_step(cfg) != own_step(pre.resume_from, cfg.run.output_dir):
+                pre = preflight(cfg)  # a run that held the directory saved after this start looked
+        if pre.launch.local_rank == 0 and "nvme" in (cfg.zero.offload_optimizer, cfg.zero.offload_param):
+            swap_lock = NvmeSwapLock(cfg.zero.nvme_path, run=cfg.run.output_dir).acquire()  # on each node
         ctx = init_distributed(pre.launch, cfg.run.collective_timeout_s)
         configure_logging(ctx.is_main)
         try:
@@ -92,8 +94,9 @@ def run_on_this_rank(
         shutdown(wait_for_peers=True)
         return code, ctx
     finally:
-        if lock is not None:
-            lock.release()
+        for held in (swap_lock, lock):
+            if held is not None:
+                held.release()
 
 
 def _latest_step(cfg: Config) -> int | None:

@@ -53,3 +53,24 @@ def test_a_second_start_is_refused_before_any_work(tmp_path, shards):
     assert "is in use by another run" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # made for the lock alone, and nothing else written: removed
     assert not dist.is_initialized()
+
+
+def test_an_nvme_swap_path_in_use_on_this_node_is_refused(tmp_path, shards):
+    """Two runs swapping to one zero.nvme_path overwrite each other's files (DeepSpeed's names there
+    are fixed): the second is refused, naming the first, before it writes anything."""
+    from ds_train.train.run_lock import NvmeSwapLock
+
+    swap = tmp_path / "nvme"
+    zero = {"stage": 3, "offload_optimizer": "nvme", "nvme_path": str(swap)}
+    cfg = write_config(tmp_path / "run.yaml", base_config(tmp_path / "run", shards, zero=zero))
+    other = NvmeSwapLock(swap, run="runs/stable").acquire()  # the parent run, on this node
+    try:
+        proc = run_cli(["pretrain", cfg], check=False)
+    finally:
+        other.release()
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        f"zero.nvme_path {swap} is in use by another run (runs/stable, pid {os.getpid()} on " in proc.stderr
+    )
+    assert "give each run its own zero.nvme_path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # its own directory's lock released, the directory removed
