@@ -19,8 +19,11 @@ log = logging.getLogger(__name__)
 
 
 def lower_is_better(metric: str) -> bool:
-    name = metric.lower()
-    return "loss" in name or "ppl" in name or "perplexity" in name
+    """Losses and perplexities; judged by the figure's own name, the part before any `/<set>`
+    (`valid_loss/code`), so a set or task named `apple_qa` (ppl) or `glossary` (loss) cannot turn
+    an accuracy around. data.downstream's figures are accuracies."""
+    head = metric.lower().split("/", 1)[0]
+    return head != "downstream" and ("loss" in head or "ppl" in head or "perplexity" in head)
 
 
 @dataclass

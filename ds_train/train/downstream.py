@@ -6,13 +6,15 @@ question, which OLMo-core (in-loop evaluators) and llm-foundry (ICL tasks) answe
 
     {"context": "The cat sat on the", "choices": ["mat", "moon"], "label": 0}
 
-Each choice is scored as lm-evaluation-harness scores it: the summed log-probability of the
-choice's tokens after the context (joined by one space unless either side has it), the pair
-tokenized whole and split where the context's tokens end, so a tokenizer that merges across the
-boundary scores the choice's own tokens. The answer is the choice scored highest (`acc`), or
-highest per character of the choice (`acc_norm`, lm-eval's length normalisation). Each document
-starts as the training data's do (the tokenizer's BOS where it adds one). A context too long for
-`seq_len` keeps its end.
+Each choice is scored as lm-evaluation-harness's multiple-choice tasks score it: the summed
+log-probability of the choice's tokens after the context and lm-eval's default target delimiter
+(one space), the pair tokenized whole and split where the context's tokens end (so a tokenizer
+that merges across the boundary scores the choice's own tokens), an empty context replaced by
+the prefix token (BOS, else EOS). The answer is the choice scored highest (`acc`), or highest per
+character of the choice (`acc_norm`, lm-eval's length normalisation). Checked against lm_eval
+0.4.13 row by row (bench/downstream_vs_lm_eval.py). One difference, on purpose: each row starts
+as the training documents do (the shards' BOS, where they have one), where lm-eval's HFLM adds
+no BOS by default. A context too long for `seq_len` keeps its end, as lm-eval's does.
 
 Every rank holds the tokenized questions (evaluation sets are small: thousands of lines) and
 scores its slice of each global batch; one all-reduce gathers the scores. Under ZeRO-3 every rank
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ds_train.config import ConfigError
-from ds_train.data.document_framing import document_separator, document_start
+from ds_train.data.document_framing import document_separator
 from ds_train.distributed.engine import all_reduce_sum
 from ds_train.objectives.base import IGNORE_INDEX, target_index
 
@@ -61,14 +63,21 @@ def task_name(path: str) -> str:
     return Path(path).name.removesuffix(".jsonl").removesuffix(".json")
 
 
-def load_tasks(paths: list[str], tokenizer, seq_len: int, max_examples: int = 0) -> list[MultipleChoiceTask]:
+def load_tasks(
+    paths: list[str], tokenizer, seq_len: int, bos: int | None, max_examples: int = 0
+) -> list[MultipleChoiceTask]:
     """Read and tokenize each file (the first `max_examples` questions when > 0); ConfigError
-    (one line, naming the file and line) for anything malformed."""
+    (one line, naming the file and line) for anything malformed. `bos`: the token the training
+    documents start with (the shards' `bos_token_id`), put before each row."""
     names = [task_name(p) for p in paths]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.downstream: two files share a task name ({', '.join(names)}): rename one")
-    start = document_start(tokenizer)
-    prefix = [] if start is None else [start]
+    prefix = [] if bos is None else [bos]
+    # an empty context: the choice is predicted from lm-eval's prefix token, BOS if the tokenizer
+    # has one, else EOS (unless the documents' BOS already stands there)
+    empty = prefix or [
+        next(t for t in (tokenizer.bos_token_id, document_separator(tokenizer)) if t is not None)
+    ]
     tasks = []
     for path, name in zip(paths, names):
         task = MultipleChoiceTask(name)
@@ -79,9 +88,7 @@ def load_tasks(paths: list[str], tokenizer, seq_len: int, max_examples: int = 0)
                 if max_examples and len(task.labels) == max_examples:
                     break
                 context, choices, label = _question(line, f"{path}:{number}")
-                # nothing before the choice: its first token is predicted from the end of a
-                # document, as lm-eval does (the EOS token)
-                before = prefix if prefix or context else [document_separator(tokenizer)]
+                before = prefix if context.strip() else empty
                 for choice in choices:
                     tokens, n_choice = _encode_pair(tokenizer, before, context, choice)
                     if n_choice > seq_len:
@@ -115,18 +122,18 @@ def _question(line: str, where: str) -> tuple[str, list[str], int]:
 
 
 def _encode_pair(tokenizer, prefix: list[int], context: str, choice: str) -> tuple[list[int], int]:
-    """(tokens, how many at the end are the choice's), as lm-evaluation-harness splits a pair:
-    trailing spaces of the context move to the choice, the pair is encoded whole and the
-    context's own encoding says where the choice begins."""
-    if context and not context[-1].isspace() and not choice[0].isspace():
-        choice = " " + choice
+    """(tokens, how many at the end are the choice's), as lm-evaluation-harness builds and splits
+    a pair: the choice follows its default target delimiter, one space; trailing spaces of the
+    context move to the choice; the pair is encoded whole and the context's own encoding says
+    where the choice begins."""
+    choice = " " + choice
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, choice = context[:-spaces], context[-spaces:] + choice
     whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
     n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
     n_choice = len(whole) - n_context
-    if n_choice < 1:
+    if n_choice < 1 or len(prefix) + n_context < 1:  # nothing to score, or nothing to score it after
         raise ConfigError(f"data.downstream: the choice {choice!r} encodes to no token of its own")
     return prefix + whole, n_choice
 
@@ -172,7 +179,9 @@ def choice_scores(
     for first in range(0, len(order), per_step):
         mine = order[first + rank * micro_batch_size : first + (rank + 1) * micro_batch_size]
         # a rank past the end still runs a forward (ZeRO-3 gathers parameters with every rank)
-        batch = _batch([rows[i] for i in mine] or [rows[order[0]]], pad_id, chunked, longest)
+        batch = _batch(
+            [rows[i] for i in mine] or [rows[order[-1]]], pad_id, chunked, longest
+        )  # or the shortest
         row_loss = objective.row_losses(model, to_device(batch)).double()
         if mine:
             scores[torch.tensor(mine, device=device)] = -row_loss[: len(mine)]
@@ -201,13 +210,13 @@ def chance(task: MultipleChoiceTask) -> float:
 
 
 def downstream_scorer(
-    data, tokenizer, objective, seq_len: int, micro_batch_size: int, ctx
+    data, tokenizer, objective, seq_len: int, bos: int | None, micro_batch_size: int, ctx
 ) -> Callable[[torch.nn.Module], dict] | None:
     """The trainer's evaluation hook for `data` (the config's data section) on this rank, or None
-    without data.downstream: the tasks are read and tokenized once, here."""
+    without data.downstream: the tasks are read and tokenized once, here (`bos` as load_tasks)."""
     if not data.downstream:
         return None
-    tasks = load_tasks(data.downstream, tokenizer, seq_len, data.downstream_max_examples)
+    tasks = load_tasks(data.downstream, tokenizer, seq_len, bos, data.downstream_max_examples)
     if ctx.is_main:
         for t in tasks:
             log.info("data.downstream: %s, %d questions (chance %.3f)", t.name, len(t.labels), chance(t))

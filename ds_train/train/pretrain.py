@@ -158,7 +158,10 @@ def check(cfg: Config, *, world_size: int | None = None) -> Preflight:
     pre = preflight(cfg, launch_for_check(world_size))
     check_startup(cfg, pre)
     plan, _ = data_plans(cfg, pre)
-    load_tasks(cfg.data.downstream, pre.tokenizer, plan.seq_len, cfg.data.downstream_max_examples)
+    load_tasks(
+        cfg.data.downstream, pre.tokenizer, plan.seq_len, plan.sources[0].bos_token_id,
+        cfg.data.downstream_max_examples,
+    )  # fmt: skip
     return pre
 
 
@@ -284,7 +287,13 @@ def _run(
             write_extras=write_extras,
             eval_batches=eval_batches,
             downstream=downstream_scorer(
-                cfg.data, pre.tokenizer, objective, plan.seq_len, pre.layout.micro_batch_size, ctx
+                cfg.data,
+                pre.tokenizer,
+                objective,
+                plan.seq_len,
+                plan.sources[0].bos_token_id,
+                pre.layout.micro_batch_size,
+                ctx,
             ),
             describe_sample=plan.describe,
             eval_set_names=source_names(cfg.data.valid) if cfg.data.valid else None,

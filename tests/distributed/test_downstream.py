@@ -49,11 +49,21 @@ def test_pretraining_scores_tasks_at_each_evaluation(tmp_path, shards):
         assert r["downstream/quiz/acc"] * 7 == pytest.approx(round(r["downstream/quiz/acc"] * 7))
     # the final evaluation equals the exported model's own scores, row by row
     tokenizer = AutoTokenizer.from_pretrained(str(run / "hf"))
-    (task,) = load_tasks([str(quiz)], tokenizer, seq_len=32)
+    (task,) = load_tasks(
+        [str(quiz)], tokenizer, seq_len=32, bos=None
+    )  # the shards start no document with BOS
     model = AutoModelForCausalLM.from_pretrained(str(run / "hf"), torch_dtype=torch.float32).eval()
     with torch.no_grad():
-        expected = task_record([task], _reference(model, task.rows))
-    assert evals[-1]["downstream/quiz/acc"] == expected["downstream/quiz/acc"]
-    assert evals[-1]["downstream/quiz/acc_norm"] == expected["downstream/quiz/acc_norm"]
+        scores = _reference(model, task.rows)
+    expected = task_record([task], scores)
+    # a question whose two best choices are within float noise may go either way on ZeRO-3's sums
+    near, at = 0, 0
+    for n in task.choices:
+        for per in (1, 0):  # acc, then acc_norm's per-character scores
+            top = sorted(scores[at + k] / (task.choice_chars[at + k] if not per else 1) for k in range(n))
+            near += top[-1] - top[-2] < 1e-4
+        at += n
+    for key in ("downstream/quiz/acc", "downstream/quiz/acc_norm"):
+        assert abs(evals[-1][key] - expected[key]) <= near / 7
     best = max(evals, key=lambda r: r["downstream/quiz/acc_norm"])  # ties: the first, as kept
     assert (run / "checkpoints" / f"step_{best['step']:08d}").is_dir()

@@ -46,30 +46,44 @@ def _write(path, questions) -> str:
 
 
 def test_pairs_split_where_the_context_ends(tokenizer):
+    def enc(text):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
     tokens, n = _encode_pair(tokenizer, [], "The cat sat", "on the mat")
-    assert tokens == tokenizer("The cat sat on the mat", add_special_tokens=False)["input_ids"]
-    assert tokenizer.decode(tokens[-n:]) == " on the mat"  # one space joins them
-    # a context ending in a space: the space moves to the choice, as lm-eval does
-    assert _encode_pair(tokenizer, [], "The cat sat ", "on the mat") == (tokens, n)
-    # a choice that starts with whitespace gets no second space
-    assert _encode_pair(tokenizer, [], "The cat sat", " on the mat") == (tokens, n)
-    assert _encode_pair(tokenizer, [7], "", "Hello")[0][0] == 7  # the document start comes first
+    assert tokens == enc("The cat sat on the mat")
+    assert tokenizer.decode(tokens[-n:]) == " on the mat"  # lm-eval's target delimiter, one space
+    # as lm-eval: the context's trailing space moves to the choice, after the delimiter's
+    tokens, n = _encode_pair(tokenizer, [], "The cat sat ", "on the mat")
+    assert tokens == enc("The cat sat  on the mat") and n == len(tokens) - len(enc("The cat sat"))
+    assert _encode_pair(tokenizer, [7], "Q", "A")[0][0] == 7  # the documents' BOS comes first
+
+
+def test_empty_or_blank_contexts_score_after_the_prefix_token(tmp_path, tokenizer):
+    """lm-eval scores a choice with no context after its prefix token (BOS, else EOS); a context
+    of spaces alone, moved to the choice, leaves none either."""
+    path = _write(
+        tmp_path / "q.jsonl",
+        [{"context": c, "choices": ["Hello", "world"], "label": 0} for c in ("", "  \n")],
+    )
+    (task,) = load_tasks([path], tokenizer, seq_len=64, bos=None)
+    for row in task.rows:
+        assert row.tokens[0] == tokenizer.bos_token_id and len(row.tokens) == row.choice_tokens + 1
+    (task,) = load_tasks([path], tokenizer, seq_len=64, bos=5)
+    assert all(row.tokens[0] == 5 for row in task.rows)
 
 
 def test_load_tasks_reads_limits_and_truncates(tmp_path, tokenizer):
     path = _write(tmp_path / "quiz.jsonl", QUESTIONS)
-    (task,) = load_tasks([path], tokenizer, seq_len=64)
+    (task,) = load_tasks([path], tokenizer, seq_len=64, bos=None)
     assert task.name == "quiz" and task.labels == [0, 0, 1, 1] and task.choices == [3, 2, 2, 2]
     assert task.choice_chars[:3] == [3, 4, 18] and len(task.rows) == 9
-    (two,) = load_tasks([path], tokenizer, seq_len=64, max_examples=2)
+    (two,) = load_tasks([path], tokenizer, seq_len=64, bos=None, max_examples=2)
     assert two.labels == [0, 0]
     long = _write(tmp_path / "long.jsonl", [{"context": "word " * 200, "choices": ["a b", "c"], "label": 0}])
-    (task,) = load_tasks([long], tokenizer, seq_len=16)
+    (task,) = load_tasks([long], tokenizer, seq_len=16, bos=None)
     row = task.rows[0]
-    assert (
-        len(row.tokens) == 17
-        and row.tokens[-row.choice_tokens :] == _encode_pair(tokenizer, [], "x", "a b")[0][1:]
-    )
+    full, n = _encode_pair(tokenizer, [], "word " * 200, "a b")
+    assert row.tokens == full[-17:] and row.choice_tokens == n  # the context's end kept, the choice whole
 
 
 @pytest.mark.parametrize(
@@ -86,7 +100,7 @@ def test_malformed_questions_name_file_and_line(tmp_path, tokenizer, line, messa
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(QUESTIONS[0]) + "\n\n" + line + "\n")
     with pytest.raises(ConfigError, match=f"data.downstream {path}:3: .*{message}"):
-        load_tasks([str(path)], tokenizer, seq_len=64)
+        load_tasks([str(path)], tokenizer, seq_len=64, bos=None)
 
 
 def test_task_files_are_checked_before_the_start(tmp_path, shards, tokenizer):
@@ -137,7 +151,7 @@ def _reference(model, rows: list[ScoredRow]) -> list[float]:
 
 @pytest.mark.parametrize("chunk", [0, 16])
 def test_scores_equal_each_rows_own_forward(tmp_path, tokenizer, chunk):
-    (task,) = load_tasks([_write(tmp_path / "quiz.jsonl", QUESTIONS)], tokenizer, seq_len=64)
+    (task,) = load_tasks([_write(tmp_path / "quiz.jsonl", QUESTIONS)], tokenizer, seq_len=64, bos=None)
     model = _model()
     objective = CausalLM(eos_id=None, loss_chunk_tokens=chunk)
     with torch.no_grad():
@@ -157,7 +171,7 @@ def _two_ranks(rank: int, world: int, rows: list[ScoredRow], out: str) -> None:
 
 def test_two_ranks_score_every_row_once(tmp_path, tokenizer):
     """9 rows on 2 ranks of 2: the last global batch leaves rank 1 a padding forward."""
-    (task,) = load_tasks([_write(tmp_path / "quiz.jsonl", QUESTIONS)], tokenizer, seq_len=64)
+    (task,) = load_tasks([_write(tmp_path / "quiz.jsonl", QUESTIONS)], tokenizer, seq_len=64, bos=None)
     run_on_gloo_ranks(_two_ranks, 2, task.rows, str(tmp_path / "scores.pt"))
     with torch.no_grad():
         expected = _reference(_model(), task.rows)
@@ -225,3 +239,14 @@ def test_report_summarises_each_task(tmp_path):
 def test_batches_pad_to_powers_of_two_within_the_longest_row():
     assert [_padded_length(n, 2048) for n in (5, 32, 33, 100, 1500)] == [32, 32, 64, 128, 2048]
     assert _padded_length(900, 1000) == 1000  # never past seq_len: a model's positions end there
+
+
+def test_task_accuracies_are_higher_is_better_whatever_the_names():
+    from ds_train.train.best_metric import lower_is_better
+
+    assert not lower_is_better("downstream/apple_qa/acc")  # "ppl" inside the task name
+    assert not lower_is_better("downstream/glossary/acc_norm")  # "loss" inside it
+    assert (
+        lower_is_better("valid_loss") and lower_is_better("valid_loss/apple") and lower_is_better("valid_ppl")
+    )
+    assert not lower_is_better("valid_accuracy") and not lower_is_better("valid_macro_f1")
