@@ -145,6 +145,17 @@ def base_config(run_dir: Path, shards: Path, **sections) -> dict:
     return cfg
 
 
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path."""
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file()
+    }
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -11,3 +11,13 @@ def agg_pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def panel_grid(title: str, gids: tuple[str, ...]):
+    """A titled 2×2 figure whose axes carry `gids` (the panels' names, for tests to find them)."""
+    fig, axes = agg_pyplot().subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
+    fig.suptitle(title, fontsize=13)
+    for ax, gid in zip(axes.flat, gids, strict=True):
+        ax.set_gid(gid)
+        ax.grid(True, alpha=0.3)
+    return fig, axes

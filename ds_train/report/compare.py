@@ -11,7 +11,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ds_train.report.agg_pyplot import agg_pyplot
+from ds_train.report.agg_pyplot import agg_pyplot, panel_grid
 from ds_train.report.series import RunMetrics, Series
 
 PANELS = ("loss_by_step", "valid_loss", "loss_by_tokens", "throughput")
@@ -25,13 +25,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 def build_comparison(runs: dict[str, RunMetrics], title: str):
     """The comparison figure (2×2 panels, `gid`s named as in PANELS), not yet saved."""
-    plt = agg_pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
-    fig.suptitle(title, fontsize=13)
+    fig, axes = panel_grid(title, PANELS)
     ax_step, ax_valid, ax_tokens, ax_tps = axes.flat
-    for ax, gid in zip(axes.flat, PANELS):
-        ax.set_gid(gid)
-        ax.grid(True, alpha=0.3)
     shown = {m.run_dir for m in runs.values()}
     for k, (name, m) in enumerate(runs.items()):
         color = f"C{k % 10}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from ds_train.report.agg_pyplot import agg_pyplot
+from ds_train.report.agg_pyplot import agg_pyplot, panel_grid
 from ds_train.report.per_layer_norms import summary_line
 from ds_train.report.series import RunMetrics, Series, batch_changes, skip_steps
 
@@ -50,13 +50,8 @@ def _median_line(ax, s: Series, fmt) -> None:
 def build_figure(metrics: RunMetrics, title: str):
     """The report figure (2×2 panels), not yet saved; axes carry `gid`s naming their panel
     (loss, throughput, mfu or step_time, optimizer, and lr for the twin axis)."""
-    plt = agg_pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
-    fig.suptitle(title, fontsize=13)
+    fig, axes = panel_grid(title, PANELS)
     ax_loss, ax_tps, ax_mfu, ax_opt = axes.flat
-    for ax, gid in zip(axes.flat, PANELS):
-        ax.set_gid(gid)
-        ax.grid(True, alpha=0.3)
 
     ax_loss.set_title("loss")
     if len(metrics.before_branch):  # the run this one branched off (run.start_from), up to the branch

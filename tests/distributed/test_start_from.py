@@ -4,27 +4,25 @@ and branches onto another world size and another LR schedule."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
 from ds_train.checkpoint.layout import latest_checkpoint
-from tests.helpers import base_config, read_metrics, run_cli, torchrun, train_losses, write_config
+from tests.helpers import (
+    base_config,
+    file_digests,
+    read_metrics,
+    run_cli,
+    torchrun,
+    train_losses,
+    write_config,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 TRAIN = {"max_steps": 8, "save_every": 4, "keep_last": 5, "lr": 5e-3, "schedule": "cosine"}
-
-
-def _tree(run_dir: Path) -> dict[str, str]:
-    """Every file under `run_dir` with its sha256."""
-    return {
-        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(run_dir.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +35,7 @@ def parent(tmp_path_factory, shards):
 
 
 def test_branch_continues_exactly_and_resumes_from_its_own(tmp_path, shards, parent):
-    before = _tree(parent)
+    before = file_digests(parent)
     branch = tmp_path / "branch"
     start = str(parent / "checkpoints" / "step_00000004")
     cfg = write_config(
@@ -48,7 +46,7 @@ def test_branch_continues_exactly_and_resumes_from_its_own(tmp_path, shards, par
     assert sorted(b) == [5, 6, 7, 8]  # it starts at the branch point
     for step in (5, 6, 7, 8):  # weights, Adam moments, LR position and data position all carried over
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=0), f"step {step}: {b[step]} vs {a[step]}"
-    assert _tree(parent) == before  # the other run's directory is only read
+    assert file_digests(parent) == before  # the other run's directory is only read
     ref = latest_checkpoint(branch / "checkpoints")
     assert ref.step == 8
     (entry,) = ref.state()["lineage"]
@@ -71,7 +69,7 @@ def test_branch_continues_exactly_and_resumes_from_its_own(tmp_path, shards, par
 def test_branch_on_one_rank_with_a_decay_schedule(tmp_path, shards, parent):
     """A WSD-style decay taken from the parent's last checkpoint on another world size: DeepSpeed's
     universal conversion goes under the branch's checkpoints/, and the schedule is the branch's."""
-    before = _tree(parent)
+    before = file_digests(parent)
     branch = tmp_path / "decay"
     train = {
         **TRAIN,
@@ -86,7 +84,7 @@ def test_branch_on_one_rank_with_a_decay_schedule(tmp_path, shards, parent):
         base_config(branch, shards, train=train, run={"start_from": str(parent)}),
     )
     proc = torchrun(["pretrain", cfg], nproc=1)
-    assert _tree(parent) == before and not list(parent.rglob("*.universal"))
+    assert file_digests(parent) == before and not list(parent.rglob("*.universal"))
     # the periodic export takes the branch's own checkpoints only: the branch point is not one
     assert sorted(p.name for p in (branch / "exports").iterdir()) == ["step_00000012"]
     assert "background export exited" not in proc.stderr

@@ -22,7 +22,7 @@ from ds_train.data.sharding import (
     tokenize_task,
     work_dir,
 )
-from tests.helpers import TOKENIZER
+from tests.helpers import TOKENIZER, file_digests
 
 SEQ = 32
 
@@ -45,15 +45,6 @@ def _opts(**kw) -> ShardOptions:
     return ShardOptions(**{**base, **kw})
 
 
-def _digest(out: Path) -> dict[str, str]:
-    """sha256 of every file of the output, by relative path."""
-    return {
-        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(out.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus, tok) -> Path:
     out = tmp_path_factory.mktemp("ref")
@@ -62,13 +53,13 @@ def reference(tmp_path_factory, corpus, tok) -> Path:
 
 
 def test_output_identical_whatever_the_workers_tasks_and_piece_size(tmp_path, corpus, tok, reference):
-    ref = _digest(reference)
+    ref = file_digests(reference)
     assert {"train/index.json", "valid/index.json", "train/train-000000.tar"} <= set(ref)
     assert not work_dir(reference).exists()  # the work directory is gone after the merge
 
     two = tmp_path / "two_workers"
     shard_corpus([str(corpus)], two, tok, _opts(workers=2, piece_bytes=7_000))
-    assert _digest(two) == ref
+    assert file_digests(two) == ref
 
     # a Slurm array of 3 tasks (each tokenizing its pieces), then the merge with 2 writers
     arr = tmp_path / "array"
@@ -78,7 +69,7 @@ def test_output_identical_whatever_the_workers_tasks_and_piece_size(tmp_path, co
         done = tokenize_task(plan, arr, tok, task_index=i, num_tasks=3, progress=False)
         assert done["pieces"] == len(range(i, len(plan["pieces"]), 3)) > 0
     assert merge_shards(arr, workers=2, progress=False)["train"]["total_rows"] > 0
-    assert _digest(arr) == ref
+    assert file_digests(arr) == ref
 
 
 def test_array_mode_through_the_cli_and_an_unfinished_task(tmp_path, corpus, reference):
@@ -94,7 +85,7 @@ def test_array_mode_through_the_cli_and_an_unfinished_task(tmp_path, corpus, ref
     # a re-run of a finished task has nothing left to do; the other task completes the work
     assert main(["shard", str(corpus), *common, "--task-index", "1", "--num-tasks", "2"]) == 0
     assert main(["shard", "--merge", "--output", str(out), "--no-progress"]) == 0
-    assert _digest(out) == _digest(reference)
+    assert file_digests(out) == file_digests(reference)
 
 
 def test_a_changed_plan_does_not_reuse_old_work(tmp_path, corpus, tok):
