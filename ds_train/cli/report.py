@@ -11,7 +11,7 @@ from pathlib import Path
 def register(sub) -> None:
     p = sub.add_parser(
         "report",
-        help="plot a run's loss, throughput and MFU to a PNG",
+        help="plot a run's loss, throughput and MFU to a PNG, or compare runs",
         description="Render RUN_DIR/metrics.jsonl (train and valid loss, tokens/s, MFU, gradient "
         "norm, learning rate) to RUN_DIR/report.png and print a short summary. Given several run "
         "directories, compare them: loss by step and by tokens, validation loss and throughput on one "

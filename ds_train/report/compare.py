@@ -88,13 +88,16 @@ def comparison_lines(runs: dict[str, RunMetrics]) -> list[str]:
         steady = m.tokens_per_s.values[1:] or m.tokens_per_s.values
         tps = f"{statistics.median(steady):,.0f}" if steady else "-"
         lines.append(f"{name:<{width}}  {steps:>7}  {last:>10}  {valid:>26}  {tps:>10}")
-    for what, pick in (("train loss", lambda m: _with_parent(m)), ("valid loss", lambda m: m.valid_loss)):
-        common = set.intersection(*(set(pick(m).steps) for m in runs.values()))
+    figures = {"train loss": {n: _with_parent(m) for n, m in runs.items()},
+               "valid loss": {n: m.valid_loss for n, m in runs.items()}}  # fmt: skip
+    tasks = set.intersection(*(set(m.downstream) for m in runs.values()))  # data.downstream's, in every run
+    for key in sorted(tasks):
+        figures[f"downstream {key}"] = {n: m.downstream[key] for n, m in runs.items()}
+    for what, series in figures.items():
+        common = set.intersection(*(set(s.steps) for s in series.values()))
         if common:
             step = max(common)
-            shown = ", ".join(
-                f"{n} {dict(zip(pick(m).steps, pick(m).values))[step]:.4f}" for n, m in runs.items()
-            )
+            shown = ", ".join(f"{n} {dict(zip(s.steps, s.values))[step]:.4f}" for n, s in series.items())
             lines.append(f"{what} at step {step}, the last every run logged: {shown}")
     return lines
 

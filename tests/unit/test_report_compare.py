@@ -79,6 +79,21 @@ def test_the_table_compares_at_the_last_step_every_run_logged(runs):
     assert not any(line.startswith("valid loss at step") for line in lines)
 
 
+def test_the_table_compares_downstream_tasks_every_run_scored(tmp_path):
+    runs = {}
+    for name, accs in (("a", {4: 0.25, 8: 0.5}), ("b", {8: 0.75, 12: 1.0})):
+        run = _write(tmp_path / name, range(1, 13), lambda s: 3.0, tokens_per_step=8)
+        with open(run / "metrics.jsonl", "a") as fh:
+            for step, acc in accs.items():
+                fh.write(
+                    json.dumps({"step": step, "downstream/quiz/acc": acc, "downstream/only_a/acc": 0.1})
+                    + "\n"
+                )
+        runs[name] = load_run_metrics(run)
+    lines = comparison_lines(runs)
+    assert "downstream quiz/acc at step 8, the last every run logged: a 0.5000, b 0.7500" in lines
+
+
 def test_labels_disambiguate_runs_of_one_name(tmp_path):
     dirs = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "c"]
     assert run_labels(dirs) == ["a/run", "b/run", "c"]
