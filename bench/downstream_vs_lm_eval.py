@@ -172,7 +172,7 @@ def main() -> int:
         print(f"{len(QUESTIONS)} questions, {len(pairs)} (context, choice) rows")
         for i, ((ctx, cont), row) in enumerate(zip(pairs, task.rows)):
             tokens, n_cont = lm_eval_tokens(lm, ctx, cont)
-            split_ok = tokens == row.tokens and n_cont == row.choice_tokens
+            split_ok = tokens == row.tokens.tolist() and n_cont == row.choice_tokens
             same_tokens += split_ok
             if diffs[i] > TOL or not split_ok:
                 print(

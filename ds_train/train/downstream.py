@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ds_train.config import ConfigError
@@ -44,9 +45,11 @@ PREFIX = "downstream"  # record keys: downstream/<task>/acc, downstream/<task>/a
 
 @dataclass
 class ScoredRow:
-    """One (question, choice) pair: its tokens and how many of the last ones are the choice's."""
+    """One (question, choice) pair: its tokens and how many of the last ones are the choice's.
+    The tokens are an int32 array: 5-shot MMLU's 56k rows of ~500 tokens take 110 MB per rank so,
+    over 1 GB as lists of Python ints."""
 
-    tokens: list[int]
+    tokens: np.ndarray
     choice_tokens: int
 
 
@@ -95,7 +98,8 @@ def load_tasks(
                         raise ConfigError(
                             f"data.downstream {path}:{number}: a choice of {n_choice} tokens does not fit seq_len {seq_len}"
                         )
-                    task.rows.append(ScoredRow(tokens[-(seq_len + 1) :], n_choice))  # the context's end
+                    kept = np.asarray(tokens[-(seq_len + 1) :], dtype=np.int32)  # the context's end
+                    task.rows.append(ScoredRow(kept, n_choice))
                     task.choice_chars.append(len(choice))
                 task.choices.append(len(choices))
                 task.labels.append(label)
@@ -149,7 +153,7 @@ def _batch(rows: list[ScoredRow], pad_id: int, chunked: bool, limit: int) -> dic
     inputs = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     for i, r in enumerate(rows):
-        t = torch.tensor(r.tokens, dtype=torch.long)
+        t = torch.from_numpy(r.tokens.astype(np.int64))
         inputs[i, : len(t) - 1] = t[:-1]
         labels[i, len(t) - 1 - r.choice_tokens : len(t) - 1] = t[-r.choice_tokens :]
     batch = {"input_ids": inputs, "labels": labels, "num_targets": (labels != IGNORE_INDEX).sum().float()}

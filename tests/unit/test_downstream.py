@@ -83,7 +83,9 @@ def test_load_tasks_reads_limits_and_truncates(tmp_path, tokenizer):
     (task,) = load_tasks([long], tokenizer, seq_len=16, bos=None)
     row = task.rows[0]
     full, n = _encode_pair(tokenizer, [], "word " * 200, "a b")
-    assert row.tokens == full[-17:] and row.choice_tokens == n  # the context's end kept, the choice whole
+    assert (
+        row.tokens.tolist() == full[-17:] and row.choice_tokens == n
+    )  # the context's end kept, the choice whole
 
 
 @pytest.mark.parametrize(
@@ -141,7 +143,7 @@ def _reference(model, rows: list[ScoredRow]) -> list[float]:
     """Each row alone, unpadded, through the full logits."""
     out = []
     for r in rows:
-        t = torch.tensor([r.tokens])
+        t = torch.from_numpy(r.tokens.astype("int64"))[None]
         logp = torch.log_softmax(model(input_ids=t[:, :-1]).logits.double(), -1)[0]
         targets = t[0, 1:]
         picked = logp[torch.arange(len(targets)), targets]
