@@ -47,7 +47,7 @@ def fingerprint(obj) -> str:
 
 
 OWN_REMEDY = "use another run.output_dir, or run.resume=never with a fresh one"
-BRANCH_REMEDY = "branch off another checkpoint, or start afresh without run.start_from"
+BRANCH_REMEDY = "start afresh without run.start_from, or branch off a checkpoint of this model and batch"
 
 
 def check_resume(

@@ -19,8 +19,10 @@ from ds_train.checkpoint.layout import (
     STATE_FILE,
     CheckpointRef,
     checkpoints_dir,
+    complete_checkpoints,
     latest_checkpoint,
     resolve_checkpoint,
+    write_atomic,
 )
 from ds_train.config import ConfigError
 from ds_train.config.schema import RunSection
@@ -47,7 +49,8 @@ def _pinned(run_dir: Path, start_from: str) -> CheckpointRef | None:
     before its first save): a run directory's latest may have moved on since, and the branch
     must not restart from another step."""
     record = _lineage_record(run_dir)
-    if not record or record.get("start_from") != start_from or not record.get("lineage"):
+    same = record.get("start_from") and Path(record["start_from"]).resolve() == Path(start_from).resolve()
+    if not same or not record.get("lineage"):  # (resolved: a trailing slash or a symlink is the same)
         return None
     path = Path(record["lineage"][-1]["checkpoint"])
     ref = CheckpointRef(path.parent, path.name)
@@ -64,6 +67,9 @@ def _branch_point(start_from: str, run_dir: Path) -> CheckpointRef:
         ref = resolve_checkpoint(start_from)
     except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"run.start_from: no checkpoint found under {start_from}") from None
+    if not ref.path.is_dir():  # a step directory that is gone (pruned by keep_last, say)
+        left = ", ".join(r.tag for r in complete_checkpoints(ref.root)) or "none"
+        raise ConfigError(f"run.start_from: no checkpoint {ref.path}; complete ones there: {left}")
     if not (ref.path / STATE_FILE).is_file():
         raise ConfigError(
             f"run.start_from: {ref.path} is not a complete ds-train checkpoint (no {STATE_FILE}; a plain "
@@ -115,9 +121,7 @@ def write_lineage(run_dir: str | Path, start_from: str, ancestry: list[dict]) ->
     the branch point)."""
     path = Path(run_dir) / LINEAGE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"start_from": start_from, "lineage": ancestry}, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps({"start_from": start_from, "lineage": ancestry}, indent=1) + "\n")
 
 
 def _lineage_record(run_dir: str | Path) -> dict:
@@ -148,7 +152,7 @@ def described(ref: CheckpointRef, run_dir: str | Path) -> Described:
 
     if is_own(ref, run_dir):
         return Described(str(run_dir), OWN_REMEDY, "start a new run.output_dir")
-    return Described(f"run.start_from's {ref.path}", BRANCH_REMEDY, "branch off another checkpoint")
+    return Described(f"run.start_from's {ref.path}", BRANCH_REMEDY, "start afresh without run.start_from")
 
 
 def start_note(ref: CheckpointRef | None, run_dir: str | Path) -> str:

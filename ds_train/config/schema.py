@@ -38,7 +38,8 @@ class RunSection:
     )
     resume: Literal["auto", "never", "require"] = doc(
         "auto",
-        "auto: resume from the latest complete checkpoint if one exists; never: refuse to start on a dir holding checkpoints; require: fail if there is none.",
+        "auto: resume from the latest complete checkpoint if one exists; never: refuse to start on a dir holding checkpoints; "
+        "require: fail if there is none (run.start_from's counts until the run has its own).",
     )
     force_resume: bool = doc(
         False,
@@ -160,7 +161,8 @@ class DataSection:
         "Multiple-choice tasks scored at each evaluation (causal_lm pretraining): JSON-lines files, one "
         'question a line: {"context": "...", "choices": ["...", "..."], "label": 0}. Each choice is scored '
         "by its log-likelihood after the context, as lm-evaluation-harness does; metrics "
-        "`downstream/<file name>/acc` and `acc_norm` (per character), usable as train.best_metric.",
+        "`downstream/<task>/acc` and `acc_norm` (per character; the task: the file name without .jsonl), usable "
+        "as train.best_metric.",
     )
     downstream_max_examples: int = doc(
         0, "Score only the first N questions of each data.downstream file (0: all of them)."

@@ -17,7 +17,7 @@ from ds_train.checkpoint.compat import check_data_resume, check_resume, model_si
 from ds_train.checkpoint.layout import CheckpointRef
 from ds_train.checkpoint.start_point import described, start_point
 from ds_train.config import Config, ConfigError, validate
-from ds_train.config.validate import validate_finetune
+from ds_train.config.validate_finetune import validate_finetune
 from ds_train.data.document_framing import document_start
 from ds_train.data.loader import build_plan, load_shard_sets, order_settings
 from ds_train.data.shard_format import tokenizer_fingerprint

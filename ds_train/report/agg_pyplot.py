@@ -3,6 +3,12 @@ CI). Imported when a figure is drawn, so `ds-train` starts without matplotlib.""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.figure import Figure
+
 
 def agg_pyplot():
     import matplotlib
@@ -13,7 +19,7 @@ def agg_pyplot():
     return plt
 
 
-def panel_grid(title: str, gids: tuple[str, ...]):
+def panel_grid(title: str, gids: tuple[str, ...]) -> tuple[Figure, np.ndarray]:
     """A titled 2×2 figure whose axes carry `gids` (the panels' names, for tests to find them)."""
     fig, axes = agg_pyplot().subplots(2, 2, figsize=(13, 8.5), constrained_layout=True)
     fig.suptitle(title, fontsize=13)

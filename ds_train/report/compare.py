@@ -10,20 +10,36 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ds_train.report.agg_pyplot import agg_pyplot, panel_grid
 from ds_train.report.series import RunMetrics, Series
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PANELS = ("loss_by_step", "valid_loss", "loss_by_tokens", "throughput")
 
 
 def run_labels(run_dirs: list[Path]) -> list[str]:
-    """Each run's directory name, with its parent's where two runs share a name."""
-    names = [p.resolve().name for p in run_dirs]
-    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(run_dirs, names)]
+    """Each run's directory name, with as many of its parents as it takes to tell it from the
+    others; ConfigError for a directory given twice (one of them would be dropped)."""
+    from ds_train.config import ConfigError
+
+    paths = [p.resolve() for p in run_dirs]
+    if len(set(paths)) != len(paths):
+        raise ConfigError("ds-train report: a run directory is given twice")
+    depth = [1] * len(paths)
+    while True:
+        labels = ["/".join(p.parts[-d:]) for p, d in zip(paths, depth)]
+        clashing = [i for i, label in enumerate(labels) if labels.count(label) > 1]
+        if not clashing:
+            return labels
+        for i in clashing:
+            depth[i] += 1
 
 
-def build_comparison(runs: dict[str, RunMetrics], title: str):
+def build_comparison(runs: dict[str, RunMetrics], title: str) -> Figure:
     """The comparison figure (2×2 panels, `gid`s named as in PANELS), not yet saved."""
     fig, axes = panel_grid(title, PANELS)
     ax_step, ax_valid, ax_tokens, ax_tps = axes.flat

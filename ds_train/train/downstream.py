@@ -29,14 +29,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from ds_train.config import ConfigError
 from ds_train.data.document_framing import document_separator
 from ds_train.distributed.engine import all_reduce_sum
 from ds_train.objectives.base import IGNORE_INDEX, target_index
+
+if TYPE_CHECKING:
+    from ds_train.config.schema import DataSection
+    from ds_train.distributed.engine import DistributedContext
+    from ds_train.objectives.causal_lm import CausalLM
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,8 @@ PREFIX = "downstream"  # record keys: downstream/<task>/acc, downstream/<task>/a
 @dataclass
 class ScoredRow:
     """One (question, choice) pair: its tokens and how many of the last ones are the choice's.
-    The tokens are an int32 array: 5-shot MMLU's 56k rows of ~500 tokens take 110 MB per rank so,
-    over 1 GB as lists of Python ints."""
+    The tokens are an int32 array: 5-shot MMLU's 56k rows of ~500 tokens take 110 MB per rank
+    that way, and over 1 GB as lists of Python ints."""
 
     tokens: np.ndarray
     choice_tokens: int
@@ -67,7 +74,7 @@ def task_name(path: str) -> str:
 
 
 def load_tasks(
-    paths: list[str], tokenizer, seq_len: int, bos: int | None, max_examples: int = 0
+    paths: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int, bos: int | None, max_examples: int = 0
 ) -> list[MultipleChoiceTask]:
     """Read and tokenize each file (the first `max_examples` questions when > 0); ConfigError
     (one line, naming the file and line) for anything malformed. `bos`: the token the training
@@ -76,11 +83,6 @@ def load_tasks(
     if len(set(names)) != len(names):
         raise ConfigError(f"data.downstream: two files share a task name ({', '.join(names)}): rename one")
     prefix = [] if bos is None else [bos]
-    # an empty context: the choice is predicted from lm-eval's prefix token, BOS if the tokenizer
-    # has one, else EOS (unless the documents' BOS already stands there)
-    empty = prefix or [
-        next(t for t in (tokenizer.bos_token_id, document_separator(tokenizer)) if t is not None)
-    ]
     tasks = []
     for path, name in zip(paths, names):
         task = MultipleChoiceTask(name)
@@ -91,9 +93,14 @@ def load_tasks(
                 if max_examples and len(task.labels) == max_examples:
                     break
                 context, choices, label = _question(line, f"{path}:{number}")
-                before = prefix if context.strip() else empty
+                before = (
+                    prefix if context.strip() or prefix else _empty_context(tokenizer, f"{path}:{number}")
+                )
                 for choice in choices:
-                    tokens, n_choice = _encode_pair(tokenizer, before, context, choice)
+                    try:
+                        tokens, n_choice = _encode_pair(tokenizer, before, context, choice)
+                    except ValueError as e:
+                        raise ConfigError(f"data.downstream {path}:{number}: {e}") from None
                     if n_choice > seq_len:
                         raise ConfigError(
                             f"data.downstream {path}:{number}: a choice of {n_choice} tokens does not fit seq_len {seq_len}"
@@ -125,11 +132,23 @@ def _question(line: str, where: str) -> tuple[str, list[str], int]:
     return context, choices, label
 
 
-def _encode_pair(tokenizer, prefix: list[int], context: str, choice: str) -> tuple[list[int], int]:
+def _empty_context(tokenizer: PreTrainedTokenizerBase, where: str) -> list[int]:
+    """What a choice with no context (or spaces alone) is predicted from: lm-eval's prefix token,
+    BOS if the tokenizer has one, else its document separator (EOS)."""
+    token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else document_separator(tokenizer)
+    if token is None:
+        raise ConfigError(f"data.downstream {where}: an empty context needs a BOS or EOS token to follow")
+    return [token]
+
+
+def _encode_pair(
+    tokenizer: PreTrainedTokenizerBase, prefix: list[int], context: str, choice: str
+) -> tuple[list[int], int]:
     """(tokens, how many at the end are the choice's), as lm-evaluation-harness builds and splits
     a pair: the choice follows its default target delimiter, one space; trailing spaces of the
     context move to the choice; the pair is encoded whole and the context's own encoding says
-    where the choice begins."""
+    where the choice begins. ValueError when the choice gets no token of its own, or nothing
+    comes before it."""
     choice = " " + choice
     spaces = len(context) - len(context.rstrip())
     if spaces:
@@ -137,8 +156,10 @@ def _encode_pair(tokenizer, prefix: list[int], context: str, choice: str) -> tup
     whole = tokenizer(context + choice, add_special_tokens=False)["input_ids"]
     n_context = len(tokenizer(context, add_special_tokens=False)["input_ids"]) if context else 0
     n_choice = len(whole) - n_context
-    if n_choice < 1 or len(prefix) + n_context < 1:  # nothing to score, or nothing to score it after
-        raise ConfigError(f"data.downstream: the choice {choice!r} encodes to no token of its own")
+    if n_choice < 1:
+        raise ValueError(f"the choice {choice!r} encodes to no token of its own")
+    if len(prefix) + n_context < 1:
+        raise ValueError("nothing comes before the choice to predict it from")
     return prefix + whole, n_choice
 
 
@@ -165,7 +186,7 @@ def _batch(rows: list[ScoredRow], pad_id: int, chunked: bool, limit: int) -> dic
 @torch.no_grad()
 def choice_scores(
     model: torch.nn.Module,
-    objective,
+    objective: CausalLM,
     rows: list[ScoredRow],
     micro_batch_size: int,
     to_device: Callable[[dict], dict],
@@ -214,7 +235,13 @@ def chance(task: MultipleChoiceTask) -> float:
 
 
 def downstream_scorer(
-    data, tokenizer, objective, seq_len: int, bos: int | None, micro_batch_size: int, ctx
+    data: DataSection,
+    tokenizer: PreTrainedTokenizerBase,
+    objective: CausalLM,
+    seq_len: int,
+    bos: int | None,
+    micro_batch_size: int,
+    ctx: DistributedContext,
 ) -> Callable[[torch.nn.Module], dict] | None:
     """The trainer's evaluation hook for `data` (the config's data section) on this rank, or None
     without data.downstream: the tasks are read and tokenized once, here (`bos` as load_tasks)."""

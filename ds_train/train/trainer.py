@@ -83,7 +83,9 @@ class Trainer:
         self.best = BestMetric.from_state(settings.best_metric, resumed.get("best_metric"))
         # the default valid_loss of a run evaluating data.downstream alone: not worth a warning
         # unless keep_best or early stopping act on it (checked before the start then)
-        self.best.missing_warned = not (settings.keep_best or settings.early_stopping_patience)
+        self.best.missing_warned = settings.best_metric == "valid_loss" and not (
+            settings.keep_best or settings.early_stopping_patience
+        )
         # the step of the last evaluation, and its record: a restart of a finished run (its final
         # checkpoint is written after the final evaluation) evaluates again only if that was lost,
         # and its export still has the evaluation (the model card's results)

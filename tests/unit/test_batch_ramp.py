@@ -106,7 +106,7 @@ def test_the_config_checks_the_stages(tmp_path, shards):
 def test_fine_tuning_refuses_a_ramp(tmp_path):
     from types import SimpleNamespace
 
-    from ds_train.config.validate import validate_finetune
+    from ds_train.config.validate_finetune import validate_finetune
 
     cfg = SimpleNamespace(train=SimpleNamespace(batch_ramp=[[4, 4]]), finetune=None, data=None)
     with pytest.raises(ConfigError, match="train.batch_ramp is for pretraining"):

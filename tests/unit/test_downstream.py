@@ -72,6 +72,26 @@ def test_empty_or_blank_contexts_score_after_the_prefix_token(tmp_path, tokenize
     assert all(row.tokens[0] == 5 for row in task.rows)
 
 
+def test_a_choice_with_no_token_of_its_own_names_file_and_line(tmp_path):
+    """A tokenizer that drops whitespace leaves a choice of spaces nothing to score."""
+
+    class NoSpaces:
+        bos_token_id, eos_token_id = None, 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text if not c.isspace()]}
+
+    questions = [
+        {"context": "a", "choices": ["b", "c"], "label": 0},
+        {"context": "a", "choices": ["b", " "], "label": 0},
+    ]
+    path = _write(tmp_path / "q.jsonl", questions)
+    with pytest.raises(
+        ConfigError, match=f"data.downstream {path}:2: the choice .* encodes to no token of its own"
+    ):
+        load_tasks([path], NoSpaces(), seq_len=64, bos=None)
+
+
 def test_load_tasks_reads_limits_and_truncates(tmp_path, tokenizer):
     path = _write(tmp_path / "quiz.jsonl", QUESTIONS)
     (task,) = load_tasks([path], tokenizer, seq_len=64, bos=None)
@@ -210,7 +230,7 @@ def test_the_trainer_scores_tasks_without_validation_shards():
 
 
 def test_console_line_and_fine_tuning(capsys):
-    from ds_train.config.validate import validate_finetune
+    from ds_train.config.validate_finetune import validate_finetune
     from ds_train.train.callbacks.progress import Progress
 
     bar = Progress.__new__(Progress)

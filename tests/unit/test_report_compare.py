@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ds_train.checkpoint.start_point import write_lineage
+from ds_train.config import ConfigError
 from ds_train.report.compare import PANELS, build_comparison, comparison_lines, run_labels
 from ds_train.report.series import load_run_metrics
 from tests.helpers import run_cli
@@ -96,6 +97,10 @@ def test_the_table_compares_downstream_tasks_every_run_scored(tmp_path):
 def test_labels_disambiguate_runs_of_one_name(tmp_path):
     dirs = [tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "c"]
     assert run_labels(dirs) == ["a/run", "b/run", "c"]
+    deeper = [tmp_path / "a" / "x" / "run", tmp_path / "b" / "x" / "run"]
+    assert run_labels(deeper) == ["a/x/run", "b/x/run"]
+    with pytest.raises(ConfigError, match="given twice"):
+        run_labels([tmp_path / "c", tmp_path / "c" / ".." / "c"])
 
 
 def test_cli_compares_several_runs(runs, tmp_path):

@@ -82,6 +82,8 @@ def test_start_from_refusals(tmp_path, shards, parent):
         pretrain.check(_branch(tmp_path, shards, ""), world_size=2)
     with pytest.raises(ConfigError, match="run.start_from: no checkpoint found under"):
         start_point(_branch(tmp_path, shards, tmp_path / "nowhere").run)
+    with pytest.raises(ConfigError, match="complete ones there: step_00000002, step_00000004"):
+        start_point(_branch(tmp_path, shards, parent / "checkpoints" / "step_00000003").run)  # pruned
     (parent / "checkpoints" / "step_00000006").mkdir()  # a plain DeepSpeed save: no ds_train state
     with pytest.raises(ConfigError, match="not a complete ds-train checkpoint"):
         start_point(_branch(tmp_path, shards, parent / "checkpoints" / "step_00000006").run)
@@ -148,7 +150,7 @@ def test_preflight_checks_the_branch_point_like_a_resume(tmp_path, shards, paren
     (step4 / "ds_train_state.json").write_text(json.dumps({**state, "data": {"fingerprint": "other"}}))
     with pytest.raises(ConfigError) as e:
         pretrain.check(_branch(tmp_path, shards, parent), world_size=2)
-    assert "or branch off another checkpoint (or run.force_resume=true" in str(e.value)
+    assert "or start afresh without run.start_from (or run.force_resume=true" in str(e.value)
 
 
 def test_a_branch_at_or_past_max_steps_has_nothing_to_train(tmp_path, shards, parent):
