@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ds_train.checkpoint.layout import (
+    CHECKPOINTS,
     STATE_FILE,
     CheckpointRef,
     checkpoints_dir,
@@ -136,7 +137,7 @@ def read_lineage(run_dir: str | Path) -> list[dict]:
 
 def run_dir_of(ref: CheckpointRef) -> Path:
     """The run directory a checkpoint belongs to (its checkpoints/ directory's parent)."""
-    return ref.root.parent if ref.root.name == "checkpoints" else ref.root
+    return ref.root.parent if ref.root.name == CHECKPOINTS else ref.root
 
 
 class Described(NamedTuple):

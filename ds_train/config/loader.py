@@ -314,15 +314,17 @@ def _absolutise_paths(cfg: Config) -> None:
     for sname, fname in PATH_FIELDS:
         section = getattr(cfg, sname)
         value = getattr(section, fname)
-        # a blank path stays blank, for validation to refuse: made absolute it would be the cwd
-        if isinstance(value, str) and value.strip() and "://" not in value:
-            setattr(section, fname, str(Path(value).expanduser().absolute()))
-        elif isinstance(value, list):  # a list of local files (data.downstream)
+        if isinstance(value, list):  # a list of local files (data.downstream)
             setattr(section, fname, [_absolute(v) for v in value])
+        else:
+            setattr(section, fname, _absolute(value))
 
 
 def _absolute(value):
-    return str(Path(value).expanduser().absolute()) if isinstance(value, str) and value.strip() else value
+    # a blank path stays blank, for validation to refuse: made absolute it would be the cwd
+    if isinstance(value, str) and value.strip() and "://" not in value:
+        return str(Path(value).expanduser().absolute())
+    return value
 
 
 # --- suggestions --------------------------------------------------------------------------------

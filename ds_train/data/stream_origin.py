@@ -97,16 +97,17 @@ class StreamSegment:
     fingerprint: str
     schedule: BatchSchedule
 
-    def as_json(self) -> str:
+    def as_dict(self) -> dict:
         o = self.origin
-        return json.dumps(
-            {
-                "step": o.step,
-                "samples": o.samples,
-                "fingerprint": self.fingerprint,
-                **self.schedule.as_state(),
-            }
-        )
+        return {
+            "step": o.step,
+            "samples": o.samples,
+            "fingerprint": self.fingerprint,
+            **self.schedule.as_state(),
+        }
+
+    def as_json(self) -> str:
+        return json.dumps(self.as_dict())
 
     @classmethod
     def from_json(cls, line: str) -> StreamSegment:
@@ -131,13 +132,6 @@ def read_history(run_dir: str | Path) -> list[StreamSegment]:
     return [StreamSegment.from_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def history_state(run_dir: str | Path) -> list[dict]:
-    """The run's record of changes as checkpoints keep it (`data_stream` in ds_train_state.json),
-    so a branch off a checkpoint inherits the history up to it even if its run is later resumed
-    elsewhere."""
-    return [json.loads(s.as_json()) for s in read_history(run_dir)]
-
-
 def inherited_history(state: dict, run_dir: str | Path) -> list[StreamSegment]:
     """What a branch off the checkpoint `state` of the run in `run_dir` inherits: the checkpoint's
     own record, or (checkpoints from before it was kept, 2026-12) its run's file as it is now."""
@@ -151,7 +145,7 @@ def record_segment(
     state: dict | None,
     segment: StreamSegment,
     inherited: list[StreamSegment] | None = None,
-) -> None:
+) -> list[StreamSegment]:
     """At an attempt's start (rank 0), after resuming from the checkpoint `state` (None: fresh).
     `inherited`: the history of the run a branch (run.start_from) was taken from, in place of
     this run directory's own.
@@ -161,7 +155,8 @@ def record_segment(
     other data, another batch schedule (even one that takes the same batches from here on: the
     steps before differ), or another stream position. The first change also records the segment
     before it, the checkpoint's data and batches from step 0 (changes made before this file
-    existed, in 2026-12, are not known)."""
+    existed, in 2026-12, are not known). Returns what the file now holds ([] when there is none),
+    which each checkpoint keeps as `data_stream`."""
     path = Path(run_dir) / HISTORY_FILE
     start = segment.origin.step
     earlier = read_history(run_dir) if inherited is None else inherited
@@ -173,10 +168,11 @@ def record_segment(
         history.append(segment)
     if len(history) < 2:  # at most the stream from step 0: nothing changed
         path.unlink(missing_ok=True)
-        return
+        return []
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(s.as_json() + "\n" for s in history))
     tmp.replace(path)
+    return history
 
 
 def origin_at(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ds_train.report.agg_pyplot import agg_pyplot, panel_grid
-from ds_train.report.series import RunMetrics, Series
+from ds_train.report.series import RunMetrics, Series, loss_with_ancestors
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -104,7 +104,7 @@ def comparison_lines(runs: dict[str, RunMetrics]) -> list[str]:
         steady = m.tokens_per_s.values[1:] or m.tokens_per_s.values
         tps = f"{statistics.median(steady):,.0f}" if steady else "-"
         lines.append(f"{name:<{width}}  {steps:>7}  {last:>10}  {valid:>26}  {tps:>10}")
-    figures = {"train loss": {n: _with_parent(m) for n, m in runs.items()},
+    figures = {"train loss": {n: loss_with_ancestors(m) for n, m in runs.items()},
                "valid loss": {n: m.valid_loss for n, m in runs.items()}}  # fmt: skip
     tasks = set.intersection(*(set(m.downstream) for m in runs.values()))  # data.downstream's, in every run
     for key in sorted(tasks):
@@ -116,16 +116,6 @@ def comparison_lines(runs: dict[str, RunMetrics]) -> list[str]:
             shown = ", ".join(f"{n} {dict(zip(s.steps, s.values))[step]:.4f}" for n, s in series.items())
             lines.append(f"{what} at step {step}, the last every run logged: {shown}")
     return lines
-
-
-def _with_parent(m: RunMetrics) -> Series:
-    """A run's training loss with its parent's before the branch (a branch and its parent share
-    the steps before the branch point)."""
-    first = m.loss.steps[0] if len(m.loss) else None
-    before = [
-        (s, v) for s, v in zip(m.before_branch.steps, m.before_branch.values) if first is None or s < first
-    ]
-    return Series([s for s, _ in before] + m.loss.steps, [v for _, v in before] + m.loss.values)
 
 
 def write_comparison(runs: dict[str, RunMetrics], output: str | Path | None, dpi: int = 110) -> Path:

@@ -141,6 +141,7 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None, dep
                     series.values.append(float(value))
     worlds = [int(train[s]["world_size"]) for s in sorted(train) if train[s].get("world_size")]
     world_sizes = [w for i, w in enumerate(worlds) if i == 0 or w != worlds[i - 1]]
+    ancestry = read_lineage(run_dir)
     return RunMetrics(
         valid_loss=valid_loss,
         valid_loss_by_set=by_set,
@@ -150,22 +151,31 @@ def load_run_metrics(run_dir: str | Path, records: list[dict] | None = None, dep
         world_sizes=world_sizes,
         layers=layer_norm_series(train),
         run_dir=str(Path(run_dir).resolve()),
-        lineage=read_lineage(run_dir),
-        before_branch=_before_branch(run_dir, depth),
+        lineage=ancestry,
+        before_branch=_before_branch(ancestry, depth),
         **out,
     )
 
 
-def _before_branch(run_dir: str | Path, depth: int) -> Series:
-    """The train loss the run's parent (and its parents) logged up to the step it branched off at;
-    empty for a run started afresh, or when the parent's directory is gone."""
-    ancestry = read_lineage(run_dir)
+def _before_branch(ancestry: list[dict], depth: int) -> Series:
+    """The train loss a run's parent (and its parents) logged up to the step it branched off at,
+    from its `ancestry` (lineage); empty for a run started afresh, or when the parent's directory
+    is gone."""
     if not ancestry or depth <= 0:
         return Series()
     parent, step = Path(ancestry[-1]["run_dir"]), int(ancestry[-1]["step"])
     if not (parent / METRICS_FILE).is_file():
         return Series()
-    m = load_run_metrics(parent, depth=depth - 1)
-    pairs = [*zip(m.before_branch.steps, m.before_branch.values), *zip(m.loss.steps, m.loss.values)]
-    kept = [(s, v) for s, v in pairs if s <= step]
+    full = loss_with_ancestors(load_run_metrics(parent, depth=depth - 1))
+    kept = [(s, v) for s, v in zip(full.steps, full.values) if s <= step]
     return Series([s for s, _ in kept], [v for _, v in kept])
+
+
+def loss_with_ancestors(m: RunMetrics) -> Series:
+    """A run's training loss with its parents' before its branch point (a branch and its parent
+    share the steps before the branch point)."""
+    first = m.loss.steps[0] if len(m.loss) else None
+    before = [
+        (s, v) for s, v in zip(m.before_branch.steps, m.before_branch.values) if first is None or s < first
+    ]
+    return Series([s for s, _ in before] + m.loss.steps, [v for _, v in before] + m.loss.values)

@@ -242,9 +242,10 @@ def downstream_scorer(
     bos: int | None,
     micro_batch_size: int,
     ctx: DistributedContext,
-) -> Callable[[torch.nn.Module], dict] | None:
+) -> Callable[[torch.nn.Module, Callable[[dict], dict]], dict] | None:
     """The trainer's evaluation hook for `data` (the config's data section) on this rank, or None
-    without data.downstream: the tasks are read and tokenized once, here (`bos` as load_tasks)."""
+    without data.downstream: the tasks are read and tokenized once, here (`bos` as load_tasks).
+    The hook takes the model and the trainer's batch mover, as evaluation_record does."""
     if not data.downstream:
         return None
     tasks = load_tasks(data.downstream, tokenizer, seq_len, bos, data.downstream_max_examples)
@@ -252,13 +253,9 @@ def downstream_scorer(
         for t in tasks:
             log.info("data.downstream: %s, %d questions (chance %.3f)", t.name, len(t.labels), chance(t))
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-
-    def to_device(batch: dict) -> dict:
-        return {k: v.to(ctx.device, non_blocking=True) for k, v in batch.items()}
-
     rows = [r for t in tasks for r in t.rows]
 
-    def score(model: torch.nn.Module) -> dict:
+    def score(model: torch.nn.Module, to_device: Callable[[dict], dict]) -> dict:
         scores = choice_scores(
             model, objective, rows, micro_batch_size, to_device, ctx.device, ctx.rank, ctx.world_size, pad_id
         )

@@ -28,7 +28,6 @@ from ds_train.data.stream_origin import (
     StreamOrigin,
     StreamSegment,
     forced_resume_note,
-    history_state,
     inherited_history,
     record_segment,
     resume_origin,
@@ -161,7 +160,9 @@ class TrainingParts:
     data_state: Callable[[int], dict]  # consumed samples → the data position saved in checkpoints
     write_extras: Callable[[Path], None]  # files riding along in each checkpoint (rank 0)
     eval_batches: Callable[[], Iterable[dict]] | None = None
-    downstream: Callable[[Any], dict] | None = None  # engine → multiple-choice figures (data.downstream)
+    downstream: Callable[[Any, Callable[[dict], dict]], dict] | None = (
+        None  # (engine, batch mover) → data.downstream's figures
+    )
     describe_sample: Callable[[int, int, int], str] | None = None
     eval_set_names: list[str] | None = None  # one per data.valid set: a validation loss for each
     train_set_names: list[str] | None = None  # one per source of a data.train mixture: a loss each
@@ -196,7 +197,7 @@ def build_trainer(
         from ds_train.convert.reshard import elastic_resume
 
         # a branch's conversion goes under its own checkpoints/: the other run's is only read
-        into = None if is_own(resume_from, cfg.run.output_dir) else checkpoints.root
+        into = checkpoints.root if branch_point is not None else None
         resume_from, universal = elastic_resume(resume_from, ctx.world_size, is_main=ctx.is_main, into=into)
         if universal:
             ds_config = with_universal_loading(ds_config)
@@ -233,8 +234,9 @@ def build_trainer(
         segment = StreamSegment(origin, data_fingerprint, pre.layout.schedule)
         # a branch carries on the other run's record of its data stream up to the branch point
         inherited = inherited_history(loaded, run_dir_of(branch_point)) if branch_point is not None else None
-        record_segment(cfg.run.output_dir, loaded, segment, inherited)
-    stream_history = history_state(cfg.run.output_dir) if ctx.is_main else []  # rank 0 writes the state
+        stream_history = [s.as_dict() for s in record_segment(cfg.run.output_dir, loaded, segment, inherited)]
+    else:
+        stream_history = []  # rank 0 writes the checkpoint state
     precision = resolve_precision(cfg.train.precision)
     if ctx.is_main:
         log.info(

@@ -71,13 +71,15 @@ class Trainer:
         train_set_names: list[str] | None = None,
         callbacks: list[Callback] | None = None,
         resumed: dict | None = None,
-        downstream: Callable[[Any], dict] | None = None,
+        downstream: Callable[[Any, Callable[[dict], dict]], dict] | None = None,
     ):
         self.s = settings
         self.ctx, self.engine, self.objective, self.layout = ctx, engine, objective, layout
         self.train_batches = train_batches
         self.eval_batches, self.eval_set_names = eval_batches, eval_set_names
-        self.downstream = downstream  # engine → the multiple-choice tasks' figures (train/downstream.py)
+        self.downstream = (
+            downstream  # (engine, batch mover) → the multiple-choice tasks' figures (train/downstream.py)
+        )
         # `resumed`: the ds_train_state.json of the checkpoint this attempt resumes from
         resumed = resumed or {}
         self.best = BestMetric.from_state(settings.best_metric, resumed.get("best_metric"))
@@ -346,7 +348,7 @@ class Trainer:
                 self.eval_set_names,
             )
         if self.downstream is not None:
-            record.update(self.downstream(self.engine))
+            record.update(self.downstream(self.engine, self._to_device))
         self.engine.train()
         self._activity = None
         record = {"step": self.step, **record}

@@ -218,7 +218,10 @@ def test_the_trainer_scores_tasks_without_validation_shards():
     calls = []
     stand_in = SimpleNamespace(
         eval_batches=None,
-        downstream=lambda engine: calls.append(engine) or {"downstream/quiz/acc": 0.75},
+        downstream=lambda engine, to_device: (
+            calls.append((engine, to_device)) or {"downstream/quiz/acc": 0.75}
+        ),
+        _to_device=lambda batch: batch,
         engine=SimpleNamespace(eval=lambda: None, train=lambda: None),
         step=4,
         best=SimpleNamespace(update=lambda record, step: False),
@@ -226,7 +229,8 @@ def test_the_trainer_scores_tasks_without_validation_shards():
         ctx=SimpleNamespace(is_main=False),
     )
     record = Trainer.evaluate(stand_in)
-    assert record == {"step": 4, "downstream/quiz/acc": 0.75} and calls == [stand_in.engine]
+    assert record == {"step": 4, "downstream/quiz/acc": 0.75}
+    assert calls == [(stand_in.engine, stand_in._to_device)]  # the trainer's own batch mover
 
 
 def test_console_line_and_fine_tuning(capsys):
